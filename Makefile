@@ -1,0 +1,39 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both create (or reuse) the project
+# virtual environment in .venv and install what they need into it.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.edgeml-installed
+# torch is pinned here to the CPU wheel this machine carries; the package itself asks for a range.
+TORCH  ?= torch==2.13.0
+EXTRAS ?= agent,ort,litert,compile,tflite,train,dev
+
+.PHONY: install demo test lint typecheck bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	# onnx2tf's own pins would downgrade numpy/onnx/TensorFlow: install it beside the stack.
+	$(PY) -m pip install -q --no-deps onnx2tf==1.29.24
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/edgeml demo
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+typecheck: install
+	$(PY) tools/typecheck.py
+
+test: lint typecheck
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest
+
+bench: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/compile_bench.py
+
+clean:
+	rm -rf .build .edgeml-demo .pytest_cache .mypy_cache .ruff_cache

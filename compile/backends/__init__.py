@@ -1,0 +1,1 @@
+"""One module per compile backend; ``edgeml.compile.targets`` maps target names to them."""

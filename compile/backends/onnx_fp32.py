@@ -1,0 +1,54 @@
+"""``onnx``: the FP32 model, checked and simplified (onnxslim), parity-checked by the gate."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+from edgeml.compile.backends.base import Backend, BuildContext, BuildResult
+
+from edgeml._deps import require
+
+__all__ = ["OnnxFp32Backend", "simplified_fp32"]
+
+
+def simplified_fp32(ctx: BuildContext) -> BuildResult:
+    """Simplify the source with onnxslim (kept as is when slimming fails), once per run."""
+    if "onnx_fp32" in ctx.shared:
+        result: BuildResult = ctx.shared["onnx_fp32"]
+        return result
+    onnx = require("onnx", "compile")
+    out = ctx.workdir / "fp32" / "model.onnx"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    notes = []
+    model = onnx.load(str(ctx.source.path))
+    try:
+        import onnxslim
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            slim = onnxslim.slim(model)
+        onnx.checker.check_model(slim)
+        model = slim
+        notes.append("simplified with onnxslim")
+    except Exception as exc:  # slimming is an optimisation, never a reason to fail
+        notes.append(f"onnxslim skipped: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    onnx.save(model, str(out))
+    version = _ort_version()
+    result = BuildResult(
+        files={"model.onnx": out}, model_file="model.onnx", model_format="onnx",
+        runtime={"name": "onnxruntime", "min_version": version, "precision": "fp32", "build": None},
+        eval_path=out, eval_runtime="onnxruntime", notes=notes,
+    )
+    ctx.shared["onnx_fp32"] = result
+    return result
+
+
+def _ort_version() -> str:
+    ort = require("onnxruntime", "ort")
+    major, minor = str(ort.__version__).split(".")[:2]
+    return f"{major}.{minor}"
+
+
+class OnnxFp32Backend(Backend):
+    def _build_impl(self, ctx: BuildContext) -> BuildResult:
+        return simplified_fp32(ctx)

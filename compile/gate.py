@@ -1,0 +1,165 @@
+"""The accuracy gate: run a compiled model in its real runtime and compare it with the FP32 reference.
+
+Pure decisions live in :func:`judge`; :func:`run_model` does the I/O through the runtime classes the
+devices use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from edgeml.compile.data import Dataset
+from edgeml.compile.options import CompileOptions
+from edgeml.edge_agent.runtimes.base import open_runtime
+
+from edgeml.errors import ConfigError, ConversionError, DataError
+from edgeml.progress import noop
+
+__all__ = ["GateResult", "judge", "resolve_metric", "run_model"]
+
+
+def run_model(runtime: str, path: Path, data: Dataset, *, batch: int = 32, threads: int = 0,
+              tick: Callable[[int], None] = noop) -> list[np.ndarray]:
+    """Run every sample of ``data`` through ``path`` in ``runtime``; outputs in graph order, concatenated."""
+    outputs: list[list[np.ndarray]] = []
+    with open_runtime(runtime, path, threads=threads) as rt:
+        fixed = _fixed_batch(rt)
+        for chunk in data.batches(fixed or batch):
+            n = len(next(iter(chunk.values())))
+            if fixed and n != fixed:  # static batch: run the tail one sample at a time
+                parts = [list(rt.infer({k: v[i:i + 1] for k, v in chunk.items()}).values()) for i in range(n)]
+                result = [np.concatenate(col) for col in zip(*parts)]
+            else:
+                result = list(rt.infer(chunk).values())
+            if not outputs:
+                outputs = [[] for _ in result]
+            for acc, arr in zip(outputs, result):
+                acc.append(np.asarray(arr))
+            tick(1)
+    return [np.concatenate(acc) for acc in outputs]
+
+
+def _fixed_batch(rt: Any) -> int | None:
+    session = getattr(rt, "_session", None)
+    if session is not None:
+        dim = session.get_inputs()[0].shape[0]
+        return dim if isinstance(dim, int) and dim > 0 else None
+    return None
+
+
+@dataclass
+class GateResult:
+    """The gate's verdict on one target.
+
+    Attributes:
+        passed: Within budget.
+        metric: ``parity``, ``accuracy``, ``agreement``, ``max-error`` or the custom metric's name.
+        drop: Loss in the metric's units (points for accuracy/agreement); for parity/max-error the error.
+        budget: The allowed drop (or error).
+        metrics: Every number measured, for the manifest.
+        reason: One line explaining a failure.
+    """
+
+    passed: bool
+    metric: str
+    drop: float
+    budget: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""
+
+
+def _align(reference: list[np.ndarray], compiled: list[np.ndarray]) -> list[np.ndarray]:
+    if len(reference) != len(compiled):
+        raise ConversionError(f"compiled model has {len(compiled)} outputs, the source has {len(reference)}")
+    aligned = []
+    for ref, got in zip(reference, compiled):
+        if got.shape != ref.shape:
+            if got.size != ref.size:
+                raise ConversionError(f"compiled output shape {got.shape} differs from the source's {ref.shape}")
+            got = got.reshape(ref.shape)
+        aligned.append(got.astype(np.float64))
+    return aligned
+
+
+def resolve_metric(options: CompileOptions, labels: np.ndarray | None, reference: np.ndarray) -> str:
+    """Which quantity the INT8 gate judges, given the options, labels and the output shape.
+
+    Raises:
+        DataError: ``accuracy`` was asked without labels, or nothing fits a non-classifier.
+    """
+    if options.max_error is not None:
+        return "max-error"
+    if ":" in options.metric:
+        return options.metric
+    classifier = reference.ndim == 2 and reference.shape[1] >= 2
+    if options.metric == "accuracy":
+        if labels is None:
+            raise DataError("--metric accuracy needs labels: add an integer array 'labels' to the --val .npz "
+                            "(or use class sub-folders)")
+        return "accuracy"
+    if options.metric == "agreement" or (options.metric == "auto" and classifier and labels is None):
+        return "agreement"
+    if options.metric == "auto" and classifier:
+        return "accuracy"
+    raise DataError("the model's output is not a class score vector, so accuracy cannot be judged",
+                    hint="pass --max-error E (regressors) or --metric package.module:function")
+
+
+def _custom(spec: str) -> Callable[..., float]:
+    module, _, attr = spec.partition(":")
+    try:
+        fn: Callable[..., float] = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot import metric {spec!r}: {exc}") from exc
+    return fn
+
+
+def judge(reference: list[np.ndarray], compiled: list[np.ndarray], labels: np.ndarray | None,
+          options: CompileOptions, *, precision: str) -> GateResult:
+    """Compare compiled outputs with the FP32 reference and decide.
+
+    FP32/FP16 targets must match the reference within ``parity_atol`` (scaled by the output magnitude);
+    INT8 targets may lose at most ``max_accuracy_drop`` points of the resolved metric.
+    """
+    got = _align(reference, compiled)
+    ref = [r.astype(np.float64) for r in reference]
+    err = np.concatenate([np.abs(g - r).ravel() for g, r in zip(got, ref)])
+    scale = max(1.0, max(float(np.abs(r).max()) for r in ref))
+    metrics: dict[str, Any] = {"samples": int(ref[0].shape[0]), "max_abs_error": float(err.max()),
+                               "mean_abs_error": float(err.mean()), "output_scale": scale}
+    r0, g0 = ref[0], got[0]
+    if r0.ndim == 2 and r0.shape[1] >= 2:
+        metrics["top1_agreement"] = float((r0.argmax(1) == g0.argmax(1)).mean())
+        if labels is not None:
+            metrics["reference_accuracy"] = float((r0.argmax(1) == labels).mean())
+            metrics["accuracy"] = float((g0.argmax(1) == labels).mean())
+    if precision in ("fp32", "fp16"):
+        budget = options.parity_atol * scale
+        ok = metrics["max_abs_error"] <= budget
+        reason = "" if ok else (f"FP32 parity broken: max abs error {metrics['max_abs_error']:.3g} > "
+                                f"{budget:.3g} (the converter changed the model's function)")
+        return GateResult(ok, "parity", metrics["max_abs_error"], budget, metrics, reason)
+    metric = resolve_metric(options, labels, r0)
+    if metric == "max-error":
+        budget = float(options.max_error or 0.0)
+        ok = metrics["max_abs_error"] <= budget
+        return GateResult(ok, metric, metrics["max_abs_error"], budget, metrics,
+                          "" if ok else f"max abs error {metrics['max_abs_error']:.4g} > --max-error {budget}")
+    if metric == "accuracy":
+        drop = 100.0 * (metrics["reference_accuracy"] - metrics["accuracy"])
+    elif metric == "agreement":
+        drop = 100.0 * (1.0 - metrics["top1_agreement"])
+    else:
+        fn = _custom(metric)
+        ref_score, score = float(fn(r0, labels)), float(fn(g0, labels))
+        metrics.update(reference_score=ref_score, score=score)
+        drop = ref_score - score
+    metrics["drop_points"] = drop
+    ok = drop <= options.max_accuracy_drop
+    reason = "" if ok else f"{metric} dropped {drop:.2f} points (budget {options.max_accuracy_drop:g})"
+    return GateResult(ok, metric, drop, options.max_accuracy_drop, metrics, reason)

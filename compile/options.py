@@ -1,0 +1,81 @@
+"""The settings of one ``edgeml compile`` run, validated once at the boundary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from edgeml.errors import ConfigError
+
+__all__ = ["CALIBRATION_METHODS", "CompileOptions"]
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """What to build and how strictly to check it.
+
+    Attributes:
+        targets: Compile targets, e.g. ``("onnx", "onnx-int8")`` (see ``edgeml.compile.targets``).
+        name: Model name in the bundle (lowercase); default: the model file's stem.
+        version: Semantic version; default ``0.0.0-dev.h<source sha256 prefix>``.
+        max_accuracy_drop: Gate budget in percentage points (accuracy, or 100 - top-1 agreement).
+        max_error: Gate on the max absolute output error instead (regressors).
+        metric: ``auto`` | ``accuracy`` | ``agreement`` | ``package.module:function``.
+        gate: False builds INT8 targets without a validation set; the manifest then says "ungated".
+        calibration_method: ``minmax``, ``entropy`` or ``percentile``.
+        calib_samples: At most this many calibration samples are used.
+        exclude_nodes: Node names kept in float (not quantized).
+        exclude_op_types: Op types kept in float.
+        per_channel: Per-channel weight quantization.
+        parity_atol: FP32 targets must match the source within this absolute error, scaled by the
+            output's magnitude (max(1, max|reference|)).
+        benchmark: Measure latency (p50/p99, one thread and all threads).
+        bench_budget_s: Seconds spent measuring each target at each thread count, at most.
+        build_engine: Also build a TensorRT engine here (needs TensorRT and a GPU).
+        diagnose_remedies: On a failed INT8 gate, try this many remedies and report which pass.
+        golden_count: Golden vectors stored for the device's smoke test.
+        input_shape: Shape for PyTorch sources (and to fix dynamic dims of ONNX sources).
+        opset: ONNX opset for PyTorch export.
+    """
+
+    targets: tuple[str, ...]
+    name: str | None = None
+    version: str | None = None
+    max_accuracy_drop: float = 1.0
+    max_error: float | None = None
+    metric: str = "auto"
+    gate: bool = True
+    calibration_method: str = "minmax"
+    calib_samples: int = 256
+    exclude_nodes: tuple[str, ...] = ()
+    exclude_op_types: tuple[str, ...] = ()
+    per_channel: bool = True
+    parity_atol: float = 1e-3
+    benchmark: bool = True
+    bench_budget_s: float = 1.5
+    build_engine: bool = False
+    diagnose_remedies: int = 3
+    golden_count: int = 4
+    input_shape: tuple[int, ...] | None = None
+    opset: int = 17
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            raise ConfigError("no target given", hint="pass --target, e.g. --target onnx-int8")
+        if not 0 <= self.max_accuracy_drop <= 100:
+            raise ConfigError(f"--max-accuracy-drop {self.max_accuracy_drop} is not between 0 and 100")
+        if self.max_error is not None and self.max_error < 0:
+            raise ConfigError(f"--max-error {self.max_error} must not be negative")
+        if self.calibration_method not in CALIBRATION_METHODS:
+            raise ConfigError(
+                f"unknown calibration method {self.calibration_method!r}; "
+                f"choose one of {', '.join(CALIBRATION_METHODS)}"
+            )
+        if self.calib_samples < 1:
+            raise ConfigError("--calib-samples must be at least 1")
+        if self.metric not in ("auto", "accuracy", "agreement") and ":" not in self.metric:
+            raise ConfigError(
+                f"--metric {self.metric!r} is not auto, accuracy, agreement or package.module:function"
+            )

@@ -1,0 +1,97 @@
+"""The ``edgeml`` command: a thin root that mounts each package's commands.
+
+Heavy libraries are never imported here; each command imports what it needs when it runs, so
+``edgeml --help`` is instant. An :class:`~edgeml.errors.EdgeMLError` is printed in one or two lines with a
+non-zero exit; any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from edgeml.compile.cli import compile_command
+from edgeml.errors import EdgeMLError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="edgeml",
+    help="Compile, ship and watch ML models on a fleet of edge devices.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("compile", no_args_is_help=True)(compile_command)
+
+
+@app.command("inspect")
+def inspect_command(
+    bundle: Annotated[Path, typer.Argument(help="An .edgeml bundle.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole manifest as JSON.")] = False,
+) -> None:
+    """Show a bundle's manifest: model, runtime, metrics, gate, provenance."""
+    from edgeml.bundle import Bundle
+
+    with Bundle(bundle) as b:
+        m = b.manifest
+    if as_json:
+        typer.echo(m.to_json().decode())
+        return
+    gate = m.gate
+    lat = m.metrics.get("latency", {}).get("threads_1", {})
+    lines = [
+        f"{m.name} {m.version}  target {m.target}  ({m.schema})",
+        f"runtime     {m.runtime.get('name')} >= {m.runtime.get('min_version')}  precision "
+        f"{m.runtime.get('precision')}",
+        "inputs      " + ", ".join(f"{t.name} {list(t.shape)} {t.dtype}" for t in m.inputs),
+        "outputs     " + ", ".join(f"{t.name} {list(t.shape)} {t.dtype}" for t in m.outputs),
+        f"gate        {gate.get('status')} ({gate.get('metric')}: {gate.get('drop', 0):.4g}, budget "
+        f"{gate.get('budget')})" + (f" via {gate['proxy']}" if gate.get("proxy") else ""),
+        f"latency     p50 {lat.get('p50_ms', float('nan')):.2f} ms, p99 {lat.get('p99_ms', float('nan')):.2f} ms "
+        "(1 thread, build host)" if lat else "latency     not measured",
+        "files       " + ", ".join(f"{k} ({v.size} B)" for k, v in sorted(m.files.items())),
+        f"provenance  {json.dumps(m.provenance.get('tools', {}))}",
+        f"source      {m.provenance.get('source')} sha256 {str(m.provenance.get('source_sha256'))[:16]}…",
+    ]
+    typer.echo("\n".join(lines))
+
+
+@app.command("verify")
+def verify_command(bundle: Annotated[Path, typer.Argument(help="An .edgeml bundle.")]) -> None:
+    """Re-check every file of a bundle against the sha256 and size in its manifest."""
+    from edgeml.bundle import Bundle
+
+    with Bundle(bundle) as b:
+        checked = b.verify()
+    typer.echo(f"ok: {bundle} ({len(checked)} files verified)")
+
+
+@app.command("demo")
+def demo_command(
+    workdir: Annotated[Path, typer.Option(help="Where the demo keeps its files.")] = Path(".edgeml-demo"),
+) -> None:
+    """Run the end-to-end demo on embedded defaults (trains a digits model, compiles every CPU target)."""
+    from edgeml.demo import run_demo
+
+    run_demo(workdir)
+
+
+def main() -> None:
+    """Entry point of the ``edgeml`` script."""
+    try:
+        app()
+    except EdgeMLError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

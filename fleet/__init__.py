@@ -1,0 +1,1 @@
+"""The fleet server: signed registry, distribution, devices, rollouts, telemetry store, dashboard."""

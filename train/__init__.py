@@ -1,0 +1,1 @@
+"""``edgeml train``: the PyTorch trainer (models, data validation, reference statistics, ONNX export)."""
