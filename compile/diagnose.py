@@ -1,12 +1,14 @@
 """Why did INT8 lose accuracy? Rank the tensors that quantization hurts most, and try remedies.
 
-onnxruntime's quantization debugging tools (``qdq_loss_debug``) save every activation of the FP32 model
-and of the QDQ model on a few validation samples. For each quantized tensor we measure:
+Like onnxruntime's quantization debugging tools (``qdq_loss_debug``), we expose every quantized activation
+of the FP32 model and of the QDQ model as outputs and run both on a few validation samples (keeping the
+tensors' shapes, so channels can be told apart). For each quantized tensor we measure:
 
 * ``channel_sqnr_db``: the median over channels of the signal-to-quantization-noise ratio between the
-  tensor before and after its own QuantizeLinear/DequantizeLinear pair. This is the *local* damage, and it
-  catches a few outlier channels stretching the range until every other channel rounds to zero (a whole
-  tensor SQNR would look fine there, dominated by the outliers).
+  FP32 model's activation and the same activation quantized with the scale and zero point the QDQ model
+  chose for it. This is the *local* damage, and it catches a few outlier channels stretching the range
+  until every other channel rounds to zero (a whole-tensor SQNR would look fine there, dominated by the
+  outliers).
 * ``xmodel_sqnr_db``: SQNR between the FP32 model's tensor and the QDQ model's (the accumulated damage).
 
 Tensors are ranked worst first by local damage, and each is attributed to the layer that computes it
@@ -16,7 +18,6 @@ worst layer in float, or calibrate with percentile or entropy, each re-quantized
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -70,13 +71,16 @@ class Diagnosis:
 
     ranking: list[TensorBlame]
     remedies: list[Remedy] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ranking": [b.to_dict() for b in self.ranking], "remedies": [r.to_dict() for r in self.remedies]}
+        return {"ranking": [b.to_dict() for b in self.ranking], "remedies": [r.to_dict() for r in self.remedies],
+                "warnings": list(self.warnings)}
 
     def lines(self, top: int = 5) -> list[str]:
         """Human-readable lines for the CLI."""
-        out = ["tensors that diverge most between FP32 and INT8 (worst first):"]
+        out = [f"warning: {w}" for w in self.warnings]
+        out.append("tensors that diverge most between FP32 and INT8 (worst first):")
         for i, b in enumerate(self.ranking[:top], 1):
             x = f"{b.xmodel_sqnr_db:6.1f}" if b.xmodel_sqnr_db is not None else "   n/a"
             out.append(f"  {i}. layer {b.layer} ({b.op_type}) tensor {b.tensor}: "
@@ -94,6 +98,12 @@ class _Reader:
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._items, None)
+
+    def __iter__(self) -> _Reader:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._items)
 
     def rewind(self) -> None:  # pragma: no cover - part of the ORT interface
         pass
@@ -136,29 +146,80 @@ def _layer_of(tensor: str, producers: dict[str, Any]) -> tuple[str, str]:
     return node.name or tensor, node.op_type
 
 
+def _quant_params(qdq_model: Any) -> dict[str, tuple[np.ndarray, np.ndarray, str]]:
+    """Activation tensor -> (scale, zero point, name of its dequantized tensor) in a QDQ model."""
+    numpy_helper = require("onnx.numpy_helper", "compile")
+    inits = {i.name: numpy_helper.to_array(i) for i in qdq_model.graph.initializer}
+    dq_of = {n.input[0]: n.output[0] for n in qdq_model.graph.node if n.op_type == "DequantizeLinear"}
+    params: dict[str, tuple[np.ndarray, np.ndarray, str]] = {}
+    for node in qdq_model.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] not in inits and node.input[1] in inits:
+            zero = inits[node.input[2]] if len(node.input) > 2 and node.input[2] in inits else np.zeros((), np.uint8)
+            params[node.input[0]] = (inits[node.input[1]], zero, dq_of.get(node.output[0], ""))
+    return params
+
+
+def fake_quantize(x: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    """Quantize then dequantize ``x`` the way QuantizeLinear/DequantizeLinear do (per tensor)."""
+    info = np.iinfo(zero.dtype)
+    q = np.clip(np.round(x / scale) + zero.astype(np.int64), info.min, info.max)
+    return np.asarray((q - zero.astype(np.int64)) * scale)
+
+
+def _activations(model: Any, names: list[str], data: Dataset) -> dict[str, np.ndarray]:
+    """Run ``model`` on ``data`` with ``names`` exposed as extra outputs; returns their values."""
+    onnx = require("onnx", "compile")
+    ort = require("onnxruntime", "ort")
+    existing = {o.name for o in model.graph.output}
+    wanted = [n for n in names if n]
+    for name in wanted:
+        if name not in existing:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = session.run(wanted, dict(data.inputs))
+    return {n: np.asarray(v, np.float64) for n, v in zip(wanted, values)}
+
+
 def diagnose(fp32: Path, qdq: Path, data: Dataset) -> Diagnosis:
-    """Rank the quantized tensors of ``qdq`` by how much quantization damages them on ``data``."""
-    debug = require("onnxruntime.quantization.qdq_loss_debug", "compile")
+    """Rank the quantized tensors of ``qdq`` by how much quantization damages them on ``data``.
+
+    Local damage is measured on the FP32 model's own activations, quantized with the QDQ model's scales,
+    so upstream errors and activations folded into the quantization (Relu) do not blur the picture.
+    """
     onnx = require("onnx", "compile")
     sample = data.take(_MAX_SAMPLES)
-    with tempfile.TemporaryDirectory(prefix="edgeml-diag-") as tmp:
-        aug_f, aug_q = Path(tmp, "fp32.onnx"), Path(tmp, "qdq.onnx")
-        debug.modify_model_output_intermediate_tensors(str(fp32), str(aug_f))
-        debug.modify_model_output_intermediate_tensors(str(qdq), str(aug_q))
-        providers = ["CPUExecutionProvider"]
-        float_acts = debug.collect_activations(str(aug_f), _Reader(sample), execution_providers=providers)
-        qdq_acts = debug.collect_activations(str(aug_q), _Reader(sample), execution_providers=providers)
-    matching = debug.create_activation_matching(qdq_acts, float_acts)
-    producers = _producers(onnx.load(str(fp32), load_external_data=False))
+    float_model = onnx.load(str(fp32), load_external_data=False)
+    qdq_model = onnx.load(str(qdq), load_external_data=False)
+    params = _quant_params(qdq_model)
+    known = {v.name for v in float_model.graph.input} | {n for node in float_model.graph.node for n in node.output}
+    suffix = "_QuantizeLinear_Input"  # the quantizer renames graph outputs it quantizes
+    params = {(k[: -len(suffix)] if k.endswith(suffix) else k): v for k, v in params.items()}
+    params = {k: v for k, v in params.items() if k in known}
+    producers = _producers(float_model)
+    float_acts = _activations(float_model, list(params), sample)
+    post_acts = _activations(qdq_model, [dq for _, _, dq in params.values()], sample)
     ranking = []
-    for name, match in matching.items():
-        if match.get("pre_qdq") is None or match.get("post_qdq") is None:
-            continue
+    for name, (scale, zero, dq) in params.items():
+        x = float_acts[name]
+        xmodel = _sqnr(x, post_acts[dq]) if dq in post_acts else None
+        local = channel_sqnr([x], [fake_quantize(x, scale.astype(np.float64), zero)])
         layer, op = _layer_of(name, producers)
-        xmodel = _sqnr(np.concatenate(match["float"]), np.concatenate(match["post_qdq"])) if "float" in match else None
-        ranking.append(TensorBlame(name, layer, op, channel_sqnr(match["pre_qdq"], match["post_qdq"]), xmodel))
+        ranking.append(TensorBlame(name, layer, op, local, xmodel))
     ranking.sort(key=lambda b: (b.channel_sqnr_db, b.xmodel_sqnr_db if b.xmodel_sqnr_db is not None else 0.0))
     return Diagnosis(ranking)
+
+
+def calibration_warnings(calib: Dataset, val: Dataset) -> list[str]:
+    """Flag calibration data that cannot represent the validation data (e.g. constant samples)."""
+    out = []
+    for name, arr in calib.inputs.items():
+        if name not in val.inputs:
+            continue
+        c_std, v_std = float(np.std(arr)), float(np.std(val.inputs[name]))
+        if v_std > 0 and c_std < 0.05 * v_std:
+            out.append(f"calibration input {name!r} barely varies (std {c_std:.3g} vs {v_std:.3g} on the validation "
+                       "data): calibrate on representative samples")
+    return out
 
 
 def _float_island(tensor: str, fp32: Path) -> list[str]:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from edgeml.compile.backends.base import BuildContext, BuildResult
 from edgeml.compile.data import Dataset, ImagePreprocessing, generated_inputs, load_dataset
-from edgeml.compile.diagnose import Diagnosis, candidate_remedies, diagnose, try_remedies
+from edgeml.compile.diagnose import Diagnosis, calibration_warnings, candidate_remedies, diagnose, try_remedies
 from edgeml.compile.gate import GateResult, judge, run_model
 from edgeml.compile.options import CompileOptions
 from edgeml.compile.source import SourceModel, load_source
@@ -165,8 +165,12 @@ class _Run:
                 compiled = run_model(built.eval_runtime, built.eval_path, self.gate_data)
             verdict = self._verdict(target, compiled)
             if not verdict.passed:
-                diag = self._diagnose(target, built)
-                return TargetOutcome(target.name, "gate-failed", gate=verdict, diagnosis=diag, notes=built.notes)
+                notes = list(built.notes)
+                try:
+                    diag = self._diagnose(target, built)
+                except EdgeMLError as exc:  # the verdict stands; say why there is no diagnosis
+                    diag, notes = None, [*notes, f"diagnosis unavailable: {exc.message}"]
+                return TargetOutcome(target.name, "gate-failed", gate=verdict, diagnosis=diag, notes=notes)
             lat = self._latency(target, built) if self.ctx.options.benchmark else {}
             manifest = self._write(target, built, verdict, compiled, lat)
         except EdgeMLError as exc:
@@ -206,6 +210,7 @@ class _Run:
 
             try_remedies(remedies, prepared, calib, self.ctx.workdir, judge_fn)
         diag.remedies = remedies
+        diag.warnings = calibration_warnings(self.ctx.calib, self.gate_data)
         return diag
 
     def _latency(self, target: Target, built: BuildResult) -> dict[str, Any]:
