@@ -78,7 +78,8 @@ def demo_command(
     """Run the end-to-end demo on embedded defaults (trains a digits model, compiles every CPU target)."""
     from edgeml.demo import run_demo
 
-    run_demo(workdir)
+    if not run_demo(workdir):
+        raise typer.Exit(code=1)
 
 
 def main() -> None:
