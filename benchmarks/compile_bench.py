@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgeml.compile import CompileOptions, TargetOutcome, compile_model
 from edgeml.train.digits import digits_arrays, export_onnx, fit
 from edgeml.train.models import mobilenet_v2, small_cnn

@@ -60,7 +60,6 @@ def compile_command(
     from edgeml.compile.data import ImagePreprocessing
     from edgeml.compile.options import CompileOptions
     from edgeml.compile.pipeline import compile_model
-
     from edgeml.progress import RichProgress
 
     options = CompileOptions(

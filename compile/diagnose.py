@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgeml.compile.data import Dataset
-from edgeml.compile.quantize import QdqSettings, quantize_qdq
 
 from edgeml._deps import require
+from edgeml.compile.data import Dataset
+from edgeml.compile.quantize import QdqSettings, quantize_qdq
 
 __all__ = ["Diagnosis", "Remedy", "TensorBlame", "diagnose", "try_remedies"]
 

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgeml.compile.data import Dataset
 from edgeml.compile.options import CompileOptions
 from edgeml.edge_agent.runtimes.base import open_runtime
-
 from edgeml.errors import ConfigError, ConversionError, DataError
 from edgeml.progress import noop
 

@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from edgeml import __version__
+from edgeml.bundle import Manifest, bundle_filename, check_name, check_semver, write_bundle
 from edgeml.compile.backends.base import BuildContext, BuildResult
 from edgeml.compile.data import Dataset, ImagePreprocessing, generated_inputs, load_dataset
 from edgeml.compile.diagnose import Diagnosis, calibration_warnings, candidate_remedies, diagnose, try_remedies
@@ -24,9 +27,6 @@ from edgeml.compile.options import CompileOptions
 from edgeml.compile.source import SourceModel, load_source
 from edgeml.compile.targets import Target, backend_for, get_target
 from edgeml.edge_agent.runtimes.base import latency_ms, open_runtime
-
-from edgeml import __version__
-from edgeml.bundle import Manifest, bundle_filename, check_name, check_semver, write_bundle
 from edgeml.errors import BundleError, ConfigError, DataError, EdgeMLError, MissingExtraError
 from edgeml.fsutil import atomic_output_dir, atomic_write_bytes, ensure_writable_dir
 from edgeml.progress import Progress

@@ -15,9 +15,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from edgeml.compile.data import Dataset
-
 from edgeml._deps import require
+from edgeml.compile.data import Dataset
 from edgeml.errors import ConversionError, DataError
 from edgeml.progress import noop
 

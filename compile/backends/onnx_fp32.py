@@ -5,9 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 
-from edgeml.compile.backends.base import Backend, BuildContext, BuildResult
-
 from edgeml._deps import require
+from edgeml.compile.backends.base import Backend, BuildContext, BuildResult
 
 __all__ = ["OnnxFp32Backend", "simplified_fp32"]
 

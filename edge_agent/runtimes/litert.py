@@ -12,8 +12,8 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
-from edgeml.edge_agent.runtimes.base import Runtime
 
+from edgeml.edge_agent.runtimes.base import Runtime
 from edgeml.errors import DataError, MissingExtraError
 
 __all__ = ["LiteRTRuntime", "interpreter_module"]

@@ -6,9 +6,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from edgeml.edge_agent.runtimes.base import Runtime
 
 from edgeml._deps import require
+from edgeml.edge_agent.runtimes.base import Runtime
 from edgeml.errors import DataError
 
 __all__ = ["OnnxRuntime"]
