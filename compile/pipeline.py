@@ -7,6 +7,7 @@ directory inside the output directory; only finished bundles are renamed into pl
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import importlib.util
 import os
@@ -22,7 +23,7 @@ from edgeml.bundle import Manifest, bundle_filename, check_name, check_semver, w
 from edgeml.compile.backends.base import BuildContext, BuildResult
 from edgeml.compile.data import Dataset, ImagePreprocessing, generated_inputs, load_dataset
 from edgeml.compile.diagnose import Diagnosis, calibration_warnings, candidate_remedies, diagnose, try_remedies
-from edgeml.compile.gate import GateResult, judge, run_model
+from edgeml.compile.gate import GateResult, judge, resolve_metric, run_model
 from edgeml.compile.options import CompileOptions
 from edgeml.compile.source import SourceModel, load_source
 from edgeml.compile.targets import Target, backend_for, get_target
@@ -109,7 +110,8 @@ def compile_model(model: str, options: CompileOptions, out_dir: str | Path, *,
     """Compile ``model`` to every target in ``options`` and write one bundle per passing target.
 
     Args:
-        model: An ``.onnx`` path or ``package.module:factory``.
+        model: An ``.onnx`` path, ``package.module:factory``, or a training run directory (then name,
+            version, calib and val default to the run's).
         options: Targets, gate budget, quantization settings.
         out_dir: Where bundles are written (created if needed).
         calib: Calibration data (INT8 targets).
@@ -123,6 +125,14 @@ def compile_model(model: str, options: CompileOptions, out_dir: str | Path, *,
             output, missing extra). Per-target failures are reported in the returned outcomes instead.
     """
     progress = progress or Progress()
+    from edgeml.train.rundir import is_run_dir, run_defaults  # stdlib-only module, no torch
+
+    if is_run_dir(model):  # `edgeml compile RUN_DIR`: name, version, calib and val come from the run
+        run = run_defaults(model)
+        options = dataclasses.replace(options, name=options.name or run.name,
+                                      version=options.version or run.version)
+        calib = calib if calib is not None else run.calib
+        val = val if val is not None else run.val
     targets = [get_target(t) for t in dict.fromkeys(options.targets)]
     _check_extras(targets)
     out = ensure_writable_dir(out_dir)
@@ -132,12 +142,16 @@ def compile_model(model: str, options: CompileOptions, out_dir: str | Path, *,
         name, version = _identity(source, options)
         calib_data = _load_data(calib, source, preprocessing, "calibration")
         val_data = _load_data(val, source, preprocessing, "validation")
+        if calib_data is None and any(t.quantized for t in targets):
+            raise DataError("INT8 targets need calibration data: pass --calib DATA (.npz, .npy or images)")
         if options.gate and val_data is None and any(t.quantized for t in targets):
             raise DataError("INT8 targets are gated on validation data: pass --val DATA",
                             hint="or --no-gate to build them anyway (the manifest then says 'ungated')")
         gate_data = val_data or calib_data or generated_inputs(source.inputs)
         with progress.task("FP32 reference (onnxruntime)", None):
             reference = run_model("onnxruntime", source.path, gate_data)
+        if options.gate and any(t.quantized for t in targets):
+            resolve_metric(options, gate_data.labels, reference[0])  # a gate that cannot judge stops every target
         ctx = BuildContext(source, options, calib_data, work, progress)
         run = _Run(ctx, name, version, gate_data, reference, out, targets)
         outcomes = [run.target(t) for t in targets]

@@ -16,6 +16,7 @@ import typer
 
 from edgeml.compile.cli import compile_command
 from edgeml.errors import EdgeMLError
+from edgeml.train.cli import train_command
 
 __all__ = ["app", "main"]
 
@@ -27,6 +28,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("compile", no_args_is_help=True)(compile_command)
+app.command("train", no_args_is_help=True)(train_command)
 
 
 @app.command("inspect")
@@ -34,10 +36,11 @@ def inspect_command(
     bundle: Annotated[Path, typer.Argument(help="An .edgeml bundle.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole manifest as JSON.")] = False,
 ) -> None:
-    """Show a bundle's manifest: model, runtime, metrics, gate, provenance."""
+    """Show a bundle's manifest: model, runtime, metrics, gate, provenance (after verifying its files)."""
     from edgeml.bundle import Bundle
 
     with Bundle(bundle) as b:
+        b.verify()  # never present a manifest whose files were altered
         m = b.manifest
     if as_json:
         typer.echo(m.to_json().decode())

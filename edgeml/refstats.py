@@ -22,6 +22,7 @@ __all__ = [
     "SCHEMA",
     "FeatureStats",
     "PredictionStats",
+    "RefStatsError",
     "ReferenceStats",
     "compute_reference_stats",
     "feature_matrix",

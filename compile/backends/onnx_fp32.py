@@ -24,8 +24,10 @@ def simplified_fp32(ctx: BuildContext) -> BuildResult:
     try:
         import onnxslim
 
+        candidate = onnx.ModelProto()
+        candidate.CopyFrom(model)  # onnxslim edits its argument in place: keep the original for the fallback
         with contextlib.redirect_stdout(io.StringIO()):
-            slim = onnxslim.slim(model)
+            slim = onnxslim.slim(candidate)
         onnx.checker.check_model(slim)
         model = slim
         notes.append("simplified with onnxslim")
