@@ -170,13 +170,21 @@ def _from_torch(spec: str, workdir: Path, input_shape: tuple[int, ...] | None, c
 
 def load_source(model: str, workdir: Path, *, input_shape: tuple[int, ...] | None = None,
                 checkpoint: Path | None = None, opset: int = 17) -> SourceModel:
-    """Resolve ``model`` (an .onnx path or ``package.module:factory``) to a checked ONNX model.
+    """Resolve ``model`` (an .onnx path, ``package.module:factory`` or a training run directory) to a checked
+    ONNX model.
 
     Raises:
         ModelError: The file is missing, truncated, not ONNX, or fails the checker.
         ConfigError: A PyTorch factory cannot be imported or lacks ``--input-shape``.
     """
     path = Path(model)
+    from edgeml.train.rundir import is_run_dir, run_defaults  # stdlib-only module, no torch
+
+    if is_run_dir(path):  # a training run directory: its exported model.onnx
+        run = run_defaults(path)
+        src = _from_onnx(run.model)
+        return SourceModel(path=src.path, original=str(path), inputs=src.inputs, outputs=src.outputs,
+                           sha256=src.sha256, opset=src.opset, provenance={**src.provenance, **run.provenance})
     if path.suffix.lower() == ".onnx" or path.exists():
         if path.exists() and path.is_file() and path.suffix.lower() != ".onnx":
             head = path.read_bytes()[:4]
