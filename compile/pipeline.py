@@ -128,11 +128,11 @@ def compile_model(model: str, options: CompileOptions, out_dir: str | Path, *,
     from edgeml.train.rundir import is_run_dir, run_defaults  # stdlib-only module, no torch
 
     if is_run_dir(model):  # `edgeml compile RUN_DIR`: name, version, calib and val come from the run
-        run = run_defaults(model)
-        options = dataclasses.replace(options, name=options.name or run.name,
-                                      version=options.version or run.version)
-        calib = calib if calib is not None else run.calib
-        val = val if val is not None else run.val
+        trained = run_defaults(model)
+        options = dataclasses.replace(options, name=options.name or trained.name,
+                                      version=options.version or trained.version)
+        calib = calib if calib is not None else trained.calib
+        val = val if val is not None else trained.val
     targets = [get_target(t) for t in dict.fromkeys(options.targets)]
     _check_extras(targets)
     out = ensure_writable_dir(out_dir)
