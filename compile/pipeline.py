@@ -210,6 +210,10 @@ class _Run:
 
         prepared = prepared_model(self.ctx)
         settings = settings_from_options(self.ctx)
+        if target.runtime == "tensorrt":  # remedies must be tried in the form TensorRT gets
+            from edgeml.compile.quantize import tensorrt_qdq_settings
+
+            settings = tensorrt_qdq_settings(settings)
         qdq = built.quantized_onnx
         if qdq is None:  # e.g. tflite-int8: diagnose the equivalent ONNX Runtime quantization
             qdq = quantize_qdq(prepared, self.ctx.workdir / "diag-qdq.onnx", self.ctx.calib, settings)
