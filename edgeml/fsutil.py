@@ -63,7 +63,8 @@ def ensure_writable_dir(path: str | os.PathLike[str]) -> Path:
     """
     out = Path(path)
     if out.exists() and not out.is_dir():
-        raise StorageError(f"output directory {out} is a file, not a directory", hint="choose another -o/--output directory")
+        raise StorageError(f"output directory {out} is a file, not a directory",
+                           hint="choose another -o/--output directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".edgeml-probe-"):

@@ -60,7 +60,6 @@ class LiteRTRuntime(Runtime):
         self._interp.allocate_tensors()
         self._in = {d["name"]: d for d in self._interp.get_input_details()}
         self._out = self._interp.get_output_details()
-        self._order = list(self.options.get("input_order") or self._in)
 
     def _match(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if set(inputs) >= set(self._in):
@@ -69,16 +68,34 @@ class LiteRTRuntime(Runtime):
             return dict(zip(self._in, inputs.values()))
         raise DataError(f"model expects inputs {sorted(self._in)}, got {sorted(inputs)}")
 
+    def _fixed_batch(self) -> int | None:
+        detail = next(iter(self._in.values()))
+        signature = detail.get("shape_signature", detail["shape"])
+        dim = int(signature[0]) if len(signature) else -1
+        return dim if dim > 0 else None
+
     def _infer_impl(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = self._match(inputs)
+        batch = len(next(iter(feed.values()))) if feed else 0
+        fixed = self._fixed_batch()
+        if fixed and batch != fixed and batch % fixed == 0:  # a fixed-batch model: run it chunk by chunk
+            parts = [self._invoke({k: v[i:i + fixed] for k, v in feed.items()}) for i in range(0, batch, fixed)]
+            return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        return self._invoke(feed)
+
+    def _invoke(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        resized = False
         for name, x in feed.items():
             detail = self._in[name]
             if tuple(detail["shape"]) != x.shape:
                 self._interp.resize_tensor_input(detail["index"], list(x.shape), strict=False)
-                self._interp.allocate_tensors()
-                self._in = {d["name"]: d for d in self._interp.get_input_details()}
-                self._out = self._interp.get_output_details()
-                detail = self._in[name]
+                resized = True
+        if resized:  # resize every input first, then allocate once
+            self._interp.allocate_tensors()
+            self._in = {d["name"]: d for d in self._interp.get_input_details()}
+            self._out = self._interp.get_output_details()
+        for name, x in feed.items():
+            detail = self._in[name]
             self._interp.set_tensor(detail["index"], _quantize(np.asarray(x), detail))
         self._interp.invoke()
         return {d["name"]: _dequantize(self._interp.get_tensor(d["index"]), d) for d in self._out}
