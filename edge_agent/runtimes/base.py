@@ -130,7 +130,7 @@ def latency_ms(
     *,
     warmup: int = 5,
     min_runs: int = 20,
-    max_runs: int = 300,
+    max_runs: int = 20_000,
     budget_s: float = 2.0,
     on_run: Any = None,
 ) -> dict[str, float]:
