@@ -74,7 +74,7 @@ def ensure_writable_dir(path: str | os.PathLike[str]) -> Path:
             f"output directory {out} is not writable: {exc.strerror or exc}",
             hint="choose another -o/--output directory",
         ) from exc
-    return out
+    return out.resolve()  # absolute: work is handed to subprocesses running elsewhere
 
 
 @contextlib.contextmanager

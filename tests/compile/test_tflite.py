@@ -326,3 +326,21 @@ def test_a_conversion_past_its_time_limit_is_killed(tmp_path: Path) -> None:
     with pytest.raises(ConversionError, match="did not finish within 1 s"):
         convert_with_onnx2tf(model, tmp_path / "work", calib=None, int8=False, timeout=1)
     assert not (tmp_path / "work" / "result.json").exists()
+
+
+@pytest.mark.slow
+def test_relative_paths_work_through_the_cli(digits: DigitsModel, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The converter runs in another working directory: every path handed to it must be absolute."""
+    import shutil
+    import subprocess
+    import sys
+
+    for src in (digits.onnx, digits.calib):
+        shutil.copy(src, tmp_path / src.name)
+    monkeypatch.chdir(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "edgeml.cli", "compile", digits.onnx.name, "-t", "tflite",
+                           "--calib", digits.calib.name, "-o", "rel/out", "--no-benchmark"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert len(list((tmp_path / "rel" / "out").glob("*-tflite.edgeml"))) == 1
