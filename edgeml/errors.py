@@ -18,7 +18,11 @@ The tree::
     ├── BundleError                 an artifact bundle is malformed or unsafe
     │   └── BundleIntegrityError    a file's hash or size differs from the manifest
     ├── RuntimeBackendError         an inference runtime failed to load or run a model
-    └── StorageError                an output cannot be written
+    ├── StorageError                an output cannot be written
+    ├── RegistryError               the fleet registry cannot be opened or changed
+    │   ├── MetadataError           signed metadata or a key is missing, unreadable or inconsistent
+    │   └── TargetExistsError       a different file is already published under that name/version/target
+    └── UpdateVerificationError     a device refused an update that failed TUF verification (carries kind)
 """
 
 from __future__ import annotations
@@ -31,11 +35,15 @@ __all__ = [
     "ConversionError",
     "DataError",
     "EdgeMLError",
+    "MetadataError",
     "MissingExtraError",
     "ModelError",
+    "RegistryError",
     "RuntimeBackendError",
     "StorageError",
+    "TargetExistsError",
     "UnknownTargetError",
+    "UpdateVerificationError",
 ]
 
 
@@ -116,3 +124,29 @@ class RuntimeBackendError(EdgeMLError):
 
 class StorageError(EdgeMLError):
     """An output file or directory cannot be written."""
+
+
+class RegistryError(EdgeMLError):
+    """The fleet registry cannot be opened or changed (not a registry, locked, database failure)."""
+
+
+class MetadataError(RegistryError):
+    """The registry's signed metadata or one of its keys is missing, unreadable or inconsistent."""
+
+
+class TargetExistsError(RegistryError):
+    """A different file is already published under the same name, version and target."""
+
+
+class UpdateVerificationError(EdgeMLError):
+    """A device refused an update because TUF verification failed; nothing was installed.
+
+    Attributes:
+        kind: The attack or failure recognised: ``"rollback"``, ``"freeze"``, ``"mix-and-match"``,
+            ``"arbitrary-file"``, ``"endless-data"``, ``"bad-signature"``, ``"manifest-mismatch"``,
+            ``"not-found"``, ``"unavailable"`` or ``"invalid-metadata"``.
+    """
+
+    def __init__(self, message: str, *, kind: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.kind = kind
