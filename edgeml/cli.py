@@ -16,6 +16,7 @@ import typer
 
 from edgeml.compile.cli import compile_command
 from edgeml.errors import EdgeMLError
+from edgeml.fleet.cli import fleet_app
 from edgeml.train.cli import train_command
 
 __all__ = ["app", "main"]
@@ -29,6 +30,7 @@ app = typer.Typer(
 )
 app.command("compile", no_args_is_help=True)(compile_command)
 app.command("train", no_args_is_help=True)(train_command)
+app.add_typer(fleet_app)
 
 
 @app.command("inspect")

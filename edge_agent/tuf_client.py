@@ -1,0 +1,162 @@
+"""The device's verified download of a bundle from the signed registry (TUF, python-tuf's ngclient).
+
+:class:`TufClient` refreshes the registry's metadata (root, timestamp, snapshot, targets: versions,
+expiry, signatures, hashes), downloads one target, and opens it as an edgeml bundle whose manifest must
+match the signed custom fields. Every python-tuf failure becomes an
+:class:`~edgeml.errors.UpdateVerificationError` whose ``kind`` names the attack it stopped; the bundle
+is downloaded into a hidden scratch directory and moved into the download directory only once fully
+verified, so a refused update leaves nothing behind.
+
+The transport is an ngclient ``FetcherInterface``: HTTP by default; the MQTT distribution service plugs
+in its own fetcher.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeml._deps import require
+from edgeml.errors import BundleError, UpdateVerificationError
+
+__all__ = ["TufClient", "VerifiedBundle"]
+
+#: (phase, python-tuf exception name) -> (kind, what it means). Checked in order; "*" matches any phase.
+_KINDS: tuple[tuple[str, str, str, str], ...] = (
+    ("*", "ExpiredMetadataError", "freeze", "the registry's metadata has expired (a freeze attack or a "
+                                            "registry whose timestamp is not being refreshed)"),
+    ("*", "BadVersionNumberError", "rollback", "the registry offered older metadata than this device has "
+                                               "already seen (a rollback attack)"),
+    ("*", "EqualVersionNumberError", "rollback", "the registry offered the same metadata version with "
+                                                 "different content"),
+    ("*", "UnsignedMetadataError", "bad-signature", "metadata is not signed by enough trusted keys"),
+    ("*", "DownloadLengthMismatchError", "endless-data", "the server sent more data than the signed "
+                                                         "length (an endless-data attack)"),
+    ("refresh", "LengthOrHashMismatchError", "mix-and-match", "metadata does not match the version "
+                                                              "and hash its parent role signed (mix-and-match)"),
+    ("download", "LengthOrHashMismatchError", "arbitrary-file", "the downloaded file does not match the "
+                                                                "signed hash (an arbitrary-file attack)"),
+    ("*", "DownloadError", "unavailable", "the registry could not be reached"),
+    ("*", "RepositoryError", "invalid-metadata", "the registry's metadata is invalid"),
+)
+
+
+@dataclass(frozen=True)
+class VerifiedBundle:
+    """A downloaded, verified bundle.
+
+    Attributes:
+        path: The bundle file in the download directory.
+        name: Model name.
+        version: Model version.
+        target: Compile target.
+        sha256: The bundle's signed sha256.
+    """
+
+    path: Path
+    name: str
+    version: str
+    target: str
+    sha256: str
+
+
+def _translate(exc: Exception, phase: str, what: str) -> UpdateVerificationError:
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    for where, name, kind, meaning in _KINDS:
+        if where in ("*", phase) and name in names:
+            return UpdateVerificationError(f"refused {what}: {meaning} ({type(exc).__name__}: {exc})", kind=kind)
+    return UpdateVerificationError(f"refused {what}: {type(exc).__name__}: {exc}", kind="invalid-metadata")
+
+
+class TufClient:
+    """Verified downloads from one registry.
+
+    Args:
+        trusted_root: The root metadata the device was provisioned with (bytes of ``1.root.json`` or later).
+        metadata_dir: Where the device keeps the metadata it trusts (created if needed).
+        download_dir: Where verified bundles are placed.
+        metadata_url: Base URL of the registry's ``metadata/`` directory.
+        targets_url: Base URL of its ``targets/`` directory.
+        fetcher: An ngclient ``FetcherInterface`` (default: HTTP with urllib3).
+
+    Raises:
+        MissingExtraError: python-tuf is not installed (``edgeml[agent]``).
+    """
+
+    def __init__(self, trusted_root: bytes, metadata_dir: Path, download_dir: Path, metadata_url: str,
+                 targets_url: str, fetcher: Any | None = None) -> None:
+        self._ngclient = require("tuf.ngclient", "agent")
+        self.trusted_root = trusted_root
+        self.metadata_dir = Path(metadata_dir)
+        self.download_dir = Path(download_dir)
+        self.metadata_url = metadata_url
+        self.targets_url = targets_url
+        self.fetcher = fetcher
+
+    def _updater(self) -> Any:
+        self.metadata_dir.mkdir(parents=True, exist_ok=True)
+        trusted = self.metadata_dir / "root.json"
+        bootstrap = trusted.read_bytes() if trusted.exists() else self.trusted_root
+        return self._ngclient.Updater(str(self.metadata_dir), self.metadata_url, target_base_url=self.targets_url,
+                                      fetcher=self.fetcher, bootstrap=bootstrap)
+
+    @contextmanager
+    def _phase(self, phase: str, what: str) -> Iterator[None]:
+        from tuf.api import exceptions
+
+        try:
+            yield
+        except (exceptions.RepositoryError, exceptions.DownloadError) as exc:
+            raise _translate(exc, phase, what) from exc
+        except ValueError as exc:  # bad bootstrap root, malformed metadata JSON
+            raise UpdateVerificationError(f"refused {what}: {exc}", kind="invalid-metadata") from exc
+
+    def fetch(self, name: str, version: str, target: str) -> VerifiedBundle:
+        """Refresh the metadata, download ``<name>/<version>/<target>.edgeml`` and verify it.
+
+        Raises:
+            UpdateVerificationError: Verification failed (``kind`` names why); nothing was downloaded.
+        """
+        path = f"{name}/{version}/{target}.edgeml"
+        what = f"update {path}"
+        with self._phase("refresh", what):
+            updater = self._updater()
+            updater.refresh()
+            info = updater.get_targetinfo(path)
+        if info is None:
+            raise UpdateVerificationError(f"refused {what}: the registry does not list it", kind="not-found")
+        self.download_dir.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".edgeml-download-", dir=self.download_dir))
+        try:
+            partial = scratch / f"{name}-{version}-{target}.edgeml"
+            with self._phase("download", what):
+                updater.download_target(info, str(partial))
+            _check_manifest(partial, info.custom or {}, what)
+            final = self.download_dir / partial.name
+            os.replace(partial, final)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return VerifiedBundle(final, name, version, target, info.hashes["sha256"])
+
+
+def _check_manifest(path: Path, custom: dict[str, Any], what: str) -> None:
+    from edgeml.bundle import Bundle
+
+    try:
+        with Bundle(path) as bundle:
+            bundle.verify()
+            manifest = bundle.manifest
+    except BundleError as exc:
+        raise UpdateVerificationError(f"refused {what}: the signed file is not a valid bundle: {exc}",
+                                      kind="manifest-mismatch") from exc
+    for field in ("name", "version", "target"):
+        if custom.get(field) != getattr(manifest, field):
+            raise UpdateVerificationError(
+                f"refused {what}: the signed {field} {custom.get(field)!r} differs from the bundle's "
+                f"manifest {getattr(manifest, field)!r}", kind="manifest-mismatch")

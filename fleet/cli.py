@@ -1,0 +1,87 @@
+"""``edgeml fleet ...``: create a signed registry, publish bundles, refresh the timestamp, rotate root keys.
+
+Only typer and the standard library are imported here; each command imports the registry when it runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+__all__ = ["fleet_app"]
+
+fleet_app = typer.Typer(name="fleet", help="The signed (TUF) model registry and the fleet server.",
+                        no_args_is_help=True)
+keys_app = typer.Typer(name="keys", help="Manage the registry's signing keys.", no_args_is_help=True)
+fleet_app.add_typer(keys_app)
+
+DbUrl = Annotated[str | None, typer.Option("--db-url", help="SQLAlchemy URL of the registry database "
+                                           "(default: $EDGEML_FLEET_DB_URL, else SQLite in DIR).")]
+
+
+@fleet_app.command("init")
+def init_command(
+    directory: Annotated[Path, typer.Argument(help="New registry directory.")],
+    root_keys: Annotated[int, typer.Option("--root-keys", min=1, help="Root keys to generate.")] = 1,
+    root_threshold: Annotated[int, typer.Option("--root-threshold", min=1,
+                                                help="Root keys needed to sign a new root.")] = 1,
+    db_url: DbUrl = None,
+) -> None:
+    """Create a registry: TUF metadata, online keys, offline root keys and the database."""
+    from edgeml.fleet.registry import init_registry
+
+    init_registry(directory, root_keys=root_keys, root_threshold=root_threshold, db_url=db_url)
+    typer.echo(f"created registry {directory} (serve {directory / 'repository'} to devices)")
+    typer.echo(f"WARNING: move {directory / 'offline-keys'} OFF THIS SERVER now: it holds the root keys.",
+               err=True)
+
+
+@fleet_app.command("publish")
+def publish_command(
+    directory: Annotated[Path, typer.Argument(help="The registry directory.")],
+    bundle: Annotated[Path, typer.Argument(help="The .edgeml bundle to publish.")],
+    channel: Annotated[str, typer.Option("--channel", help="Channel to point at this version.")] = "stable",
+    db_url: DbUrl = None,
+) -> None:
+    """Verify a bundle and publish it as a signed TUF target."""
+    from edgeml.fleet.registry import Registry
+
+    result = Registry(directory, db_url=db_url).publish(bundle, channel=channel)
+    state = "published" if result.changed else "already published (unchanged)"
+    typer.echo(f"{state}: {result.path} sha256 {result.sha256[:16]}… targets v{result.targets_version}")
+
+
+@fleet_app.command("timestamp")
+def timestamp_command(
+    directory: Annotated[Path, typer.Argument(help="The registry directory.")],
+    hours: Annotated[float, typer.Option("--hours", min=0.1, help="Validity of the new timestamp.")] = 24.0,
+) -> None:
+    """Re-sign the timestamp (run it periodically, more often than its validity)."""
+    from datetime import timedelta
+
+    from edgeml.fleet.registry import Registry
+
+    version = Registry(directory).refresh_timestamp(timedelta(hours=hours))
+    typer.echo(f"timestamp v{version}, valid {hours:g} h")
+
+
+@keys_app.command("rotate")
+def rotate_command(
+    role: Annotated[str, typer.Argument(help="The role whose keys to rotate (only 'root' for now).")],
+    directory: Annotated[Path, typer.Argument(help="The registry directory.")],
+    offline_keys: Annotated[Path | None, typer.Option("--offline-keys",
+                                                      help="Root key directory (default DIR/offline-keys).")] = None,
+    new_keys: Annotated[int, typer.Option("--new-keys", min=1, help="New root keys to generate.")] = 1,
+    threshold: Annotated[int, typer.Option("--threshold", min=1, help="New root threshold.")] = 1,
+) -> None:
+    """Replace the root keys: the new root is signed by the old and the new keys."""
+    from edgeml.errors import ConfigError
+    from edgeml.fleet.registry import Registry
+
+    if role != "root":
+        raise ConfigError(f"rotating {role!r} keys is not supported yet; only 'root' is")
+    version = Registry(directory).rotate_root(offline_keys or directory / "offline-keys", new_keys=new_keys,
+                                              threshold=threshold)
+    typer.echo(f"root v{version} signed by the old and new root keys")

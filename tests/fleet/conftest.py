@@ -1,0 +1,80 @@
+"""Fixtures of the fleet tests: a real registry, real bundles, and a real HTTP server serving it."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable, Iterator
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgeml.bundle import Manifest, TensorSpec, write_bundle
+from edgeml.fleet.registry import Registry, init_registry
+
+MakeBundle = Callable[..., Path]
+
+
+def manifest(name: str = "digits", version: str = "1.0.0", target: str = "onnx-fp32") -> Manifest:
+    """A small valid manifest."""
+    return Manifest(
+        name=name, version=version, target=target,
+        runtime={"name": "onnxruntime", "min_version": "1.17", "precision": "fp32", "build": None},
+        model={"file": "model.onnx", "format": "onnx"},
+        inputs=(TensorSpec("input", ("batch", 4), "float32"),),
+        outputs=(TensorSpec("output", ("batch", 2), "float32"),),
+        created="2025-01-01T00:00:00+00:00",
+    )
+
+
+@pytest.fixture
+def make_bundle(tmp_path: Path) -> MakeBundle:
+    """Write a bundle: ``make_bundle(version="1.0.0", payload=b"...", name=..., target=...)``."""
+
+    def make(version: str = "1.0.0", payload: bytes = b"model-bytes", **fields: Any) -> Path:
+        src = tmp_path / "src" / hashlib.sha256(payload + version.encode()).hexdigest()[:12]
+        src.mkdir(parents=True, exist_ok=True)
+        (src / "model.onnx").write_bytes(payload)
+        m = manifest(version=version, **fields)
+        dest = tmp_path / "bundles" / m.filename
+        dest.parent.mkdir(exist_ok=True)
+        write_bundle(dest, m, {"model.onnx": src / "model.onnx"})
+        return dest
+
+    return make
+
+
+@pytest.fixture
+def registry(tmp_path: Path, request: pytest.FixtureRequest) -> Registry:
+    """A new registry; parametrize indirectly with init_registry keyword arguments to change it."""
+    return init_registry(tmp_path / "reg", **getattr(request, "param", {}))
+
+
+class _Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def served(registry: Registry) -> Iterator[str]:
+    """Serve ``DIR/repository`` over HTTP on 127.0.0.1; yields the base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Quiet, directory=str(registry.dir / "repository")))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def tree_hash(directory: Path) -> str:
+    """One sha256 over every file's relative path and content under ``directory``."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(directory)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
