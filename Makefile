@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.edgeml-installed
 TORCH  ?= torch==2.13.0
 EXTRAS ?= agent,ort,litert,compile,tflite,train,fleet,dev
 
-.PHONY: install demo test lint typecheck bench clean
+.PHONY: install services demo test lint typecheck bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,13 +23,19 @@ install: $(STAMP)
 demo: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/edgeml demo
 
+# Tests start their own Mosquitto on a free port; install the broker where it is missing (Debian, as root).
+services:
+	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq mosquitto mosquitto-clients; } || \
+	  echo "mosquitto is not installed: broker tests will skip (and fail under EDGEML_REQUIRE_SERVICES=1)"
+
 lint: install
 	$(VENV)/bin/ruff check .
 
 typecheck: install
 	$(PY) tools/typecheck.py
 
-test: lint typecheck
+test: services lint typecheck
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest
 
 bench: install

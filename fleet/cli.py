@@ -85,3 +85,27 @@ def rotate_command(
     version = Registry(directory).rotate_root(offline_keys or directory / "offline-keys", new_keys=new_keys,
                                               threshold=threshold)
     typer.echo(f"root v{version} signed by the old and new root keys")
+
+
+@fleet_app.command("broker-config")
+def broker_config_command(
+    out_dir: Annotated[Path, typer.Argument(help="New directory for the broker configuration.")],
+    device: Annotated[list[str], typer.Option("--device", help="A device id (repeat for each device).")],
+    hostname: Annotated[str, typer.Option("--hostname", help="Name devices connect to.")] = "localhost",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TLS listener port.")] = 8883,
+    cafile: Annotated[Path | None, typer.Option("--cafile", help="Existing CA certificate (PEM).")] = None,
+    certfile: Annotated[Path | None, typer.Option("--certfile", help="Existing server certificate.")] = None,
+    keyfile: Annotated[Path | None, typer.Option("--keyfile", help="Existing server key.")] = None,
+) -> None:
+    """Write a TLS-only Mosquitto config with per-device passwords and ACL (self-signed CA unless given)."""
+    from edgeml.errors import ConfigError
+    from edgeml.fleet.broker import TlsFiles, write_broker_config
+
+    given = [p for p in (cafile, certfile, keyfile) if p is not None]
+    if given and len(given) != 3:
+        raise ConfigError("--cafile, --certfile and --keyfile go together", hint="give all three or none")
+    tls = TlsFiles(cafile, certfile, keyfile) if cafile and certfile and keyfile else None
+    creds = write_broker_config(out_dir, device, hostname=hostname, port=port, tls=tls)
+    typer.echo(f"wrote {out_dir / 'mosquitto.conf'} ({len(creds) - 1} devices, TLS port {port})")
+    typer.echo(f"credentials in {out_dir / 'credentials'} (0600): hand each file to its device only; "
+               f"the files mosquitto reads must belong to its user: chown -R mosquitto: {out_dir}", err=True)

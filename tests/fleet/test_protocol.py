@@ -1,0 +1,194 @@
+"""The MQTT protocol: topics, message round trips and rejection of bad input, ACL generation."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgeml.errors import EdgeMLError
+from edgeml.protocol import (
+    MAX_BYTES,
+    Command,
+    Message,
+    ProtocolError,
+    Reply,
+    Request,
+    State,
+    Telemetry,
+    acl_for_device,
+    device_topic,
+    dist_topic,
+    mosquitto_acl,
+    parse,
+    parse_device_topic,
+    validate_device_id,
+)
+
+MESSAGES: list[tuple[str, Message]] = [
+    ("command", Command(id="c-1", type="update", args={"version": "1.2.0", "urls": ["a", "b"]}, issued_at=1.7e9)),
+    ("command", Command(id="c-2", type="ping")),
+    ("request", Request(correlation_id="r1", reply_to="edgeml/v1/devices/cam-1/replies", method="get_rollout",
+                        params={"n": 1})),
+    ("reply", Reply(correlation_id="r1", ok=True, result={"rollout": "r-9"})),
+    ("reply", Reply(correlation_id="r1", ok=False, error="no rollout")),
+    ("telemetry", Telemetry(device_id="cam-1", seq=0, sent_at=12.5, metrics={"fps": 29.9, "drift": None})),
+    ("state", State(device_id="cam-1", status="running", model="digits", version="1.0.0", slot="a",
+                    capabilities={"runtimes": ["onnxruntime"]}, clock_synced=True)),
+    ("state", State(device_id="cam-1", status="idle")),
+]
+
+
+@pytest.mark.parametrize(("kind", "message"), MESSAGES)
+def test_round_trip(kind: str, message: Message) -> None:
+    data = message.to_bytes()
+    assert parse(kind, data) == message
+    assert json.loads(data)["schema"] == f"edgeml.{kind}/1"
+
+
+def _doc(kind: str) -> dict[str, Any]:
+    return dict(json.loads(next(m for k, m in MESSAGES if k == kind).to_bytes()))
+
+
+@pytest.mark.parametrize(("kind", "change", "match"), [
+    ("command", {"schema": "edgeml.command/2"}, "unsupported schema"),
+    ("state", {"schema": None}, "unsupported schema"),
+    ("command", {"type": "format-disk"}, "unknown type"),
+    ("command", {"id": 5}, "'id' must be str"),
+    ("command", {"args": []}, "'args' must be dict"),
+    ("command", {"extra": 1}, "unknown fields"),
+    ("request", {"reply_to": "edgeml/v1/devices/cam-2/commands"}, "reply_to"),
+    ("request", {"reply_to": "elsewhere"}, "reply_to"),
+    ("reply", {"ok": False, "error": None}, "'error' is required"),
+    ("reply", {"ok": 1}, "'ok' must be bool"),
+    ("telemetry", {"seq": -1}, "'seq' must be >= 0"),
+    ("telemetry", {"seq": True}, "'seq' must be int"),
+    ("telemetry", {"seq": 1.5}, "'seq' must be int"),
+    ("telemetry", {"device_id": "Cam_1"}, "invalid device id"),
+    ("state", {"clock_synced": "yes"}, "'clock_synced' must be bool"),
+    ("state", {"status": ""}, "'status' must not be empty"),
+])
+def test_invalid_fields_rejected(kind: str, change: dict[str, Any], match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        parse(kind, json.dumps({**_doc(kind), **change}).encode())
+
+
+@pytest.mark.parametrize("kind", sorted(MAX_BYTES))
+def test_missing_field_rejected(kind: str) -> None:
+    doc = _doc(kind)
+    required = {"command": "id", "request": "method", "reply": "ok", "telemetry": "seq", "state": "status"}
+    del doc[required[kind]]
+    with pytest.raises(ProtocolError):
+        parse(kind, json.dumps(doc).encode())
+
+
+@pytest.mark.parametrize("kind", sorted(MAX_BYTES))
+def test_oversized_rejected(kind: str) -> None:
+    payload = json.dumps({**_doc(kind), "pad": "x" * MAX_BYTES[kind]}).encode()
+    with pytest.raises(ProtocolError, match="exceeds the limit"):
+        parse(kind, payload)
+
+
+def test_oversized_not_encoded() -> None:
+    assert MAX_BYTES["command"] == 16 * 1024 and MAX_BYTES["telemetry"] == 64 * 1024
+    with pytest.raises(ProtocolError, match="exceeds the limit"):
+        Command(id="c", type="capture", args={"blob": "x" * MAX_BYTES["command"]}).to_bytes()
+
+
+@pytest.mark.parametrize("payload", [b"", b"{", b"[]", b'"x"', b"\xff\xfe", b'{"schema": NaN}', b"[" * 100000,
+                                     b"null"])
+def test_malformed_rejected(payload: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        parse("state", payload[: MAX_BYTES["state"]])
+
+
+def test_unknown_kind_rejected() -> None:
+    with pytest.raises(ProtocolError, match="unknown message kind"):
+        parse("gossip", b"{}")
+
+
+def test_constructor_validates() -> None:
+    with pytest.raises(ProtocolError):
+        Telemetry(device_id="cam-1", seq=-3, sent_at=0.0)
+    with pytest.raises(ProtocolError):
+        Telemetry(device_id="cam-1", seq=1, sent_at=float("nan"))
+    assert issubclass(ProtocolError, EdgeMLError)
+
+
+@pytest.mark.parametrize("device_id", ["", "-cam", "Cam", "cam_1", "cam/1", "cam+", "#", "a" * 64, "cam 1", "é"])
+def test_bad_device_ids_rejected(device_id: str) -> None:
+    with pytest.raises(ProtocolError, match="invalid device id"):
+        validate_device_id(device_id)
+    with pytest.raises(ProtocolError):
+        device_topic(device_id, "telemetry")
+
+
+@pytest.mark.parametrize("device_id", ["a", "0", "cam-1", "a" * 63, "x-"])
+def test_good_device_ids(device_id: str) -> None:
+    topic = device_topic(device_id, "state")
+    assert topic == f"edgeml/v1/devices/{device_id}/state"
+    assert parse_device_topic(topic) == (device_id, "state")
+
+
+@pytest.mark.parametrize("topic", ["edgeml/v1/devices/cam-1", "edgeml/v2/devices/cam-1/state",
+                                   "edgeml/v1/devices/cam-1/secrets", "edgeml/v1/devices/+/state",
+                                   "edgeml/v1/devices/cam-1/state/x"])
+def test_bad_topics_rejected(topic: str) -> None:
+    with pytest.raises(ProtocolError):
+        parse_device_topic(topic)
+
+
+def test_dist_topic() -> None:
+    assert dist_topic("r-1") == "edgeml/v1/dist/r-1"
+    assert dist_topic("r-1", "chunks/3") == "edgeml/v1/dist/r-1/chunks/3"
+    with pytest.raises(ProtocolError):
+        dist_topic("r-1", "#")
+
+
+def test_acl_for_device() -> None:
+    assert acl_for_device("cam-1") == [
+        ("write", "edgeml/v1/devices/cam-1/state"), ("write", "edgeml/v1/devices/cam-1/telemetry"),
+        ("write", "edgeml/v1/devices/cam-1/events"), ("write", "edgeml/v1/devices/cam-1/requests"),
+        ("read", "edgeml/v1/devices/cam-1/commands"), ("read", "edgeml/v1/devices/cam-1/replies"),
+        ("read", "edgeml/v1/dist/#"),
+    ]
+
+
+def test_mosquitto_acl() -> None:
+    text = mosquitto_acl(["cam-1", "cam-2"], fleet_user="fleet")
+    blocks = [b.splitlines() for b in text.split("\n\n")[1:]]
+    assert blocks[0] == ["user fleet", "topic readwrite edgeml/v1/#"]
+    assert blocks[2][0] == "user cam-2" and len(blocks[2]) == 8
+    assert all("cam-1" not in line for line in blocks[2])
+    with pytest.raises(ProtocolError):
+        mosquitto_acl(["fleet"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(kind=st.sampled_from(sorted(MAX_BYTES)),
+       payload=st.one_of(st.binary(max_size=512),
+                         st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                                      lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c,
+                                                                                          max_size=6),
+                                      max_leaves=12).map(lambda o: json.dumps(o).encode())))
+def test_parse_raises_only_protocol_error(kind: str, payload: bytes) -> None:
+    with contextlib.suppress(ProtocolError):
+        parse(kind, payload)
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=4), c, max_size=3),
+                     max_leaves=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(kind=st.sampled_from(sorted(MAX_BYTES)), data=st.data())
+def test_parse_mutated_valid_message(kind: str, data: st.DataObject) -> None:
+    doc = _doc(kind)
+    doc[data.draw(st.sampled_from(sorted(doc)))] = data.draw(_JSON)
+    with contextlib.suppress(ProtocolError):
+        parse(kind, json.dumps(doc).encode())
