@@ -87,6 +87,8 @@ def mosquitto_conf(base_dir: Path, *, port: int = 8883) -> str:
         f"acl_file {base_dir / 'acl'}",
         "persistence true",
         f"persistence_location {base_dir / 'data'}/",
+        "# request/response chunk transfers stall on Nagle + delayed ACK without this (2x measured)",
+        "set_tcp_nodelay true",
         "",
         f"listener {port}",
         f"cafile {base_dir / 'tls' / 'ca.crt'}",

@@ -109,3 +109,29 @@ def broker_config_command(
     typer.echo(f"wrote {out_dir / 'mosquitto.conf'} ({len(creds) - 1} devices, TLS port {port})")
     typer.echo(f"credentials in {out_dir / 'credentials'} (0600): hand each file to its device only; "
                f"the files mosquitto reads must belong to its user: chown -R mosquitto: {out_dir}", err=True)
+
+
+@fleet_app.command("serve")
+def serve_command(
+    directory: Annotated[Path, typer.Argument(help="The registry directory.")],
+    broker_host: Annotated[str, typer.Option("--broker-host", help="The MQTT broker's host.")] = "localhost",
+    broker_port: Annotated[int, typer.Option("--broker-port", min=1, max=65535, help="Its port.")] = 1883,
+    username: Annotated[str | None, typer.Option("--username", help="Broker user (the fleet user).")] = None,
+    password: Annotated[str | None, typer.Option("--password", envvar="EDGEML_BROKER_PASSWORD",
+                                                 help="Its password (or $EDGEML_BROKER_PASSWORD).")] = None,
+) -> None:
+    """Serve DIR/repository to devices over MQTT request/reply until Ctrl-C."""
+    import threading
+
+    from edgeml.fleet.distribution import DistributionService
+
+    service = DistributionService(directory, broker_host, broker_port, username=username, password=password)
+    service.start()
+    typer.echo(f"serving {directory / 'repository'} on mqtt://{broker_host}:{broker_port} (Ctrl-C stops)")
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        service.stop()
+    typer.echo(f"stopped ({service.served_bytes} bytes served)")
