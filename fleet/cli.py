@@ -16,6 +16,8 @@ fleet_app = typer.Typer(name="fleet", help="The signed (TUF) model registry and 
                         no_args_is_help=True)
 keys_app = typer.Typer(name="keys", help="Manage the registry's signing keys.", no_args_is_help=True)
 fleet_app.add_typer(keys_app)
+devices_app = typer.Typer(name="devices", help="Enroll, list and revoke devices.", no_args_is_help=True)
+fleet_app.add_typer(devices_app)
 
 DbUrl = Annotated[str | None, typer.Option("--db-url", help="SQLAlchemy URL of the registry database "
                                            "(default: $EDGEML_FLEET_DB_URL, else SQLite in DIR).")]
@@ -135,3 +137,72 @@ def serve_command(
     finally:
         service.stop()
     typer.echo(f"stopped ({service.served_bytes} bytes served)")
+
+
+BrokerDir = Annotated[Path, typer.Option("--broker-dir", help="The broker directory (from broker-config).")]
+FleetUser = Annotated[str, typer.Option("--fleet-user", help="The fleet server's broker user.")]
+
+
+@devices_app.command("enroll")
+def devices_enroll_command(
+    directory: Annotated[Path, typer.Argument(help="The registry directory.")],
+    name: Annotated[str, typer.Argument(help="The new device id (its broker user name).")],
+    broker_dir: BrokerDir,
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="A tag KEY=VALUE (repeatable).")] = None,
+    broker_host: Annotated[str, typer.Option("--broker-host", help="Host the device connects to.")] = "localhost",
+    broker_port: Annotated[int | None, typer.Option("--broker-port", min=1, max=65535,
+                                                    help="Its TLS port (default: the broker's listener).")] = None,
+    fleet_user: FleetUser = "fleet",
+    db_url: DbUrl = None,
+) -> None:
+    """Enroll a device: record it, add it to the broker's passwd and ACL, write its bootstrap file."""
+    from edgeml.errors import ConfigError
+    from edgeml.fleet.devices import enroll
+
+    tags: dict[str, str] = {}
+    for item in tag or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"bad --tag {item!r}", hint="use KEY=VALUE")
+        tags[key] = value
+    path = enroll(directory, name, broker_dir, tags=tags, broker_host=broker_host, broker_port=broker_port,
+                  fleet_user=fleet_user, db_url=db_url)
+    typer.echo(f"enrolled {name}; bootstrap file {path} (0600): hand it to the device only")
+    typer.echo("a running broker reloads its passwd/ACL on SIGHUP (kill -HUP PID)", err=True)
+
+
+@devices_app.command("ls")
+def devices_ls_command(
+    directory: Annotated[Path, typer.Argument(help="The registry directory.")],
+    db_url: DbUrl = None,
+) -> None:
+    """List the enrolled devices."""
+    from edgeml.fleet.devices import list_devices
+
+    rows = [("NAME", "TAGS", "ENROLLED", "REVOKED", "LAST SEEN", "INSTALLED")]
+    for d in list_devices(directory, db_url=db_url):
+        rows.append((d.name, ",".join(f"{k}={v}" for k, v in sorted(d.tags.items())) or "-",
+                     d.enrolled_at.strftime("%Y-%m-%d %H:%M") if d.enrolled_at else "-",
+                     "yes" if d.revoked else "no", d.last_seen.isoformat() if d.last_seen else "-",
+                     str(d.installed) if d.installed else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+
+
+@devices_app.command("revoke")
+def devices_revoke_command(
+    directory: Annotated[Path, typer.Argument(help="The registry directory.")],
+    name: Annotated[str, typer.Argument(help="The device id to revoke.")],
+    broker_dir: BrokerDir,
+    broker_pid: Annotated[int | None, typer.Option("--broker-pid", help="Send SIGHUP to this broker process "
+                                                   "so that it reloads now.")] = None,
+    fleet_user: FleetUser = "fleet",
+    db_url: DbUrl = None,
+) -> None:
+    """Revoke a device: remove it from the broker's passwd and ACL (and reload the broker with --broker-pid)."""
+    from edgeml.fleet.devices import revoke
+
+    revoke(directory, name, broker_dir, broker_pid=broker_pid, fleet_user=fleet_user, db_url=db_url)
+    typer.echo(f"revoked {name}" + ("; broker reloaded" if broker_pid else
+                                    "; reload the broker (kill -HUP PID) for it to take effect"))

@@ -49,7 +49,10 @@ def _tables(sa: Any) -> tuple[Any, dict[str, Any]]:
         "devices": sa.Table(
             "devices", meta, sa.Column("id", sa.Integer, primary_key=True),
             sa.Column("device_id", sa.String(128), nullable=False, unique=True),
-            sa.Column("channel", sa.String(64)), sa.Column("created_at", sa.DateTime(timezone=True))),
+            sa.Column("channel", sa.String(64)), sa.Column("created_at", sa.DateTime(timezone=True)),
+            sa.Column("tags", sa.JSON), sa.Column("password_hash", sa.String(256)),
+            sa.Column("revoked", sa.Boolean, nullable=False, server_default=sa.false()),
+            sa.Column("last_seen", sa.DateTime(timezone=True)), sa.Column("installed", sa.JSON)),
         "deployments": sa.Table(
             "deployments", meta, sa.Column("id", sa.Integer, primary_key=True),
             sa.Column("device_id", sa.Integer, sa.ForeignKey("devices.id"), nullable=False),
