@@ -92,7 +92,9 @@ def rotate_command(
 @fleet_app.command("broker-config")
 def broker_config_command(
     out_dir: Annotated[Path, typer.Argument(help="New directory for the broker configuration.")],
-    device: Annotated[list[str], typer.Option("--device", help="A device id (repeat for each device).")],
+    device: Annotated[list[str] | None, typer.Option(
+        "--device", help="A device id (repeat); prefer `edgeml fleet devices enroll`, which keeps the registry in step."
+    )] = None,
     hostname: Annotated[str, typer.Option("--hostname", help="Name devices connect to.")] = "localhost",
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TLS listener port.")] = 8883,
     cafile: Annotated[Path | None, typer.Option("--cafile", help="Existing CA certificate (PEM).")] = None,
@@ -107,7 +109,7 @@ def broker_config_command(
     if given and len(given) != 3:
         raise ConfigError("--cafile, --certfile and --keyfile go together", hint="give all three or none")
     tls = TlsFiles(cafile, certfile, keyfile) if cafile and certfile and keyfile else None
-    creds = write_broker_config(out_dir, device, hostname=hostname, port=port, tls=tls)
+    creds = write_broker_config(out_dir, device or [], hostname=hostname, port=port, tls=tls)
     typer.echo(f"wrote {out_dir / 'mosquitto.conf'} ({len(creds) - 1} devices, TLS port {port})")
     typer.echo(f"credentials in {out_dir / 'credentials'} (0600): hand each file to its device only; "
                f"the files mosquitto reads must belong to its user: chown -R mosquitto: {out_dir}", err=True)
