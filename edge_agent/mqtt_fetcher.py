@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import hashlib
+import os
 import queue
 import threading
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
@@ -27,6 +31,7 @@ import paho.mqtt.client as mqtt
 from tuf.api.exceptions import DownloadError, DownloadHTTPError
 from tuf.ngclient import FetcherInterface
 
+from edgeml.fsutil import atomic_write_bytes
 from edgeml.protocol import ProtocolError, Reply, Request, device_topic, parse
 
 __all__ = ["METADATA_URL", "SCHEME", "TARGETS_URL", "MqttFetcher"]
@@ -45,14 +50,23 @@ class MqttFetcher(FetcherInterface):
         device_id: This device's id (its topics are ``edgeml/v1/devices/{device_id}/...``).
         timeout: Seconds to wait for each reply (and for the subscription).
         chunk: Bytes asked per request.
+        partial_dir: Where to keep partly downloaded targets so that an interrupted download resumes
+            (None: no resuming). Target file names start with their sha256, so a target URL names its
+            content; a target's received bytes go to ``<sha256 of the URL>.part``, fsynced after every
+            chunk, and its sidecar ``.len`` (written atomically) records how many of them are complete.
+            A later fetch of the same URL first yields those bytes, then asks from that offset. Both
+            files are deleted once the fetch completes (ngclient then verifies the whole file, so bytes
+            resumed from disk are checked like any others). Metadata is never resumed.
 
     Raises:
         ProtocolError: ``device_id`` is invalid.
         DownloadError: The broker did not confirm the subscription to the replies topic.
     """
 
-    def __init__(self, client: mqtt.Client, device_id: str, timeout: float = 10.0, chunk: int = CHUNK) -> None:
+    def __init__(self, client: mqtt.Client, device_id: str, timeout: float = 10.0, chunk: int = CHUNK,
+                 partial_dir: Path | None = None) -> None:
         self.client = client
+        self.partial_dir = Path(partial_dir) if partial_dir is not None else None
         self.requests = device_topic(device_id, "requests")
         self.replies = device_topic(device_id, "replies")
         self.timeout = timeout
@@ -118,7 +132,35 @@ class MqttFetcher(FetcherInterface):
         if not url.startswith(SCHEME):
             raise DownloadError(f"not an edgeml MQTT URL: {url!r} (expected {SCHEME}...)")
         path = unquote(url[len(SCHEME):])
-        offset = 0
+        if self.partial_dir is None or not url.startswith(TARGETS_URL):
+            yield from self._chunks(path, 0)
+            return
+        self.partial_dir.mkdir(parents=True, exist_ok=True)
+        stem = self.partial_dir / hashlib.sha256(url.encode()).hexdigest()
+        part, length_file = stem.with_suffix(".part"), stem.with_suffix(".len")
+        try:
+            done = _complete_length(part, length_file)
+            with part.open("r+b" if part.exists() else "w+b") as fh:
+                fh.truncate(done)  # drop a torn tail beyond the last recorded chunk
+                fh.seek(0)
+                while fh.tell() < done:
+                    data = fh.read(min(self.chunk, done - fh.tell()))
+                    if not data:
+                        break
+                    yield data
+                fh.seek(done)
+                for data in self._chunks(path, done):
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                    done += len(data)
+                    atomic_write_bytes(length_file, str(done).encode("ascii"))
+                    yield data
+            _remove(part, length_file)  # complete: ngclient verifies it; never reuse it, verified or not
+        except OSError as exc:
+            raise DownloadError(f"cannot keep the partial download of {path} in {self.partial_dir}: {exc}") from exc
+
+    def _chunks(self, path: str, offset: int) -> Iterator[bytes]:
         while True:
             reply = self._request(path, offset)
             if not reply.ok:
@@ -138,3 +180,21 @@ class MqttFetcher(FetcherInterface):
             offset += len(chunk)
             if offset >= size or not chunk:
                 return
+
+
+def _complete_length(part: Path, length_file: Path) -> int:
+    """How many bytes of ``part`` are complete chunks (0 when unknown or inconsistent)."""
+    try:
+        text = length_file.read_text(encoding="ascii").strip()
+        size = part.stat().st_size
+    except (OSError, UnicodeDecodeError):
+        return 0
+    if not text.isdigit() or int(text) > size:
+        return 0
+    return int(text)
+
+
+def _remove(*paths: Path) -> None:
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()

@@ -19,6 +19,7 @@ import base64
 import logging
 import ssl
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +53,13 @@ class DistributionService:
         username: Broker user (the fleet user), if the broker requires one.
         password: Its password.
         tls: An :class:`ssl.SSLContext` for a TLS listener, or None for plain TCP.
+        chunk_delay_s: Seconds to wait before answering each request (for tests that need a slow link).
     """
 
     def __init__(self, registry_dir: Path, broker_host: str, broker_port: int, username: str | None = None,
-                 password: str | None = None, tls: ssl.SSLContext | None = None) -> None:
+                 password: str | None = None, tls: ssl.SSLContext | None = None,
+                 chunk_delay_s: float = 0.0) -> None:
+        self.chunk_delay_s = chunk_delay_s
         self.repository = Path(registry_dir).resolve() / "repository"
         self.broker_host = broker_host
         self.broker_port = broker_port
@@ -121,6 +125,8 @@ class DistributionService:
         if parse_device_topic(request.reply_to)[0] != device_id:
             _log.warning("ignored a request from %s asking for replies on %s", device_id, request.reply_to)
             return
+        if self.chunk_delay_s > 0:
+            time.sleep(self.chunk_delay_s)
         reply = self.answer(request)
         client.publish(request.reply_to, reply.to_bytes(), qos=1)
 
