@@ -28,28 +28,15 @@ def run_model(runtime: str, path: Path, data: Dataset, *, batch: int = 32, threa
     """Run every sample of ``data`` through ``path`` in ``runtime``; outputs in graph order, concatenated."""
     outputs: list[list[np.ndarray]] = []
     with open_runtime(runtime, path, threads=threads) as rt:
-        fixed = _fixed_batch(rt)
-        for chunk in data.batches(fixed or batch):
-            n = len(next(iter(chunk.values())))
-            if fixed and n != fixed:  # static batch: run the tail one sample at a time
-                parts = [list(rt.infer({k: v[i:i + 1] for k, v in chunk.items()}).values()) for i in range(n)]
-                result = [np.concatenate(col) for col in zip(*parts)]
-            else:
-                result = list(rt.infer(chunk).values())
+        # A fixed-batch model gets batches of its own size; the runtime splits anything larger itself.
+        for chunk in data.batches(rt.fixed_batch() or batch):
+            result = list(rt.infer(chunk).values())
             if not outputs:
                 outputs = [[] for _ in result]
             for acc, arr in zip(outputs, result):
                 acc.append(np.asarray(arr))
             tick(1)
     return [np.concatenate(acc) for acc in outputs]
-
-
-def _fixed_batch(rt: Any) -> int | None:
-    session = getattr(rt, "_session", None)
-    if session is not None:
-        dim = session.get_inputs()[0].shape[0]
-        return dim if isinstance(dim, int) and dim > 0 else None
-    return None
 
 
 @dataclass

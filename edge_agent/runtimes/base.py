@@ -67,6 +67,12 @@ class Runtime(ABC):
         if not self._loaded:
             raise RuntimeBackendError(f"{self.name}: infer() called before load()")
         try:
+            fixed = self.fixed_batch()
+            batch = len(next(iter(inputs.values()))) if inputs else 0
+            if fixed and batch != fixed and batch % fixed == 0:  # a fixed-batch model: run it chunk by chunk
+                parts = [self._infer_impl({k: v[i:i + fixed] for k, v in inputs.items()})
+                         for i in range(0, batch, fixed)]
+                return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
             return self._infer_impl(inputs)
         except EdgeMLError:
             raise
@@ -92,6 +98,10 @@ class Runtime(ABC):
     @classmethod
     def version(cls) -> str | None:
         """The installed runtime library's version, or None when it is not installed."""
+        return None
+
+    def fixed_batch(self) -> int | None:
+        """The model's fixed batch size, or None when its batch axis is dynamic (after load)."""
         return None
 
     # -- what each runtime implements -------------------------------------------------------------

@@ -68,7 +68,7 @@ class LiteRTRuntime(Runtime):
             return dict(zip(self._in, inputs.values()))
         raise DataError(f"model expects inputs {sorted(self._in)}, got {sorted(inputs)}")
 
-    def _fixed_batch(self) -> int | None:
+    def fixed_batch(self) -> int | None:
         detail = next(iter(self._in.values()))
         signature = detail.get("shape_signature", detail["shape"])
         dim = int(signature[0]) if len(signature) else -1
@@ -76,14 +76,6 @@ class LiteRTRuntime(Runtime):
 
     def _infer_impl(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = self._match(inputs)
-        batch = len(next(iter(feed.values()))) if feed else 0
-        fixed = self._fixed_batch()
-        if fixed and batch != fixed and batch % fixed == 0:  # a fixed-batch model: run it chunk by chunk
-            parts = [self._invoke({k: v[i:i + fixed] for k, v in feed.items()}) for i in range(0, batch, fixed)]
-            return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-        return self._invoke(feed)
-
-    def _invoke(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         resized = False
         for name, x in feed.items():
             detail = self._in[name]

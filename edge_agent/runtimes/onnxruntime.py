@@ -45,6 +45,10 @@ class OnnxRuntime(Runtime):
         results = self._session.run(self._output_names, feed)
         return dict(zip(self._output_names, results))
 
+    def fixed_batch(self) -> int | None:
+        dim = self._session.get_inputs()[0].shape[0] if self._session is not None else None
+        return dim if isinstance(dim, int) and dim > 0 else None
+
     def _unload_impl(self) -> None:
         self._session = None
 
