@@ -19,7 +19,7 @@ __all__ = ["DEMO_TARGETS", "run_demo"]
 DEMO_TARGETS = ("onnx", "onnx-int8", "tflite", "tflite-int8", "tensorrt-int8")
 
 
-def _train(workdir: Path, log: object) -> Path:
+def _train(workdir: Path) -> Path:
     from edgeml.train.digits import digits_arrays, export_onnx, fit
     from edgeml.train.models import small_cnn
 
@@ -45,7 +45,7 @@ def run_demo(workdir: Path, targets: tuple[str, ...] = DEMO_TARGETS) -> bool:
     from edgeml.progress import RichProgress
 
     workdir.mkdir(parents=True, exist_ok=True)
-    model = _train(workdir, print)
+    model = _train(workdir)
     if importlib.util.find_spec("onnx2tf") is None:
         print("onnx2tf is not installed: skipping the TFLite targets (pip install --no-deps onnx2tf==1.29.24)")
         targets = tuple(t for t in targets if not t.startswith("tflite"))
