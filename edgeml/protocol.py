@@ -59,7 +59,7 @@ __all__ = [
 PREFIX = "edgeml/v1/"
 DEVICE_CHANNELS_OUT = ("state", "telemetry", "events", "requests")  # device -> fleet
 DEVICE_CHANNELS_IN = ("commands", "replies")  # fleet -> device
-COMMAND_TYPES = frozenset({"update", "rollback", "capture", "ping"})
+COMMAND_TYPES = frozenset({"update", "rollback", "capture", "ping", "telemetry-ack"})
 _ID_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _KiB = 1024
 # Largest accepted payload per kind, in bytes (checked before decoding).

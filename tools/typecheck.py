@@ -34,7 +34,8 @@ def main() -> int:
         for src in (ROOT / folder).glob("*.py"):
             (dest / src.name).symlink_to(src)
         links[str(dest.relative_to(ROOT))] = folder
-    for sub in (ROOT / "compile" / "backends", ROOT / "edge_agent" / "runtimes"):
+    subpackages = [init.parent for folder in set(mapping.values()) for init in (ROOT / folder).rglob("*/__init__.py")]
+    for sub in sorted(subpackages):
         rel = sub.relative_to(ROOT)
         top = rel.parts[0]
         name = next(k for k, v in mapping.items() if v == top)

@@ -1,0 +1,1 @@
+"""The update lifecycle: states and transitions, steps, the persisted store, A/B slots."""
