@@ -3,10 +3,16 @@
 Configure the client with ``metadata_url="mqtt://edgeml/metadata/"`` and
 ``targets_url="mqtt://edgeml/targets/"`` (:data:`METADATA_URL`, :data:`TARGETS_URL`); each URL the
 Updater asks for becomes a path (``metadata/3.snapshot.json``, ``targets/<name>/<version>/<hash>.<file>``),
-fetched chunk by chunk from the fleet's distribution service: one ``get`` request on this device's
-``requests`` topic, one reply on its ``replies`` topic, the next request only after the previous reply
-(flow control). A missing file raises ``DownloadHTTPError(..., 404)`` as HTTP would; a silent server raises
-``DownloadError``. Nothing here is trusted: ngclient enforces lengths and checks hashes and signatures.
+fetched chunk by chunk from the fleet's distribution service: ``get`` requests on this device's
+``requests`` topic, replies on its ``replies`` topic, with at most ``window`` requests in flight (flow
+control) and the chunks put back in order. A missing file raises ``DownloadHTTPError(..., 404)`` as HTTP
+would; a silent server raises ``DownloadError``.
+
+With :attr:`MqttFetcher.broadcast` set to a rollout id, a target is first taken from that rollout's
+broadcast (retained messages under ``edgeml/v1/dist/{rollout_id}/``, see :mod:`edgeml.protocol`): the
+broker delivers the chunks, and only the chunks that did not arrive are asked for with ``get``. Without
+a broadcast of the file, the fetcher falls back to ``get`` after ``broadcast_wait_s``. Nothing here is
+trusted: ngclient enforces lengths and checks hashes and signatures.
 
 The client passed in must already be connected with its network loop running (``loop_start``); this
 fetcher subscribes to the device's replies topic and adds a message callback for it.
@@ -21,8 +27,9 @@ import hashlib
 import os
 import queue
 import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -32,14 +39,24 @@ from tuf.api.exceptions import DownloadError, DownloadHTTPError
 from tuf.ngclient import FetcherInterface
 
 from edgeml.fsutil import atomic_write_bytes
-from edgeml.protocol import ProtocolError, Reply, Request, device_topic, parse
+from edgeml.protocol import (
+    MAX_REPLY_DATA,
+    DistInfo,
+    ProtocolError,
+    Reply,
+    Request,
+    device_topic,
+    dist_file_filter,
+    parse,
+)
 
 __all__ = ["METADATA_URL", "SCHEME", "TARGETS_URL", "MqttFetcher"]
 
 SCHEME = "mqtt://edgeml/"
 METADATA_URL = f"{SCHEME}metadata/"
 TARGETS_URL = f"{SCHEME}targets/"
-CHUNK = 256 * 1024  # asked per request; the service answers with what fits one reply
+CHUNK = MAX_REPLY_DATA  # asked per get request: what one reply carries
+WINDOW = 8  # get requests in flight per download
 
 
 class MqttFetcher(FetcherInterface):
@@ -49,7 +66,7 @@ class MqttFetcher(FetcherInterface):
         client: A connected paho client (VERSION2 callbacks) with its loop running.
         device_id: This device's id (its topics are ``edgeml/v1/devices/{device_id}/...``).
         timeout: Seconds to wait for each reply (and for the subscription).
-        chunk: Bytes asked per request.
+        chunk: Bytes asked per get request (the service answers with at most what fits one reply).
         partial_dir: Where to keep partly downloaded targets so that an interrupted download resumes
             (None: no resuming). Target file names start with their sha256, so a target URL names its
             content; a target's received bytes go to ``<sha256 of the URL>.part``, fsynced after every
@@ -57,6 +74,11 @@ class MqttFetcher(FetcherInterface):
             A later fetch of the same URL first yields those bytes, then asks from that offset. Both
             files are deleted once the fetch completes (ngclient then verifies the whole file, so bytes
             resumed from disk are checked like any others). Metadata is never resumed.
+        window: Get requests kept in flight.
+        broadcast: Rollout id whose broadcast to take targets from (None: get requests only); may be
+            changed between fetches.
+        broadcast_wait_s: Seconds to wait for a broadcast's announcement before falling back to get.
+        stall_s: Seconds without a new broadcast chunk after which the missing chunks are asked for.
 
     Raises:
         ProtocolError: ``device_id`` is invalid.
@@ -64,16 +86,27 @@ class MqttFetcher(FetcherInterface):
     """
 
     def __init__(self, client: mqtt.Client, device_id: str, timeout: float = 10.0, chunk: int = CHUNK,
-                 partial_dir: Path | None = None) -> None:
+                 partial_dir: Path | None = None, window: int = WINDOW, broadcast: str | None = None,
+                 broadcast_wait_s: float = 2.0, stall_s: float = 1.0) -> None:
         self.client = client
         self.partial_dir = Path(partial_dir) if partial_dir is not None else None
         self.requests = device_topic(device_id, "requests")
         self.replies = device_topic(device_id, "replies")
         self.timeout = timeout
-        self.chunk = chunk
+        self.chunk = min(chunk, MAX_REPLY_DATA)
+        self.window = max(1, window)
+        self.broadcast = broadcast
+        self.broadcast_wait_s = broadcast_wait_s
+        self.stall_s = stall_s
+        self.stats = {"get_bytes": 0, "broadcast_bytes": 0}  # target bytes received each way
+        self.last_broadcast_at = 0.0  # time.monotonic() of the latest broadcast message
         self._lock = threading.Lock()
         self._waiting: dict[str, queue.Queue[Reply]] = {}
+        self._listening: dict[tuple[str, str], tuple[str, queue.Queue[tuple[str, Any]]]] = {}
         client.message_callback_add(self.replies, self._on_reply)
+        self._subscribe(self.replies)
+
+    def _subscribe(self, topic: str) -> None:
         acked: set[int] = set()
         cond = threading.Condition()
 
@@ -83,19 +116,22 @@ class MqttFetcher(FetcherInterface):
                     acked.add(mid)
                 cond.notify_all()
 
-        previous = client.on_subscribe
-        client.on_subscribe = on_subscribe  # set before subscribing: the SUBACK may come at once
-        try:
-            result, mid = client.subscribe(self.replies, qos=1)
-            with cond:
-                ok = result == mqtt.MQTT_ERR_SUCCESS and cond.wait_for(lambda: mid in acked, timeout)
-            if not ok:
-                raise DownloadError(f"could not subscribe to {self.replies} (is the client connected?)")
-        finally:
-            client.on_subscribe = previous
+        with self._lock:  # one subscription at a time: on_subscribe is the client's single callback
+            previous = self.client.on_subscribe
+            self.client.on_subscribe = on_subscribe  # set before subscribing: the SUBACK may come at once
+            try:
+                result, mid = self.client.subscribe(topic, qos=1)
+                with cond:
+                    ok = result == mqtt.MQTT_ERR_SUCCESS and cond.wait_for(lambda: mid in acked, self.timeout)
+            finally:
+                self.client.on_subscribe = previous
+        if not ok:
+            raise DownloadError(f"could not subscribe to {topic} (is the client connected?)")
 
     def close(self) -> None:
-        """Stop listening on the replies topic (the client stays connected)."""
+        """Stop listening on the replies topic and any broadcast (the client stays connected)."""
+        for rollout_id, path in list(self._listening):
+            self._stop_listening(rollout_id, path)
         self.client.message_callback_remove(self.replies)
         self.client.unsubscribe(self.replies)
 
@@ -110,22 +146,20 @@ class MqttFetcher(FetcherInterface):
         if waiting is not None:
             waiting.put(reply)
 
-    def _request(self, path: str, offset: int) -> Reply:
+    def _send(self, path: str, offset: int, length: int, answers: queue.Queue[Reply]) -> str:
         cid = uuid.uuid4().hex
-        answer: queue.Queue[Reply] = queue.Queue(maxsize=1)
         with self._lock:
-            self._waiting[cid] = answer
-        try:
-            request = Request(cid, self.replies, "get", {"path": path, "offset": offset, "length": self.chunk})
-            info = self.client.publish(self.requests, request.to_bytes(), qos=1)
-            if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                raise DownloadError(f"cannot send the request for {path}: {mqtt.error_string(info.rc)}")
-            try:
-                return answer.get(timeout=self.timeout)
-            except queue.Empty:
-                raise DownloadError(f"no reply for {path} at offset {offset} within {self.timeout} s") from None
-        finally:
-            with self._lock:
+            self._waiting[cid] = answers
+        request = Request(cid, self.replies, "get", {"path": path, "offset": offset, "length": length})
+        info = self.client.publish(self.requests, request.to_bytes(), qos=1)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            self._forget([cid])
+            raise DownloadError(f"cannot send the request for {path}: {mqtt.error_string(info.rc)}")
+        return cid
+
+    def _forget(self, cids: Iterable[str]) -> None:
+        with self._lock:
+            for cid in cids:
                 self._waiting.pop(cid, None)
 
     def _fetch(self, url: str) -> Iterator[bytes]:
@@ -133,7 +167,7 @@ class MqttFetcher(FetcherInterface):
             raise DownloadError(f"not an edgeml MQTT URL: {url!r} (expected {SCHEME}...)")
         path = unquote(url[len(SCHEME):])
         if self.partial_dir is None or not url.startswith(TARGETS_URL):
-            yield from self._chunks(path, 0)
+            yield from self._source(path, 0)
             return
         self.partial_dir.mkdir(parents=True, exist_ok=True)
         stem = self.partial_dir / hashlib.sha256(url.encode()).hexdigest()
@@ -144,12 +178,12 @@ class MqttFetcher(FetcherInterface):
                 fh.truncate(done)  # drop a torn tail beyond the last recorded chunk
                 fh.seek(0)
                 while fh.tell() < done:
-                    data = fh.read(min(self.chunk, done - fh.tell()))
+                    data = fh.read(min(_READ, done - fh.tell()))
                     if not data:
                         break
                     yield data
                 fh.seek(done)
-                for data in self._chunks(path, done):
+                for data in self._source(path, done):
                     fh.write(data)
                     fh.flush()
                     os.fsync(fh.fileno())
@@ -160,26 +194,205 @@ class MqttFetcher(FetcherInterface):
         except OSError as exc:
             raise DownloadError(f"cannot keep the partial download of {path} in {self.partial_dir}: {exc}") from exc
 
-    def _chunks(self, path: str, offset: int) -> Iterator[bytes]:
-        while True:
-            reply = self._request(path, offset)
-            if not reply.ok:
-                if reply.error == "not-found":
-                    raise DownloadHTTPError(f"{path} not found", 404)
-                raise DownloadError(f"the distribution service refused {path}: {reply.error}")
-            result = reply.result if isinstance(reply.result, dict) else {}
-            size, data = result.get("size"), result.get("data")
-            if not isinstance(size, int) or not isinstance(data, str) or result.get("offset") != offset:
-                raise DownloadError(f"malformed reply for {path} at offset {offset}")
+    def _source(self, path: str, start: int) -> Iterator[bytes]:
+        if self.broadcast is not None and path.startswith("targets/"):
+            return self._from_broadcast(path, start, self.broadcast)
+        return self._chunks(path, start)
+
+    # --- get requests ---------------------------------------------------------------------------------------
+
+    def _chunks(self, path: str, start: int, end: int | None = None) -> Iterator[bytes]:
+        """The file's bytes from ``start`` (to ``end`` or its end), in order, ``window`` requests in flight."""
+        answers: queue.Queue[Reply] = queue.Queue()
+        pending: dict[str, int] = {}  # correlation id -> offset asked
+        received = _Pieces(start)
+        size: int | None = None
+        asked = start
+        try:
+            while True:
+                limit = received.limit(size, end)
+                if limit is not None and received.next >= limit:
+                    return
+                if not pending:
+                    asked = received.next  # nothing in flight (also after a short reply left a gap)
+                while (size is not None or not pending) and len(pending) < self.window and \
+                        (limit is None or asked < limit):
+                    length = self.chunk if limit is None else min(self.chunk, limit - asked)
+                    pending[self._send(path, asked, length, answers)] = asked
+                    asked += length
+                size = self._receive(path, answers, pending, received)
+                for data in received.pop_ready():
+                    if path.startswith("targets/"):
+                        self.stats["get_bytes"] += len(data)
+                    yield data
+        finally:
+            self._forget(pending)
+
+    def _receive(self, path: str, answers: queue.Queue[Reply], pending: dict[str, int], pieces: _Pieces) -> int:
+        try:
+            reply = answers.get(timeout=self.timeout)
+        except queue.Empty:
+            raise DownloadError(f"no reply for {path} at offset {pieces.next} within {self.timeout} s") from None
+        offset = pending.pop(reply.correlation_id)
+        if not reply.ok:
+            if reply.error == "not-found":
+                raise DownloadHTTPError(f"{path} not found", 404)
+            raise DownloadError(f"the distribution service refused {path}: {reply.error}")
+        result = reply.result if isinstance(reply.result, dict) else {}
+        size, data = result.get("size"), result.get("data")
+        if not isinstance(size, int) or not isinstance(data, str) or result.get("offset") != offset:
+            raise DownloadError(f"malformed reply for {path} at offset {offset}")
+        try:
+            chunk = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise DownloadError(f"malformed data for {path} at offset {offset}: {exc}") from exc
+        if not chunk and offset < size:
+            raise DownloadError(f"empty reply for {path} at offset {offset} of {size}")
+        pieces.add(offset, chunk)
+        return size
+
+    # --- broadcast ------------------------------------------------------------------------------------------
+
+    def listen(self, rollout_id: str, path: str) -> None:
+        """Start receiving a broadcast file now, ahead of the fetch that will use it.
+
+        An update command names the rollout and the file it will deliver; listening at once lets the
+        broker deliver the chunks while the device is still refreshing its metadata. The chunks wait in
+        memory, untrusted, until the fetch of ``path`` takes them (and TUF verifies the result).
+
+        Raises:
+            ProtocolError: The rollout id is invalid.
+            DownloadError: The broker did not confirm the subscription.
+        """
+        if (rollout_id, path) in self._listening:
+            return
+        inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+        topic = dist_file_filter(rollout_id, path)
+
+        def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+            last = msg.topic.rsplit("/", 1)[-1]
+            if not msg.payload:
+                return  # a cleared retained message
+            self.last_broadcast_at = time.monotonic()
+            if last == "info":
+                inbox.put(("info", bytes(msg.payload)))
+            elif last.isdigit():
+                inbox.put(("chunk", (int(last), bytes(msg.payload))))
+
+        self.client.message_callback_add(topic, on_message)
+        self._listening[(rollout_id, path)] = (topic, inbox)
+        try:
+            self._subscribe(topic)
+        except DownloadError:
+            self._stop_listening(rollout_id, path)
+            raise
+
+    def _stop_listening(self, rollout_id: str, path: str) -> None:
+        entry = self._listening.pop((rollout_id, path), None)
+        if entry is not None:
+            self.client.message_callback_remove(entry[0])
+            self.client.unsubscribe(entry[0])
+
+    def _from_broadcast(self, path: str, start: int, rollout_id: str) -> Iterator[bytes]:
+        """The file's bytes from ``start``: broadcast chunks as they come, get requests for the gaps."""
+        self.listen(rollout_id, path)
+        try:
+            yield from self._assemble(path, start, self._listening[(rollout_id, path)][1])
+        finally:
+            self._stop_listening(rollout_id, path)
+
+    def _assemble(self, path: str, start: int, inbox: queue.Queue[tuple[str, Any]]) -> Iterator[bytes]:
+        info: DistInfo | None = None
+        early: dict[int, bytes] = {}  # chunks that came before the announcement
+        pieces = _Pieces(start)
+        wait = self.broadcast_wait_s
+        while info is None or pieces.next < info.size:
             try:
-                chunk = base64.b64decode(data, validate=True)
-            except (binascii.Error, ValueError) as exc:
-                raise DownloadError(f"malformed data for {path} at offset {offset}: {exc}") from exc
-            if chunk:
-                yield chunk
-            offset += len(chunk)
-            if offset >= size or not chunk:
-                return
+                kind, item = inbox.get(timeout=wait)
+            except queue.Empty:
+                if info is None:  # no broadcast of this file: get it all
+                    yield from self._chunks(path, pieces.next)
+                    return
+                yield from self._fill_gaps(path, info, pieces)
+                continue
+            if kind == "info":
+                info = _dist_info(item, path)
+                if info is None:
+                    continue
+                for index, data in early.items():
+                    self.stats["broadcast_bytes"] += _add_chunk(pieces, info, index, data)
+                early.clear()
+                wait = self.stall_s
+            elif info is None:
+                early[item[0]] = item[1]
+            else:
+                self.stats["broadcast_bytes"] += _add_chunk(pieces, info, *item)
+            yield from pieces.pop_ready()
+
+    def _fill_gaps(self, path: str, info: DistInfo, pieces: _Pieces) -> Iterator[bytes]:
+        """Ask for the chunks that did not arrive (and yield what becomes contiguous)."""
+        for index in range(pieces.next // info.chunk, info.count):
+            begin = max(index * info.chunk, pieces.next)
+            end = min(info.size, (index + 1) * info.chunk)
+            if begin < end and not pieces.covers(begin, end):
+                for data in self._chunks(path, begin, end):
+                    pieces.add(begin, data)
+                    begin += len(data)
+            yield from pieces.pop_ready()
+
+
+_READ = 1024 * 1024  # bytes read at a time when replaying a partial download
+
+
+class _Pieces:
+    """Byte ranges received out of order, handed out in order from ``next``."""
+
+    def __init__(self, start: int) -> None:
+        self.next = start
+        self._held: dict[int, bytes] = {}
+
+    def add(self, offset: int, data: bytes) -> None:
+        if data and offset + len(data) > self.next:
+            self._held[offset] = data
+
+    def covers(self, begin: int, end: int) -> bool:
+        return any(o <= begin and o + len(d) >= end for o, d in self._held.items())
+
+    def limit(self, size: int | None, end: int | None) -> int | None:
+        if size is None:
+            return end
+        return size if end is None else min(size, end)
+
+    def pop_ready(self) -> Iterator[bytes]:
+        while self._held:
+            data = self._held.pop(self.next, None)
+            if data is None:
+                over = [o for o, d in self._held.items() if o < self.next < o + len(d)]
+                if not over:
+                    for o in [o for o, d in self._held.items() if o + len(d) <= self.next]:
+                        del self._held[o]  # wholly behind us
+                    return
+                o = over[0]
+                data = self._held.pop(o)[self.next - o:]
+            self.next += len(data)
+            yield data
+
+
+def _dist_info(payload: bytes, path: str) -> DistInfo | None:
+    try:
+        info = parse("dist", payload)
+    except ProtocolError:
+        return None
+    return info if isinstance(info, DistInfo) and info.path == path else None
+
+
+def _add_chunk(pieces: _Pieces, info: DistInfo, index: int, data: bytes) -> int:
+    """Keep a broadcast chunk that fits the announcement; returns the bytes kept."""
+    expected = min(info.chunk, info.size - index * info.chunk)
+    if 0 <= index < info.count and len(data) == expected:
+        pieces.add(index * info.chunk, data)
+        return len(data)
+    return 0
 
 
 def _complete_length(part: Path, length_file: Path) -> int:

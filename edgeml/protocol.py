@@ -11,12 +11,20 @@ Topic tree (everything under :data:`PREFIX`, ``edgeml/v1/``)::
     edgeml/v1/devices/{device_id}/requests    device -> fleet  Request (MQTT 3.1.1 request/response)
     edgeml/v1/devices/{device_id}/commands    fleet -> device  Command
     edgeml/v1/devices/{device_id}/replies     fleet -> device  Reply to a Request (correlation_id)
-    edgeml/v1/dist/{rollout_id}/#             fleet -> devices shared distribution of a rollout
+    edgeml/v1/dist/{rollout_id}/#             fleet -> devices shared distribution of a rollout (broadcast)
+    edgeml/v1/dist/{rollout_id}/{file_id}/info       DistInfo (retained): path, size and chunk size of a file
+    edgeml/v1/dist/{rollout_id}/{file_id}/{index}    chunk ``index`` of that file (retained, raw bytes)
 
 Device ids (also their broker user names) match ``[a-z0-9][a-z0-9-]{0,62}``. Each device may write only
 its own ``state``, ``telemetry``, ``events`` and ``requests`` and read only its own ``commands`` and
 ``replies`` plus ``edgeml/v1/dist/#``; the fleet user reads and writes everything under ``edgeml/v1/#``
 (:func:`acl_for_device`, :func:`mosquitto_acl`).
+
+Broadcast: the fleet publishes a rollout's files once, as retained messages, and every device that
+subscribes to ``edgeml/v1/dist/{rollout_id}/{file_id}/#`` (:func:`dist_file_filter`; ``file_id`` is
+:func:`dist_file_id` of the file's repository path) receives them from the broker. Chunk payloads are the
+file's raw bytes (not JSON): nothing in them is trusted, the device checks the assembled file against the
+signed TUF metadata. A device that misses chunks asks the distribution service for just those ranges.
 
 Messages are UTF-8 JSON objects carrying a ``schema`` field such as ``"edgeml.command/1"``. :func:`parse`
 checks the size limit of the kind (:data:`MAX_BYTES`) before decoding, then the schema version, the
@@ -26,6 +34,7 @@ required fields and their types; anything wrong raises :class:`ProtocolError`, n
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -41,6 +50,9 @@ __all__ = [
     "MAX_BYTES",
     "PREFIX",
     "Command",
+    "DistInfo",
+    "MAX_DIST_CHUNK",
+    "MAX_REPLY_DATA",
     "Message",
     "ProtocolError",
     "Reply",
@@ -49,6 +61,10 @@ __all__ = [
     "Telemetry",
     "acl_for_device",
     "device_topic",
+    "dist_chunk_topic",
+    "dist_file_filter",
+    "dist_file_id",
+    "dist_info_topic",
     "dist_topic",
     "mosquitto_acl",
     "parse",
@@ -69,9 +85,14 @@ MAX_BYTES: dict[str, int] = {
     "reply": 64 * _KiB,
     "telemetry": 64 * _KiB,
     "state": 16 * _KiB,
+    "dist": 4 * _KiB,
 }
+#: Most file bytes one get Reply carries: their base64 plus the JSON envelope fit MAX_BYTES["reply"].
+MAX_REPLY_DATA = (MAX_BYTES["reply"] - _KiB) // 4 * 3 // _KiB * _KiB  # 47 KiB
+#: Largest chunk of a broadcast file (raw bytes in one retained message).
+MAX_DIST_CHUNK = 1024 * _KiB
 _FieldTypes = dict[str, tuple[type, ...]]  # field name -> accepted JSON types
-Kind = Literal["command", "request", "reply", "telemetry", "state"]
+Kind = Literal["command", "request", "reply", "telemetry", "state", "dist"]
 
 
 class ProtocolError(EdgeMLError):
@@ -129,6 +150,26 @@ def dist_topic(rollout_id: str, suffix: str = "") -> str:
     if any(c in suffix for c in "#+\0"):
         raise ProtocolError(f"invalid distribution topic suffix {suffix!r}")
     return f"{PREFIX}dist/{rollout_id}" + (f"/{suffix.strip('/')}" if suffix.strip("/") else "")
+
+
+def dist_file_id(path: str) -> str:
+    """The id of a repository path (``targets/...``) in broadcast topics: 16 hex digits of its sha256."""
+    return hashlib.sha256(path.encode("utf-8")).hexdigest()[:16]
+
+
+def dist_info_topic(rollout_id: str, path: str) -> str:
+    """The retained :class:`DistInfo` topic of one broadcast file."""
+    return dist_topic(rollout_id, f"{dist_file_id(path)}/info")
+
+
+def dist_chunk_topic(rollout_id: str, path: str, index: int) -> str:
+    """The retained topic of chunk ``index`` of one broadcast file."""
+    return dist_topic(rollout_id, f"{dist_file_id(path)}/{int(index)}")
+
+
+def dist_file_filter(rollout_id: str, path: str) -> str:
+    """The subscription that receives one broadcast file: its info and all its chunks."""
+    return dist_topic(rollout_id, dist_file_id(path)) + "/#"
 
 
 def _is_reply_topic(topic: object) -> bool:
@@ -338,8 +379,40 @@ class State(_Message):
             raise ProtocolError("state: 'status' must not be empty")
 
 
-Message = Command | Request | Reply | Telemetry | State
-_CLASSES: dict[str, type[_Message]] = {c.KIND: c for c in (Command, Request, Reply, Telemetry, State)}
+@dataclass(frozen=True)
+class DistInfo(_Message):
+    """Announces one broadcast file (``edgeml/v1/dist/{rollout_id}/{file_id}/info``, retained).
+
+    Attributes:
+        path: The file's repository path, ``targets/...`` (what the device's TUF client asks for).
+        size: Its size in bytes.
+        chunk: Bytes per chunk; chunk ``i`` holds bytes ``[i * chunk, min(size, (i + 1) * chunk))``.
+    """
+
+    path: str
+    size: int
+    chunk: int
+    schema: str = "edgeml.dist/1"
+
+    KIND: ClassVar[str] = "dist"
+    SCHEMA: ClassVar[str] = "edgeml.dist/1"
+    TYPES: ClassVar[_FieldTypes] = {"path": (str,), "size": (int,), "chunk": (int,)}
+
+    @property
+    def count(self) -> int:
+        """How many chunks the file has."""
+        return -(-self.size // self.chunk)
+
+    def _validate(self) -> None:
+        if not self.path.startswith("targets/") or ".." in self.path.split("/"):
+            raise ProtocolError(f"dist: 'path' must be targets/<file>, got {self.path!r}")
+        if self.size < 0 or not 0 < self.chunk <= MAX_DIST_CHUNK:
+            raise ProtocolError(f"dist: need size >= 0 and 0 < chunk <= {MAX_DIST_CHUNK}, "
+                                f"got size={self.size} chunk={self.chunk}")
+
+
+Message = Command | Request | Reply | Telemetry | State | DistInfo
+_CLASSES: dict[str, type[_Message]] = {c.KIND: c for c in (Command, Request, Reply, Telemetry, State, DistInfo)}
 
 
 def _check_size(kind: str, data: bytes) -> None:

@@ -9,8 +9,17 @@ file is ``ok: false`` with error ``"not-found"``; a path outside the repository 
 previous one arrived (flow control), and resuming is asking from another offset.
 
 Each reply carries at most :data:`MAX_CHUNK` bytes so that it fits the protocol's reply size limit; the
-device advances by the length of the data it received. Nothing here verifies anything: the device checks
-every byte against the signed TUF metadata.
+device advances by the length of the data it received, and may keep several requests in flight.
+
+Broadcast (:meth:`DistributionService.broadcast`): a rollout's files are published once as retained
+messages under ``edgeml/v1/dist/{rollout_id}/`` (see :mod:`edgeml.protocol`), so the broker fans them out
+to every device that subscribes, now or later; :meth:`~DistributionService.unbroadcast` clears them. A
+device that missed chunks asks for just those ranges with ``get``.
+
+Several services may share the load: with ``share_group`` they subscribe to the requests through a
+shared subscription (``$share/{group}/...``, MQTT 5, which Mosquitto also grants to 3.1.1 clients), and the
+broker hands each request to one of them. Nothing here verifies anything: the device checks every byte
+against the signed TUF metadata.
 """
 
 from __future__ import annotations
@@ -20,23 +29,40 @@ import logging
 import ssl
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from edgeml.protocol import MAX_BYTES, PREFIX, ProtocolError, Reply, Request, parse, parse_device_topic
+from edgeml.protocol import (
+    MAX_DIST_CHUNK,
+    MAX_REPLY_DATA,
+    PREFIX,
+    DistInfo,
+    ProtocolError,
+    Reply,
+    Request,
+    dist_chunk_topic,
+    dist_info_topic,
+    parse,
+    parse_device_topic,
+)
 
-__all__ = ["MAX_CHUNK", "MAX_REQUEST_LENGTH", "DistributionService"]
+__all__ = ["BROADCAST_CHUNK", "MAX_CHUNK", "MAX_REQUEST_LENGTH", "DistributionService"]
 
 _log = logging.getLogger(__name__)
 
-#: Largest chunk one reply carries: its base64 plus the JSON envelope must fit MAX_BYTES["reply"].
-MAX_CHUNK = (MAX_BYTES["reply"] - 1024) // 4 * 3 // 1024 * 1024
+#: Largest chunk one reply carries (the protocol's limit for a get reply).
+MAX_CHUNK = MAX_REPLY_DATA
 #: Largest ``length`` a request may ask for (answered with at most MAX_CHUNK bytes).
 MAX_REQUEST_LENGTH = 256 * 1024
+#: Default chunk size of a broadcast (raw bytes per retained message).
+BROADCAST_CHUNK = 256 * 1024
 REQUESTS_FILTER = f"{PREFIX}devices/+/requests"
 _AREAS = ("metadata", "targets")
+_CACHE_FILE_BYTES = 64 * 1024  # files up to this size (metadata) are kept in memory while unchanged
+_CACHE_ENTRIES = 64
 
 
 class _BadRequest(Exception):
@@ -54,17 +80,24 @@ class DistributionService:
         password: Its password.
         tls: An :class:`ssl.SSLContext` for a TLS listener, or None for plain TCP.
         chunk_delay_s: Seconds to wait before answering each request (for tests that need a slow link).
+        share_group: Subscribe to the requests as a member of this shared-subscription group, so that
+            several services split the requests between them (None: a plain subscription).
+        mqtt5: Speak MQTT 5 (reason codes; needed by brokers that grant shared subscriptions only to
+            MQTT 5 clients) instead of 3.1.1.
     """
 
     def __init__(self, registry_dir: Path, broker_host: str, broker_port: int, username: str | None = None,
                  password: str | None = None, tls: ssl.SSLContext | None = None,
-                 chunk_delay_s: float = 0.0) -> None:
+                 chunk_delay_s: float = 0.0, share_group: str | None = None, mqtt5: bool = False) -> None:
         self.chunk_delay_s = chunk_delay_s
         self.repository = Path(registry_dir).resolve() / "repository"
         self.broker_host = broker_host
         self.broker_port = broker_port
+        self.requests_filter = f"$share/{share_group}/{REQUESTS_FILTER}" if share_group else REQUESTS_FILTER
         self._subscribed = threading.Event()
-        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgeml-dist-{id(self):x}")
+        self._cache: OrderedDict[tuple[Path, int, int], bytes] = OrderedDict()
+        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgeml-dist-{id(self):x}",
+                                   protocol=mqtt.MQTTv5 if mqtt5 else mqtt.MQTTv311)
         if username is not None:
             self._client.username_pw_set(username, password)
         if tls is not None:
@@ -72,7 +105,9 @@ class DistributionService:
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
-        self.served_bytes = 0
+        self.served_bytes = 0  # file bytes sent in replies to get requests
+        self.served_requests = 0
+        self.broadcast_bytes = 0  # file bytes published by broadcast()
 
     def start(self, timeout: float = 10.0) -> None:
         """Connect, subscribe and serve in a background thread; returns once subscribed.
@@ -85,7 +120,7 @@ class DistributionService:
         self._client.loop_start()
         if not self._subscribed.wait(timeout):
             self.stop()
-            raise TimeoutError(f"not subscribed to {REQUESTS_FILTER} on {self.broker_host}:{self.broker_port} "
+            raise TimeoutError(f"not subscribed to {self.requests_filter} on {self.broker_host}:{self.broker_port} "
                                f"within {timeout} s")
 
     def stop(self) -> None:
@@ -106,13 +141,13 @@ class DistributionService:
         if reason.is_failure:
             _log.error("broker refused the connection: %s", reason)
             return
-        client.subscribe(REQUESTS_FILTER, qos=1)
+        client.subscribe(self.requests_filter, qos=1)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
         if all(not r.is_failure for r in reasons):
             self._subscribed.set()
         else:
-            _log.error("broker refused the subscription to %s: %s", REQUESTS_FILTER, reasons)
+            _log.error("broker refused the subscription to %s: %s", self.requests_filter, reasons)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
@@ -128,7 +163,12 @@ class DistributionService:
         if self.chunk_delay_s > 0:
             time.sleep(self.chunk_delay_s)
         reply = self.answer(request)
-        client.publish(request.reply_to, reply.to_bytes(), qos=1)
+        try:
+            payload = reply.to_bytes()
+        except ProtocolError as exc:  # a bug, not the device's fault: say so and keep serving
+            _log.error("cannot encode the reply to %s: %s", device_id, exc)
+            payload = Reply(request.correlation_id, ok=False, error="unavailable").to_bytes()
+        client.publish(request.reply_to, payload, qos=1)
 
     # --- the pure part --------------------------------------------------------------------------------------
 
@@ -142,18 +182,95 @@ class DistributionService:
         except _BadRequest as exc:
             return Reply(cid, ok=False, error=f"bad-request: {exc}")
         try:
-            with path.open("rb") as fh:
-                size = fh.seek(0, 2)
-                fh.seek(min(offset, size))
-                data = fh.read(min(length, MAX_CHUNK))
+            size, data = self._read(path, offset, min(length, MAX_CHUNK))
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return Reply(cid, ok=False, error="not-found")
         except OSError as exc:
             _log.error("cannot read %s: %s", path, exc)
             return Reply(cid, ok=False, error="unavailable")
         self.served_bytes += len(data)
+        self.served_requests += 1
         return Reply(cid, ok=True, result={"size": size, "offset": offset,
                                            "data": base64.b64encode(data).decode("ascii")})
+
+    def _read(self, path: Path, offset: int, length: int) -> tuple[int, bytes]:
+        """``(file size, bytes [offset, offset + length))``; small files come from a cache keyed by mtime."""
+        st = path.stat()
+        if st.st_size > _CACHE_FILE_BYTES:
+            with path.open("rb") as fh:
+                fh.seek(min(offset, st.st_size))
+                return st.st_size, fh.read(length)
+        key = (path, st.st_mtime_ns, st.st_size)
+        content = self._cache.get(key)
+        if content is None:
+            content = path.read_bytes()
+            self._cache[key] = content
+            while len(self._cache) > _CACHE_ENTRIES:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        return len(content), content[offset:offset + length]
+
+    # --- broadcast ------------------------------------------------------------------------------------------
+
+    def broadcast(self, rollout_id: str, paths: list[str], chunk: int = BROADCAST_CHUNK,
+                  timeout: float = 60.0) -> list[DistInfo]:
+        """Publish files once as retained messages on the rollout's distribution topics.
+
+        Args:
+            rollout_id: The rollout (its topics are ``edgeml/v1/dist/{rollout_id}/...``).
+            paths: Repository paths of the files, ``targets/...``.
+            chunk: Bytes per retained message (at most :data:`~edgeml.protocol.MAX_DIST_CHUNK`).
+            timeout: Seconds to wait for the broker to acknowledge every message.
+
+        Returns:
+            One :class:`~edgeml.protocol.DistInfo` per file.
+
+        Raises:
+            ProtocolError: A path is not ``targets/...`` inside the repository, or the chunk size is invalid.
+            FileNotFoundError: A file does not exist.
+            TimeoutError: The broker did not acknowledge in time.
+        """
+        if not 0 < chunk <= MAX_DIST_CHUNK:
+            raise ProtocolError(f"broadcast chunk must be 1..{MAX_DIST_CHUNK} bytes, got {chunk}")
+        infos, pending = [], []
+        deadline = time.monotonic() + timeout
+        for rel in paths:
+            file, info = self._broadcast_file(rel, chunk)
+            with file.open("rb") as fh:
+                for index in range(info.count):
+                    data = fh.read(chunk)
+                    pending.append(self._client.publish(dist_chunk_topic(rollout_id, rel, index), data,
+                                                        qos=1, retain=True))
+                    self.broadcast_bytes += len(data)
+            pending.append(self._client.publish(dist_info_topic(rollout_id, rel), info.to_bytes(), qos=1,
+                                                retain=True))
+            infos.append(info)
+        for message in pending:
+            message.wait_for_publish(max(0.0, deadline - time.monotonic()))
+            if not message.is_published():
+                raise TimeoutError(f"the broker did not acknowledge the broadcast of {rollout_id} in {timeout} s")
+        return infos
+
+    def unbroadcast(self, rollout_id: str, infos: list[DistInfo], timeout: float = 30.0) -> None:
+        """Clear a broadcast's retained messages (an empty retained payload deletes one)."""
+        pending = []
+        for info in infos:
+            pending.append(self._client.publish(dist_info_topic(rollout_id, info.path), b"", qos=1, retain=True))
+            for index in range(info.count):
+                pending.append(self._client.publish(dist_chunk_topic(rollout_id, info.path, index), b"", qos=1,
+                                                    retain=True))
+        for message in pending:
+            message.wait_for_publish(timeout)
+
+    def _broadcast_file(self, rel: str, chunk: int) -> tuple[Path, DistInfo]:
+        if not rel.startswith("targets/"):
+            raise ProtocolError(f"only targets are broadcast, got {rel!r}")
+        try:
+            path = self._params({"path": rel, "offset": 0, "length": 1})[0]
+        except _BadRequest as exc:
+            raise ProtocolError(f"cannot broadcast {rel!r}: {exc}") from exc
+        return path, DistInfo(path=rel, size=path.stat().st_size, chunk=chunk)
 
     def _params(self, params: dict[str, Any]) -> tuple[Path, int, int]:
         rel, offset, length = params.get("path"), params.get("offset", 0), params.get("length", MAX_CHUNK)

@@ -14,6 +14,7 @@ from edgeml.errors import EdgeMLError
 from edgeml.protocol import (
     MAX_BYTES,
     Command,
+    DistInfo,
     Message,
     ProtocolError,
     Reply,
@@ -40,6 +41,8 @@ MESSAGES: list[tuple[str, Message]] = [
     ("state", State(device_id="cam-1", status="running", model="digits", version="1.0.0", slot="a",
                     capabilities={"runtimes": ["onnxruntime"]}, clock_synced=True)),
     ("state", State(device_id="cam-1", status="idle")),
+    ("command", Command(id="a-7", type="telemetry-ack", args={"seq": 41})),
+    ("dist", DistInfo(path="targets/digits/1.0.0/ab12.onnx-int8.edgeml", size=1_000_000, chunk=262_144)),
 ]
 
 
@@ -58,6 +61,11 @@ def _doc(kind: str) -> dict[str, Any]:
     ("command", {"schema": "edgeml.command/2"}, "unsupported schema"),
     ("state", {"schema": None}, "unsupported schema"),
     ("command", {"type": "format-disk"}, "unknown type"),
+    ("dist", {"path": "metadata/root.json"}, "must be targets/"),
+    ("dist", {"path": "targets/../x"}, "must be targets/"),
+    ("dist", {"chunk": 0}, "0 < chunk"),
+    ("dist", {"chunk": 2 * 1024 * 1024}, "0 < chunk"),
+    ("dist", {"size": -1}, "size >= 0"),
     ("command", {"id": 5}, "'id' must be str"),
     ("command", {"args": []}, "'args' must be dict"),
     ("command", {"extra": 1}, "unknown fields"),
@@ -80,7 +88,8 @@ def test_invalid_fields_rejected(kind: str, change: dict[str, Any], match: str) 
 @pytest.mark.parametrize("kind", sorted(MAX_BYTES))
 def test_missing_field_rejected(kind: str) -> None:
     doc = _doc(kind)
-    required = {"command": "id", "request": "method", "reply": "ok", "telemetry": "seq", "state": "status"}
+    required = {"command": "id", "request": "method", "reply": "ok", "telemetry": "seq", "state": "status",
+                "dist": "size"}
     del doc[required[kind]]
     with pytest.raises(ProtocolError):
         parse(kind, json.dumps(doc).encode())
