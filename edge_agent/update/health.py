@@ -1,0 +1,192 @@
+"""The rules that decide whether a new model is healthy: pure functions, no I/O.
+
+* :class:`Thresholds`: the limits, from the rollout, with defaults.
+* :func:`judge`: a probation snapshot against the device's baseline -> the reason to roll back, or None.
+* :func:`compare_golden`: a smoke test's outputs against the bundle's golden vectors -> the reason to
+  refuse, or None. Integer kernels differ between ARM and x86 by a few quantization steps (and so may
+  flip the top-1 class of an input near a decision boundary), so int8 (and fp16) models are compared
+  with looser tolerances and a top-1 agreement just under 100%.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgeml.errors import ConfigError
+
+__all__ = ["Baseline", "HealthSnapshot", "Thresholds", "compare_golden", "judge", "mean_confidence"]
+
+#: precision -> (factor on the manifest's atol/rtol, minimum top-1 agreement when the manifest says top1: true)
+_GOLDEN_SLACK: dict[str, tuple[float, float]] = {
+    "fp32": (1.0, 1.0),
+    "fp16": (4.0, 0.98),
+    "int8": (4.0, 0.95),
+}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Health limits during probation. A rollout may override any of them.
+
+    Attributes:
+        max_error_rate: Fraction of failed requests (0..1) above which the model rolls back.
+        p99_factor: The new model's p99 latency may be at most this times the baseline p99 ...
+        p99_slack_ms: ... plus this many milliseconds (scheduler jitter on a shared device).
+        max_crashes: Roll back once the agent process has died this many times during probation.
+        max_confidence_drop: Roll back when the mean top-1 confidence falls this much (0..1) below the
+            baseline.
+        max_drift: Roll back when the drift score (from the drift monitor, if any) exceeds this.
+        probation_s: Seconds of probation before a commit.
+        min_requests: Requests needed before the latency, error and confidence checks count (and before a
+            commit, unless ``max_probation_s`` passes without them).
+        max_probation_s: Commit after this long even with fewer than ``min_requests`` (no traffic, no
+            evidence of harm).
+        smoke_latency_budget_s: Seconds spent measuring latency in the smoke test.
+    """
+
+    max_error_rate: float = 0.05
+    p99_factor: float = 3.0
+    p99_slack_ms: float = 5.0
+    max_crashes: int = 2
+    max_confidence_drop: float = 0.25
+    max_drift: float = 0.5
+    probation_s: float = 300.0
+    min_requests: int = 50
+    max_probation_s: float = 3600.0
+    smoke_latency_budget_s: float = 0.3
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> Thresholds:
+        """Defaults overridden by ``data`` (e.g. the rollout's ``thresholds``).
+
+        Raises:
+            ConfigError: An unknown key, or a value that is not a non-negative number.
+        """
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in (data or {}).items():
+            if key not in known:
+                raise ConfigError(f"unknown health threshold {key!r}; known: {', '.join(sorted(known))}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"health threshold {key} must be a non-negative number, got {value!r}")
+            values[key] = int(value) if known[key].type in (int, "int") else float(value)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """What this device measured before the switch.
+
+    Attributes:
+        p99_ms: The outgoing model's p99 latency here (for a first model: its own smoke-test p99).
+        confidence: The mean top-1 confidence to compare with (None: not a classifier).
+    """
+
+    p99_ms: float
+    confidence: float | None = None
+
+
+@dataclass(frozen=True)
+class HealthSnapshot:
+    """The new model's record so far in probation.
+
+    Attributes:
+        requests: Requests served.
+        errors: Requests that failed.
+        p99_ms: p99 latency (None before any request).
+        confidence: Mean top-1 confidence (None when unknown).
+        drift: Drift score from the drift monitor (None when there is none).
+        crashes: Times the agent died during this probation (the persisted counter).
+    """
+
+    requests: int = 0
+    errors: int = 0
+    p99_ms: float | None = None
+    confidence: float | None = None
+    drift: float | None = None
+    crashes: int = 0
+
+
+def judge(snapshot: HealthSnapshot, baseline: Baseline, thresholds: Thresholds) -> str | None:
+    """The reason the model must roll back, or None while it looks healthy.
+
+    Crashes count at once; the error rate, latency, confidence and drift checks wait for
+    ``thresholds.min_requests`` requests.
+    """
+    t = thresholds
+    if snapshot.crashes >= max(t.max_crashes, 1):
+        return f"the agent died {snapshot.crashes} times during probation (limit {t.max_crashes})"
+    if snapshot.requests < max(t.min_requests, 1):
+        return None
+    rate = snapshot.errors / snapshot.requests
+    if rate > t.max_error_rate:
+        return f"error rate {rate:.1%} over {snapshot.requests} requests exceeds {t.max_error_rate:.1%}"
+    limit = baseline.p99_ms * t.p99_factor + t.p99_slack_ms
+    if snapshot.p99_ms is not None and snapshot.p99_ms > limit:
+        return (f"p99 latency {snapshot.p99_ms:.2f} ms exceeds {limit:.2f} ms "
+                f"({t.p99_factor:g} x baseline {baseline.p99_ms:.2f} ms + {t.p99_slack_ms:g} ms)")
+    if snapshot.confidence is not None and baseline.confidence is not None:
+        drop = baseline.confidence - snapshot.confidence
+        if drop > t.max_confidence_drop:
+            return (f"mean confidence fell from {baseline.confidence:.3f} to {snapshot.confidence:.3f} "
+                    f"(drop {drop:.3f} > {t.max_confidence_drop:g})")
+    if snapshot.drift is not None and snapshot.drift > t.max_drift:
+        return f"drift score {snapshot.drift:.3f} exceeds {t.max_drift:g}"
+    return None
+
+
+def mean_confidence(outputs: np.ndarray) -> float | None:
+    """Mean top-1 confidence of a batch of class scores (softmax applied unless rows are probabilities).
+
+    Returns None for outputs that are not a 2-D batch of at least two classes.
+    """
+    scores = np.asarray(outputs, dtype=np.float64)
+    if scores.ndim != 2 or scores.shape[1] < 2 or scores.shape[0] == 0:
+        return None
+    probs = scores
+    if not (np.all(scores >= 0) and np.allclose(scores.sum(axis=1), 1.0, atol=1e-3)):
+        shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
+        probs = shifted / shifted.sum(axis=1, keepdims=True)
+    return float(probs.max(axis=1).mean())
+
+
+def compare_golden(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray],
+                   golden: Mapping[str, Any], precision: str) -> str | None:
+    """Why ``actual`` fails the golden vectors, or None when it passes.
+
+    Args:
+        actual: Output name -> what the device computed on the golden inputs.
+        expected: Output name -> the golden outputs from the bundle.
+        golden: The manifest's ``golden`` block (``atol``, ``rtol``, ``top1``: bool or minimum agreement).
+        precision: The bundle's runtime precision (``fp32``, ``fp16``, ``int8``).
+    """
+    slack, min_top1 = _GOLDEN_SLACK.get(precision, _GOLDEN_SLACK["int8"])
+    atol = float(golden.get("atol", 1e-3)) * slack
+    rtol = float(golden.get("rtol", 0.0)) * slack
+    top1 = golden.get("top1", False)
+    required = min_top1 if top1 is True else float(top1 or 0.0)
+    for name, want in expected.items():
+        got = actual.get(name)
+        if got is None or np.shape(got) != np.shape(want):
+            return f"output {name}: shape {np.shape(got) if got is not None else None} != golden {np.shape(want)}"
+        if not np.all(np.isfinite(got)):
+            return f"output {name}: non-finite values"
+        if required and want.ndim == 2 and want.shape[1] > 1:
+            agree = float((np.argmax(got, axis=1) == np.argmax(want, axis=1)).mean())
+            if agree < required:
+                return f"output {name}: top-1 agreement {agree:.1%} with the golden vectors < {required:.1%}"
+        bad = ~np.isclose(got, want, atol=atol, rtol=rtol)
+        if precision == "fp32" and bad.any():
+            worst = float(np.max(np.abs(got - want)))
+            return f"output {name}: max |error| {worst:.3g} vs the golden vectors exceeds atol {atol:.3g}"
+        if bad.mean() > 0.01:  # integer kernels: a few elements may be a step further off
+            return f"output {name}: {bad.mean():.1%} of values differ from the golden vectors past atol {atol:.3g}"
+    return None

@@ -1,0 +1,334 @@
+"""One short function per state: ``step(ctx) -> Event``. :data:`STEPS` maps each state to its step.
+
+Every step is idempotent (it may run again after a crash) and reports failure by returning
+``ctx.fail(reason)``; the reason is what the device reports. The world outside (the registry, the
+clock, the model host, the drift monitor) comes in through :class:`UpdateContext`, so unit tests pass
+in-memory fakes and the agent passes the real things.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from edgeml import fsutil
+from edgeml.bundle import Bundle, sha256_file
+from edgeml.edge_agent.runtimes.base import latency_ms
+from edgeml.edge_agent.serving import LoadedModel, ModelHost, load_model
+from edgeml.edge_agent.tuf_client import VerifiedBundle
+from edgeml.errors import EdgeMLError, UpdateVerificationError
+
+from .health import Baseline, compare_golden, judge, mean_confidence
+from .slots import SlotInfo, Slots
+from .states import Event, State
+from .store import RecordStore, UpdateRecord
+
+__all__ = ["STEPS", "Clock", "Fetch", "SystemClock", "UpdateContext"]
+
+#: ``fetch(name, version, target)``: a verified download (e.g. :meth:`TufClient.fetch`).
+Fetch = Callable[[str, str, str], VerifiedBundle]
+
+
+class Clock(Protocol):
+    """Wall-clock time (persisted, so it must survive a reboot) and sleeping."""
+
+    def time(self) -> float: ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+
+class SystemClock:
+    """The real clock."""
+
+    def time(self) -> float:
+        return time.time()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+@dataclass
+class UpdateContext:
+    """What the steps work with.
+
+    Attributes:
+        record: The update record (steps change it; ``save`` persists it).
+        store: Where the record lives.
+        slots: The A/B slots.
+        host: The model host that serves requests.
+        fetch: The verified download.
+        clock: Time and sleep.
+        drift: ``drift(version)`` -> the drift monitor's score for live data, or None.
+        threads: Runtime threads for loaded models.
+        poll_s: How often probation looks at the health numbers.
+        candidate: The new model once loaded (by the smoke test), until it serves or is dropped.
+    """
+
+    record: UpdateRecord
+    store: RecordStore
+    slots: Slots
+    host: ModelHost
+    fetch: Fetch
+    clock: Clock
+    drift: Callable[[str], float | None] | None = None
+    threads: int = 1
+    poll_s: float = 0.05
+    candidate: LoadedModel | None = None
+
+    def save(self) -> None:
+        self.store.save(self.record)
+
+    def fail(self, reason: str) -> Event:
+        self.record.reason = reason
+        return Event.FAIL
+
+    def candidate_info(self) -> SlotInfo:
+        r = self.record
+        assert r.candidate_slot is not None and r.manifest_sha256 is not None, "staged before use"
+        return SlotInfo(r.candidate_slot, r.version, r.manifest_sha256)
+
+    def previous_info(self) -> SlotInfo | None:
+        r = self.record
+        if r.active_slot is None or r.previous_version is None or r.previous_manifest_sha256 is None:
+            return None
+        return SlotInfo(r.active_slot, r.previous_version, r.previous_manifest_sha256)
+
+    def drop_candidate(self) -> None:
+        model, self.candidate = self.candidate, None
+        if model is not None and model is not self.host.active and model is not self.host.previous:
+            self.host.release(model)
+
+    def drop_download(self) -> None:
+        if self.record.bundle_path:
+            Path(self.record.bundle_path).unlink(missing_ok=True)
+
+
+def notified(ctx: UpdateContext) -> Event:
+    """Note what serves now (the rollback target); refuse the version that already serves."""
+    r = ctx.record
+    active = ctx.slots.active()
+    if active is not None and active.version == r.version:
+        return ctx.fail(f"version {r.version} is already serving")
+    r.active_slot = active.slot if active else None
+    r.previous_version = active.version if active else None
+    r.previous_manifest_sha256 = active.manifest_sha256 if active else None
+    ctx.save()
+    return Event.OK
+
+
+def download(ctx: UpdateContext) -> Event:
+    """Fetch the verified bundle (the fetcher resumes partial downloads) and make it durable."""
+    r = ctx.record
+    if r.bundle_path and r.bundle_sha256 and Path(r.bundle_path).is_file() \
+            and sha256_file(r.bundle_path) == r.bundle_sha256:
+        return Event.OK  # downloaded and verified before a crash, and durable
+    try:
+        got = ctx.fetch(r.model, r.version, r.target)
+    except UpdateVerificationError as exc:
+        return ctx.fail(f"verification failed ({exc.kind}): {exc.message}")
+    except EdgeMLError as exc:
+        return ctx.fail(f"download failed: {exc.message}")
+    _make_durable(got.path)  # before the record says it is downloaded
+    r.bundle_path, r.bundle_sha256 = str(got.path), got.sha256
+    ctx.save()
+    return Event.OK
+
+
+def verify(ctx: UpdateContext) -> Event:
+    """Re-check the download against its signed hash, every member's hash, and the request."""
+    r = ctx.record
+    assert r.bundle_path is not None and r.bundle_sha256 is not None, "downloaded before verify"
+    if sha256_file(r.bundle_path) != r.bundle_sha256:
+        return ctx.fail("verification failed: the downloaded bundle differs from its signed sha256")
+    try:
+        with Bundle(r.bundle_path) as bundle:
+            bundle.verify()
+            m = bundle.manifest
+    except EdgeMLError as exc:
+        return ctx.fail(f"verification failed: {exc.message}")
+    if (m.name, m.version, m.target) != (r.model, r.version, r.target):
+        return ctx.fail(f"verification failed: the bundle is {m.name} {m.version} {m.target}, "
+                        f"not the {r.model} {r.version} {r.target} requested")
+    return Event.OK
+
+
+def stage(ctx: UpdateContext) -> Event:
+    """Extract into the inactive slot (temporary directory, fsync, rename)."""
+    r = ctx.record
+    assert r.bundle_path is not None
+    slot = r.candidate_slot or ctx.slots.inactive()
+    try:
+        info = ctx.slots.stage(r.bundle_path, slot)
+    except EdgeMLError as exc:
+        return ctx.fail(f"staging failed: {exc.message}")
+    r.candidate_slot, r.manifest_sha256 = slot, info.manifest_sha256
+    ctx.save()
+    return Event.OK
+
+
+def smoke_test(ctx: UpdateContext) -> Event:
+    """Load the staged model, check its golden vectors, and measure the baseline the probation judges by."""
+    info = ctx.candidate_info()
+    try:
+        ctx.slots.verify(info)
+        ctx.drop_candidate()
+        ctx.candidate = load_model(ctx.slots.path(info.slot), info.slot, threads=ctx.threads)
+        inputs, expected = _golden(ctx.slots.path(info.slot), ctx.candidate)
+        actual = ctx.candidate.infer(inputs)
+    except EdgeMLError as exc:
+        ctx.drop_candidate()
+        return ctx.fail(f"smoke test: the model does not load or run: {exc.message}")
+    golden = ctx.candidate.manifest.golden or {}
+    reason = compare_golden(actual, expected, golden, str(ctx.candidate.manifest.runtime.get("precision", "fp32")))
+    if reason is not None:
+        ctx.drop_candidate()
+        return ctx.fail(f"smoke test: golden vectors: {reason}")
+    first = next(iter(actual.values()))
+    ctx.record.baseline = _baseline(ctx, ctx.candidate, {k: v[:1] for k, v in inputs.items()},
+                                    mean_confidence(first))
+    ctx.save()
+    return Event.OK
+
+
+def _make_durable(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsutil.fsync_dir(path.parent)
+
+
+def _golden(slot_dir: Path, model: LoadedModel) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    golden = model.manifest.golden
+    if not golden:
+        raise EdgeMLError("the bundle has no golden vectors, so this device cannot check it")
+    with np.load(slot_dir / golden["file"]) as data:
+        inputs = {k[3:]: data[k] for k in data.files if k.startswith("in:")}
+        expected = {k[4:]: data[k] for k in data.files if k.startswith("out:")}
+    if not inputs or not expected:
+        raise EdgeMLError(f"{golden['file']} holds no in:/out: arrays")
+    return inputs, expected
+
+
+def _baseline(ctx: UpdateContext, model: LoadedModel, sample: dict[str, np.ndarray],
+              golden_confidence: float | None) -> dict[str, float | None]:
+    """p99 and confidence to judge the new model against: the outgoing model's on this device."""
+    limits = ctx.record.limits
+    old = ctx.host.active
+    live = ctx.host.stats(old.version).snapshot() if old is not None else None
+    enough = live is not None and live.requests >= max(limits.min_requests, 1)
+    if enough and live is not None and live.p99_ms is not None:
+        p99 = live.p99_ms
+    else:  # measure here: the outgoing model, or for a first model the model itself
+        measured = (old or model).runtime
+        p99 = latency_ms(measured, sample, warmup=3, min_runs=20, budget_s=limits.smoke_latency_budget_s)["p99_ms"]
+    confidence = live.confidence if enough and live is not None and live.confidence is not None \
+        else golden_confidence
+    return {"p99_ms": p99, "confidence": confidence}
+
+
+def switch(ctx: UpdateContext) -> Event:
+    """Point at the candidate slot, swap it in, and keep the previous model loaded for a rollback."""
+    r, info = ctx.record, ctx.candidate_info()
+    active = ctx.host.active
+    if active is None or (active.slot, active.version) != (info.slot, info.version):
+        model = ctx.candidate
+        if model is None:  # restarted since the smoke test
+            try:
+                ctx.slots.verify(info)
+                model = load_model(ctx.slots.path(info.slot), info.slot, threads=ctx.threads)
+            except EdgeMLError as exc:
+                return ctx.fail(f"switch: the staged model no longer loads: {exc.message}")
+        ctx.slots.set_active(info)
+        ctx.host.reset_stats(r.version)
+        ctx.host.swap(model, keep_previous=True)
+    ctx.candidate = None
+    previous = ctx.previous_info()
+    held = ctx.host.previous
+    if previous is not None and (held is None or held.slot != previous.slot):
+        try:  # keep the old model loaded so that a rollback is a pointer swap
+            ctx.slots.verify(previous)
+            ctx.host.set_previous(load_model(ctx.slots.path(previous.slot), previous.slot, threads=ctx.threads))
+        except EdgeMLError:
+            pass  # a rollback will try again (and say why it cannot)
+    return Event.OK
+
+
+def probation(ctx: UpdateContext) -> Event:
+    """Watch the new model's health until the window ends (OK) or a check fails (FAIL)."""
+    r = ctx.record
+    limits = r.limits
+    if r.probation_started is None:
+        r.probation_started = ctx.clock.time()
+        ctx.save()
+    baseline = Baseline(**(r.baseline or {"p99_ms": 0.0}))  # type: ignore[arg-type]
+    while True:
+        drift = ctx.drift(r.version) if ctx.drift is not None else None
+        snap = replace(ctx.host.stats(r.version).snapshot(), crashes=r.crashes, drift=drift)
+        reason = judge(snap, baseline, limits)
+        if reason is not None:
+            return ctx.fail(f"probation: {reason}")
+        elapsed = ctx.clock.time() - r.probation_started
+        if elapsed >= limits.probation_s and (snap.requests >= limits.min_requests
+                                              or elapsed >= limits.max_probation_s):
+            return Event.OK
+        ctx.clock.sleep(ctx.poll_s)
+
+
+def commit(ctx: UpdateContext) -> Event:
+    """Keep the new model: release the previous runtime and the download."""
+    ctx.host.release_previous()
+    ctx.drop_download()
+    ctx.record.reason = None
+    return Event.OK
+
+
+def rollback(ctx: UpdateContext) -> Event:
+    """Point back at the previous slot and swap its (still loaded) runtime in; drop the candidate."""
+    previous, host = ctx.previous_info(), ctx.host
+    if previous is None:  # a first model failed: serve nothing rather than an unhealthy model
+        ctx.slots.clear_active()
+        host.swap(None, keep_previous=False)
+    else:
+        model = next((m for m in (host.previous, host.active) if m is not None and m.slot == previous.slot), None)
+        if model is None:
+            ctx.slots.verify(previous)
+            model = load_model(ctx.slots.path(previous.slot), previous.slot, threads=ctx.threads)
+        ctx.slots.set_active(previous)
+        host.swap(model, keep_previous=False)
+    ctx.drop_candidate()
+    if ctx.record.candidate_slot is not None:
+        ctx.slots.remove(ctx.record.candidate_slot)
+    ctx.drop_download()
+    return Event.OK
+
+
+def abort(ctx: UpdateContext) -> Event:
+    """Discard the candidate before it ever served; nothing served changes."""
+    ctx.drop_candidate()
+    if ctx.record.candidate_slot is not None:
+        ctx.slots.remove(ctx.record.candidate_slot)
+    ctx.drop_download()
+    return Event.OK
+
+
+#: state -> its step (terminal states have none).
+STEPS: dict[State, Callable[[UpdateContext], Event]] = {
+    State.NOTIFIED: notified,
+    State.DOWNLOAD: download,
+    State.VERIFY: verify,
+    State.STAGE: stage,
+    State.SMOKE_TEST: smoke_test,
+    State.SWITCH: switch,
+    State.PROBATION: probation,
+    State.COMMIT: commit,
+    State.ROLLBACK: rollback,
+    State.ABORT: abort,
+}
