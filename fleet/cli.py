@@ -1,4 +1,4 @@
-"""``edgeml fleet ...``: create a signed registry, publish bundles, refresh the timestamp, rotate root keys.
+"""``edgeml fleet ...``: create a signed registry, publish bundles, refresh the timestamp, rotate root keys, serve.
 
 Only typer and the standard library are imported here; each command imports the registry when it runs.
 """
@@ -6,7 +6,7 @@ Only typer and the standard library are imported here; each command imports the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -115,6 +115,36 @@ def broker_config_command(
                f"the files mosquitto reads must belong to its user: chown -R mosquitto: {out_dir}", err=True)
 
 
+def _tls_context(ca: Path | None) -> Any:
+    """An SSL context trusting ``ca`` (None: plain TCP)."""
+    if ca is None:
+        return None
+    import ssl
+
+    from edgeml.errors import ConfigError
+
+    try:
+        return ssl.create_default_context(cafile=str(ca))
+    except OSError as exc:  # ssl.SSLError included
+        raise ConfigError(f"cannot load the CA certificate {ca}: {exc}",
+                          hint="give the broker's CA in PEM (broker-config writes BROKER_DIR/tls/ca.crt)") from exc
+
+
+def _until_stopped() -> None:
+    """Block until SIGTERM or SIGINT (Ctrl-C)."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 @fleet_app.command("serve")
 def serve_command(
     directory: Annotated[Path, typer.Argument(help="The registry directory.")],
@@ -123,22 +153,42 @@ def serve_command(
     username: Annotated[str | None, typer.Option("--username", help="Broker user (the fleet user).")] = None,
     password: Annotated[str | None, typer.Option("--password", envvar="EDGEML_BROKER_PASSWORD",
                                                  help="Its password (or $EDGEML_BROKER_PASSWORD).")] = None,
+    ca: Annotated[Path | None, typer.Option("--ca", help="Connect to the broker over TLS, trusting this CA "
+                                            "certificate (PEM).")] = None,
+    http_host: Annotated[str, typer.Option("--http-host", help="Address of the HTTP listener.")] = "127.0.0.1",
+    http_port: Annotated[int, typer.Option("--http-port", min=0, max=65535,
+                                           help="Port of the HTTP listener (0: a free one).")] = 8470,
+    no_http: Annotated[bool, typer.Option("--no-http", help="Serve over MQTT only.")] = False,
 ) -> None:
-    """Serve DIR/repository to devices over MQTT request/reply until Ctrl-C."""
-    import threading
+    """Serve DIR/repository to devices over MQTT request/reply and read-only HTTP, until Ctrl-C or SIGTERM.
 
+    Prints one line per listener with its real address.
+    """
+    from edgeml.errors import ConfigError
     from edgeml.fleet.distribution import DistributionService
+    from edgeml.fleet.http_server import repository_server
 
-    service = DistributionService(directory, broker_host, broker_port, username=username, password=password)
-    service.start()
-    typer.echo(f"serving {directory / 'repository'} on mqtt://{broker_host}:{broker_port} (Ctrl-C stops)")
+    http = None if no_http else repository_server(directory, http_host, http_port)  # checks DIR first
+    tls = _tls_context(ca)
+    service = DistributionService(directory, broker_host, broker_port, username=username, password=password, tls=tls)
+    scheme = "mqtts" if tls is not None else "mqtt"
     try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
+        service.start()
+    except (OSError, TimeoutError) as exc:
+        raise ConfigError(f"cannot serve over {scheme}://{broker_host}:{broker_port}: {exc}",
+                          hint="is the broker running, and are --broker-host/--broker-port/--ca right?") from exc
+    try:
+        typer.echo(f"mqtt: serving {directory / 'repository'} on {scheme}://{broker_host}:{broker_port}")
+        if http is not None:
+            http.start()
+            typer.echo(f"http: serving {directory / 'repository'} on {http.url}/metadata/ and {http.url}/targets/")
+        typer.echo("Ctrl-C or SIGTERM stops", err=True)
+        _until_stopped()
     finally:
+        if http is not None:
+            http.stop()
         service.stop()
-    typer.echo(f"stopped ({service.served_bytes} bytes served)")
+    typer.echo(f"stopped ({service.served_bytes} bytes served over MQTT)")
 
 
 BrokerDir = Annotated[Path, typer.Option("--broker-dir", help="The broker directory (from broker-config).")]

@@ -4,12 +4,20 @@ SQLite at ``DIR/registry.db`` by default; PostgreSQL (or any SQLAlchemy URL) thr
 ``EDGEML_FLEET_DB_URL``. The signed TUF metadata is the source of truth for what devices may install;
 the database indexes it for the server (queries, rollouts, dashboard). Publishes write both under the
 registry's lock, in one database transaction that commits after the metadata is written.
+
+Schema upgrades: the ``schema_version`` table holds the schema's version (one row). A database is
+upgraded the first time a :class:`Database` uses it: every step of :data:`MIGRATIONS` above its version
+runs, in order, in one transaction (under a lock: ``BEGIN IMMEDIATE`` on SQLite, an advisory lock on
+PostgreSQL, so that concurrent openers wait and then find nothing left to do), and the version is
+stamped. A database without the table is version 1 (the original schema of the first release); a new one
+is created at :data:`SCHEMA_VERSION`. Steps only add what is missing, so a database created by any
+release reaches the same schema. A step is appended here whenever ``_tables`` changes, never edited.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -17,9 +25,10 @@ from typing import Any
 from edgeml._deps import require
 from edgeml.errors import RegistryError
 
-__all__ = ["ENV_DB_URL", "Database", "resolve_url"]
+__all__ = ["ENV_DB_URL", "MIGRATIONS", "SCHEMA_VERSION", "Database", "resolve_url"]
 
 ENV_DB_URL = "EDGEML_FLEET_DB_URL"
+_PG_LOCK_KEY = 0x6564676D6C  # pg_advisory_xact_lock key of schema upgrades ("edgml")
 
 
 def resolve_url(registry_dir: Path, url: str | None) -> str:
@@ -58,8 +67,32 @@ def _tables(sa: Any) -> tuple[Any, dict[str, Any]]:
             sa.Column("device_id", sa.Integer, sa.ForeignKey("devices.id"), nullable=False),
             sa.Column("version_id", sa.Integer, sa.ForeignKey("versions.id"), nullable=False),
             sa.Column("state", sa.String(32), nullable=False), sa.Column("updated_at", sa.DateTime(timezone=True))),
+        "schema_version": sa.Table("schema_version", meta, sa.Column("version", sa.Integer, nullable=False)),
     }
     return meta, t
+
+
+def _add_missing_columns(table: str, names: tuple[str, ...]) -> Callable[[Any, Any, dict[str, Any]], None]:
+    """A migration step: ``ALTER TABLE table ADD COLUMN`` for each of ``names`` it lacks, as ``_tables`` defines it."""
+
+    def step(sa: Any, conn: Any, tables: dict[str, Any]) -> None:
+        present = {c["name"] for c in sa.inspect(conn).get_columns(table)}
+        quoted = conn.dialect.identifier_preparer.format_table(tables[table])
+        for name in names:
+            if name not in present:
+                column = sa.schema.CreateColumn(tables[table].c[name]).compile(dialect=conn.dialect)
+                conn.exec_driver_sql(f"ALTER TABLE {quoted} ADD COLUMN {column}")
+
+    return step
+
+
+#: (version, what changed, step): a database at version N runs every step above N, in order.
+MIGRATIONS: tuple[tuple[int, str, Callable[[Any, Any, dict[str, Any]], None]], ...] = (
+    (2, "devices: tags, password_hash, revoked, last_seen, installed (enrollment and revocation)",
+     _add_missing_columns("devices", ("tags", "password_hash", "revoked", "last_seen", "installed"))),
+)
+#: The version of the schema ``_tables`` defines.
+SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
 class Database:
@@ -74,6 +107,7 @@ class Database:
         self.sa = require("sqlalchemy", "fleet")
         self.url = url
         self.meta, self.tables = _tables(self.sa)
+        self._schema_checked = False
         try:
             self.engine = self.sa.create_engine(url)
         except (self.sa.exc.SQLAlchemyError, ImportError, ValueError) as exc:
@@ -83,9 +117,80 @@ class Database:
         return str(self.sa.engine.make_url(self.url).render_as_string(hide_password=True))
 
     def create(self) -> None:
-        """Create the tables (idempotent)."""
+        """Create the tables, or upgrade older ones, at :data:`SCHEMA_VERSION` (idempotent)."""
+        with self._errors(), self.engine.begin() as conn:
+            self._lock(conn)
+            self._migrate(conn)
+            self.meta.create_all(conn)
+            self._stamp(conn, SCHEMA_VERSION)
+        self._schema_checked = True
+
+    def upgrade(self) -> list[int]:
+        """Bring an existing database to :data:`SCHEMA_VERSION`; a new, empty one is left to :meth:`create`.
+
+        Returns:
+            The versions of the steps applied (empty when it was up to date).
+
+        Raises:
+            RegistryError: The database cannot be read or a step failed (nothing was changed).
+        """
         with self._errors():
-            self.meta.create_all(self.engine)
+            with self.engine.connect() as conn:
+                if self._version(conn) in (SCHEMA_VERSION, None):
+                    self._schema_checked = True
+                    return []
+            with self.engine.begin() as conn:
+                self._lock(conn)
+                applied = self._migrate(conn)
+                if applied:
+                    self._stamp(conn, SCHEMA_VERSION)
+        self._schema_checked = True
+        return applied
+
+    def schema_version(self) -> int | None:
+        """The database's schema version (None: no edgeml tables yet)."""
+        with self._errors(), self.engine.connect() as conn:
+            return self._version(conn)
+
+    def _version(self, conn: Any) -> int | None:
+        names = set(self.sa.inspect(conn).get_table_names())
+        if "schema_version" in names:
+            version = conn.execute(self.sa.select(self.sa.func.max(self.tables["schema_version"].c.version))).scalar()
+            if version is not None:
+                return int(version)
+        return 1 if "models" in names else None
+
+    def _lock(self, conn: Any) -> None:
+        """Serialize schema changes: the first statement of ``conn``'s transaction."""
+        if conn.dialect.name == "sqlite":  # pysqlite begins lazily, and only before DML: begin now, for DDL too
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        elif conn.dialect.name == "postgresql":
+            conn.execute(self.sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY})
+
+    def _migrate(self, conn: Any) -> list[int]:
+        """Run the steps above the database's version (read again under the lock); their versions."""
+        current = self._version(conn)
+        if current is None:
+            return []
+        if current > SCHEMA_VERSION:
+            raise RegistryError(f"the registry database {self._safe_url()} has schema version {current}, newer "
+                                f"than this edgeml's {SCHEMA_VERSION}", hint="upgrade edgeml on this server")
+        applied = []
+        for version, _what, step in MIGRATIONS:
+            if version > current:
+                step(self.sa, conn, self.tables)
+                applied.append(version)
+        return applied
+
+    def _stamp(self, conn: Any, version: int) -> None:
+        table = self.tables["schema_version"]
+        table.create(conn, checkfirst=True)
+        conn.execute(table.delete())
+        conn.execute(table.insert().values(version=version))
+
+    def _ensure_schema(self) -> None:
+        if not self._schema_checked:
+            self.upgrade()
 
     @contextmanager
     def _errors(self) -> Iterator[None]:
@@ -98,6 +203,7 @@ class Database:
     @contextmanager
     def transaction(self) -> Iterator[Any]:
         """A connection in a transaction: commits on success, rolls back on any exception."""
+        self._ensure_schema()
         with self._errors(), self.engine.begin() as conn:
             yield conn
 
@@ -122,6 +228,7 @@ class Database:
         t, sa = self.tables, self.sa
         query = (sa.select(t["models"].c.name, t["versions"]).join(t["versions"])
                  .order_by(t["versions"].c.targets_version))
+        self._ensure_schema()
         with self._errors(), self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(query)]
 
@@ -129,6 +236,7 @@ class Database:
         """(model, channel) -> version."""
         t, sa = self.tables, self.sa
         query = sa.select(t["models"].c.name, t["channels"].c.name, t["channels"].c.version).join(t["channels"])
+        self._ensure_schema()
         with self._errors(), self.engine.connect() as conn:
             return {(m, c): v for m, c, v in conn.execute(query)}
 

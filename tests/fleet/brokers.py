@@ -1,0 +1,71 @@
+"""Plain loopback MQTT brokers for tests: a real Mosquitto or the embedded amqtt broker, behind one helper.
+
+``plain_broker(kind)`` yields ``(host, port)`` of an anonymous, plain-TCP broker on 127.0.0.1, so that one
+test can be parametrized over :data:`BROKERS` and run unchanged on both::
+
+    @pytest.fixture(params=BROKERS)
+    def broker(request):
+        with plain_broker(request.param) as address:
+            yield address
+
+A missing Mosquitto (or amqtt) calls :func:`tests.conftest.require_service`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tests.conftest import require_service
+from tests.fleet.mosquitto import MOSQUITTO, run_mosquitto
+
+__all__ = ["BROKERS", "plain_broker"]
+
+#: The broker kinds :func:`plain_broker` starts.
+BROKERS = ("mosquitto", "amqtt")
+
+
+@contextmanager
+def _mosquitto() -> Iterator[tuple[str, int]]:
+    if not MOSQUITTO.exists():
+        require_service("mosquitto", False, f"{MOSQUITTO} not installed (apt-get install mosquitto)")
+    root = Path(tempfile.mkdtemp(prefix="edgeml-broker-"))
+    root.chmod(0o755)
+    try:
+        (root / "broker").mkdir()
+        (root / "broker" / "mosquitto.conf").write_text("listener 1883\nallow_anonymous true\n")
+        with run_mosquitto(root / "broker") as port:
+            yield "127.0.0.1", port
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def _amqtt() -> Iterator[tuple[str, int]]:
+    if importlib.util.find_spec("amqtt") is None:
+        require_service("amqtt", False, "amqtt not installed (pip install 'edgeml[fleet]')")
+    from edgeml.fleet.embedded_broker import EmbeddedBroker
+
+    with EmbeddedBroker() as broker:
+        yield broker.host, broker.port
+
+
+@contextmanager
+def plain_broker(kind: str) -> Iterator[tuple[str, int]]:
+    """Start an anonymous plain-TCP broker on 127.0.0.1 for the duration of the block.
+
+    Args:
+        kind: ``"mosquitto"`` (a real Mosquitto process) or ``"amqtt"`` (:class:`EmbeddedBroker`).
+
+    Yields:
+        ``(host, port)`` of the listener.
+    """
+    starters = {"mosquitto": _mosquitto, "amqtt": _amqtt}
+    if kind not in starters:
+        raise ValueError(f"unknown broker kind {kind!r} (expected one of {BROKERS})")
+    with starters[kind]() as address:
+        yield address
