@@ -61,13 +61,44 @@ def _tables(sa: Any) -> tuple[Any, dict[str, Any]]:
             sa.Column("channel", sa.String(64)), sa.Column("created_at", sa.DateTime(timezone=True)),
             sa.Column("tags", sa.JSON), sa.Column("password_hash", sa.String(256)),
             sa.Column("revoked", sa.Boolean, nullable=False, server_default=sa.false()),
-            sa.Column("last_seen", sa.DateTime(timezone=True)), sa.Column("installed", sa.JSON)),
+            sa.Column("last_seen", sa.DateTime(timezone=True)), sa.Column("installed", sa.JSON),
+            sa.Column("status", sa.String(32)), sa.Column("capabilities", sa.JSON)),
         "deployments": sa.Table(
             "deployments", meta, sa.Column("id", sa.Integer, primary_key=True),
             sa.Column("device_id", sa.Integer, sa.ForeignKey("devices.id"), nullable=False),
             sa.Column("version_id", sa.Integer, sa.ForeignKey("versions.id"), nullable=False),
             sa.Column("state", sa.String(32), nullable=False), sa.Column("updated_at", sa.DateTime(timezone=True))),
         "schema_version": sa.Table("schema_version", meta, sa.Column("version", sa.Integer, nullable=False)),
+        # telemetry as devices sent it: one row per (device, seq), duplicates dropped on insert
+        "telemetry": sa.Table(
+            "telemetry", meta, sa.Column("id", sa.Integer, primary_key=True),
+            sa.Column("device_id", sa.String(128), nullable=False), sa.Column("seq", sa.BigInteger, nullable=False),
+            sa.Column("sent_at", sa.Float, nullable=False),
+            sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+            sa.Column("metrics", sa.JSON, nullable=False), sa.UniqueConstraint("device_id", "seq"),
+            sa.Index("telemetry_device_time", "device_id", "received_at")),
+        # the audit log: a hash chain (hash = sha256 over prev_hash and the row), heads signed by audit_heads
+        "audit": sa.Table(
+            "audit", meta, sa.Column("id", sa.Integer, primary_key=True),
+            sa.Column("seq", sa.BigInteger, nullable=False, unique=True),
+            sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+            sa.Column("actor", sa.String(128), nullable=False), sa.Column("action", sa.String(64), nullable=False),
+            sa.Column("subject", sa.String(512), nullable=False), sa.Column("details", sa.JSON, nullable=False),
+            sa.Column("prev_hash", sa.String(64), nullable=False), sa.Column("hash", sa.String(64), nullable=False)),
+        "audit_heads": sa.Table(
+            "audit_heads", meta, sa.Column("id", sa.Integer, primary_key=True),
+            sa.Column("seq", sa.BigInteger, nullable=False), sa.Column("hash", sa.String(64), nullable=False),
+            sa.Column("signed_at", sa.DateTime(timezone=True), nullable=False),
+            sa.Column("keyid", sa.String(64), nullable=False), sa.Column("signature", sa.String(256), nullable=False)),
+        # operator tokens for the HTTP API and remote CLI (only a hash of each token is stored)
+        "tokens": sa.Table(
+            "tokens", meta, sa.Column("id", sa.Integer, primary_key=True),
+            sa.Column("name", sa.String(64), nullable=False, unique=True),
+            sa.Column("role", sa.String(16), nullable=False),
+            sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+            sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+            sa.Column("revoked", sa.Boolean, nullable=False, server_default=sa.false()),
+            sa.Column("last_used_at", sa.DateTime(timezone=True))),
     }
     return meta, t
 
@@ -86,10 +117,31 @@ def _add_missing_columns(table: str, names: tuple[str, ...]) -> Callable[[Any, A
     return step
 
 
+def _create_missing_tables(*names: str) -> Callable[[Any, Any, dict[str, Any]], None]:
+    """A migration step: create each of ``names`` (and its indexes) unless it exists."""
+
+    def step(sa: Any, conn: Any, tables: dict[str, Any]) -> None:
+        for name in names:
+            tables[name].create(conn, checkfirst=True)
+
+    return step
+
+
+def _steps(*steps: Callable[[Any, Any, dict[str, Any]], None]) -> Callable[[Any, Any, dict[str, Any]], None]:
+    def run(sa: Any, conn: Any, tables: dict[str, Any]) -> None:
+        for step in steps:
+            step(sa, conn, tables)
+
+    return run
+
+
 #: (version, what changed, step): a database at version N runs every step above N, in order.
 MIGRATIONS: tuple[tuple[int, str, Callable[[Any, Any, dict[str, Any]], None]], ...] = (
     (2, "devices: tags, password_hash, revoked, last_seen, installed (enrollment and revocation)",
      _add_missing_columns("devices", ("tags", "password_hash", "revoked", "last_seen", "installed"))),
+    (3, "telemetry, audit, audit_heads, tokens; devices: status, capabilities (the fleet server)",
+     _steps(_add_missing_columns("devices", ("status", "capabilities")),
+            _create_missing_tables("telemetry", "audit", "audit_heads", "tokens"))),
 )
 #: The version of the schema ``_tables`` defines.
 SCHEMA_VERSION = MIGRATIONS[-1][0]

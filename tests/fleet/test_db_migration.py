@@ -15,13 +15,14 @@ import pytest
 
 from edgeml.errors import RegistryError
 from edgeml.fleet import db as fleet_db
-from edgeml.fleet.db import SCHEMA_VERSION, Database
+from edgeml.fleet.db import MIGRATIONS, SCHEMA_VERSION, Database
 from tests.conftest import require_service
 
 sa = pytest.importorskip("sqlalchemy")
 
 POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-NEW_DEVICE_COLUMNS = {"tags", "password_hash", "revoked", "last_seen", "installed"}
+NEW_DEVICE_COLUMNS = {"tags", "password_hash", "revoked", "last_seen", "installed", "status", "capabilities"}
+ALL_STEPS = [version for version, _, _ in MIGRATIONS]  # what a first-release database runs
 T0 = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
 
 
@@ -129,11 +130,11 @@ def test_an_old_database_is_upgraded_when_first_used(url: str) -> None:
     db = Database(url)
     assert db.schema_version() == 1
     assert [(r["name"], r["version"], r["length"]) for r in db.versions()] == [("digits", "1.0.0", 1234)]
-    assert db.schema_version() == SCHEMA_VERSION == 2
+    assert db.schema_version() == SCHEMA_VERSION == ALL_STEPS[-1]
 
     after = snapshot(url)
     assert set(after["devices"][0]) - set(before["devices"][0]) == NEW_DEVICE_COLUMNS
-    assert after["schema_version"] == (["version"], [("2",)])
+    assert after["schema_version"] == (["version"], [(str(SCHEMA_VERSION),)])
     for name in ("models", "versions", "channels", "deployments"):
         assert after[name] == before[name]
     devices = _devices(db)
@@ -151,7 +152,7 @@ def test_an_old_database_is_upgraded_when_first_used(url: str) -> None:
 def test_opening_again_is_a_no_op(url: str) -> None:
     make_v1_database(url)
     first = Database(url)
-    assert first.upgrade() == [2]
+    assert first.upgrade() == ALL_STEPS
     first.close()
     upgraded = snapshot(url)
     for _ in range(2):
@@ -179,7 +180,7 @@ def test_a_database_with_the_columns_but_no_version_table_is_stamped(url: str) -
     tables = [t for name, t in db.tables.items() if name != "schema_version"]
     db.meta.create_all(db.engine, tables=tables)
     assert db.schema_version() == 1
-    assert db.upgrade() == [2]
+    assert db.upgrade() == ALL_STEPS
     assert db.schema_version() == SCHEMA_VERSION
     assert set(snapshot(url)["devices"][0]) >= NEW_DEVICE_COLUMNS
     db.close()
@@ -236,5 +237,5 @@ def test_concurrent_openers_upgrade_once(url: str) -> None:
         th.start()
     for th in threads:
         th.join()
-    assert sorted(results, key=lambda r: r if isinstance(r, list) else [-1]) == [[], [], [], [2]]
-    assert snapshot(url)["schema_version"] == (["version"], [("2",)])
+    assert sorted(results, key=lambda r: r if isinstance(r, list) else [-1]) == [[], [], [], ALL_STEPS]
+    assert snapshot(url)["schema_version"] == (["version"], [(str(SCHEMA_VERSION),)])
