@@ -1,0 +1,600 @@
+"""Drift detection on the device: bounded streaming summaries compared with the bundle's reference statistics.
+
+The monitor keeps no raw samples. Each call to :meth:`DriftMonitor.observe` reduces a batch with
+:func:`edgeml.refstats.feature_matrix` (one value per feature, or per channel mean for images, exactly as the
+reference was summarised) and stages those rows in a buffer of ``stride`` rows. When the buffer is full it is
+binned in one vectorised step against the reference quantile edges into integer counts, which go into a ring
+of ``window // stride`` blocks; the buffer is then reused. Memory is therefore fixed by the configuration
+(``stride x features`` floats plus ``blocks x features x bins`` integers), whatever the number of samples seen.
+Batches smaller than ``defer`` samples (batch size 1 serving) are copied into a short queue of at most ``defer``
+samples and reduced together, because numpy's fixed cost per call would otherwise dominate.
+
+Every ``stride`` samples the newest ``window`` samples (fewer while the ring fills up) are tested against the
+reference:
+
+- each input feature: PSI over the reference bins (empty bins floored at ``psi_epsilon``) and a two-sample
+  Kolmogorov-Smirnov test on the binned CDFs, D = max |cdf_ref - cdf_obs| over the bin edges, with the
+  asymptotic Kolmogorov p-value for the effective size ``n * n_ref / (n + n_ref)``. Binning can only lower D,
+  so the test is conservative: its false-positive rate stays at or below the nominal one;
+- the predicted classes: a chi-square test of homogeneity (reference counts vs window counts, classes with
+  fewer than ``min_expected`` expected samples pooled), and their total-variation distance;
+- the top-1 confidence: the same binned KS test on the reference confidence histogram.
+
+**Multiple testing.** A window is ``flagged`` when any test has p < ``alpha / (tests x looks)``, where
+``looks = window // stride`` is the number of overlapping evaluations that see a given sample. By the union
+bound the probability of a false alarm is at most ``alpha`` per ``window`` samples of a drift-free stream,
+interim looks included. The sliding evaluation is what makes a shift that starts mid-stream visible after a
+few hundred samples instead of up to two windows later.
+
+**Score.** ``DriftWindow.score`` is an effect size in [0, 1], independent of the sample size: the largest of
+the KS distances (features and confidence) and the class total-variation distance. 0 means the window looks
+exactly like the reference, 1 that the distributions do not overlap; noise alone gives a KS distance rarely
+above ``1.6 / sqrt(n)`` (about 0.07 for a window of 500; the class distance is noisier with many classes).
+Significance (``flagged``) comes from the p-values, not from the score.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgeml.errors import ConfigError, DataError
+from edgeml.refstats import ReferenceStats, feature_matrix, to_probabilities
+
+__all__ = ["DriftConfig", "DriftMonitor", "DriftWindow", "FeatureDrift", "chi2_sf", "ks_pvalue"]
+
+_KS_TERMS = np.arange(1, 21, dtype=np.float64)  # enough: terms past k = 20 are below 1e-30 where used
+_DEFER_BYTES = 1 << 20
+_NO_TOP = np.zeros(0, dtype=np.int64)
+_NO_CONF = np.zeros(0)
+_KS_SIGNS = np.where(_KS_TERMS % 2 == 1, 1.0, -1.0)
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    """Settings of a :class:`DriftMonitor`. Sample counts are in model input samples (rows of a batch)."""
+
+    window: int = 500  # samples summarised by one evaluation (the newest ones); a multiple of stride
+    stride: int = 250  # samples between evaluations (cost ~ 1 evaluation per stride); stride == window: disjoint
+    alpha: float = 0.01  # false-alarm probability per `window` samples of a drift-free stream
+    min_distance: float = 0.0  # a significant test flags only if its KS / TV distance is at least this (0..1)
+    psi_epsilon: float = 1e-4  # proportion used for empty bins in PSI
+    min_expected: float = 5.0  # chi-square: classes expected fewer times than this in the window are pooled
+    layout: str = "NCHW"  # layout of rank-4 (image) inputs, as given to edgeml.refstats.feature_matrix
+    top_k: int = 3  # features detailed in DriftWindow.top_features
+    history: int = 64  # finished windows kept until drain()
+    defer: int = 32  # batches smaller than this are copied and reduced together once this many samples queue up
+
+    def __post_init__(self) -> None:
+        if self.stride < 1 or self.window < self.stride or self.window % self.stride:
+            raise ConfigError(f"drift window {self.window} must be a positive multiple of stride {self.stride}")
+        if not 0.0 < self.alpha < 1.0:
+            raise ConfigError(f"drift alpha must be in (0, 1), got {self.alpha}")
+        if not 0.0 <= self.min_distance <= 1.0 or self.psi_epsilon <= 0.0 or self.min_expected < 0.0:
+            raise ConfigError("drift min_distance must be in [0, 1], psi_epsilon > 0 and min_expected >= 0")
+        if self.layout.upper() not in ("NCHW", "NHWC"):
+            raise ConfigError(f"drift layout must be NCHW or NHWC, got {self.layout!r}")
+        if self.top_k < 0 or self.history < 1 or self.defer < 1:
+            raise ConfigError("drift top_k must be >= 0, history >= 1 and defer >= 1")
+
+    @property
+    def looks(self) -> int:
+        """Evaluations that see any given sample (the ring's number of blocks)."""
+        return self.window // self.stride
+
+
+@dataclass(frozen=True)
+class FeatureDrift:
+    """The tests of one input feature over one window."""
+
+    name: str
+    ks: float  # binned KS distance, 0..1
+    p_value: float  # KS p-value (not adjusted for multiple tests)
+    psi: float  # population stability index (0.1 moderate, 0.25 large by the usual rule of thumb)
+    mean: float  # mean of the window (NaN without finite values)
+    shift_sigma: float  # (mean - reference mean) / reference std
+
+    def to_metrics(self) -> dict[str, Any]:
+        return {k: _finite(v) if isinstance(v, float) else v for k, v in self.__dict__.items()}
+
+
+@dataclass(frozen=True)
+class DriftWindow:
+    """The result of one evaluation: what telemetry reports and what raises a drift alert.
+
+    ``index`` counts evaluations from 0; the window covers samples ``end - n`` to ``end`` of the stream.
+    ``alert`` is true on the first flagged window after an unflagged one (the event to send).
+    """
+
+    index: int
+    end: int
+    n: int
+    score: float
+    flagged: bool
+    alert: bool
+    threshold: float  # p-value below which one test counts, alpha / (tests x looks)
+    min_p_value: float
+    features: tuple[str, ...]
+    ks: tuple[float, ...]
+    p_values: tuple[float, ...]
+    psi: tuple[float, ...]
+    nonfinite: tuple[int, ...]  # NaN / inf values per feature, left out of the tests
+    top_features: tuple[FeatureDrift, ...]
+    class_chi2: float | None
+    class_p_value: float | None
+    class_tv: float | None
+    confidence_ks: float | None
+    confidence_p_value: float | None
+    mean_confidence: float | None
+    drivers: tuple[str, ...]  # the tests that flagged: feature names, "classes", "confidence"
+
+    def to_metrics(self) -> dict[str, Any]:
+        """A JSON-friendly summary (no per-feature arrays beyond the top features; NaN becomes None)."""
+        return {
+            "index": self.index, "end": self.end, "n": self.n, "score": _finite(self.score),
+            "flagged": self.flagged, "alert": self.alert, "threshold": self.threshold,
+            "min_p_value": _finite(self.min_p_value), "max_psi": _finite(max(self.psi, default=0.0)),
+            "nonfinite": sum(self.nonfinite),
+            "top_features": [f.to_metrics() for f in self.top_features],
+            "class_chi2": _finite(self.class_chi2), "class_p_value": _finite(self.class_p_value),
+            "class_tv": _finite(self.class_tv), "confidence_ks": _finite(self.confidence_ks),
+            "confidence_p_value": _finite(self.confidence_p_value),
+            "mean_confidence": _finite(self.mean_confidence), "drivers": list(self.drivers),
+        }
+
+
+def _finite(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def ks_pvalue(d: np.ndarray, n: np.ndarray, n_ref: np.ndarray) -> np.ndarray:
+    """Asymptotic two-sided p-value of two-sample KS distances (Kolmogorov series, Stephens' correction).
+
+    Args:
+        d: KS distances.
+        n: Window sizes (broadcast with ``d``).
+        n_ref: Reference sizes (broadcast with ``d``).
+    """
+    n = np.asarray(n, dtype=np.float64)
+    n_ref = np.asarray(n_ref, dtype=np.float64)
+    en = np.sqrt(n * n_ref / np.maximum(n + n_ref, 1.0))
+    lam = (en + 0.12 + 0.11 / np.maximum(en, 1e-12)) * np.asarray(d, dtype=np.float64)
+    lam = np.maximum(lam, 0.3)  # below 0.3 the series converges slowly, and p is 1 to 1e-6
+    series = 2.0 * (_KS_SIGNS * np.exp(-2.0 * np.multiply.outer(lam * lam, _KS_TERMS**2))).sum(axis=-1)
+    return np.asarray(np.clip(np.where((n > 0) & (n_ref > 0) & (lam > 0.3), series, 1.0), 0.0, 1.0))
+
+
+def chi2_sf(x: float, dof: int) -> float:
+    """Survival function of the chi-square distribution (regularised upper incomplete gamma, no scipy).
+
+    Args:
+        x: The statistic.
+        dof: Degrees of freedom (>= 1).
+    """
+    a, z = 0.5 * dof, 0.5 * x
+    if z <= 0.0:
+        return 1.0
+    log_front = -z + a * math.log(z) - math.lgamma(a)
+    if z < a + 1.0:  # series for the lower function P(a, z)
+        term = total = 1.0 / a
+        ap = a
+        for _ in range(1000):
+            ap += 1.0
+            term *= z / ap
+            total += term
+            if abs(term) < abs(total) * 1e-15:
+                break
+        return min(1.0, max(0.0, 1.0 - total * math.exp(log_front)))
+    tiny = 1e-300  # modified Lentz continued fraction for Q(a, z)
+    b = z + 1.0 - a
+    c, d = 1.0 / tiny, 1.0 / b
+    h = d
+    for i in range(1, 1000):
+        an = -i * (i - a)
+        b += 2.0
+        d = an * d + b
+        d = tiny if abs(d) < tiny else d
+        c = b + an / c
+        c = tiny if abs(c) < tiny else c
+        d = 1.0 / d
+        h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return min(1.0, max(0.0, math.exp(log_front) * h))
+
+
+@dataclass
+class _Snapshot:
+    """Window totals copied under the lock, tested outside it."""
+
+    index: int
+    end: int
+    n: int
+    counts: np.ndarray  # (features, bins + 1), last column: non-finite values
+    sums: np.ndarray
+    classes: np.ndarray | None
+    confidence: np.ndarray | None
+    conf_sum: float
+    conf_n: int
+
+
+class _Reference:
+    """The reference statistics laid out as padded arrays (features x bins) for vectorised tests."""
+
+    def __init__(self, ref: ReferenceStats, psi_epsilon: float) -> None:
+        feats = [(inp, f) for inp, fl in ref.features.items() for f in fl]
+        if not feats:
+            raise ConfigError("the reference statistics describe no input feature; drift cannot be monitored")
+        self.inputs = list(ref.features)
+        self.names = tuple(f.name if len(self.inputs) == 1 else f"{inp}.{f.name}" for inp, f in feats)
+        nbins = np.array([len(f.counts) for _, f in feats])
+        self.bins = int(nbins.max())
+        self.edges = np.full((len(feats), self.bins - 1), np.inf)  # interior edges, padded with +inf
+        self.counts = np.zeros((len(feats), self.bins))
+        for j, (_, f) in enumerate(feats):
+            self.edges[j, : nbins[j] - 1] = f.bin_edges[1:-1]
+            self.counts[j, : nbins[j]] = f.counts
+        self.n = self.counts.sum(axis=1)
+        self.cdf = np.cumsum(self.counts, axis=1) / np.maximum(self.n, 1.0)[:, None]
+        self.mask = (np.arange(self.bins)[None, :] < nbins[:, None]).astype(np.float64)
+        self.prop = np.maximum(self.counts / np.maximum(self.n, 1.0)[:, None], psi_epsilon)
+        self.log_prop = np.log(self.prop)
+        self.mean = np.array([f.mean for _, f in feats])
+        std = np.array([f.std for _, f in feats])
+        self.inv_std = np.divide(1.0, std, out=np.full_like(std, np.nan), where=std > 0)
+        self.classes: np.ndarray | None = None
+        self.conf_edges = np.zeros(0)
+        self.conf_counts = np.zeros(0)
+        self.conf_cdf = np.zeros(0)
+        if ref.predictions is not None:
+            self.classes = np.asarray(ref.predictions.class_counts, dtype=np.float64)
+            self.conf_edges = np.asarray(ref.predictions.confidence_edges[1:-1], dtype=np.float64)
+            self.conf_counts = np.asarray(ref.predictions.confidence_counts, dtype=np.float64)
+            self.conf_cdf = np.cumsum(self.conf_counts) / max(float(self.conf_counts.sum()), 1.0)
+
+
+class DriftMonitor:
+    """Streaming drift tests of a model's inputs and predictions against its reference statistics.
+
+    Thread-safe: :meth:`observe` may be called from several request threads. The lock covers queueing a small
+    batch or copying a batch's feature rows into the staging buffer and, once per ``stride`` samples, binning
+    it; the reduction of a batch and the tests run outside it.
+
+    Args:
+        ref: The bundle's reference statistics.
+        config: Window sizes and thresholds.
+
+    Raises:
+        ConfigError: The reference statistics describe no input feature.
+    """
+
+    def __init__(self, ref: ReferenceStats, config: DriftConfig | None = None) -> None:
+        self.config = config or DriftConfig()
+        self._ref = r = _Reference(ref, self.config.psi_epsilon)
+        k, f, s = self.config.looks, len(r.names), self.config.stride
+        n_classes = 0 if r.classes is None else len(r.classes)
+        self._tests = f + (2 if r.classes is not None else 0)
+        self._threshold = self.config.alpha / (self._tests * k)
+        self._offsets = (np.arange(f) * (r.bins + 1))[None, :]
+        self._lock = threading.Lock()
+        # the ring of `looks` blocks of binned counts, and the staging buffer of the current block
+        self._counts = np.zeros((k, f, r.bins + 1), dtype=np.int64)
+        self._sums = np.zeros((k, f))
+        self._block_n = np.zeros(k, dtype=np.int64)
+        self._classes = np.zeros((k, n_classes), dtype=np.int64)
+        self._conf = np.zeros((k, len(r.conf_counts)), dtype=np.int64)
+        self._conf_sum = np.zeros(k)
+        self._conf_n = np.zeros(k, dtype=np.int64)
+        self._rows = np.zeros((s, f))
+        self._probs = np.zeros((s, n_classes)) if n_classes else None  # allocated on first use otherwise
+        self._has_probs = np.zeros(s, dtype=bool)
+        self._fill = 0
+        self._blocks = 0
+        self._last_flagged = False
+        self._history: deque[DriftWindow] = deque(maxlen=self.config.history)
+        self._latest: DriftWindow | None = None
+        self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []  # small batches waiting to be reduced
+        self._pending_n = 0
+        self._sample_shape: tuple[int, ...] | None = None  # set once a batch went through: small ones may wait
+
+    @classmethod
+    def from_refstats(cls, ref: ReferenceStats, config: DriftConfig | None = None) -> DriftMonitor:
+        """A monitor for the model whose reference statistics are ``ref``.
+
+        Args:
+            ref: The bundle's reference statistics.
+            config: Window sizes and thresholds (defaults: :class:`DriftConfig`).
+
+        Raises:
+            ConfigError: The reference statistics describe no input feature.
+        """
+        return cls(ref, config)
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """The monitored features, in the order of :attr:`DriftWindow.features`."""
+        return self._ref.names
+
+    @property
+    def threshold(self) -> float:
+        """The per-test p-value threshold: ``alpha / (tests x looks)``."""
+        return self._threshold
+
+    @property
+    def samples_seen(self) -> int:
+        """Samples observed since the monitor was created."""
+        with self._lock:
+            return self._blocks * self.config.stride + self._fill + self._pending_n
+
+    @property
+    def latest(self) -> DriftWindow | None:
+        """The most recent evaluation, or None before the first ``stride`` samples."""
+        return self._latest
+
+    @property
+    def mean_confidence(self) -> float | None:
+        """Mean top-1 confidence over the newest ``window`` to ``window + stride`` samples (None without any)."""
+        self.flush()
+        with self._lock:
+            staged = self._probs[: self._fill][self._has_probs[: self._fill]] if self._probs is not None else None
+            total, count = float(self._conf_sum.sum()), int(self._conf_n.sum())
+        if staged is not None and staged.size:
+            total += float(_top_confidence(staged)[1].sum())
+            count += staged.shape[0]
+        return total / count if count else None
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the monitor's arrays (fixed by the configuration and the reference)."""
+        arrays = (self._counts, self._sums, self._block_n, self._classes, self._conf, self._conf_sum,
+                  self._conf_n, self._rows, self._has_probs)
+        pending = sum(x.nbytes + (p.nbytes if p is not None else 0) for x, p in self._pending)
+        return sum(a.nbytes for a in arrays) + (self._probs.nbytes if self._probs is not None else 0) + pending
+
+    def drain(self) -> list[DriftWindow]:
+        """The evaluations finished since the last call (at most ``history``, oldest first)."""
+        with self._lock:
+            out = list(self._history)
+            self._history.clear()
+        return out
+
+    def observe(
+        self, inputs: np.ndarray | Mapping[str, np.ndarray], probabilities: np.ndarray | None = None
+    ) -> list[DriftWindow]:
+        """Account one batch; returns the evaluations it completed (usually none).
+
+        Batches smaller than ``config.defer`` samples with the shape of an earlier batch are copied into a short
+        queue and reduced together (at most ``defer`` samples and about 1 MiB wait; :meth:`flush` forces it):
+        numpy's fixed cost per call would otherwise dominate at batch size 1.
+
+        Args:
+            inputs: The batch in the model's input layout (first axis is the batch), or input name -> batch.
+            probabilities: The model's outputs on it, shape (batch, classes): probabilities, or logits
+                (softmaxed like the reference).
+
+        Raises:
+            DataError: The batch does not match the reference statistics' inputs or classes.
+        """
+        if self._can_defer(inputs, probabilities):
+            x = np.array(inputs, copy=True)
+            item = (x, None if probabilities is None else np.array(probabilities, copy=True))
+            with self._lock:
+                self._pending.append(item)
+                self._pending_n += x.shape[0]
+                if self._pending_n < self.config.defer:
+                    return []
+                items, self._pending, self._pending_n = self._pending, [], 0
+            return self._ingest_queued(items)
+        windows = self._ingest(inputs, probabilities)
+        if isinstance(inputs, np.ndarray) and inputs.size * inputs.itemsize * self.config.defer <= (
+                _DEFER_BYTES * max(inputs.shape[0], 1)):
+            self._sample_shape = inputs.shape[1:]
+        return windows
+
+    def flush(self) -> list[DriftWindow]:
+        """Reduce the queued small batches now; returns the evaluations this completed."""
+        with self._lock:
+            items, self._pending, self._pending_n = self._pending, [], 0
+        return self._ingest_queued(items)
+
+    def _can_defer(self, inputs: np.ndarray | Mapping[str, np.ndarray], probabilities: np.ndarray | None) -> bool:
+        """A small array batch shaped like one already accepted (so it cannot fail later, in another call)."""
+        if not isinstance(inputs, np.ndarray) or inputs.shape[0] >= self.config.defer:
+            return False
+        if inputs.shape[1:] != self._sample_shape:
+            return False
+        if probabilities is None:
+            return True
+        classes = self._ref.classes
+        width = len(classes) if classes is not None else self._probs.shape[1] if self._probs is not None else -1
+        return isinstance(probabilities, np.ndarray) and probabilities.shape == (inputs.shape[0], width)
+
+    def _ingest_queued(self, items: list[tuple[np.ndarray, np.ndarray | None]]) -> list[DriftWindow]:
+        probs = [p for _, p in items if p is not None]
+        if not items or len(probs) not in (0, len(items)):  # a mix of batches with and without outputs
+            return [w for x, p in items for w in self._ingest(x, p)]
+        return self._ingest(np.concatenate([x for x, _ in items]), np.concatenate(probs) if probs else None)
+
+    def _ingest(
+        self, inputs: np.ndarray | Mapping[str, np.ndarray], probabilities: np.ndarray | None
+    ) -> list[DriftWindow]:
+        rows = self._feature_rows(inputs)
+        probs = self._check_probabilities(probabilities, rows.shape[0])
+        snaps: list[_Snapshot] = []
+        stride, start = self.config.stride, 0
+        with self._lock:
+            while start < rows.shape[0]:
+                take = min(rows.shape[0] - start, stride - self._fill)
+                dst, src = slice(self._fill, self._fill + take), slice(start, start + take)
+                self._rows[dst] = rows[src]
+                self._has_probs[dst] = probs is not None
+                if probs is not None:
+                    if self._probs is None:
+                        self._probs = np.zeros((stride, probs.shape[1]))
+                    self._probs[dst] = probs[src]
+                self._fill += take
+                start += take
+                if self._fill == stride:
+                    snaps.append(self._close_block())
+        return [self._finish(self._evaluate(snap)) for snap in snaps]
+
+    def _feature_rows(self, inputs: np.ndarray | Mapping[str, np.ndarray]) -> np.ndarray:
+        names, layout = self._ref.inputs, self.config.layout
+        if isinstance(inputs, Mapping):
+            missing = [n for n in names if n not in inputs]
+            if missing:
+                raise DataError(f"drift monitor: inputs {missing} missing from the batch (expected {names})")
+            parts = [feature_matrix(inputs[n], layout)[0] for n in names]
+        elif len(names) != 1:
+            raise DataError(f"drift monitor: the model has inputs {names}; pass a mapping of name -> batch")
+        else:
+            parts = [feature_matrix(inputs, layout)[0]]
+        if len({p.shape[0] for p in parts}) != 1:
+            raise DataError("drift monitor: the inputs of one batch have different batch sizes")
+        rows = parts[0] if len(parts) == 1 else np.hstack(parts)
+        if rows.shape[1] != len(self._ref.names):
+            raise DataError(f"drift monitor: the batch has {rows.shape[1]} features (channels or columns), "
+                            f"the reference statistics {len(self._ref.names)}",
+                            hint="the bundle's refstats were computed for another input shape or layout")
+        return rows
+
+    def _check_probabilities(self, probabilities: np.ndarray | None, n: int) -> np.ndarray | None:
+        if probabilities is None:
+            return None
+        probs = np.asarray(probabilities)
+        classes = self._ref.classes
+        width = len(classes) if classes is not None else None if self._probs is None else self._probs.shape[1]
+        if probs.ndim != 2 or probs.shape[0] != n:
+            raise DataError(f"drift monitor: probabilities of shape {probs.shape} do not fit a batch of {n}")
+        if width is not None and probs.shape[1] != width:
+            raise DataError(f"drift monitor: {probs.shape[1]} output classes, the reference has {width}")
+        return probs
+
+    def _close_block(self) -> _Snapshot:
+        """Bin the full staging buffer into the ring's next block and copy the window totals (lock held)."""
+        r, k = self._ref, self._blocks % self.config.looks
+        rows = self._rows
+        idx = (rows[:, :, None] >= r.edges[None, :, :]).sum(axis=2)
+        finite = np.isfinite(rows)
+        if not finite.all():
+            idx = np.where(finite, idx, r.bins)
+            rows = np.where(finite, rows, 0.0)
+        flat = np.bincount((idx + self._offsets).ravel(), minlength=self._counts[k].size)
+        self._counts[k] = flat.reshape(self._counts[k].shape)
+        self._sums[k] = rows.sum(axis=0)
+        self._block_n[k] = self.config.stride
+        top, conf = _top_confidence(self._probs[self._has_probs]) if self._probs is not None else (_NO_TOP, _NO_CONF)
+        if r.classes is not None:
+            self._classes[k] = np.bincount(top, minlength=len(r.classes))
+            self._conf[k] = np.bincount(np.searchsorted(r.conf_edges, conf, side="right"),
+                                        minlength=len(r.conf_counts))
+        self._conf_sum[k], self._conf_n[k] = conf.sum(), conf.size
+        self._blocks += 1
+        self._fill = 0
+        return _Snapshot(
+            index=self._blocks - 1, end=self._blocks * self.config.stride, n=int(self._block_n.sum()),
+            counts=self._counts.sum(axis=0), sums=self._sums.sum(axis=0),
+            classes=self._classes.sum(axis=0) if r.classes is not None else None,
+            confidence=self._conf.sum(axis=0) if r.classes is not None else None,
+            conf_sum=float(self._conf_sum.sum()), conf_n=int(self._conf_n.sum()),
+        )
+
+    def _evaluate(self, snap: _Snapshot) -> dict[str, Any]:
+        """The tests of one window (no lock needed: works on the snapshot)."""
+        r, cfg = self._ref, self.config
+        counts = snap.counts[:, : r.bins].astype(np.float64)
+        n_f = counts.sum(axis=1)
+        inv = 1.0 / np.maximum(n_f, 1.0)
+        ks = np.abs(np.cumsum(counts, axis=1) * inv[:, None] - r.cdf).max(axis=1) * (n_f > 0)
+        obs = np.maximum(counts * inv[:, None], cfg.psi_epsilon)
+        psi = ((obs - r.prop) * (np.log(obs) - r.log_prop) * r.mask).sum(axis=1) * (n_f > 0)
+        mean = snap.sums * inv
+        mean[n_f == 0] = np.nan
+        out: dict[str, Any] = {"snap": snap, "ks": ks, "psi": psi, "mean": mean, "shift": (mean - r.mean) * r.inv_std,
+                               "class_chi2": None, "class_p": None, "class_tv": None, "conf_ks": None, "conf_p": None}
+        sizes, ref_sizes, dists = n_f, r.n, ks
+        if r.classes is not None and snap.classes is not None and snap.confidence is not None:
+            out["class_chi2"], out["class_p"], out["class_tv"] = _class_test(
+                r.classes, snap.classes.astype(np.float64), cfg.min_expected)
+            n_c = float(snap.confidence.sum())
+            conf_cdf = np.cumsum(snap.confidence) / max(n_c, 1.0)
+            out["conf_ks"] = float(np.abs(conf_cdf - r.conf_cdf).max()) if n_c else 0.0
+            sizes, ref_sizes = np.append(n_f, n_c), np.append(r.n, r.conf_counts.sum())
+            dists = np.append(ks, out["conf_ks"])
+        p = ks_pvalue(dists, sizes, ref_sizes)
+        out["p"] = p[: len(ks)]
+        if out["conf_ks"] is not None:
+            out["conf_p"] = float(p[-1])
+        return out
+
+    def _finish(self, res: dict[str, Any]) -> DriftWindow:
+        """Combine the tests into a window result, record it and track the alert state."""
+        snap: _Snapshot = res["snap"]
+        names = list(self._ref.names)
+        p_vals, dists = list(res["p"]), list(res["ks"])
+        for name, pk, dk in (("classes", "class_p", "class_tv"), ("confidence", "conf_p", "conf_ks")):
+            if res[pk] is not None:
+                names.append(name)
+                p_vals.append(res[pk])
+                dists.append(res[dk])
+        p_arr, d_arr = np.asarray(p_vals), np.asarray(dists)
+        hit = (p_arr < self._threshold) & (d_arr >= self.config.min_distance)
+        order = np.lexsort((-res["ks"], res["p"]))[: self.config.top_k]
+        top = tuple(
+            FeatureDrift(name=self._ref.names[j], ks=float(res["ks"][j]), p_value=float(res["p"][j]),
+                         psi=float(res["psi"][j]), mean=float(res["mean"][j]), shift_sigma=float(res["shift"][j]))
+            for j in order
+        )
+        flagged = bool(hit.any())
+        with self._lock:
+            alert = flagged and not self._last_flagged
+            self._last_flagged = flagged
+            window = DriftWindow(
+                index=snap.index, end=snap.end, n=snap.n, score=float(d_arr.max()), flagged=flagged, alert=alert,
+                threshold=self._threshold, min_p_value=float(p_arr.min()), features=self._ref.names,
+                ks=tuple(res["ks"].tolist()), p_values=tuple(res["p"].tolist()), psi=tuple(res["psi"].tolist()),
+                nonfinite=tuple(snap.counts[:, -1].tolist()),
+                top_features=top, class_chi2=res["class_chi2"], class_p_value=res["class_p"],
+                class_tv=res["class_tv"], confidence_ks=res["conf_ks"], confidence_p_value=res["conf_p"],
+                mean_confidence=snap.conf_sum / snap.conf_n if snap.conf_n else None,
+                drivers=tuple(name for name, h in zip(names, hit) if h),
+            )
+            self._history.append(window)
+            self._latest = window
+        return window
+
+
+def _top_confidence(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-1 class and confidence of rows of probabilities; rows of logits are softmaxed like the reference."""
+    off = np.abs(probs.sum(axis=1) - 1.0) > 1e-3
+    if probs.size and (probs.min() < 0.0 or off.any()):
+        logits = off | (probs.min(axis=1) < 0.0)
+        probs = probs.copy()
+        probs[logits] = to_probabilities(probs[logits])
+    top = probs.argmax(axis=1)
+    return top, probs[np.arange(top.size), top]
+
+
+def _class_test(ref: np.ndarray, obs: np.ndarray, min_expected: float) -> tuple[float, float, float]:
+    """Chi-square test of homogeneity of two class-count vectors; returns (chi2, p-value, TV distance)."""
+    n, n_ref = float(obs.sum()), float(ref.sum())
+    if n <= 0 or n_ref <= 0:
+        return 0.0, 1.0, 0.0
+    tv = 0.5 * float(np.abs(obs / n - ref / n_ref).sum())
+    keep = (ref + obs) > 0
+    ref, obs = ref[keep], obs[keep]
+    small = (ref + obs) * n / (n + n_ref) < min_expected
+    if small.any() and not small.all():  # pool the rare classes into one category
+        ref = np.append(ref[~small], ref[small].sum())
+        obs = np.append(obs[~small], obs[small].sum())
+    if ref.size < 2:
+        return 0.0, 1.0, tv
+    total = ref + obs
+    e_obs, e_ref = total * n / (n + n_ref), total * n_ref / (n + n_ref)
+    chi2 = float(((obs - e_obs) ** 2 / e_obs).sum() + ((ref - e_ref) ** 2 / e_ref).sum())
+    return chi2, chi2_sf(chi2, ref.size - 1), tv
