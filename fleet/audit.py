@@ -1,0 +1,556 @@
+"""The fleet's audit log: an append-only hash chain of fleet actions, its heads signed by an online key.
+
+Every fleet action (:data:`ACTIONS`) appends one row to the ``audit`` table: ``seq`` (1, 2, 3... without
+gaps), ``at`` (UTC), the authenticated ``actor`` (``token:<name>`` over HTTP, ``$EDGEML_ACTOR`` or
+``local:<os user>`` from the local CLI), ``action``, ``subject``, ``details`` (JSON) and
+``hash = sha256(canonical JSON of seq, at, actor, action, subject, details, prev_hash)``, where
+``prev_hash`` is the previous row's hash (:data:`GENESIS` for seq 1).
+
+Signed heads: after every append, ``(seq, hash, signed_at)`` of the new last row is signed with the
+registry's online audit key and stored twice: in the ``audit_heads`` table, in the same transaction as the
+row, and, once that transaction has committed, as one JSON line appended to ``DIR/audit/heads.log``.
+Fleet actions are human-scale (publishes, enrollments), so signing every append costs nothing noticeable
+(one Ed25519 signature) and leaves no unsigned tail. The file is what catches a truncation: whoever can
+edit the database can also delete its last rows together with their heads, but the file still names the
+last seq. Keep the file append-only (``chattr +a``) or ship its lines off the server (syslog) so that the
+same person cannot also cut it.
+
+The audit key: ``DIR/keys/audit.pem``, an Ed25519 key like the registry's other online keys, created on
+first use. Verification uses its public key.
+
+Concurrency: appends are serialized by the database (``BEGIN IMMEDIATE`` or the write lock on SQLite, a
+transaction-scoped advisory lock on PostgreSQL) before the last seq is read, so concurrent appends from
+many processes give one gapless chain.
+
+:meth:`AuditLog.verify` recomputes the chain and checks every signed head; the first problem is reported
+with its kind: ``"edit"`` (a row's content no longer matches its hash, or a signed head's hash),
+``"deletion"`` (a gap in seq, or a row whose prev_hash is not its predecessor's hash), ``"truncation"``
+(a signed head names a seq beyond the last row) or ``"bad-signature"`` (a head that the audit key did not
+sign).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import getpass
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeml.errors import ConfigError, MetadataError, StorageError
+
+__all__ = [
+    "ACTIONS",
+    "ENV_ACTOR",
+    "GENESIS",
+    "AuditEntry",
+    "AuditLog",
+    "AuditReport",
+    "HeadSigner",
+    "Problem",
+    "SignedHead",
+    "check_chain",
+    "entry_hash",
+    "local_actor",
+    "open_audit",
+    "record",
+]
+
+#: Every action the audit log records.
+ACTIONS = ("publish", "keys.rotate", "device.enroll", "device.revoke", "rollout.start", "rollout.pause",
+           "rollout.resume", "rollout.abort", "rollback", "token.create", "token.revoke")
+#: The environment variable naming the actor of local CLI actions (default ``local:<os user>``).
+ENV_ACTOR = "EDGEML_ACTOR"
+#: The prev_hash of seq 1.
+GENESIS = "0" * 64
+_PG_LOCK_KEY = 0x6564676D61  # pg_advisory_xact_lock key of audit appends ("edgma")
+_HEAD_CONTEXT = b"edgeml-audit-head/1\n"  # signed before the head's JSON, so no other message verifies
+
+
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    """``value`` as an aware UTC datetime (SQLite gives naive datetimes back: they were stored in UTC)."""
+    return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value.astimezone(dt.timezone.utc)
+
+
+def _iso(value: dt.datetime) -> str:
+    return _utc(value).isoformat(timespec="microseconds")
+
+
+def local_actor() -> str:
+    """The actor of a local CLI action: ``$EDGEML_ACTOR``, else ``local:<os user>``."""
+    actor = os.environ.get(ENV_ACTOR)
+    if actor:
+        return actor
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry for the uid (containers)
+        user = str(os.getuid())
+    return f"local:{user}"
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One row of the audit log.
+
+    Attributes:
+        seq: Its position in the chain, from 1.
+        at: When it was appended (UTC).
+        actor: Who did it (``token:<name>``, ``local:<user>``).
+        action: One of :data:`ACTIONS`.
+        subject: What it was done to (a target path, a device id, a token name...).
+        details: More about it (JSON).
+        prev_hash: The previous entry's hash (:data:`GENESIS` for seq 1).
+        hash: :func:`entry_hash` of the fields above.
+    """
+
+    seq: int
+    at: dt.datetime
+    actor: str
+    action: str
+    subject: str
+    details: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+
+def entry_hash(seq: int, at: dt.datetime, actor: str, action: str, subject: str, details: dict[str, Any],
+               prev_hash: str) -> str:
+    """The sha256 (hex) of an entry: over the canonical JSON of its fields and the previous hash."""
+    doc = {"seq": seq, "at": _iso(at), "actor": actor, "action": action, "subject": subject,
+           "details": details, "prev_hash": prev_hash}
+    return hashlib.sha256(_canonical(doc)).hexdigest()
+
+
+@dataclass(frozen=True)
+class SignedHead:
+    """A signature over the chain's head: the last entry's seq and hash at ``signed_at``."""
+
+    seq: int
+    hash: str
+    signed_at: dt.datetime
+    keyid: str
+    signature: str
+
+    def message(self) -> bytes:
+        """The bytes that are signed."""
+        return _HEAD_CONTEXT + _canonical({"seq": self.seq, "hash": self.hash, "signed_at": _iso(self.signed_at)})
+
+    def to_line(self) -> str:
+        """One line of ``heads.log`` (with its newline)."""
+        doc = {"seq": self.seq, "hash": self.hash, "signed_at": _iso(self.signed_at), "keyid": self.keyid,
+               "signature": self.signature}
+        return _canonical(doc).decode() + "\n"
+
+    @classmethod
+    def from_line(cls, line: str) -> SignedHead:
+        """Parse a ``heads.log`` line.
+
+        Raises:
+            ValueError: The line is not a signed head.
+        """
+        doc = json.loads(line)
+        if not isinstance(doc, dict) or not isinstance(doc.get("seq"), int):
+            raise ValueError("not a signed head")
+        return cls(doc["seq"], str(doc["hash"]), dt.datetime.fromisoformat(doc["signed_at"]), str(doc["keyid"]),
+                   str(doc["signature"]))
+
+
+class HeadSigner:
+    """Signs and checks chain heads with one Ed25519 key.
+
+    Args:
+        signer: A securesystemslib signer (its ``public_key`` checks signatures).
+    """
+
+    def __init__(self, signer: Any) -> None:
+        self._signer = signer
+        self.public_key = signer.public_key
+        self.keyid = str(self.public_key.keyid)
+
+    @classmethod
+    def for_registry(cls, registry_dir: Path, *, create: bool = True) -> HeadSigner:
+        """The audit key of a registry, ``DIR/keys/audit.pem``; created on first use when ``create``.
+
+        Raises:
+            MetadataError: The key file is missing (and not ``create``) or unreadable.
+            StorageError: It cannot be created.
+        """
+        from edgeml.fleet import keys
+
+        path = Path(registry_dir) / "keys" / "audit.pem"
+        if create and not path.exists():
+            _create_key_once(path, keys.generate().private_bytes)
+        return cls(keys.load_signer(path))
+
+    def sign(self, seq: int, hash_: str, signed_at: dt.datetime | None = None) -> SignedHead:
+        """Sign ``(seq, hash)`` now (or at ``signed_at``)."""
+        unsigned = SignedHead(seq, hash_, _utc(signed_at or dt.datetime.now(dt.timezone.utc)), self.keyid, "")
+        signature = self._signer.sign(unsigned.message())
+        return SignedHead(seq, hash_, unsigned.signed_at, self.keyid, str(signature.signature))
+
+    def check(self, head: SignedHead) -> bool:
+        """Whether this key signed ``head``."""
+        from securesystemslib.exceptions import Error as SslibError
+        from securesystemslib.signer import Signature
+
+        if head.keyid != self.keyid:
+            return False
+        try:
+            self.public_key.verify_signature(Signature(head.keyid, head.signature), head.message())
+        except (SslibError, ValueError):
+            return False
+        return True
+
+
+def _create_key_once(path: Path, pem: bytes) -> None:
+    """Write ``pem`` to ``path`` (0600) unless a concurrent creator got there first."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(pem)
+            fh.flush()
+            os.fsync(fh.fileno())
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)  # atomic create-if-absent: the first key wins
+    except OSError as exc:
+        raise StorageError(f"cannot create the audit key {path}: {exc.strerror}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing :meth:`AuditLog.verify` found wrong: the seq, the kind and a one-line reason."""
+
+    seq: int
+    kind: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """The result of :meth:`AuditLog.verify`.
+
+    Attributes:
+        entries: How many rows the chain has.
+        last_seq: The last row's seq (0: none).
+        heads_checked: How many signed heads (database and file) were checked.
+        problems: Everything found wrong, lowest seq first (empty: the log is intact).
+    """
+
+    entries: int
+    last_seq: int
+    heads_checked: int
+    problems: tuple[Problem, ...] = field(default_factory=tuple)
+
+    @property
+    def ok(self) -> bool:
+        """Whether nothing was found wrong."""
+        return not self.problems
+
+    @property
+    def kind(self) -> str | None:
+        """The first problem's kind: ``"edit"``, ``"deletion"``, ``"truncation"`` or ``"bad-signature"``."""
+        return self.problems[0].kind if self.problems else None
+
+    @property
+    def bad_seq(self) -> int | None:
+        """The seq of the first problem."""
+        return self.problems[0].seq if self.problems else None
+
+    def summary(self) -> str:
+        """One line: ``ok: ...`` or ``tampered: KIND at seq N: reason``."""
+        if self.ok:
+            return f"ok: {self.entries} entries, last seq {self.last_seq}, {self.heads_checked} signed heads checked"
+        first = self.problems[0]
+        more = f" (and {len(self.problems) - 1} more)" if len(self.problems) > 1 else ""
+        return f"tampered: {first.kind} at seq {first.seq}: {first.reason}{more}"
+
+
+class AuditLog:
+    """The audit log in ``db``, its heads signed by ``signer`` and appended to ``heads_file``.
+
+    Args:
+        db: The registry's :class:`~edgeml.fleet.db.Database`.
+        signer: The :class:`HeadSigner` of the audit key (None: no key yet; the log can be read, and
+            verified while it is empty, but not appended to).
+        heads_file: The append-only file of signed heads (None: heads go to the database only, and a
+            truncation that also removes the heads' rows goes unnoticed).
+    """
+
+    def __init__(self, db: Any, signer: HeadSigner | None, heads_file: Path | None = None) -> None:
+        self.db = db
+        self.signer = signer
+        self.heads_file = heads_file
+        self._pending: list[SignedHead] = []
+
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        """A database transaction for appends; their heads go to the heads file once it has committed."""
+        try:
+            with self.db.transaction() as conn:
+                yield conn
+        except BaseException:
+            self._pending.clear()
+            raise
+        self.flush_heads()
+
+    def append(self, actor: str, action: str, subject: str, details: dict[str, Any] | None = None, *,
+               conn: Any = None) -> AuditEntry:
+        """Append one entry and sign the new head.
+
+        With ``conn`` the entry joins the caller's transaction: call :meth:`flush_heads` after it commits
+        (or use :meth:`transaction`, which does). Without, the entry is committed in its own transaction.
+
+        Args:
+            actor: Who did it (``token:<name>``, ``local:<user>``).
+            action: One of :data:`ACTIONS`.
+            subject: What it was done to.
+            details: JSON-serializable facts about it.
+            conn: A connection inside a transaction of :attr:`db` (None: a new transaction).
+
+        Raises:
+            ConfigError: An unknown action, an empty actor, or details that are not JSON.
+            RegistryError: The database failed; nothing was appended.
+        """
+        if conn is None:
+            with self.transaction() as own:
+                return self.append(actor, action, subject, details, conn=own)
+        doc = _checked(actor, action, subject, details)
+        self._lock(conn)
+        t, sa = self.db.tables["audit"], self.db.sa
+        last = conn.execute(sa.select(t.c.seq, t.c.hash).order_by(t.c.seq.desc()).limit(1)).first()
+        seq, prev = (int(last[0]) + 1, str(last[1])) if last is not None else (1, GENESIS)
+        at = dt.datetime.now(dt.timezone.utc)
+        digest = entry_hash(seq, at, actor, action, subject, doc, prev)
+        conn.execute(t.insert().values(seq=seq, at=at, actor=actor, action=action, subject=subject, details=doc,
+                                       prev_hash=prev, hash=digest))
+        self._store_head(conn, self._key().sign(seq, digest))
+        return AuditEntry(seq, at, actor, action, subject, doc, prev, digest)
+
+    def sign_head(self) -> SignedHead | None:
+        """Sign the current head again (e.g. on a timer, to show when it was last seen); None: log empty.
+
+        Raises:
+            RegistryError: The database failed.
+        """
+        with self.transaction() as conn:
+            self._lock(conn)
+            t, sa = self.db.tables["audit"], self.db.sa
+            last = conn.execute(sa.select(t.c.seq, t.c.hash).order_by(t.c.seq.desc()).limit(1)).first()
+            if last is None:
+                return None
+            head = self._key().sign(int(last[0]), str(last[1]))
+            self._store_head(conn, head)
+        return head
+
+    def flush_heads(self) -> None:
+        """Append the heads signed in committed transactions to the heads file.
+
+        Raises:
+            StorageError: The file cannot be written.
+        """
+        pending, self._pending = self._pending, []
+        if self.heads_file is None or not pending:
+            return
+        try:
+            self.heads_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self.heads_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                os.write(fd, "".join(h.to_line() for h in pending).encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise StorageError(f"cannot append to {self.heads_file}: {exc.strerror}") from exc
+
+    def _store_head(self, conn: Any, head: SignedHead) -> None:
+        conn.execute(self.db.tables["audit_heads"].insert().values(
+            seq=head.seq, hash=head.hash, signed_at=head.signed_at, keyid=head.keyid, signature=head.signature))
+        self._pending.append(head)
+
+    def _lock(self, conn: Any) -> None:
+        """Serialize appends before the last seq is read (held until the transaction ends)."""
+        if conn.dialect.name == "postgresql":
+            conn.execute(self.db.sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY})
+        elif conn.dialect.name == "sqlite":
+            if not conn.connection.dbapi_connection.in_transaction:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            else:  # a write takes SQLite's write lock, even one that changes no row
+                conn.exec_driver_sql("UPDATE audit SET seq = seq WHERE 1 = 0")
+
+    def entries(self, *, limit: int | None = None) -> list[AuditEntry]:
+        """The entries in seq order (with ``limit``: the last ``limit`` of them).
+
+        Raises:
+            RegistryError: The database failed.
+        """
+        t, sa = self.db.tables["audit"], self.db.sa
+        query = sa.select(t).order_by(t.c.seq.desc() if limit else t.c.seq)
+        if limit:
+            query = query.limit(limit)
+        with self.db.transaction() as conn:
+            rows = conn.execute(query).mappings().all()
+        entries = [AuditEntry(int(r["seq"]), _utc(r["at"]), r["actor"], r["action"], r["subject"], r["details"],
+                              r["prev_hash"], r["hash"]) for r in rows]
+        return sorted(entries, key=lambda e: e.seq)
+
+    def heads(self) -> tuple[list[SignedHead], list[SignedHead | int]]:
+        """``(heads in the database, heads in the file)``; an unparseable file line appears as its line number.
+
+        Raises:
+            RegistryError: The database failed.
+            StorageError: The heads file exists but cannot be read.
+        """
+        t, sa = self.db.tables["audit_heads"], self.db.sa
+        with self.db.transaction() as conn:
+            rows = conn.execute(sa.select(t).order_by(t.c.id)).mappings().all()
+        in_db = [SignedHead(int(r["seq"]), r["hash"], _utc(r["signed_at"]), r["keyid"], r["signature"]) for r in rows]
+        in_file: list[SignedHead | int] = []
+        if self.heads_file is not None:
+            try:
+                lines = self.heads_file.read_text().splitlines() if self.heads_file.exists() else []
+            except OSError as exc:
+                raise StorageError(f"cannot read {self.heads_file}: {exc.strerror}") from exc
+            for number, line in enumerate(lines, 1):
+                try:
+                    in_file.append(SignedHead.from_line(line))
+                except (ValueError, KeyError, TypeError):
+                    in_file.append(number)
+        return in_db, in_file
+
+    def verify(self) -> AuditReport:
+        """Recompute the chain and check every signed head (see the module docstring for the kinds).
+
+        Raises:
+            RegistryError: The database failed.
+            StorageError: The heads file cannot be read.
+        """
+        entries = self.entries()
+        in_db, in_file = self.heads()
+        if self.signer is None and not (entries or in_db or in_file):
+            return AuditReport(0, 0, 0)
+        return check_chain(entries, in_db, in_file, self._key())
+
+    def _key(self) -> HeadSigner:
+        if self.signer is None:
+            raise MetadataError("the audit key (DIR/keys/audit.pem) is missing",
+                                hint="restore it from the registry's backup; without it no head can be checked")
+        return self.signer
+
+
+def check_chain(entries: list[AuditEntry], in_db: list[SignedHead], in_file: list[SignedHead | int],
+                signer: HeadSigner) -> AuditReport:
+    """The rules of :meth:`AuditLog.verify`, without I/O.
+
+    Args:
+        entries: The rows in seq order.
+        in_db: The signed heads in the database.
+        in_file: The signed heads in the heads file (an int: the number of a line that is not a head).
+        signer: The audit key (only its public key is used).
+    """
+    problems: list[Problem] = []
+    by_seq = {e.seq: e for e in entries}
+    expected, prev = 1, GENESIS
+    for e in entries:
+        if e.seq != expected:
+            problems.append(Problem(expected, "deletion", f"seq {expected}..{e.seq - 1} missing"))
+        elif e.prev_hash != prev:
+            problems.append(Problem(e.seq, "deletion", f"prev_hash is not seq {e.seq - 1}'s hash (rows removed "
+                                                       "or re-linked)"))
+        if entry_hash(e.seq, e.at, e.actor, e.action, e.subject, e.details, e.prev_hash) != e.hash:
+            problems.append(Problem(e.seq, "edit", "the row's content does not match its hash"))
+        expected, prev = e.seq + 1, e.hash
+    last_seq = entries[-1].seq if entries else 0
+    heads = [(h, "database") for h in in_db] + [(h, "heads file") for h in in_file]
+    for head, where in heads:
+        if isinstance(head, int):
+            problems.append(Problem(last_seq, "bad-signature", f"{where} line {head} is not a signed head"))
+        elif not signer.check(head):
+            problems.append(Problem(head.seq, "bad-signature", f"the {where}'s head for seq {head.seq} is not "
+                                                               "signed by the audit key"))
+        elif head.seq > last_seq:
+            problems.append(Problem(last_seq + 1, "truncation", f"the {where} has a signed head at seq "
+                                                                f"{head.seq}, the log ends at seq {last_seq}"))
+        elif head.seq not in by_seq:
+            problems.append(Problem(head.seq, "deletion", f"the {where} has a signed head at seq {head.seq}, "
+                                                          "which is missing"))
+        elif by_seq[head.seq].hash != head.hash:
+            problems.append(Problem(head.seq, "edit", f"seq {head.seq}'s hash differs from the {where}'s "
+                                                      "signed head"))
+    order = {"edit": 0, "deletion": 1, "truncation": 2, "bad-signature": 3}
+    first = {(p.seq, p.kind): p for p in reversed(problems)}  # one per (seq, kind): the first found
+    return AuditReport(len(entries), last_seq, len(heads), tuple(sorted(first.values(),
+                                                                        key=lambda p: (p.seq, order[p.kind]))))
+
+
+def _checked(actor: str, action: str, subject: str, details: dict[str, Any] | None) -> dict[str, Any]:
+    """``details`` as it will read back from the database; raises ConfigError for a bad entry."""
+    if action not in ACTIONS:
+        raise ConfigError(f"unknown audit action {action!r}", hint="one of: " + ", ".join(ACTIONS))
+    if not actor or not isinstance(subject, str):
+        raise ConfigError("an audit entry needs an actor and a subject")
+    try:
+        doc = json.loads(_canonical(details or {}))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"audit details must be JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ConfigError("audit details must be a JSON object")
+    return doc
+
+
+def open_audit(registry_dir: Path, *, db_url: str | None = None, create_key: bool = True, db: Any = None) -> AuditLog:
+    """The audit log of the registry in ``registry_dir``: its database, ``keys/audit.pem``, ``audit/heads.log``.
+
+    Close it with ``log.db.close()``; pass ``db`` to use a :class:`~edgeml.fleet.db.Database` already open
+    (e.g. to append inside a transaction of it, with :meth:`AuditLog.transaction`).
+
+    Raises:
+        RegistryError: ``registry_dir`` is not a registry.
+        MetadataError: The audit key is unreadable.
+    """
+    from edgeml.fleet.registry import Registry
+
+    registry = Registry(registry_dir, db_url=db_url)
+    exists = (registry.dir / "keys" / "audit.pem").exists()
+    signer = HeadSigner.for_registry(registry.dir, create=create_key) if create_key or exists else None
+    return AuditLog(db if db is not None else registry.database(), signer, registry.dir / "audit" / "heads.log")
+
+
+def record(registry_dir: Path, actor: str, action: str, subject: str, details: dict[str, Any] | None = None, *,
+           db_url: str | None = None) -> AuditEntry:
+    """Append one entry to a registry's audit log, in its own transaction, and sign the new head.
+
+    Args:
+        registry_dir: The registry directory.
+        actor: Who did it (:func:`local_actor` for the local CLI, ``Principal.actor`` over HTTP).
+        action: One of :data:`ACTIONS`.
+        subject: What it was done to.
+        details: JSON-serializable facts about it.
+        db_url: The registry database's URL (default: as :class:`~edgeml.fleet.registry.Registry` resolves it).
+
+    Raises:
+        ConfigError: An unknown action or details that are not JSON.
+        RegistryError: The registry or its database failed.
+        MetadataError: The audit key cannot be read.
+    """
+    log = open_audit(registry_dir, db_url=db_url)
+    try:
+        return log.append(actor, action, subject, details)
+    finally:
+        log.db.close()
+

@@ -1,0 +1,269 @@
+"""The audit log on SQLite and on a real PostgreSQL: a hash chain whose heads are signed into the database
+and into ``DIR/audit/heads.log``; every kind of tampering is reported at the right seq, concurrent appends
+from several processes make one gapless chain, and ``edgeml fleet audit verify`` exits 0 or 1."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgeml.errors import ConfigError, MetadataError
+from edgeml.fleet.audit import ACTIONS, GENESIS, AuditLog, HeadSigner, SignedHead, entry_hash, open_audit, record
+from edgeml.fleet.keys import generate
+from edgeml.fleet.registry import Registry, init_registry
+from tests.conftest import REPO_ROOT, RunCli
+from tests.fleet.test_db import db_url  # noqa: F401 - the sqlite/postgresql fixture
+
+ENTRIES = 5
+PROCESSES, EACH = 4, 25
+
+
+@pytest.fixture
+def registry(db_url: str, tmp_path: Path) -> Registry:  # noqa: F811 - db_url is the imported fixture
+    return init_registry(tmp_path / "reg", db_url=db_url)
+
+
+@pytest.fixture
+def log(registry: Registry, db_url: str) -> Iterator[AuditLog]:  # noqa: F811
+    audit = open_audit(registry.dir, db_url=db_url)
+    yield audit
+    audit.db.close()
+
+
+def _fill(log: AuditLog, n: int = ENTRIES) -> None:
+    for i in range(1, n + 1):
+        log.append(f"local:user{i}", ACTIONS[i % len(ACTIONS)], f"digits/1.{i}.0", {"i": i, "tags": ["a", "b"]})
+
+
+def _sql(log: AuditLog, statement: str, **params: Any) -> None:
+    with log.db.transaction() as conn:
+        conn.execute(log.db.sa.text(statement), params)
+
+
+def test_appends_make_a_signed_chain(log: AuditLog) -> None:
+    _fill(log)
+    entries = log.entries()
+    assert [e.seq for e in entries] == [1, 2, 3, 4, 5]
+    assert [e.prev_hash for e in entries] == [GENESIS] + [e.hash for e in entries[:-1]]
+    assert all(e.hash == entry_hash(e.seq, e.at, e.actor, e.action, e.subject, e.details, e.prev_hash)
+               for e in entries)
+    assert entries[2].details == {"i": 3, "tags": ["a", "b"]} and entries[2].actor == "local:user3"
+    in_db, in_file = log.heads()
+    assert [h.seq for h in in_db] == [1, 2, 3, 4, 5] and in_file == in_db
+    assert [e.seq for e in log.entries(limit=2)] == [4, 5]
+    report = log.verify()
+    assert (report.ok, report.entries, report.last_seq, report.heads_checked) == (True, 5, 5, 10)
+    assert report.summary() == "ok: 5 entries, last seq 5, 10 signed heads checked"
+
+
+def test_sign_head_again_and_empty_log(log: AuditLog) -> None:
+    assert log.sign_head() is None and log.verify().ok
+    _fill(log, 2)
+    head = log.sign_head()
+    assert head is not None and head.seq == 2 and head.hash == log.entries()[-1].hash
+    assert log.verify().heads_checked == 6
+
+
+def _rechain_from(log: AuditLog, seq: int) -> None:
+    """An attacker who edits seq's details and recomputes every hash and link after it (but cannot sign)."""
+    _sql(log, "UPDATE audit SET subject = 'evil' WHERE seq = :seq", seq=seq)
+    prev = next(e.hash for e in log.entries() if e.seq == seq - 1) if seq > 1 else GENESIS
+    for e in log.entries():
+        if e.seq >= seq:
+            digest = entry_hash(e.seq, e.at, e.actor, e.action, e.subject, e.details, prev)
+            _sql(log, "UPDATE audit SET prev_hash = :p, hash = :h WHERE seq = :s", p=prev, h=digest, s=e.seq)
+            prev = digest
+
+
+def _forge_db_head(log: AuditLog, seq: int) -> None:
+    forged = HeadSigner(generate()).sign(seq, log.entries()[seq - 1].hash)
+    _sql(log, "UPDATE audit_heads SET signature = :sig WHERE seq = :seq", sig=forged.signature, seq=seq)
+
+
+def _forge_file_head(log: AuditLog, seq: int) -> None:
+    assert log.heads_file is not None
+    lines = log.heads_file.read_text().splitlines()
+    other = HeadSigner(generate()).sign(seq, "f" * 64)
+    doc = json.loads(lines[seq - 1]) | {"hash": "f" * 64, "signature": other.signature}
+    lines[seq - 1] = json.dumps(doc)
+    log.heads_file.write_text("\n".join(lines) + "\n")
+
+
+def _truncate(log: AuditLog, seq: int) -> None:
+    _sql(log, "DELETE FROM audit WHERE seq >= :seq", seq=seq)
+    _sql(log, "DELETE FROM audit_heads WHERE seq >= :seq", seq=seq)
+
+
+TAMPERING: list[tuple[str, Callable[[AuditLog], None], str, int]] = [
+    ("edit details", lambda log: _sql(log, """UPDATE audit SET details = '{"i": 99}' WHERE seq = 3"""), "edit", 3),
+    ("edit actor", lambda log: _sql(log, "UPDATE audit SET actor = 'local:eve' WHERE seq = 1"), "edit", 1),
+    ("edit and rechain", lambda log: _rechain_from(log, 2), "edit", 2),
+    ("delete middle row", lambda log: _sql(log, "DELETE FROM audit WHERE seq = 3"), "deletion", 3),
+    ("delete first row", lambda log: _sql(log, "DELETE FROM audit WHERE seq = 1"), "deletion", 1),
+    ("delete last rows and their heads", lambda log: _truncate(log, 4), "truncation", 4),
+    ("forge a head in the database", lambda log: _forge_db_head(log, 2), "bad-signature", 2),
+    ("forge a head in the file", lambda log: _forge_file_head(log, 4), "bad-signature", 4),
+]
+
+
+@pytest.mark.parametrize(("tamper", "kind", "seq"), [c[1:] for c in TAMPERING], ids=[c[0] for c in TAMPERING])
+def test_tampering_is_reported_with_kind_and_seq(log: AuditLog, tamper: Callable[[AuditLog], None], kind: str,
+                                                  seq: int) -> None:
+    _fill(log)
+    assert log.verify().ok
+    tamper(log)
+    report = log.verify()
+    assert (report.ok, report.kind, report.bad_seq) == (False, kind, seq), report.problems
+    assert report.summary().startswith(f"tampered: {kind} at seq {seq}: ")
+
+
+def test_truncating_the_heads_file_too_goes_unnoticed_only_for_what_it_no_longer_names(log: AuditLog) -> None:
+    """Documented limit: the heads file is the anchor; cut it as well and only its remaining lines count."""
+    _fill(log)
+    _truncate(log, 4)
+    assert log.heads_file is not None
+    lines = log.heads_file.read_text().splitlines(keepends=True)
+    log.heads_file.write_text("".join(lines[:4]))  # still names seq 4
+    assert (log.verify().kind, log.verify().bad_seq) == ("truncation", 4)
+    log.heads_file.write_text("".join(lines[:3]))
+    assert log.verify().ok
+
+
+def test_a_rolled_back_transaction_leaves_no_entry_and_no_head(log: AuditLog) -> None:
+    _fill(log, 1)
+    with pytest.raises(RuntimeError), log.transaction() as conn:
+        log.append("local:a", "publish", "digits/2.0.0", {}, conn=conn)
+        raise RuntimeError("the action failed")
+    assert [e.seq for e in log.entries()] == [1]
+    assert len(log.heads()[1]) == 1
+    log.append("local:a", "publish", "digits/2.0.0")
+    assert log.verify().ok and log.verify().last_seq == 2
+
+
+def test_append_joins_a_transaction_that_already_wrote(registry: Registry) -> None:
+    """On SQLite the caller's transaction already holds the write lock; on PostgreSQL the advisory lock."""
+    db = registry.database()
+    log = open_audit(registry.dir, db=db)
+    try:
+        with log.transaction() as conn:
+            conn.execute(db.tables["models"].insert().values(name="digits"))
+            entry = log.append("local:a", "publish", "digits/1.0.0", {"sha256": "ab"}, conn=conn)
+        assert entry.seq == 1 and log.verify().ok and len(log.heads()[1]) == 1
+        assert [r["name"] for r in db.versions()] == [] and log.db is db
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize(("action", "details", "message"), [
+    ("deploy", {}, "unknown audit action 'deploy'"),
+    ("publish", {"x": {1, 2}}, "audit details must be JSON"),
+    ("publish", {"x": float("nan")}, "audit details must be JSON"),
+])
+def test_bad_entries_are_refused(log: AuditLog, action: str, details: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        log.append("local:a", action, "s", details)
+    assert log.entries() == []
+
+
+def test_record_and_actor_from_environment(registry: Registry, db_url: str,  # noqa: F811
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeml.fleet.audit import local_actor
+
+    monkeypatch.setenv("EDGEML_ACTOR", "ci:pipeline-7")
+    entry = record(registry.dir, local_actor(), "keys.rotate", "root", {"version": 2}, db_url=db_url)
+    assert (entry.seq, entry.actor, entry.action) == (1, "ci:pipeline-7", "keys.rotate")
+    monkeypatch.delenv("EDGEML_ACTOR")
+    assert local_actor().startswith("local:")
+    assert (registry.dir / "keys" / "audit.pem").stat().st_mode & 0o777 == 0o600
+
+
+def test_reading_needs_no_key_but_verifying_entries_does(registry: Registry, db_url: str,  # noqa: F811
+                                                          run_cli: RunCli) -> None:
+    env = {"EDGEML_FLEET_DB_URL": db_url}
+    fresh = run_cli("fleet", "audit", "verify", registry.dir, env=env)
+    assert (fresh.returncode, fresh.stdout) == (0, "ok: 0 entries, last seq 0, 0 signed heads checked\n")
+    assert not (registry.dir / "keys" / "audit.pem").exists()  # reading created no key
+    record(registry.dir, "local:a", "publish", "digits/1.0.0", db_url=db_url)
+    (registry.dir / "keys" / "audit.pem").unlink()
+    log = open_audit(registry.dir, db_url=db_url, create_key=False)
+    try:
+        assert [e.seq for e in log.entries()] == [1]
+        with pytest.raises(MetadataError, match="audit key .* is missing"):
+            log.verify()
+        with pytest.raises(MetadataError, match="audit key .* is missing"):
+            log.append("local:a", "publish", "digits/2.0.0")
+    finally:
+        log.db.close()
+    missing = run_cli("fleet", "audit", "verify", registry.dir, env=env)
+    assert (missing.returncode, missing.stderr.splitlines()[0]) == (
+        2, "error: the audit key (DIR/keys/audit.pem) is missing")
+
+
+_WORKER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from edgeml.fleet.audit import open_audit
+    reg, url, who, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    log = open_audit(Path(reg), db_url=url)
+    while not (Path(reg) / "go").exists():
+        time.sleep(0.01)
+    for i in range(n):
+        log.append(f"local:{who}", "publish", f"m/{who}/{i}", {"i": i})
+    log.db.close()
+""")
+
+
+def test_concurrent_appends_from_processes_make_one_gapless_chain(registry: Registry, db_url: str) -> None:  # noqa: F811
+    open_audit(registry.dir, db_url=db_url).db.close()  # the audit key exists before the race
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(registry.dir), db_url, f"w{k}", str(EACH)],
+                              stderr=subprocess.PIPE, text=True, env=env) for k in range(PROCESSES)]
+    (registry.dir / "go").touch()
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * PROCESSES, errors
+    log = open_audit(registry.dir, db_url=db_url)
+    try:
+        entries = log.entries()
+        assert [e.seq for e in entries] == list(range(1, PROCESSES * EACH + 1))
+        for k in range(PROCESSES):  # each process's entries are in its own order
+            assert [e.details["i"] for e in entries if e.actor == f"local:w{k}"] == list(range(EACH))
+        report = log.verify()
+        assert (report.ok, report.entries, report.heads_checked) == (True, 100, 200), report.problems
+    finally:
+        log.db.close()
+
+
+def test_heads_file_lines_round_trip(log: AuditLog) -> None:
+    _fill(log, 1)
+    head = log.heads()[0][0]
+    assert SignedHead.from_line(head.to_line()) == head
+    assert log.signer.check(head)
+
+
+def test_cli_audit_ls_and_verify(registry: Registry, db_url: str, run_cli: RunCli) -> None:  # noqa: F811
+    env = {"EDGEML_FLEET_DB_URL": db_url, "EDGEML_ACTOR": "ci:test"}
+    created = run_cli("fleet", "tokens", "create", registry.dir, "alice", "--role", "operator", env=env)
+    assert created.returncode == 0, created.stderr
+    run_cli("fleet", "tokens", "revoke", registry.dir, "alice", env=env)
+    listed = run_cli("fleet", "audit", "ls", registry.dir, env=env)
+    lines = listed.stdout.splitlines()
+    assert [line.split()[2:5] for line in lines] == [["ci:test", "token.create", "alice"],
+                                                     ["ci:test", "token.revoke", "alice"]]
+    ok = run_cli("fleet", "audit", "verify", registry.dir, env=env)
+    assert (ok.returncode, ok.stdout) == (0, "ok: 2 entries, last seq 2, 4 signed heads checked\n")
+    log = open_audit(registry.dir, db_url=db_url)
+    try:
+        _sql(log, "UPDATE audit SET subject = 'bob' WHERE seq = 2")
+    finally:
+        log.db.close()
+    bad = run_cli("fleet", "audit", "verify", registry.dir, env=env)
+    assert bad.returncode == 1
+    assert bad.stdout == "tampered: edit at seq 2: the row's content does not match its hash\n"
