@@ -22,7 +22,13 @@ The tree::
     ├── RegistryError               the fleet registry cannot be opened or changed
     │   ├── MetadataError           signed metadata or a key is missing, unreadable or inconsistent
     │   └── TargetExistsError       a different file is already published under that name/version/target
-    └── UpdateVerificationError     a device refused an update that failed TUF verification (carries kind)
+    ├── UpdateVerificationError     a device refused an update that failed TUF verification (carries kind)
+    ├── ProtocolError               an MQTT topic or message breaks the protocol (edgeml.protocol)
+    ├── AuthError                   a fleet API request without a valid operator token, 401 (edgeml.fleet.auth)
+    │   └── ForbiddenError          a token whose role is too low for the action, 403
+    ├── PreprocessError             a raw inference request does not fit the manifest's preprocessing
+    ├── ModelNotFound / NotServing  a local inference request for another model / before any model serves
+    └── ...                         a few more, each defined beside the code that raises it
 """
 
 from __future__ import annotations

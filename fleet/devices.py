@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeml.errors import ConfigError, RegistryError
+from edgeml.fleet.audit import local_actor, open_audit
 from edgeml.fsutil import atomic_write_bytes
 from edgeml.protocol import ProtocolError, mosquitto_acl, validate_device_id
 
@@ -106,7 +107,7 @@ def _listener_port(broker_dir: Path) -> int:
 
 def enroll(registry_dir: Path, name: str, broker_dir: Path, *, tags: dict[str, str] | None = None,
            broker_host: str = "localhost", broker_port: int | None = None, fleet_user: str = "fleet",
-           db_url: str | None = None) -> Path:
+           db_url: str | None = None, actor: str | None = None) -> Path:
     """Enroll device ``name``; returns the path of its bootstrap file (0600, hand it to the device only).
 
     Raises:
@@ -132,7 +133,8 @@ def enroll(registry_dir: Path, name: str, broker_dir: Path, *, tags: dict[str, s
     bootstrap = broker_dir / "credentials" / f"{name}.bootstrap.json"
     db = registry.database()
     try:
-        with registry.locked(), db.transaction() as conn:
+        log = open_audit(registry.dir, db=db)
+        with registry.locked(), log.transaction() as conn:
             t = db.tables["devices"]
             if conn.execute(db.sa.select(t.c.id).where(t.c.device_id == name)).scalar() is not None:
                 raise RegistryError(f"device {name!r} is already enrolled",
@@ -140,6 +142,7 @@ def enroll(registry_dir: Path, name: str, broker_dir: Path, *, tags: dict[str, s
             conn.execute(t.insert().values(device_id=name, tags=dict(tags or {}), password_hash=hash_password(password),
                                            revoked=False, created_at=dt.datetime.now(dt.timezone.utc)))
             regenerate_broker_files(broker_dir, _active(db, conn), fleet_user=fleet_user)
+            log.append(actor or local_actor(), "device.enroll", name, {"tags": dict(tags or {})}, conn=conn)
             doc = {"device_id": name, "username": name, "password": password, "host": broker_host,
                    "port": broker_port or _listener_port(broker_dir), "ca_pem": ca_pem,
                    "tuf_root_b64": base64.b64encode(root).decode()}
@@ -152,7 +155,7 @@ def enroll(registry_dir: Path, name: str, broker_dir: Path, *, tags: dict[str, s
 
 
 def revoke(registry_dir: Path, name: str, broker_dir: Path, *, broker_pid: int | None = None,
-           fleet_user: str = "fleet", db_url: str | None = None) -> None:
+           fleet_user: str = "fleet", db_url: str | None = None, actor: str | None = None) -> None:
     """Revoke device ``name``: its broker login is removed; with ``broker_pid`` the broker reloads now.
 
     Raises:
@@ -162,13 +165,15 @@ def revoke(registry_dir: Path, name: str, broker_dir: Path, *, broker_pid: int |
     registry = _registry(registry_dir, db_url)
     db = registry.database()
     try:
-        with registry.locked(), db.transaction() as conn:
+        log = open_audit(registry.dir, db=db)
+        with registry.locked(), log.transaction() as conn:
             t = db.tables["devices"]
             if conn.execute(db.sa.select(t.c.id).where(t.c.device_id == name)).scalar() is None:
                 raise RegistryError(f"no device {name!r} is enrolled",
                                     hint="list them with `edgeml fleet devices ls DIR`")
             conn.execute(t.update().where(t.c.device_id == name).values(revoked=True))
             regenerate_broker_files(Path(broker_dir), _active(db, conn), fleet_user=fleet_user)
+            log.append(actor or local_actor(), "device.revoke", name, {}, conn=conn)
     finally:
         db.close()
     if broker_pid is not None:

@@ -192,12 +192,13 @@ class Registry:
         """Target path -> TargetFile, as currently signed."""
         return dict(self.load_roles()["targets"].signed.targets)
 
-    def publish(self, bundle: Path, *, channel: str | None = "stable") -> Published:
-        """Verify a bundle and publish it as a signed target.
+    def publish(self, bundle: Path, *, channel: str | None = "stable", actor: str | None = None) -> Published:
+        """Verify a bundle and publish it as a signed target (recorded in the audit log).
 
         Args:
             bundle: The ``.edgeml`` file.
             channel: The channel to point at this version (None: none).
+            actor: Who publishes, for the audit log (default: ``$EDGEML_ACTOR`` or the local user).
 
         Raises:
             BundleError: The bundle is malformed or its files do not match its manifest.
@@ -219,10 +220,12 @@ class Registry:
                 sha = target.hashes["sha256"]
                 if not tuf_repo.add_target(roles, target, signers):
                     return Published(target.path, sha, target.length, roles["targets"].signed.version, False)
-                self._commit(staged, roles, target, channel)
+                self._commit(staged, roles, target, channel, actor)
         return Published(target.path, sha, target.length, roles["targets"].signed.version, changed=True)
 
-    def _commit(self, staged: Path, roles: dict[str, Any], target: Any, channel: str | None) -> None:
+    def _commit(self, staged: Path, roles: dict[str, Any], target: Any, channel: str | None,
+                actor: str | None) -> None:
+        from edgeml.fleet.audit import local_actor, open_audit
         from edgeml.fleet.tuf_repo import hashed_target_path
 
         custom = target.custom
@@ -231,8 +234,12 @@ class Registry:
                   "length": target.length, "targets_version": roles["targets"].signed.version}
         db = self.database()
         try:
-            with db.transaction() as conn:
+            log = open_audit(self.dir, db=db)
+            with log.transaction() as conn:
                 db.record_version(conn, fields, channel)
+                log.append(actor or local_actor(), "publish", target.path,
+                           {"sha256": target.hashes["sha256"], "length": target.length, "channel": channel,
+                            "targets_version": roles["targets"].signed.version}, conn=conn)
                 stored = self.targets_dir / hashed_target_path(target.path, target.hashes["sha256"])
                 stored.parent.mkdir(parents=True, exist_ok=True)
                 if not stored.exists():  # content-addressed: an existing name holds the same bytes
@@ -255,8 +262,9 @@ class Registry:
             _write_roles(self.metadata_dir, roles, ("timestamp",))
             return int(roles["timestamp"].signed.version)
 
-    def rotate_root(self, offline_keys: Path, *, new_keys: int = 1, threshold: int = 1) -> int:
-        """Replace the root keys; the new root is signed by the old and new keys.
+    def rotate_root(self, offline_keys: Path, *, new_keys: int = 1, threshold: int = 1,
+                    actor: str | None = None) -> int:
+        """Replace the root keys; the new root is signed by the old and new keys (recorded in the audit log).
 
         The old key files move to ``offline_keys/retired/``. Returns the new root version.
 
@@ -264,6 +272,7 @@ class Registry:
             MetadataError: The offline keys are missing or too few.
         """
         from edgeml.fleet import keys, tuf_repo
+        from edgeml.fleet.audit import local_actor, record
 
         with self.locked():
             old = keys.load_root_signers(offline_keys)
@@ -278,6 +287,8 @@ class Registry:
             for i, signer in enumerate(new_signers, 1):
                 keys.save_signer(signer, offline_keys / f"root-{i}.pem")
             _write_roles(self.metadata_dir, roles, ("root",))
+            record(self.dir, actor or local_actor(), "keys.rotate", "root",
+                   {"version": version, "new_keys": new_keys, "threshold": threshold}, db_url=self._db_url)
             return version
 
 

@@ -267,3 +267,28 @@ def test_cli_audit_ls_and_verify(registry: Registry, db_url: str, run_cli: RunCl
     bad = run_cli("fleet", "audit", "verify", registry.dir, env=env)
     assert bad.returncode == 1
     assert bad.stdout == "tampered: edit at seq 2: the row's content does not match its hash\n"
+
+
+def test_fleet_actions_are_audited_with_their_actor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """publish, enroll, revoke and a root key rotation each append one entry, and the chain verifies."""
+    from edgeml.bundle import write_bundle
+    from edgeml.fleet.broker import write_broker_config
+    from edgeml.fleet.devices import enroll, revoke
+    from tests.fleet.conftest import manifest
+
+    monkeypatch.setenv("EDGEML_ACTOR", "ci:alice")
+    reg = init_registry(tmp_path / "reg")
+    (tmp_path / "model.onnx").write_bytes(b"weights")
+    bundle = tmp_path / "b.edgeml"
+    write_bundle(bundle, manifest(), {"model.onnx": tmp_path / "model.onnx"})
+    reg.publish(bundle)
+    reg.publish(bundle)  # the same file again changes nothing and records nothing
+    write_broker_config(tmp_path / "broker", [], hostname="localhost")
+    enroll(reg.dir, "cam-1", tmp_path / "broker", tags={"site": "lab"})
+    revoke(reg.dir, "cam-1", tmp_path / "broker", actor="token:ops")
+    reg.rotate_root(reg.dir / "offline-keys")
+    log = open_audit(reg.dir)
+    rows = [(e.actor, e.action, e.subject) for e in log.entries()]
+    assert rows == [("ci:alice", "publish", "digits/1.0.0/onnx-fp32.edgeml"), ("ci:alice", "device.enroll", "cam-1"),
+                    ("token:ops", "device.revoke", "cam-1"), ("ci:alice", "keys.rotate", "root")]
+    assert log.verify().ok
