@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from edgeml.compile.cli import compile_command
+from edgeml.edge_agent.cli import agent_app
 from edgeml.errors import EdgeMLError
 from edgeml.fleet.cli import fleet_app
 from edgeml.train.cli import train_command
@@ -31,6 +32,7 @@ app = typer.Typer(
 app.command("compile", no_args_is_help=True)(compile_command)
 app.command("train", no_args_is_help=True)(train_command)
 app.add_typer(fleet_app)
+app.add_typer(agent_app)
 
 
 @app.command("inspect")

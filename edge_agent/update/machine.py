@@ -59,6 +59,20 @@ class UpdateMachine:
         self.threads = threads
         self.poll_s = poll_s
         self.max_visits = max_visits
+        self._interrupt: str | None = None
+
+    def request_rollback(self, reason: str) -> bool:
+        """Ask the update on probation to roll back now (the fleet aborted its rollout).
+
+        Returns:
+            True when an update is on probation or about to be (it will roll back with ``reason``); False
+            when there is nothing to roll back (no update running, or it has not switched).
+        """
+        record = self.store.load()
+        if record is None or record.current not in (State.SWITCH, State.PROBATION):
+            return False
+        self._interrupt = reason
+        return True
 
     def boot(self) -> None:
         """Serve the model the active-slot pointer names, after checking it (no-op if one already serves).
@@ -116,8 +130,9 @@ class UpdateMachine:
         return self._run(record)
 
     def _run(self, record: UpdateRecord) -> UpdateRecord:
+        self._interrupt = None
         ctx = UpdateContext(record, self.store, self.slots, self.host, self.fetch, self.clock, self.drift,
-                            self.threads, self.poll_s)
+                            self.threads, self.poll_s, interrupt=lambda: self._interrupt)
         while record.current not in TERMINAL:
             state = record.current
             event = self._guard(record) or STEPS[state](ctx)

@@ -68,6 +68,8 @@ class UpdateContext:
         threads: Runtime threads for loaded models.
         poll_s: How often probation looks at the health numbers.
         candidate: The new model once loaded (by the smoke test), until it serves or is dropped.
+        interrupt: Returns a reason to end probation with a rollback now (e.g. the fleet aborted the
+            rollout), or None.
     """
 
     record: UpdateRecord
@@ -80,6 +82,7 @@ class UpdateContext:
     threads: int = 1
     poll_s: float = 0.05
     candidate: LoadedModel | None = None
+    interrupt: Callable[[], str | None] | None = None  # a reason to stop probation now (the fleet said so)
 
     def save(self) -> None:
         self.store.save(self.record)
@@ -273,6 +276,8 @@ def probation(ctx: UpdateContext) -> Event:
         drift = ctx.drift(r.version) if ctx.drift is not None else None
         snap = replace(ctx.host.stats(r.version).snapshot(), crashes=r.crashes, drift=drift)
         reason = judge(snap, baseline, limits)
+        if reason is None and ctx.interrupt is not None:
+            reason = ctx.interrupt()
         if reason is not None:
             return ctx.fail(f"probation: {reason}")
         elapsed = ctx.clock.time() - r.probation_started

@@ -1,0 +1,406 @@
+"""The on-device agent: serves the model, takes updates from the fleet, reports telemetry and drift.
+
+One :class:`Agent` per device wires the pieces together:
+
+* :class:`~edgeml.edge_agent.serving.ModelHost` serves the active slot; the local API
+  (:mod:`~edgeml.edge_agent.api`) and the Python API (:meth:`Agent.predict`) call it.
+* :class:`~edgeml.edge_agent.update.machine.UpdateMachine` runs updates in a thread of their own, with
+  downloads through :class:`~edgeml.edge_agent.tuf_client.TufClient` over the MQTT fetcher.
+* MQTT: commands arrive on the device's ``commands`` topic (validated; anything malformed is logged and
+  answered with a ``rejected`` event, never a crash), progress and alerts leave on ``events``, the retained
+  ``state`` carries status and capabilities, and a last will marks the device offline.
+* Telemetry: per-request accounting (an observer of the model host), a drift monitor per model version,
+  and a periodic report through the on-disk outbox.
+
+Events (JSON on ``edgeml/v1/devices/{id}/events``)::
+
+    {"type": "update", "id": command id, "rollout", "model", "version", "state", "event", "reason", "at"}
+    {"type": "update", "state": "incompatible" | "deferred" | "busy", "reason", ...}
+    {"type": "drift", "version", "window": DriftWindow.to_metrics()}
+    {"type": "rejected", "reason"}   {"type": "pong", "id"}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import ssl
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+
+from edgeml.edge_agent.api import LocalAPI, ModelNotFound, NotServing, PredictResult
+from edgeml.edge_agent.capabilities import Capabilities, detect
+from edgeml.edge_agent.config import AgentConfig
+from edgeml.edge_agent.host import SystemdNotifier, clock_synced
+from edgeml.edge_agent.mqtt_fetcher import METADATA_URL, TARGETS_URL, MqttFetcher
+from edgeml.edge_agent.preprocess import preprocess
+from edgeml.edge_agent.serving import ModelHost
+from edgeml.edge_agent.telemetry_loop import TelemetryLoop
+from edgeml.edge_agent.tuf_client import TufClient, VerifiedBundle
+from edgeml.edge_agent.update.health import Thresholds
+from edgeml.edge_agent.update.machine import UpdateMachine
+from edgeml.edge_agent.update.states import State
+from edgeml.edge_agent.update.store import UpdateRecord, UpdateRequest
+from edgeml.errors import ConfigError, EdgeMLError
+from edgeml.protocol import Command, ProtocolError, device_topic, parse
+from edgeml.protocol import State as StateMessage
+from edgeml.refstats import to_probabilities
+
+__all__ = ["Agent"]
+
+_log = logging.getLogger(__name__)
+
+
+class Agent:
+    """The agent of one device.
+
+    Args:
+        config: Its settings (see :mod:`~edgeml.edge_agent.config`).
+        capabilities: What the device can run (default: detected).
+        clock_check: Whether the clock is synchronised (default: :func:`~edgeml.edge_agent.host.clock_synced`
+            with the configured mode).
+    """
+
+    def __init__(self, config: AgentConfig, *, capabilities: Capabilities | None = None,
+                 clock_check: Any = None) -> None:
+        self.config = config
+        self.device_id = config.bootstrap.device_id
+        self.state_dir = config.state_dir
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.capabilities = capabilities or detect()
+        self._clock_check = clock_check or (lambda: clock_synced(config.clock))
+        self.host = ModelHost()
+        self.client = self._mqtt_client()
+        self.telemetry = TelemetryLoop(self, self.state_dir)
+        self.host.observers.append(self.telemetry.observe)
+        self.machine = UpdateMachine(self.state_dir, self.host, self._fetch, drift=self.telemetry.drift_score,
+                                     on_transition=self._on_transition, threads=config.threads)
+        self.notifier = SystemdNotifier()
+        self.api: LocalAPI | None = None
+        self._fetcher: MqttFetcher | None = None
+        self._updates: queue.Queue[tuple[Command | None, UpdateRequest | None]] = queue.Queue()
+        self._deferred: list[tuple[Command, UpdateRequest]] = []
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._connected = threading.Event()
+        self._reject_lock = threading.Lock()
+        self._rejected_at = -1e9
+        self._rejected_quiet = 0
+        self.updating = False
+
+    # --- lifecycle --------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Serve the active model, connect, start the API, the updater and telemetry (returns at once).
+
+        Raises:
+            ConfigError: The API address is taken or the broker address is unusable.
+        """
+        try:
+            self.machine.boot()
+        except EdgeMLError as exc:  # a damaged slot: keep running (updates can repair it), say so
+            _log.error("cannot serve the active slot: %s", exc)
+        self.telemetry.start()
+        try:
+            self.api = LocalAPI(self, self.config.api_host, self.config.api_port, self.config.api_socket,
+                                self.config.max_request_bytes)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {self.config.api_host}:{self.config.api_port}: {exc.strerror}",
+                              hint="set api_port in agent.toml to a free port") from exc
+        self.api.start()
+        boot = self.config.bootstrap
+        self.client.connect_async(boot.host, boot.port, keepalive=30)
+        self.client.loop_start()
+        for target in (self._update_worker, self._tick_worker):
+            thread = threading.Thread(target=target, name=f"edgeml-{target.__name__.strip('_')}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self._updates.put((None, None))  # resume an interrupted update first
+        self.notifier.notify("READY=1")
+
+    def stop(self) -> None:
+        """Stop everything; the state on disk stays consistent (an update resumes at the next start)."""
+        self._stop.set()
+        self._updates.put((None, None))
+        if self.api is not None:
+            self.api.stop()
+        self.telemetry.stop()
+        try:
+            self._publish_state("offline")
+        finally:
+            self.client.disconnect()
+            self.client.loop_stop()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self.host.close()
+
+    def run_forever(self) -> None:
+        """Start and block until :meth:`stop` (or SIGTERM/Ctrl-C through the caller)."""
+        self.start()
+        self._stop.wait()
+
+    # --- the Python inference API (also behind the local HTTP API) -----------------------------------------
+
+    def predict(self, model: str, inputs: Mapping[str, np.ndarray] | np.ndarray, *,
+                preprocessed: bool = False) -> PredictResult:
+        """Run the active model on ``inputs``.
+
+        Args:
+            model: The model name (must be the one this device serves).
+            inputs: One array (for the model's first input) or input name -> array.
+            preprocessed: The inputs are already what the model takes (skip the manifest's preprocessing).
+
+        Raises:
+            NotServing: No verified model serves yet.
+            ModelNotFound: This device serves another model.
+            ValueError: The inputs do not fit the model (not counted as a model error).
+        """
+        active = self.host.active
+        if active is None:
+            raise NotServing("no model is serving yet")
+        manifest = active.manifest
+        if model != manifest.name:
+            raise ModelNotFound(f"this device serves {manifest.name!r}, not {model!r}")
+        feeds = self._feeds(manifest, inputs, preprocessed)
+        outputs = self.host.predict(feeds)
+        first = next(iter(outputs.values()))
+        result = PredictResult(model, active.version, outputs)
+        if first.ndim == 2 and first.shape[1] > 1:
+            probs = to_probabilities(first)
+            result.top1.extend(int(i) for i in probs.argmax(axis=1))
+            result.confidence.extend(float(c) for c in probs.max(axis=1))
+        return result
+
+    @staticmethod
+    def _feeds(manifest: Any, inputs: Mapping[str, np.ndarray] | np.ndarray,
+               preprocessed: bool) -> dict[str, np.ndarray]:
+        specs = {spec.name: spec for spec in manifest.inputs}
+        if not isinstance(inputs, Mapping):
+            inputs = {manifest.inputs[0].name: inputs}
+        unknown = sorted(set(inputs) - set(specs))
+        if unknown or len(inputs) != len(specs):
+            raise ValueError(f"the model takes inputs {sorted(specs)}, got {sorted(inputs)}")
+        feeds = {}
+        for name, raw in inputs.items():
+            spec = specs[name]
+            array = np.asarray(raw, dtype=np.float32) if preprocessed else preprocess(raw, manifest.preprocessing)
+            if array.ndim == len(spec.shape) - 1:
+                array = array[None]
+            if array.ndim != len(spec.shape) or any(isinstance(want, int) and want != have for want, have
+                                                    in zip(spec.shape[1:], array.shape[1:], strict=True)):
+                raise ValueError(f"input {name!r} must have shape {list(spec.shape)}, got {list(array.shape)}")
+            feeds[name] = np.ascontiguousarray(array, dtype=spec.dtype)
+        return feeds
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Whether a verified model serves, with the status."""
+        status = self.status()
+        return self.host.active is not None, status
+
+    def status(self) -> dict[str, Any]:
+        """What this agent is doing: model, version, slot, update, clock, broker connection."""
+        active = self.host.active
+        record = self.machine.store.load()
+        return {
+            "device_id": self.device_id, "status": self._status_word(),
+            "model": active.manifest.name if active else None, "version": active.version if active else None,
+            "slot": active.slot if active else None, "connected": self._connected.is_set(),
+            "clock_synced": bool(self._clock_check()),
+            "update": None if record is None else {"id": record.id, "version": record.version,
+                                                   "state": record.state, "reason": record.reason},
+            "capabilities": self.capabilities.to_dict(),
+        }
+
+    def _status_word(self) -> str:
+        if self.updating:
+            return "updating"
+        return "serving" if self.host.active is not None else "idle"
+
+    # --- MQTT ------------------------------------------------------------------------------------------
+
+    def _mqtt_client(self) -> mqtt.Client:
+        boot = self.config.bootstrap
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.device_id, clean_session=False)
+        client.username_pw_set(boot.username, boot.password)
+        if self.config.tls:
+            context = ssl.create_default_context(cadata=boot.ca_pem) if boot.ca_pem else ssl.create_default_context()
+            client.tls_set_context(context)
+        offline = StateMessage(self.device_id, "offline", capabilities=self.capabilities.to_dict())
+        client.will_set(device_topic(self.device_id, "state"), offline.to_bytes(), qos=1, retain=True)
+        client.reconnect_delay_set(1, 30)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.message_callback_add(device_topic(self.device_id, "commands"), self._on_command)
+        return client
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            _log.error("the broker refused the connection: %s", reason)
+            return
+        client.subscribe(device_topic(self.device_id, "commands"), qos=1)
+        self._connected.set()
+        self._publish_state()
+        self.telemetry.on_connect()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self._connected.clear()
+
+    def _publish_state(self, status: str | None = None) -> None:
+        active = self.host.active
+        message = StateMessage(self.device_id, status or self._status_word(),
+                               model=active.manifest.name if active else None,
+                               version=active.version if active else None, slot=active.slot if active else None,
+                               capabilities=self.capabilities.to_dict(), clock_synced=bool(self._clock_check()))
+        self.client.publish(device_topic(self.device_id, "state"), message.to_bytes(), qos=1, retain=True)
+
+    def event(self, kind: str, **fields: Any) -> None:
+        """Publish an event on the device's events topic (QoS 1; queued by paho while offline)."""
+        doc = {"type": kind, "device_id": self.device_id, "at": time.time(), **fields}
+        self.client.publish(device_topic(self.device_id, "events"), json.dumps(doc, default=str).encode(), qos=1)
+
+    def _on_command(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            command = parse("command", bytes(msg.payload))
+            assert isinstance(command, Command)
+            self.handle(command)
+        except ProtocolError as exc:
+            self._reject(str(exc))
+        except Exception:  # a bug must not take the agent down; it is logged with its traceback
+            _log.exception("command handling failed")
+            self._reject("internal error")
+
+    def _reject(self, reason: str) -> None:
+        """Log and report a rejected command; at most one event per second (a flood is counted, not echoed)."""
+        now = time.monotonic()
+        with self._reject_lock:
+            if now - self._rejected_at < 1.0:
+                self._rejected_quiet += 1
+                return
+            quiet, self._rejected_quiet, self._rejected_at = self._rejected_quiet, 0, now
+        _log.warning("rejected a command: %s%s", reason, f" ({quiet} more since the last report)" if quiet else "")
+        self.event("rejected", reason=reason[:500], suppressed=quiet)
+
+    def handle(self, command: Command) -> None:
+        """Act on one validated command (called on the MQTT thread; never blocks on an update)."""
+        if command.type == "telemetry-ack":
+            seq = command.args.get("seq")
+            if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+                raise ProtocolError(f"telemetry-ack needs an integer seq >= 0, got {seq!r}")
+            self.telemetry.on_ack(seq)
+        elif command.type == "ping":
+            self.event("pong", id=command.id)
+        elif command.type == "update":
+            self._accept_update(command)
+        elif command.type == "rollback":
+            reason = str(command.args.get("reason") or "the fleet asked for a rollback")[:500]
+            done = self.machine.request_rollback(f"fleet: {reason}")
+            self.event("rollback", id=command.id, accepted=done)
+        elif command.type == "capture":
+            self.event("capture", id=command.id, **self.telemetry.capture_summary())
+
+    def _accept_update(self, command: Command) -> None:
+        args = command.args
+        try:
+            thresholds = Thresholds.from_dict(args.get("thresholds"))
+            request = UpdateRequest(str(args.get("model", "")), str(args.get("version", "")),
+                                    str(args.get("target", "")), args.get("rollout"), thresholds,
+                                    id=command.id).validated()
+        except (ConfigError, TypeError) as exc:
+            raise ProtocolError(f"bad update command: {exc}") from exc
+        runtime = args.get("runtime")
+        why = self.capabilities.incompatibility(runtime) if isinstance(runtime, dict) else None
+        if why is not None:
+            self._update_event(request, "incompatible", reason=why)
+            return
+        if not self._clock_check():
+            self._deferred.append((command, request))
+            self._update_event(request, "deferred", reason="clock unsynced")
+            return
+        self._updates.put((command, request))
+
+    def _update_event(self, request: UpdateRequest, state: str, **fields: Any) -> None:
+        self.event("update", id=request.id, rollout=request.rollout, model=request.model, version=request.version,
+                   target=request.target, state=state, **fields)
+
+    # --- updates ---------------------------------------------------------------------------------------
+
+    def _ensure_fetcher(self) -> MqttFetcher:
+        if self._fetcher is None:
+            if not self._connected.wait(30):
+                raise EdgeMLError("not connected to the broker; the download will be retried")
+            self._fetcher = MqttFetcher(self.client, self.device_id, timeout=30,
+                                        partial_dir=self.state_dir / "partial")
+        return self._fetcher
+
+    def _fetch(self, name: str, version: str, target: str) -> VerifiedBundle:
+        tuf = TufClient(self.config.bootstrap.tuf_root, self.state_dir / "tuf", self.state_dir / "downloads",
+                        METADATA_URL, TARGETS_URL, fetcher=self._ensure_fetcher())
+        return tuf.fetch(name, version, target)
+
+    def _update_worker(self) -> None:
+        while not self._stop.is_set():
+            command, request = self._updates.get()
+            if self._stop.is_set():
+                return
+            self.updating = True
+            try:
+                if request is None:
+                    self.machine.resume()
+                else:
+                    assert command is not None
+                    self._listen_broadcast(command)
+                    self.machine.start(request)
+            except ConfigError as exc:  # another update is in progress
+                if request is not None:
+                    self._update_event(request, "busy", reason=exc.message)
+            except Exception:
+                _log.exception("the update worker failed")
+            finally:
+                self.updating = False
+                self._publish_state()
+
+    def _listen_broadcast(self, command: Command) -> None:
+        hint = command.args.get("broadcast")
+        if not isinstance(hint, dict):
+            if self._fetcher is not None:
+                self._fetcher.broadcast = None
+            return
+        rollout, path = hint.get("rollout"), hint.get("path")
+        if isinstance(rollout, str) and isinstance(path, str):
+            try:
+                fetcher = self._ensure_fetcher()
+                fetcher.broadcast = rollout
+                fetcher.listen(rollout, path)
+            except Exception as exc:  # only a hint: the fetch falls back to get requests
+                _log.warning("cannot listen to broadcast %s: %s", rollout, exc)
+
+    def _on_transition(self, record: UpdateRecord, frm: State | None, event: str, to: State) -> None:
+        self.event("update", id=record.id, rollout=record.rollout, model=record.model, version=record.version,
+                   target=record.target, state=to.value, event=event, reason=record.reason)
+        if to in (State.SWITCH, State.COMMITTED, State.ROLLED_BACK, State.FAILED):
+            self._publish_state()
+
+    # --- periodic work ---------------------------------------------------------------------------------
+
+    def _tick_worker(self) -> None:
+        interval = min(self.config.telemetry_interval_s, self.notifier.watchdog_interval_s or 1e9, 1.0)
+        next_report = time.monotonic() + self.config.telemetry_interval_s
+        while not self._stop.wait(interval):
+            self.notifier.notify("WATCHDOG=1")
+            if self._deferred and self._clock_check():
+                deferred, self._deferred = self._deferred, []
+                for item in deferred:
+                    self._updates.put(item)
+            if time.monotonic() >= next_report:
+                next_report += self.config.telemetry_interval_s
+                try:
+                    self.telemetry.report()
+                except Exception:
+                    _log.exception("telemetry report failed")
+

@@ -1,0 +1,154 @@
+"""The agent's accounting of live traffic: per-request numbers, drift per model version, periodic reports.
+
+:meth:`TelemetryLoop.observe` is a :class:`~edgeml.edge_agent.serving.ModelHost` observer: every request
+is counted in the :class:`~edgeml.edge_agent.telemetry.Aggregator`, and its inputs and outputs go to the
+drift monitor of the version that served it (built from that bundle's reference statistics), so a model
+on probation is judged on its own traffic. Low-confidence inputs are offered to the capture store off the
+request path. :meth:`TelemetryLoop.report`, once per interval, appends the window's metrics to the
+durable outbox and lets the :class:`~edgeml.edge_agent.telemetry.TelemetrySender` deliver them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import deque
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgeml.edge_agent.capture import CaptureStore
+from edgeml.edge_agent.drift import DriftMonitor, DriftWindow
+from edgeml.edge_agent.outbox import Outbox
+from edgeml.edge_agent.telemetry import Aggregator, SystemProbe, TelemetrySender
+from edgeml.errors import EdgeMLError
+from edgeml.refstats import ReferenceStats
+
+if TYPE_CHECKING:
+    from edgeml.edge_agent.agent import Agent
+
+__all__ = ["TelemetryLoop"]
+
+_log = logging.getLogger(__name__)
+_CAPTURE_QUEUE = 64  # batches waiting for the capture store (dropped beyond)
+_CAPTURE_EVERY = 8  # offer one request in this many to the capture store (which samples again)
+
+
+class TelemetryLoop:
+    """Telemetry, drift and capture of one agent.
+
+    Args:
+        agent: The agent (its client, device id, model host and events).
+        state_dir: Where the outbox (``telemetry.sqlite``) and the capture store live.
+    """
+
+    def __init__(self, agent: Agent, state_dir: Path) -> None:
+        self.agent = agent
+        self.aggregator = Aggregator(probe=SystemProbe())
+        self.outbox = Outbox(state_dir / "telemetry.sqlite", agent.device_id)
+        self.sender = TelemetrySender(agent.client, agent.device_id, self.outbox)
+        self.capture = CaptureStore(state_dir / "capture")
+        self._monitors: dict[str, DriftMonitor | None] = {}
+        self._windows: dict[str, DriftWindow] = {}
+        self._lock = threading.Lock()
+        self._captures: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=_CAPTURE_QUEUE)
+        self._seen = 0
+
+    def start(self) -> None:
+        """Nothing runs on its own: the agent's tick thread calls :meth:`report`."""
+
+    def stop(self) -> None:
+        """Close the outbox (what is in it stays for the next start)."""
+        self.outbox.close()
+
+    # --- the request path (keep it cheap) ----------------------------------------------------------------
+
+    def observe(self, version: str, inputs: Mapping[str, np.ndarray], outputs: dict[str, np.ndarray] | None,
+                latency_s: float, ok: bool) -> None:
+        """Account one request (a :class:`~edgeml.edge_agent.serving.ModelHost` observer)."""
+        first = next(iter(inputs.values()))
+        self.aggregator.record(latency_s, ok, n=len(first) if first.ndim else 1)
+        if outputs is None:
+            return
+        monitor = self._monitors[version] if version in self._monitors else self._monitor_for(version)
+        if monitor is None:
+            return
+        probs = next(iter(outputs.values()))
+        try:
+            windows = monitor.observe(first, probs)
+        except EdgeMLError:  # inputs the reference does not describe: drift cannot judge them
+            return
+        for window in windows:
+            self._windows[version] = window
+            if window.alert:
+                self.agent.event("drift", version=version, window=window.to_metrics())
+        self._seen += 1
+        if probs.ndim == 2 and self._seen % _CAPTURE_EVERY == 0 and len(self._captures) < _CAPTURE_QUEUE:
+            self._captures.append((first, probs))  # the store keeps the low-confidence ones, sampled
+
+    def _monitor_for(self, version: str) -> DriftMonitor | None:
+        with self._lock:
+            if version in self._monitors:
+                return self._monitors[version]
+            monitor = None
+            model = next((m for m in (self.agent.host.active, self.agent.host.previous)
+                          if m is not None and m.version == version), None)
+            ref = model.manifest.refstats if model is not None else None
+            if model is not None and ref:
+                path = self.agent.machine.slots.path(model.slot) / ref["file"]
+                try:
+                    monitor = DriftMonitor.from_refstats(ReferenceStats.from_dict(json.loads(path.read_text())))
+                except (OSError, ValueError, EdgeMLError) as exc:
+                    _log.warning("no drift monitoring for %s: %s", version, exc)
+            self._monitors[version] = monitor
+            return monitor
+
+    # --- what the update machine asks ---------------------------------------------------------------------
+
+    def drift_score(self, version: str) -> float | None:
+        """The live drift score of ``version`` for the health judge: the effect size of its latest window when
+        that window is flagged, 0 when it is not, None before the first window."""
+        window = self._windows.get(version)
+        if window is None:
+            return None
+        return window.score if window.flagged else 0.0
+
+    # --- MQTT hooks -------------------------------------------------------------------------------------
+
+    def on_connect(self) -> None:
+        self.sender.on_connect()
+
+    def on_ack(self, seq: int) -> None:
+        self.sender.on_ack(seq)
+
+    # --- periodic work ----------------------------------------------------------------------------------
+
+    def report(self) -> None:
+        """Append this window's metrics to the outbox and send what may be sent; file the captured samples."""
+        self._file_captures()
+        active = self.agent.host.active
+        version = active.version if active else None
+        window = self._windows.get(version) if version else None
+        extra: dict[str, Any] = {
+            "model": active.manifest.name if active else None, "version": version,
+            "slot": active.slot if active else None, "status": self.agent._status_word(),
+            "drift": window.to_metrics() if window else None,
+            "dropped": self.outbox.dropped, "captured": len(self.capture),
+        }
+        self.sender.submit(self.aggregator.snapshot_and_reset(extra=extra))
+
+    def _file_captures(self) -> None:
+        while self._captures:
+            inputs, probs = self._captures.popleft()
+            try:
+                self.capture.offer(inputs, probs)
+            except EdgeMLError as exc:
+                _log.warning("capture failed: %s", exc)
+                return
+
+    def capture_summary(self) -> dict[str, Any]:
+        """How many low-confidence samples are kept, for the fleet's ``capture`` command."""
+        return {"entries": len(self.capture), "bytes": self.capture.total_bytes}
