@@ -153,3 +153,15 @@ def served_registry(digits_bundles: DigitsBundles, tmp_path_factory: pytest.Temp
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+@pytest.fixture(scope="session")
+def compiled(digits: DigitsModel, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """digits 3.0.0 compiled for onnxruntime and LiteRT, with golden vectors and reference statistics."""
+    from edgeml.compile import CompileOptions, compile_model
+
+    out = tmp_path_factory.mktemp("compiled")
+    options = CompileOptions(targets=("onnx", "tflite"), name="digits", version="3.0.0", benchmark=False)
+    report = compile_model(str(digits.onnx), options, out, calib=digits.calib, val=digits.val)
+    assert report.ok, [(o.target, o.status) for o in report.outcomes]
+    return {o.target: o.bundle for o in report.outcomes if o.bundle is not None}

@@ -11,6 +11,7 @@ import base64
 import json
 import queue
 import shutil
+import ssl
 import tempfile
 import threading
 import time
@@ -42,15 +43,20 @@ class Observed:
 class Operator:
     """The fleet side of the tests: sends commands, records events, states and telemetry (acking it)."""
 
-    def __init__(self, port: int, ack: bool = True) -> None:
+    def __init__(self, port: int, ack: bool = True, username: str | None = None, password: str | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.seen = Observed()
         self.ack = ack
         self._cond = threading.Condition()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"operator-{uuid.uuid4().hex[:6]}")
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        if tls is not None:
+            self.client.tls_set_context(tls)
         self.client.on_message = self._on_message
         subscribed = threading.Event()
         self.client.on_subscribe = lambda *a: subscribed.set()
-        self.client.connect("127.0.0.1", port)
+        self.client.connect("localhost" if tls else "127.0.0.1", port)
         self.client.loop_start()
         self.client.subscribe([(f"{PREFIX}devices/+/events", 1), (f"{PREFIX}devices/+/state", 1),
                                (f"{PREFIX}devices/+/telemetry", 1)])

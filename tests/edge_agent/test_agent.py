@@ -24,7 +24,6 @@ from hypothesis import strategies as st
 from edgeml.edge_agent.agent import Agent
 from edgeml.edge_agent.config import load_config
 from edgeml.fleet.registry import Registry, init_registry
-from tests.conftest import DigitsModel
 from tests.edge_agent.conftest import BROKEN, GOOD, SLOW, SOFT, DigitsBundles
 from tests.edge_agent.harness import Operator, distribution, plain_broker, write_agent_config
 
@@ -35,18 +34,6 @@ FAST = {"probation_s": 1.0, "min_requests": 20, "max_probation_s": 10.0, "p99_fa
 class Fleet:
     def __init__(self, port: int, registry: Registry, operator: Operator) -> None:
         self.port, self.registry, self.operator = port, registry, operator
-
-
-@pytest.fixture(scope="session")
-def compiled(digits: DigitsModel, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """digits 3.0.0 compiled for onnxruntime and LiteRT, with golden vectors and reference statistics."""
-    from edgeml.compile import CompileOptions, compile_model
-
-    out = tmp_path_factory.mktemp("compiled")
-    options = CompileOptions(targets=("onnx", "tflite"), name="digits", version="3.0.0", benchmark=False)
-    report = compile_model(str(digits.onnx), options, out, calib=digits.calib, val=digits.val)
-    assert report.ok, [(o.target, o.status) for o in report.outcomes]
-    return {o.target: o.bundle for o in report.outcomes if o.bundle is not None}
 
 
 @pytest.fixture(scope="module")
