@@ -1,0 +1,405 @@
+"""Telemetry ingestion: devices' telemetry and state from MQTT into the telemetry store, acknowledged.
+
+An :class:`IngestWorker` subscribes to every device's ``telemetry`` (QoS 1) and, by default, ``state``
+topic, checks each message (:func:`check_message`), and hands it to a writer thread that stores batches
+(:class:`~edgeml.fleet.telemetry_store.TelemetryStore`, flushed every ``batch_size`` rows or
+``flush_ms``), so the MQTT network thread never waits on the database. After a batch commits, the worker
+sends each of its devices a ``telemetry-ack`` :class:`~edgeml.protocol.Command` carrying the device's
+contiguous high (every seq up to it is stored): the device may then drop those entries from its outbox.
+A device that resends entries already stored gets the acknowledgement again, so its outbox drains even
+when an earlier ack was lost. The worker acknowledges each MQTT message to the broker (PUBACK) only after
+its row is committed too, so that with a persistent session (``client_id`` given) the broker redelivers
+what the worker had not stored when it died or lost its connection.
+
+Scaling out: with ``share_group`` (the default, ``"ingest"``) the telemetry filter is a shared
+subscription (``$share/ingest/edgeml/v1/devices/+/telemetry``), so the broker hands each message to one
+worker of the group; duplicates between workers are impossible in the store (unique ``(device, seq)``) and
+each worker acknowledges what the database holds, whoever stored it.
+
+State is a plain subscription, not a shared one: the broker sends retained messages to a new
+subscription but never to a shared one, and the current state of every device *is* the retained message
+(its last will included). Every worker with ``IngestSettings.state`` on writes every state update
+(idempotent, last one wins), so in a scale-out deployment turn it on in one process only (the controller
+or the first ingest worker). A retained state replayed on (re)subscribing updates the device's status but
+not its ``last_seen``.
+
+Devices: the broker's ACL is what authenticates a device (it may publish only on its own topics), so the
+topic's device id must equal the payload's. Telemetry and state of a revoked device are rejected (its
+connection may outlive the revocation until the broker reloads). Telemetry of a device that is not
+enrolled is stored when ``accept_unknown`` is on (the default: a development broker without enrollment),
+rejected otherwise; its state is never recorded (see :mod:`~edgeml.fleet.telemetry_store`).
+
+Bad input is never fatal: every message that is not stored is counted in ``rejected`` by reason
+(:data:`REJECT_REASONS`) and acknowledged to the broker so that it is not redelivered. A database failure
+keeps the batch and retries it (counted in ``store_errors``) while the broker holds back further messages
+(at most ``receive_maximum`` unacknowledged per worker under MQTT 5).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import ssl
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edgeml.errors import ConfigError, EdgeMLError
+from edgeml.fleet.db import Database
+from edgeml.fleet.telemetry_store import TelemetryStore
+from edgeml.protocol import (
+    MAX_BYTES,
+    PREFIX,
+    Command,
+    ProtocolError,
+    State,
+    Telemetry,
+    device_topic,
+    parse,
+    parse_device_topic,
+)
+
+__all__ = ["REJECT_REASONS", "STATE_FILTER", "TELEMETRY_FILTER", "IngestSettings", "IngestWorker",
+           "RejectedMessage", "check_message"]
+
+_log = logging.getLogger(__name__)
+
+TELEMETRY_FILTER = f"{PREFIX}devices/+/telemetry"
+STATE_FILTER = f"{PREFIX}devices/+/state"
+#: Why a message was not stored (the keys of ``stats()["rejected"]``).
+REJECT_REASONS = ("topic", "oversized", "malformed", "device-mismatch", "revoked", "unknown-device", "internal")
+_STOP = object()
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    """How an :class:`IngestWorker` batches, acknowledges and treats devices."""
+
+    batch_size: int = 500  # rows per database transaction, at most
+    flush_ms: float = 50.0  # longest wait, in milliseconds, between a row's arrival and its commit
+    state: bool = True  # subscribe to devices' state (turn on in one process of a scale-out deployment)
+    accept_unknown: bool = True  # store telemetry of devices that are not enrolled
+    enrolled_refresh_s: float = 10.0  # how often the list of enrolled / revoked devices is re-read
+    receive_maximum: int = 2000  # MQTT 5: most messages the broker sends before the worker acknowledges
+    session_expiry_s: int = 3600  # MQTT 5: how long the broker keeps a named worker's session while it is away
+    reconnect_min_s: float = 0.5  # first reconnect delay after the connection drops, in seconds
+    reconnect_max_s: float = 10.0  # longest reconnect delay, in seconds
+    retry_max_s: float = 5.0  # longest wait between retries of a batch the database refused, in seconds
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.flush_ms < 0 or self.receive_maximum < 1:
+            raise ConfigError(f"ingest settings: need batch_size >= 1, flush_ms >= 0 and receive_maximum >= 1, got "
+                              f"{self.batch_size}, {self.flush_ms}, {self.receive_maximum}")
+
+
+class RejectedMessage(ProtocolError):
+    """A message the ingest worker does not store; ``reason`` is one of :data:`REJECT_REASONS`."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def check_message(topic: str, payload: bytes | bytearray) -> Telemetry | State:
+    """Check one message from a device's ``telemetry`` or ``state`` topic.
+
+    Args:
+        topic: The MQTT topic it arrived on.
+        payload: Its payload.
+
+    Raises:
+        RejectedMessage: It is not a valid message of its topic's kind, or it names another device.
+    """
+    payload = bytes(payload)
+    try:
+        device_id, channel = parse_device_topic(topic)
+    except ProtocolError as exc:
+        raise RejectedMessage("topic", exc.message) from exc
+    if channel not in ("telemetry", "state"):
+        raise RejectedMessage("topic", f"not a telemetry or state topic: {topic!r}")
+    if len(payload) > MAX_BYTES[channel]:
+        raise RejectedMessage("oversized", f"{channel}: {len(payload)} bytes exceed {MAX_BYTES[channel]}")
+    try:
+        message = parse(channel, payload)
+    except ProtocolError as exc:
+        raise RejectedMessage("malformed", exc.message) from exc
+    assert isinstance(message, (Telemetry, State))  # parse returns the kind asked for
+    if message.device_id != device_id:
+        raise RejectedMessage("device-mismatch", f"{channel} of {message.device_id!r} on {device_id!r}'s topic")
+    return message
+
+
+@dataclass(frozen=True)
+class _Item:
+    message: Telemetry | State
+    retained: bool
+    token: tuple[int, int, int]  # (connection generation, mid, qos): the PUBACK owed once stored
+
+
+class IngestWorker:
+    """Stores devices' telemetry and state from the broker; see the module docstring.
+
+    Args:
+        db: The registry database (a :class:`~edgeml.fleet.db.Database` or its URL).
+        broker_host: The broker's host name.
+        broker_port: The broker's port.
+        username: Broker user (the fleet user), if the broker requires one.
+        password: Its password.
+        tls: An :class:`ssl.SSLContext` for a TLS listener, or None for plain TCP.
+        share_group: Shared-subscription group of the telemetry filter (None: a plain subscription, for a
+            single worker).
+        mqtt5: Speak MQTT 5 (receive maximum, session expiry, reason codes) instead of 3.1.1.
+        client_id: A stable MQTT client id makes the worker's session persistent (the broker keeps its
+            subscriptions and queued messages while it is away); None: a random id, a clean session.
+        settings: Batching and device policy.
+
+    Raises:
+        MissingExtraError: SQLAlchemy is not installed.
+        RegistryError: The database cannot be opened.
+    """
+
+    def __init__(self, db: Database | str, broker_host: str = "127.0.0.1", broker_port: int = 1883, *,
+                 username: str | None = None, password: str | None = None, tls: ssl.SSLContext | None = None,
+                 share_group: str | None = "ingest", mqtt5: bool = True, client_id: str | None = None,
+                 settings: IngestSettings | None = None) -> None:
+        self.settings = settings or IngestSettings()
+        self.store = TelemetryStore(db)
+        self.broker = (broker_host, broker_port)
+        self.telemetry_filter = f"$share/{share_group}/{TELEMETRY_FILTER}" if share_group else TELEMETRY_FILTER
+        self._mqtt5, self._persistent = mqtt5, client_id is not None
+        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+                                   client_id=client_id or f"edgeml-ingest-{uuid.uuid4().hex[:12]}",
+                                   protocol=mqtt.MQTTv5 if mqtt5 else mqtt.MQTTv311,
+                                   clean_session=None if mqtt5 else not self._persistent, manual_ack=True)
+        if username is not None:
+            self._client.username_pw_set(username, password)
+        if tls is not None:
+            self._client.tls_set_context(tls)
+        self._client.max_inflight_messages_set(1000)  # acks to devices in flight at once
+        self._client.reconnect_delay_set(self.settings.reconnect_min_s, self.settings.reconnect_max_s)  # type: ignore[arg-type]
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_message = self._on_message
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+        self._rejected: Counter[str] = Counter()
+        self._generation = 0  # bumped on every (dis)connect: a PUBACK is owed only on the connection it came on
+        self._subscribed = threading.Event()
+        self._subscribe_error: str | None = None
+        self._acked: dict[str, int] = {}  # device -> highest seq this worker acknowledged
+        self._enrolled: dict[str, bool] = {}
+        self._enrolled_at = float("-inf")
+        self._stopping = threading.Event()
+        self._writer: threading.Thread | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------------------------
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Connect, subscribe and ingest in background threads; returns once subscribed.
+
+        Raises:
+            ConfigError: The broker cannot be reached, or refused the subscriptions, within ``timeout``.
+        """
+        self._writer = threading.Thread(target=self._run_writer, name="ingest-writer", daemon=True)
+        self._writer.start()
+        properties = None
+        if self._mqtt5:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.ReceiveMaximum = self.settings.receive_maximum
+            if self._persistent:
+                properties.SessionExpiryInterval = self.settings.session_expiry_s
+        host, port = self.broker
+        try:
+            self._client.connect(host, port, keepalive=30, clean_start=not self._persistent if self._mqtt5
+                                 else mqtt.MQTT_CLEAN_START_FIRST_ONLY, properties=properties)
+        except (OSError, ValueError) as exc:
+            self.stop()
+            raise ConfigError(f"ingest: cannot connect to the broker at {host}:{port}: {exc}",
+                              hint="check the broker's host, port and TLS settings, and that it runs") from exc
+        self._client.loop_start()
+        if not self._subscribed.wait(timeout) or self._subscribe_error:
+            self.stop()
+            raise ConfigError(f"ingest: not subscribed at {host}:{port} within {timeout} s: "
+                              f"{self._subscribe_error or 'no answer'}",
+                              hint="check the fleet user's credentials and ACL")
+
+    def stop(self) -> None:
+        """Store and acknowledge what arrived, then disconnect (idempotent)."""
+        if self._stopping.is_set():
+            return
+        if not self._persistent and self._client.is_connected():  # a named session keeps its subscriptions
+            done = threading.Event()
+            self._client.on_unsubscribe = lambda *args: done.set()
+            filters = [self.telemetry_filter] + ([STATE_FILTER] if self.settings.state else [])
+            self._client.unsubscribe(filters)
+            done.wait(5)
+        self._stop_writer()
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def _stop_writer(self) -> None:
+        """Flush what is queued (one more try if the database is failing) and end the writer thread."""
+        self._stopping.set()
+        self._queue.put(_STOP)
+        if self._writer is not None:
+            self._writer.join(timeout=60)
+
+    def __enter__(self) -> IngestWorker:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for ``/metrics``: ``received`` (telemetry messages), ``states``, ``stored``, ``duplicates``,
+        ``acks`` (telemetry-ack commands sent), ``batches``, ``store_errors``, ``connects`` (successful
+        connections to the broker), ``queued`` (waiting for the writer) and ``rejected`` (reason -> count)."""
+        with self._lock:
+            out: dict[str, Any] = {k: self._counts[k] for k in
+                                   ("received", "states", "stored", "duplicates", "acks", "batches", "store_errors",
+                                    "connects")}
+            out["rejected"] = dict(self._rejected)
+        out["queued"] = self._queue.qsize()
+        return out
+
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            self._counts.update(deltas)
+
+    def _reject(self, reason: str, token: tuple[int, int, int] | None, detail: str) -> None:
+        _log.debug("ingest: rejected (%s): %s", reason, detail)
+        with self._lock:
+            self._rejected[reason] += 1
+        if token is not None:
+            self._puback(token)
+
+    def _puback(self, token: tuple[int, int, int]) -> None:
+        generation, mid, qos = token
+        if qos > 0 and generation == self._generation:
+            self._client.ack(mid, qos)
+
+    # --- MQTT callbacks (network thread) ------------------------------------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self._generation += 1
+        if reason.is_failure:
+            self._subscribe_error = f"connection refused: {reason}"
+            self._subscribed.set()
+            return
+        self._count(connects=1)
+        topics = [(self.telemetry_filter, 1)] + ([(STATE_FILTER, 1)] if self.settings.state else [])
+        client.subscribe(topics)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self._generation += 1
+        if not self._stopping.is_set():
+            _log.warning("ingest: disconnected from the broker (%s); reconnecting", reason)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+        refused = [str(r) for r in reasons if r.is_failure]
+        if refused:
+            self._subscribe_error = f"subscriptions refused: {', '.join(refused)}"
+        self._subscribed.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        token = (self._generation, msg.mid, msg.qos)
+        try:
+            message = check_message(msg.topic, bytes(msg.payload))
+        except RejectedMessage as exc:
+            self._count(received=int(msg.topic.endswith("/telemetry")), states=int(msg.topic.endswith("/state")))
+            self._reject(exc.reason, token, exc.message)
+            return
+        except Exception as exc:  # a bug here must not stop the network thread
+            _log.exception("ingest: unexpected failure on a message from %r", msg.topic)
+            self._reject("internal", token, repr(exc))
+            return
+        self._count(**({"received": 1} if isinstance(message, Telemetry) else {"states": 1}))
+        self._queue.put(_Item(message, bool(msg.retain), token))
+
+    # --- writer thread ------------------------------------------------------------------------------------
+
+    def _run_writer(self) -> None:
+        batch: list[_Item] = []
+        deadline = 0.0
+        while True:
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()) if batch else None)
+            except queue.Empty:
+                item = None
+            if item is not None and item is not _STOP:
+                if not batch:
+                    deadline = time.monotonic() + self.settings.flush_ms / 1000
+                batch.append(item)
+            if batch and (item is None or item is _STOP or len(batch) >= self.settings.batch_size):
+                self._flush(batch)
+                batch = []
+            if item is _STOP:
+                return
+
+    def _flush(self, batch: list[_Item]) -> None:
+        """Store ``batch``; on failure wait and retry (once more only when stopping)."""
+        delay = 0.1
+        while True:
+            try:
+                self._flush_once(batch)
+                return
+            except Exception as exc:  # the writer must outlive any database failure
+                self._count(store_errors=1)
+                if isinstance(exc, EdgeMLError):
+                    _log.warning("ingest: storing a batch of %d failed: %s", len(batch), exc)
+                else:
+                    _log.exception("ingest: storing a batch of %d failed", len(batch))
+                if self._stopping.is_set():
+                    return  # not acknowledged: the broker (named session) or the device sends these again
+                self._stopping.wait(delay)
+                delay = min(delay * 2, self.settings.retry_max_s)
+
+    def _flush_once(self, batch: list[_Item]) -> None:
+        keep = self._admit(batch)
+        rows = [i.message for i in keep if isinstance(i.message, Telemetry)]
+        states = [(i.message, not i.retained) for i in keep if isinstance(i.message, State)]
+        result = self.store.store_batch(rows, states)
+        self._count(stored=len(result.inserted), duplicates=result.duplicates, batches=1)
+        repeated = {r.device_id for r in rows if (r.device_id, r.seq) not in result.inserted}
+        for device_id, high in result.highs.items():
+            if high is not None and (high > self._acked.get(device_id, -1) or device_id in repeated):
+                self._send_ack(device_id, high)
+        for item in keep:
+            self._puback(item.token)
+
+    def _admit(self, batch: list[_Item]) -> list[_Item]:
+        """The items whose device may report; the others are rejected (revoked, or unknown when so set)."""
+        names = {i.message.device_id for i in batch}
+        now = time.monotonic()
+        stale = now - self._enrolled_at > self.settings.enrolled_refresh_s
+        if stale or (not names <= self._enrolled.keys() and now - self._enrolled_at > 1.0):
+            self._enrolled, self._enrolled_at = self.store.enrolled(), now
+        keep = []
+        for item in batch:
+            device_id = item.message.device_id
+            revoked = self._enrolled.get(device_id)
+            if revoked:
+                self._reject("revoked", item.token, device_id)
+            elif revoked is None and (isinstance(item.message, State) or not self.settings.accept_unknown):
+                self._reject("unknown-device", item.token, device_id)  # a state needs an enrolled device's row
+            else:
+                keep.append(item)
+        return keep
+
+    def _send_ack(self, device_id: str, high: int) -> None:
+        command = Command(id=uuid.uuid4().hex, type="telemetry-ack", args={"seq": high}, issued_at=time.time())
+        self._client.publish(device_topic(device_id, "commands"), command.to_bytes(), qos=1)
+        self._acked[device_id] = max(high, self._acked.get(device_id, -1))
+        self._count(acks=1)
