@@ -29,7 +29,7 @@ import ssl
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -38,11 +38,9 @@ from edgeml.edge_agent.api import LocalAPI, ModelNotFound, NotServing, PredictRe
 from edgeml.edge_agent.capabilities import Capabilities, detect
 from edgeml.edge_agent.config import AgentConfig
 from edgeml.edge_agent.host import SystemdNotifier, clock_synced
-from edgeml.edge_agent.mqtt_fetcher import METADATA_URL, TARGETS_URL, MqttFetcher
 from edgeml.edge_agent.preprocess import preprocess
 from edgeml.edge_agent.serving import ModelHost
 from edgeml.edge_agent.telemetry_loop import TelemetryLoop
-from edgeml.edge_agent.tuf_client import TufClient, VerifiedBundle
 from edgeml.edge_agent.update.health import Thresholds
 from edgeml.edge_agent.update.machine import UpdateMachine
 from edgeml.edge_agent.update.states import State
@@ -50,7 +48,10 @@ from edgeml.edge_agent.update.store import UpdateRecord, UpdateRequest
 from edgeml.errors import ConfigError, EdgeMLError
 from edgeml.protocol import Command, ProtocolError, device_topic, parse
 from edgeml.protocol import State as StateMessage
-from edgeml.refstats import to_probabilities
+
+if TYPE_CHECKING:  # imported when the first update comes (python-tuf and its stack cost memory)
+    from edgeml.edge_agent.mqtt_fetcher import MqttFetcher
+    from edgeml.edge_agent.tuf_client import VerifiedBundle
 
 __all__ = ["Agent"]
 
@@ -73,6 +74,7 @@ class Agent:
         self.device_id = config.bootstrap.device_id
         self.state_dir = config.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._detect = capabilities is None
         self.capabilities = capabilities or detect()
         self._clock_check = clock_check or (lambda: clock_synced(config.clock))
         self.host = ModelHost()
@@ -89,6 +91,7 @@ class Agent:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._connected = threading.Event()
+        self._specs: dict[tuple[str, str, str], list[tuple[str, int, list[tuple[int, int]], np.dtype[Any]]]] = {}
         self._reject_lock = threading.Lock()
         self._rejected_at = -1e9
         self._rejected_quiet = 0
@@ -106,6 +109,8 @@ class Agent:
             self.machine.boot()
         except EdgeMLError as exc:  # a damaged slot: keep running (updates can repair it), say so
             _log.error("cannot serve the active slot: %s", exc)
+        if self._detect:
+            self.capabilities = detect()  # now with the execution providers of a loaded onnxruntime
         self.telemetry.start()
         try:
             self.api = LocalAPI(self, self.config.api_host, self.config.api_port, self.config.api_socket,
@@ -168,34 +173,34 @@ class Agent:
         if model != manifest.name:
             raise ModelNotFound(f"this device serves {manifest.name!r}, not {model!r}")
         feeds = self._feeds(manifest, inputs, preprocessed)
-        outputs = self.host.predict(feeds)
-        first = next(iter(outputs.values()))
-        result = PredictResult(model, active.version, outputs)
-        if first.ndim == 2 and first.shape[1] > 1:
-            probs = to_probabilities(first)
-            result.top1.extend(int(i) for i in probs.argmax(axis=1))
-            result.confidence.extend(float(c) for c in probs.max(axis=1))
-        return result
+        return PredictResult(model, active.version, self.host.predict(feeds))
 
-    @staticmethod
-    def _feeds(manifest: Any, inputs: Mapping[str, np.ndarray] | np.ndarray,
+    def _feeds(self, manifest: Any, inputs: Mapping[str, np.ndarray] | np.ndarray,
                preprocessed: bool) -> dict[str, np.ndarray]:
-        specs = {spec.name: spec for spec in manifest.inputs}
+        """The runtime's feeds: preprocessing applied unless ``preprocessed``, names, ranks, fixed dims and
+        dtypes checked against the manifest (a bad request is the caller's error, not the model's)."""
+        key = (manifest.name, manifest.version, manifest.target)
+        specs = self._specs.get(key)
+        if specs is None:
+            specs = self._specs[key] = [(s.name, len(s.shape), [(i, d) for i, d in enumerate(s.shape)
+                                                                 if i and isinstance(d, int)], np.dtype(s.dtype))
+                                        for s in manifest.inputs]
         if not isinstance(inputs, Mapping):
-            inputs = {manifest.inputs[0].name: inputs}
-        unknown = sorted(set(inputs) - set(specs))
-        if unknown or len(inputs) != len(specs):
-            raise ValueError(f"the model takes inputs {sorted(specs)}, got {sorted(inputs)}")
+            inputs = {specs[0][0]: inputs}
+        if len(inputs) != len(specs) or any(name not in inputs for name, *_ in specs):
+            raise ValueError(f"the model takes inputs {[s[0] for s in specs]}, got {sorted(inputs)}")
         feeds = {}
-        for name, raw in inputs.items():
-            spec = specs[name]
-            array = np.asarray(raw, dtype=np.float32) if preprocessed else preprocess(raw, manifest.preprocessing)
-            if array.ndim == len(spec.shape) - 1:
+        for name, ndim, fixed, dtype in specs:
+            raw = inputs[name]
+            array = np.asarray(raw) if preprocessed else preprocess(raw, manifest.preprocessing)
+            if array.ndim == ndim - 1:
                 array = array[None]
-            if array.ndim != len(spec.shape) or any(isinstance(want, int) and want != have for want, have
-                                                    in zip(spec.shape[1:], array.shape[1:], strict=True)):
-                raise ValueError(f"input {name!r} must have shape {list(spec.shape)}, got {list(array.shape)}")
-            feeds[name] = np.ascontiguousarray(array, dtype=spec.dtype)
+            if array.ndim != ndim or any(array.shape[i] != d for i, d in fixed):
+                want = ["N"] + [dict(fixed).get(i, "?") for i in range(1, ndim)]
+                raise ValueError(f"input {name!r} must have shape {want}, got {list(array.shape)}")
+            if array.dtype != dtype or not array.flags.c_contiguous:
+                array = np.ascontiguousarray(array, dtype=dtype)
+            feeds[name] = array
         return feeds
 
     def health(self) -> tuple[bool, dict[str, Any]]:
@@ -331,6 +336,8 @@ class Agent:
     # --- updates ---------------------------------------------------------------------------------------
 
     def _ensure_fetcher(self) -> MqttFetcher:
+        from edgeml.edge_agent.mqtt_fetcher import MqttFetcher
+
         if self._fetcher is None:
             if not self._connected.wait(30):
                 raise EdgeMLError("not connected to the broker; the download will be retried")
@@ -339,6 +346,9 @@ class Agent:
         return self._fetcher
 
     def _fetch(self, name: str, version: str, target: str) -> VerifiedBundle:
+        from edgeml.edge_agent.mqtt_fetcher import METADATA_URL, TARGETS_URL
+        from edgeml.edge_agent.tuf_client import TufClient
+
         tuf = TufClient(self.config.bootstrap.tuf_root, self.state_dir / "tuf", self.state_dir / "downloads",
                         METADATA_URL, TARGETS_URL, fetcher=self._ensure_fetcher())
         return tuf.fetch(name, version, target)

@@ -25,7 +25,8 @@ import re
 import socketserver
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,6 +34,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edgeml.errors import EdgeMLError
+from edgeml.refstats import to_probabilities
 
 __all__ = ["LocalAPI", "ModelNotFound", "NotServing", "PredictResult", "Predictor"]
 
@@ -51,13 +53,29 @@ class NotServing(EdgeMLError):
 
 @dataclass(frozen=True)
 class PredictResult:
-    """What one predict call returns."""
+    """What one predict call returns; ``top1`` and ``confidence`` are computed on first use."""
 
     model: str
     version: str
     outputs: dict[str, np.ndarray]
-    top1: list[int] = field(default_factory=list)
-    confidence: list[float] = field(default_factory=list)
+
+    @cached_property
+    def _classes(self) -> tuple[list[int], list[float]]:
+        first = next(iter(self.outputs.values()), None)
+        if first is None or first.ndim != 2 or first.shape[1] < 2:
+            return [], []
+        probs = to_probabilities(first)
+        return [int(i) for i in probs.argmax(axis=1)], [float(c) for c in probs.max(axis=1)]
+
+    @property
+    def top1(self) -> list[int]:
+        """The most probable class of each row (empty for outputs that are not class scores)."""
+        return self._classes[0]
+
+    @property
+    def confidence(self) -> list[float]:
+        """The probability of that class (softmax applied unless the outputs are probabilities)."""
+        return self._classes[1]
 
 
 class Predictor(Protocol):
@@ -74,6 +92,7 @@ class Predictor(Protocol):
 class _Handler(BaseHTTPRequestHandler):
     server_version = "edgeml-agent"
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body leave at once (else +40 ms: Nagle vs delayed ACK)
     predictor: Predictor
     max_bytes: int
 
@@ -210,7 +229,8 @@ class LocalAPI:
             unix_socket.parent.mkdir(parents=True, exist_ok=True)
             if unix_socket.is_socket():
                 unix_socket.unlink()  # left by a killed agent
-            self._unix = _UnixServer(str(unix_socket), handler)
+            unix_handler = type("UnixHandler", (handler,), {"disable_nagle_algorithm": False})  # no TCP there
+            self._unix = _UnixServer(str(unix_socket), unix_handler)
             os.chmod(unix_socket, 0o660)
         self._threads: list[threading.Thread] = []
 

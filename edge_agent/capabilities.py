@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import platform
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,15 +75,14 @@ class Capabilities:
 
 
 def _onnxruntime_providers() -> list[str]:
-    try:
-        import onnxruntime
-    except ImportError:
-        return []
-    return list(onnxruntime.get_available_providers())
+    """onnxruntime's execution providers, once onnxruntime is loaded (detecting them must not load it: a
+    device serving a LiteRT model should not pay onnxruntime's memory)."""
+    onnxruntime = sys.modules.get("onnxruntime")
+    return list(onnxruntime.get_available_providers()) if onnxruntime is not None else []
 
 
 def detect(probe_cuda: bool = False) -> Capabilities:
-    """Find this device's capabilities (imports each runtime once to read its version).
+    """Find this device's capabilities (runtime versions are read from package metadata where it exists).
 
     Args:
         probe_cuda: Ask the CUDA runtime for the compute capability (initialises CUDA); otherwise the

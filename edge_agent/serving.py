@@ -44,30 +44,34 @@ class ServingStats:
     requests: int = 0
     errors: int = 0
     _latencies_ms: deque[float] = field(default_factory=deque)
-    _confidences: deque[float] = field(default_factory=deque)
+    _outputs: deque[np.ndarray] = field(default_factory=deque)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def record(self, latency_s: float, ok: bool, confidence: float | None) -> None:
+    def __post_init__(self) -> None:
+        self._latencies_ms = deque(maxlen=self.window)
+        self._outputs = deque(maxlen=max(1, self.window // 8))
+
+    def record(self, latency_s: float, ok: bool, outputs: np.ndarray | None) -> None:
+        """Account one request: cheap (the confidence is computed from the kept outputs when asked)."""
         with self._lock:
             self.requests += 1
-            self.errors += 0 if ok else 1
             if ok:
                 self._latencies_ms.append(latency_s * 1000.0)
-                if confidence is not None:
-                    self._confidences.append(confidence)
-            while len(self._latencies_ms) > self.window:
-                self._latencies_ms.popleft()
-            while len(self._confidences) > self.window:
-                self._confidences.popleft()
+                if outputs is not None:
+                    self._outputs.append(outputs)
+            else:
+                self.errors += 1
 
     def snapshot(self) -> HealthSnapshot:
         """Requests, errors, p99 latency and mean confidence so far (drift and crashes left to the caller)."""
         with self._lock:
             lat = np.asarray(self._latencies_ms, dtype=np.float64)
-            conf = np.asarray(self._confidences, dtype=np.float64)
-            return HealthSnapshot(requests=self.requests, errors=self.errors,
-                                  p99_ms=float(np.percentile(lat, 99)) if lat.size else None,
-                                  confidence=float(conf.mean()) if conf.size else None)
+            outputs = list(self._outputs)
+            requests, errors = self.requests, self.errors
+        rows = [o for o in outputs if o.ndim == 2 and o.shape[1:] == outputs[-1].shape[1:]] if outputs else []
+        confidence = mean_confidence(np.concatenate(rows)) if rows else None  # one vectorised pass
+        return HealthSnapshot(requests=requests, errors=errors,
+                              p99_ms=float(np.percentile(lat, 99)) if lat.size else None, confidence=confidence)
 
 
 @dataclass
@@ -131,8 +135,8 @@ class ModelHost:
         finally:
             elapsed = time.perf_counter() - start
             ok = outputs is not None
-            first = next(iter(outputs.values())) if outputs else None
-            self.stats(model.version).record(elapsed, ok, mean_confidence(first) if first is not None else None)
+            stats = self._stats.get(model.version) or self.stats(model.version)
+            stats.record(elapsed, ok, next(iter(outputs.values())) if outputs else None)
             with self._lock:
                 model.users -= 1
                 self._lock.notify_all()

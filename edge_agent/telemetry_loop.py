@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
+import time
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,7 +36,10 @@ __all__ = ["TelemetryLoop"]
 
 _log = logging.getLogger(__name__)
 _CAPTURE_QUEUE = 64  # batches waiting for the capture store (dropped beyond)
-_CAPTURE_EVERY = 8  # offer one request in this many to the capture store (which samples again)
+_CAPTURE_EVERY = 2  # offer one drift-observed request in this many to the capture store (which samples again)
+#: Requests per second the drift monitors see at most: below it every request is observed, above it a regular
+#: sample (one in ceil(rate / budget)), so that drift accounting costs a bounded share of the CPU.
+DRIFT_REQUESTS_PER_S = 500
 
 
 class TelemetryLoop:
@@ -55,7 +60,9 @@ class TelemetryLoop:
         self._windows: dict[str, DriftWindow] = {}
         self._lock = threading.Lock()
         self._captures: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=_CAPTURE_QUEUE)
-        self._seen = 0
+        self._seen = 0  # requests observed
+        self._drift_every = 1  # observe one request in this many for drift (see DRIFT_REQUESTS_PER_S)
+        self._rate_mark = time.monotonic()
 
     def start(self) -> None:
         """Nothing runs on its own: the agent's tick thread calls :meth:`report`."""
@@ -70,13 +77,24 @@ class TelemetryLoop:
                 latency_s: float, ok: bool) -> None:
         """Account one request (a :class:`~edgeml.edge_agent.serving.ModelHost` observer)."""
         first = next(iter(inputs.values()))
-        self.aggregator.record(latency_s, ok, n=len(first) if first.ndim else 1)
-        if outputs is None:
-            return
+        self.aggregator.record(latency_s, ok, first.shape[0] if first.ndim else 1)
+        seen = self._seen = self._seen + 1
+        if not seen & 255:
+            self._retune()
+        if outputs is not None and not seen % self._drift_every:
+            self._drift(version, first, next(iter(outputs.values())))
+
+    def _retune(self) -> None:
+        """Every 256 requests: observe one request in ceil(rate / DRIFT_REQUESTS_PER_S) for drift."""
+        now = time.monotonic()
+        elapsed, self._rate_mark = now - self._rate_mark, now
+        if elapsed > 0:
+            self._drift_every = max(1, math.ceil(256 / elapsed / DRIFT_REQUESTS_PER_S))
+
+    def _drift(self, version: str, first: np.ndarray, probs: np.ndarray) -> None:
         monitor = self._monitors[version] if version in self._monitors else self._monitor_for(version)
         if monitor is None:
             return
-        probs = next(iter(outputs.values()))
         try:
             windows = monitor.observe(first, probs)
         except EdgeMLError:  # inputs the reference does not describe: drift cannot judge them
@@ -85,8 +103,7 @@ class TelemetryLoop:
             self._windows[version] = window
             if window.alert:
                 self.agent.event("drift", version=version, window=window.to_metrics())
-        self._seen += 1
-        if probs.ndim == 2 and self._seen % _CAPTURE_EVERY == 0 and len(self._captures) < _CAPTURE_QUEUE:
+        if probs.ndim == 2 and len(self._captures) < _CAPTURE_QUEUE and not self._seen % _CAPTURE_EVERY:
             self._captures.append((first, probs))  # the store keeps the low-confidence ones, sampled
 
     def _monitor_for(self, version: str) -> DriftMonitor | None:

@@ -37,7 +37,7 @@ class Observed:
     events: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     states: dict[str, dict[str, Any]] = field(default_factory=dict)
     telemetry: dict[str, dict[int, Telemetry]] = field(default_factory=dict)
-    duplicates: int = 0
+    duplicates: dict[str, int] = field(default_factory=dict)  # telemetry received twice, per device
 
 
 class Operator:
@@ -79,7 +79,7 @@ class Operator:
                 assert isinstance(t, Telemetry)
                 stored = self.seen.telemetry.setdefault(device, {})
                 if t.seq in stored:
-                    self.seen.duplicates += 1
+                    self.seen.duplicates[device] = self.seen.duplicates.get(device, 0) + 1
                 stored[t.seq] = t
                 if self.ack:
                     high = -1

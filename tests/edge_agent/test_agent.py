@@ -242,7 +242,9 @@ def test_telemetry_reaches_the_fleet_in_order_and_is_acknowledged(fleet: Fleet, 
     sample = got[0].metrics
     assert sample["version"] == "1.0.0" and sample["latency_p99_ms"] > 0 and sample["error_rate"] == 0.0
     seqs = sorted(fleet.operator.seen.telemetry[agent.device_id])
-    assert seqs == list(range(len(seqs))) and fleet.operator.seen.duplicates == 0
+    assert seqs == list(range(len(seqs)))
+    # a duplicate can only be a resend of an entry whose ack was still on its way: never a second copy stored
+    assert fleet.operator.seen.duplicates.get(agent.device_id, 0) <= 1
     fleet.operator.wait_for(lambda s: len(agent.telemetry.outbox) <= 1, 20)  # acknowledged entries are gone
 
 
