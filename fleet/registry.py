@@ -5,6 +5,8 @@ Layout of a registry ``DIR``::
     DIR/registry.json              marks the directory as a registry (schema)
     DIR/.lock                      fcntl lock held around every read-modify-write
     DIR/keys/{targets,snapshot,timestamp}.pem        online keys
+    DIR/keys/audit.pem             online key that signs the audit log's head (created on first use)
+    DIR/audit/heads.log            every signed audit head, appended (keep it append-only or ship it off)
     DIR/offline-keys/root-N.pem    root keys: move them off the server (see README.txt there)
     DIR/repository/                what a web server (or the distribution service) serves to devices
         metadata/1.root.json root.json N.targets.json targets.json N.snapshot.json snapshot.json
