@@ -99,6 +99,27 @@ def _tables(sa: Any) -> tuple[Any, dict[str, Any]]:
             sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
             sa.Column("revoked", sa.Boolean, nullable=False, server_default=sa.false()),
             sa.Column("last_used_at", sa.DateTime(timezone=True))),
+        # staged rollouts (edgeml.fleet.rollouts): the whole controller state, so that it survives a restart
+        "rollouts": sa.Table(
+            "rollouts", meta, sa.Column("id", sa.String(64), primary_key=True),
+            sa.Column("kind", sa.String(16), nullable=False), sa.Column("model", sa.String(64), nullable=False),
+            sa.Column("version", sa.String(128), nullable=False), sa.Column("options", sa.JSON, nullable=False),
+            sa.Column("state", sa.String(16), nullable=False), sa.Column("abort_reason", sa.String(1024)),
+            sa.Column("current_wave", sa.Integer, nullable=False),
+            sa.Column("wave_started_at", sa.DateTime(timezone=True)), sa.Column("broadcast", sa.JSON),
+            sa.Column("created_by", sa.String(128), nullable=False),
+            sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+            sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False)),
+        "rollout_devices": sa.Table(
+            "rollout_devices", meta, sa.Column("id", sa.Integer, primary_key=True),
+            sa.Column("rollout_id", sa.String(64), sa.ForeignKey("rollouts.id"), nullable=False),
+            sa.Column("device_id", sa.String(128), nullable=False), sa.Column("wave", sa.Integer, nullable=False),
+            sa.Column("target", sa.String(64)), sa.Column("previous", sa.String(128)),
+            sa.Column("command_id", sa.String(64)), sa.Column("state", sa.String(16), nullable=False),
+            sa.Column("reason", sa.String(1024)), sa.Column("notified_at", sa.DateTime(timezone=True)),
+            sa.Column("finished_at", sa.DateTime(timezone=True)), sa.Column("revert_id", sa.String(64)),
+            sa.Column("revert_state", sa.String(16)), sa.UniqueConstraint("rollout_id", "device_id"),
+            sa.Index("rollout_devices_state", "rollout_id", "state")),
     }
     return meta, t
 
@@ -142,6 +163,7 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[Any, Any, dict[str, Any]], None]], .
     (3, "telemetry, audit, audit_heads, tokens; devices: status, capabilities (the fleet server)",
      _steps(_add_missing_columns("devices", ("status", "capabilities")),
             _create_missing_tables("telemetry", "audit", "audit_heads", "tokens"))),
+    (4, "rollouts, rollout_devices (staged rollouts)", _create_missing_tables("rollouts", "rollout_devices")),
 )
 #: The version of the schema ``_tables`` defines.
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -1,0 +1,572 @@
+"""The rules of a staged rollout: options, planning and the per-tick decision. Pure: no I/O, no clock.
+
+A rollout moves one model version onto the devices a tag selection names, in waves:
+
+* :func:`plan` orders the selected devices by a hash of (rollout id, device id), so the canary differs between
+  rollouts but is reproducible, picks each device's target (the first of ``targets`` that the version has and
+  whose runtime requirement the device's reported capabilities satisfy) and cuts the order into the canary
+  (wave 0: ``max(ceil(canary x n), min_devices)`` devices) and the waves (cumulative fractions of ``n``, the
+  devices that can run a target).
+* :func:`decide` looks at the rollout and its device rows at one moment and returns the :class:`Action`\\ s to
+  take. The controller (:mod:`~edgeml.fleet.rollouts`) writes them to the database, then sends the commands.
+
+Device row states::
+
+    pending      selected, not notified yet (its wave has not started, or it is offline: it waits)
+    notifying    an update command was decided; it is sent (again, after a restart) until the broker has it
+    notified     the broker has the command; the device is updating
+    committed    the device runs the new version (also: it already did when the rollout started)
+    rolled_back  the device switched, then its probation failed and it went back by itself
+    failed       the update stopped before the switch (download, verification, smoke test) or the device was busy
+    incompatible no target fits the device (decided here, or reported by the device)
+    timed_out    no result within ``wave_timeout_s`` of its notification (or of its wave's start, if offline)
+
+Failure rate: ``(rolled_back + failed + timed_out) / (committed + rolled_back + failed + timed_out)`` over the
+devices of the waves so far; incompatible devices do not count; a timeout counts as a failure (a device that
+cannot finish an update in time is not a success). It aborts the rollout when it exceeds
+``max_failure_rate`` once at least ``min(min_devices, size of the current wave)`` devices have finished.
+
+Model signals, each judged on the devices of the waves so far once as many of them have a value: the median
+of the per-device values must not exceed the limit.
+
+* p99 regression: a device's new-version p99 over its previous-version p99 (:class:`DeviceSignals`, from
+  telemetry when the controller has it); a device that rolled back with ``p99`` in its reason counts as an
+  infinite regression (the agent's own judge found it too slow; its limit is ``max_p99_regression``).
+* error rate: the device's error rate; a rollback whose reason names the ``error rate`` counts as infinite.
+* drift: the device's drift score (its ``drift`` events); a rollback for ``drift`` counts as infinite.
+
+Rollout states: ``pending`` (created, files not broadcast yet), ``canary``, ``wave-N``, ``paused``,
+``completed``, ``aborted``. After an abort, devices still updating are told to roll back and devices that
+committed are sent an update back to the version they had (``revert`` states, :class:`TellRollback`); a device
+that never answers ends as ``timed_out``, and devices that were still waiting are never told anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import statistics
+from collections.abc import Iterable, Mapping, Sequence, Set
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from edgeml.edge_agent.capabilities import Capabilities
+from edgeml.errors import ConfigError
+
+__all__ = [
+    "FAILURES",
+    "FINISHED",
+    "IN_FLIGHT",
+    "TERMINAL",
+    "AbortRollout",
+    "Action",
+    "AdvanceWave",
+    "Assignment",
+    "CompleteRollout",
+    "DeviceFacts",
+    "DeviceRow",
+    "DeviceSignals",
+    "NotifyDevices",
+    "RolloutError",
+    "RolloutOptions",
+    "RolloutView",
+    "TellRollback",
+    "TimeOut",
+    "choose_target",
+    "decide",
+    "order",
+    "parse_duration",
+    "parse_fraction",
+    "parse_selection",
+    "plan",
+    "wave_state",
+]
+
+IN_FLIGHT = frozenset({"notifying", "notified"})
+FINISHED = frozenset({"committed", "rolled_back", "failed", "timed_out"})
+FAILURES = frozenset({"rolled_back", "failed", "timed_out"})
+TERMINAL = FINISHED | {"incompatible"}
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+class RolloutError(ConfigError):
+    """A rollout cannot be started or changed as asked (bad options, unknown model or version, no devices)."""
+
+
+# --- options ------------------------------------------------------------------------------------------------
+
+
+def parse_fraction(text: str | float, what: str) -> float:
+    """``"5%"`` -> 0.05; a plain number is taken as a fraction (``"0.05"``).
+
+    Raises:
+        RolloutError: Not a number or a percentage.
+    """
+    raw = str(text).strip()
+    try:
+        value = float(raw[:-1]) / 100.0 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise RolloutError(f"{what} must be a percentage like 10% or a fraction like 0.1, got {text!r}") from None
+    if not math.isfinite(value):
+        raise RolloutError(f"{what} must be finite, got {text!r}")
+    return value
+
+
+def parse_duration(text: str | float, what: str) -> float:
+    """``"10m"`` -> 600.0 seconds (units ms, s, m, h; none: seconds).
+
+    Raises:
+        RolloutError: Not a duration.
+    """
+    match = _DURATION.fullmatch(str(text).strip())
+    if match is None:
+        raise RolloutError(f"{what} must be a duration like 30s, 10m or 1h, got {text!r}")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def parse_selection(text: str | None) -> dict[str, str]:
+    """``"site=lab,tier=canary"`` -> ``{"site": "lab", "tier": "canary"}`` (every tag must match).
+
+    Raises:
+        RolloutError: An item is not ``KEY=VALUE``.
+    """
+    tags: dict[str, str] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise RolloutError(f"bad --select item {item!r}", hint="use TAG=VALUE[,TAG=VALUE...]")
+        tags[key.strip()] = value.strip()
+    return tags
+
+
+@dataclass(frozen=True)
+class RolloutOptions:
+    """How a rollout proceeds and when it aborts.
+
+    Attributes:
+        targets: Compile targets in order of preference; each device gets the first it can run.
+        select: Tags a device must all have (empty: every enrolled device).
+        canary: Fraction (0..1] of the devices in the canary (wave 0).
+        waves: Cumulative fractions of the devices done after each later wave, increasing, the last 1.0.
+        wave_timeout_s: Seconds a notified device (or an offline one, from its wave's start) may take.
+        probation_s: Seconds of probation on each device before it commits.
+        max_failure_rate: Abort when the failure rate exceeds this (0..1; 1.0: never on failures).
+        min_devices: Smallest canary, and the finished devices needed before the failure rate counts.
+        max_p99_regression: Abort when new/previous p99 exceeds this factor (> 1; None: no such check).
+        max_error_rate: Abort when the devices' error rate exceeds this (0..1; None: no such check).
+        max_drift: Abort when the devices' drift score exceeds this (0..1; None: no such check).
+        device_thresholds: More health thresholds for the agents (``Thresholds`` names, e.g. min_requests).
+    """
+
+    targets: tuple[str, ...]
+    select: Mapping[str, str] = field(default_factory=dict)
+    canary: float = 0.05
+    waves: tuple[float, ...] = (0.25, 0.5, 1.0)
+    wave_timeout_s: float = 600.0
+    probation_s: float = 300.0
+    max_failure_rate: float = 0.1
+    min_devices: int = 3
+    max_p99_regression: float | None = None
+    max_error_rate: float | None = None
+    max_drift: float | None = None
+    device_thresholds: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._check_targets()
+        for name, value, low, high, open_low in (
+                ("--canary", self.canary, 0.0, 1.0, True),
+                ("--max-failure-rate", self.max_failure_rate, 0.0, 1.0, False),
+                ("--max-error-rate", self.max_error_rate, 0.0, 1.0, False),
+                ("--max-drift", self.max_drift, 0.0, 1.0, False)):
+            if value is not None and not (low < value <= high if open_low else low <= value <= high):
+                shown = f"{value:.4g}" if isinstance(value, float) else repr(value)
+                raise RolloutError(f"{name} must be {'above' if open_low else 'at least'} {low:g} and at most "
+                                   f"{high:g} (percentages: {'above ' if open_low else ''}{low:.0%} to {high:.0%}), "
+                                   f"got {shown}")
+        self._check_waves()
+        if not self.wave_timeout_s > 0 or not self.probation_s >= 0:
+            raise RolloutError(f"--wave-timeout must be > 0 and --probation >= 0, got {self.wave_timeout_s:g} s "
+                               f"and {self.probation_s:g} s")
+        if isinstance(self.min_devices, bool) or not isinstance(self.min_devices, int) or self.min_devices < 1:
+            raise RolloutError(f"--min-devices must be an integer >= 1, got {self.min_devices!r}")
+        if self.max_p99_regression is not None and not self.max_p99_regression > 1.0:
+            raise RolloutError(f"--max-p99-regression is a factor on the previous p99 and must be above 1, got "
+                               f"{self.max_p99_regression:g}")
+        from edgeml.edge_agent.update.health import Thresholds
+
+        try:
+            Thresholds.from_dict(self.thresholds())
+        except ConfigError as exc:
+            raise RolloutError(f"bad device threshold: {exc.message}") from exc
+
+    def _check_targets(self) -> None:
+        if not self.targets:
+            raise RolloutError("--targets must name at least one compile target", hint="e.g. --targets onnx-int8")
+        bad = [t for t in self.targets if not _NAME.fullmatch(t)]
+        if bad or len(set(self.targets)) != len(self.targets):
+            raise RolloutError(f"--targets must be distinct target names, got {list(self.targets)}")
+
+    def _check_waves(self) -> None:
+        waves = list(self.waves)
+        if not waves or any(not 0.0 < w <= 1.0 for w in waves) or waves != sorted(set(waves)) or waves[-1] != 1.0:
+            raise RolloutError(f"--waves must be increasing percentages above 0% ending at 100%, got "
+                               f"{', '.join(f'{w:.0%}' for w in waves) or 'none'}", hint="e.g. --waves 25%,50%,100%")
+
+    def thresholds(self) -> dict[str, float]:
+        """The health thresholds sent to each agent with its update command."""
+        out: dict[str, float] = {"probation_s": self.probation_s}
+        if self.max_error_rate is not None:
+            out["max_error_rate"] = self.max_error_rate
+        if self.max_p99_regression is not None:
+            out["p99_factor"] = self.max_p99_regression
+        if self.max_drift is not None:
+            out["max_drift"] = self.max_drift
+        return {**out, **dict(self.device_thresholds)}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form stored with the rollout."""
+        doc = asdict(self)
+        doc.update(targets=list(self.targets), waves=list(self.waves), select=dict(self.select),
+                   device_thresholds=dict(self.device_thresholds))
+        return doc
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> RolloutOptions:
+        """The options of :meth:`to_dict` (validated again).
+
+        Raises:
+            RolloutError: They are invalid.
+        """
+        return cls(**{**doc, "targets": tuple(doc["targets"]), "waves": tuple(doc["waves"])})
+
+
+# --- planning -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What the fleet knows about one enrolled device when a rollout is planned.
+
+    Attributes:
+        device_id: The device.
+        tags: Its tags.
+        capabilities: Its last reported capabilities (``Capabilities.to_dict``); None: never reported.
+        installed: model -> version it runs.
+        revoked: Whether it was revoked (revoked devices are never selected).
+    """
+
+    device_id: str
+    tags: Mapping[str, str] = field(default_factory=dict)
+    capabilities: Mapping[str, Any] | None = None
+    installed: Mapping[str, str] = field(default_factory=dict)
+    revoked: bool = False
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One device's part in a planned rollout."""
+
+    device_id: str
+    wave: int
+    target: str | None
+    state: str  # pending, incompatible, or committed (already runs the version)
+    reason: str | None = None
+    previous: str | None = None  # the version it ran before (to go back to on abort)
+
+
+def _capabilities(doc: Mapping[str, Any]) -> Capabilities:
+    return Capabilities(runtimes={str(k): str(v) for k, v in dict(doc.get("runtimes") or {}).items()},
+                        arch=str(doc.get("arch") or ""), compute_capability=doc.get("compute_capability"),
+                        l4t=doc.get("l4t"), providers=list(doc.get("providers") or []))
+
+
+def choose_target(capabilities: Mapping[str, Any] | None, preferred: Sequence[str],
+                  available: Mapping[str, Mapping[str, Any]]) -> tuple[str | None, str]:
+    """The first of ``preferred`` that ``available`` has and the device can run; else None and why not.
+
+    Args:
+        capabilities: The device's reported capabilities (None: never reported).
+        preferred: Target names in order of preference.
+        available: target -> its runtime requirement, for the version being rolled out.
+    """
+    if capabilities is None:
+        return None, "the device never reported its capabilities"
+    caps = _capabilities(capabilities)
+    why = []
+    for target in preferred:
+        if target not in available:
+            why.append(f"{target}: not published for this version")
+            continue
+        problem = caps.incompatibility(dict(available[target]))
+        if problem is None:
+            return target, ""
+        why.append(f"{target}: {problem}")
+    return None, "; ".join(why)
+
+
+def order(rollout_id: str, device_ids: Iterable[str]) -> list[str]:
+    """The devices in the rollout's order (a hash of rollout id and device id; stable for a rollout)."""
+    return sorted(device_ids, key=lambda d: (hashlib.sha256(f"{rollout_id}/{d}".encode()).hexdigest(), d))
+
+
+def _wave_ends(n: int, options: RolloutOptions) -> list[int]:
+    """Cumulative device counts at the end of the canary and of each wave."""
+    ends = [min(n, max(math.ceil(options.canary * n - 1e-9), options.min_devices))]
+    for fraction in options.waves:
+        ends.append(max(ends[-1], min(n, math.ceil(fraction * n - 1e-9))))
+    ends[-1] = n
+    return ends
+
+
+def plan(rollout_id: str, model: str, version: str, devices: Sequence[DeviceFacts], options: RolloutOptions,
+         available: Mapping[str, Mapping[str, Any]]) -> list[Assignment]:
+    """Assign each selected device its wave and target.
+
+    Args:
+        rollout_id: The rollout (seeds the order).
+        model: The model's name.
+        version: The version rolled out.
+        devices: Every enrolled device.
+        options: The rollout's options (``select`` and ``targets`` are used here).
+        available: target -> runtime requirement, for every target published for ``model`` ``version``.
+
+    Returns:
+        One assignment per selected device, canary first, in rollout order.
+
+    Raises:
+        RolloutError: No device matches the selection, the version has none of the targets, or no selected
+            device can run any of them.
+    """
+    if not set(options.targets) & set(available):
+        raise RolloutError(f"{model} {version} has none of the targets {', '.join(options.targets)}",
+                           hint=f"published targets: {', '.join(sorted(available)) or 'none'}")
+    selected = {d.device_id: d for d in devices
+                if not d.revoked and all(d.tags.get(k) == v for k, v in options.select.items())}
+    if not selected:
+        shown = ",".join(f"{k}={v}" for k, v in options.select.items()) or "(all)"
+        raise RolloutError(f"no enrolled device matches --select {shown}", hint="check the tags with "
+                           "`edgeml fleet devices ls`")
+    chosen = {d: choose_target(selected[d].capabilities, options.targets, available) for d in selected}
+    fit = [d for d in order(rollout_id, selected) if chosen[d][0] is not None]
+    if not fit:
+        first = next(iter(chosen.values()))[1]
+        raise RolloutError(f"none of the {len(selected)} selected devices can run any of the targets "
+                           f"{', '.join(options.targets)} (e.g. {first})")
+    ends = _wave_ends(len(fit), options)
+    out = []
+    for i, device_id in enumerate(fit):
+        wave = next(k for k, end in enumerate(ends) if i < end)
+        previous = selected[device_id].installed.get(model)
+        if previous == version:
+            out.append(Assignment(device_id, wave, chosen[device_id][0], "committed", f"already runs {version}"))
+        else:
+            out.append(Assignment(device_id, wave, chosen[device_id][0], "pending", None, previous))
+    last = len(ends) - 1
+    for device_id in order(rollout_id, set(selected) - set(fit)):
+        out.append(Assignment(device_id, last, None, "incompatible", chosen[device_id][1][:1000]))
+    return out
+
+
+# --- the decision -------------------------------------------------------------------------------------------
+
+
+def wave_state(wave: int) -> str:
+    """The rollout state while ``wave`` runs: ``canary`` for wave 0, else ``wave-N``."""
+    return "canary" if wave == 0 else f"wave-{wave}"
+
+
+@dataclass(frozen=True)
+class RolloutView:
+    """A rollout as :func:`decide` sees it."""
+
+    id: str
+    state: str  # pending, canary, wave-N, paused, completed, aborted
+    current_wave: int
+    wave_started_at: float | None
+    options: RolloutOptions
+
+    @property
+    def last_wave(self) -> int:
+        """The index of the last wave (the canary is wave 0)."""
+        return len(self.options.waves)
+
+
+@dataclass(frozen=True)
+class DeviceRow:
+    """One device's row of a rollout as :func:`decide` sees it."""
+
+    device_id: str
+    wave: int
+    state: str
+    reason: str | None = None
+    notified_at: float | None = None
+    previous: str | None = None
+    revert_state: str | None = None  # None, rollback, rollback-sent, revert, revert-sent, reverted, revert-failed
+
+
+@dataclass(frozen=True)
+class DeviceSignals:
+    """Model signals of one device on the new version (None: not measured)."""
+
+    p99_ratio: float | None = None
+    error_rate: float | None = None
+    drift: float | None = None
+
+
+@dataclass(frozen=True)
+class NotifyDevices:
+    """Send these devices their update command (they are all in the current wave or an earlier one)."""
+
+    device_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TimeOut:
+    """These devices gave no result in time: they count as failed."""
+
+    device_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AbortRollout:
+    """Stop the rollout: no further device is updated."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class TellRollback:
+    """Undo the update on these devices: ``rollback`` (still updating) or ``revert`` (committed: update back)."""
+
+    how: str
+    device_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AdvanceWave:
+    """Start ``wave`` (0: start the rollout with its canary)."""
+
+    wave: int
+
+
+@dataclass(frozen=True)
+class CompleteRollout:
+    """Every wave is done."""
+
+
+Action = NotifyDevices | TimeOut | AbortRollout | TellRollback | AdvanceWave | CompleteRollout
+
+
+def decide(rollout: RolloutView, devices: Sequence[DeviceRow], now: float, online: Set[str],
+           signals: Mapping[str, DeviceSignals] | None = None) -> list[Action]:
+    """What to do next.
+
+    Args:
+        rollout: The rollout.
+        devices: All its device rows.
+        now: The current time (Unix seconds).
+        online: The devices connected now.
+        signals: Model signals per device, where measured.
+
+    Returns:
+        The actions, in the order to apply them.
+    """
+    if rollout.state == "pending":
+        return [AdvanceWave(0)]
+    if rollout.state == "aborted":  # undo; devices that never answer end as timed out, the waiting ones stay
+        rows, timed_out = _with_timeouts(rollout, devices, rollout.last_wave, now, offline=False)
+        return ([TimeOut(timed_out)] if timed_out else []) + _undo(rows)
+    if rollout.state == "paused":
+        return []
+    wave = rollout.last_wave if rollout.state == "completed" else rollout.current_wave
+    rows, timed_out = _with_timeouts(rollout, devices, wave, now)
+    actions: list[Action] = [TimeOut(timed_out)] if timed_out else []
+    if rollout.state == "completed":  # late devices catch up; nothing else changes
+        late = _to_notify(rows, wave, online)
+        return actions + ([NotifyDevices(late)] if late else [])
+    reason = _abort_reason(rows, wave, rollout.options, signals or {})
+    if reason is not None:
+        return actions + [AbortRollout(reason)] + _undo(rows)
+    notify = _to_notify(rows, wave, online)
+    if notify:
+        actions.append(NotifyDevices(notify))
+    elif all(d.state in TERMINAL for d in rows if d.wave <= wave):
+        actions.append(CompleteRollout() if wave >= rollout.last_wave else AdvanceWave(wave + 1))
+    return actions
+
+
+def _with_timeouts(rollout: RolloutView, devices: Sequence[DeviceRow], wave: int, now: float,
+                   offline: bool = True) -> tuple[list[DeviceRow], tuple[str, ...]]:
+    """The rows with the devices past the wave timeout marked timed_out (notified ones; with ``offline``
+    also waiting ones, from the wave's start), and their ids."""
+    limit = rollout.options.wave_timeout_s
+    started = rollout.wave_started_at if rollout.wave_started_at is not None else now
+    rows, late = [], []
+    for d in devices:
+        since = d.notified_at if d.state in IN_FLIGHT else started if d.state == "pending" and offline else None
+        if d.wave <= wave and since is not None and now - since > limit:
+            d = DeviceRow(d.device_id, d.wave, "timed_out", "no result within the wave timeout", d.notified_at,
+                          d.previous, d.revert_state)
+            late.append(d.device_id)
+        rows.append(d)
+    return rows, tuple(late)
+
+
+def _to_notify(rows: Sequence[DeviceRow], wave: int, online: Set[str]) -> tuple[str, ...]:
+    """Online devices of the waves so far that wait: pending, or timed out while offline (never notified)."""
+    return tuple(d.device_id for d in rows if d.wave <= wave and d.device_id in online
+                 and (d.state == "pending" or (d.state == "timed_out" and d.notified_at is None)))
+
+
+def _abort_reason(rows: Sequence[DeviceRow], wave: int, options: RolloutOptions,
+                  signals: Mapping[str, DeviceSignals]) -> str | None:
+    sofar = [d for d in rows if d.wave <= wave]
+    size = sum(1 for d in sofar if d.wave == wave and d.state != "incompatible")
+    needed = max(1, min(options.min_devices, size))
+    for name, limit, word, attr in (("p99 regression", options.max_p99_regression, "p99", "p99_ratio"),
+                                    ("error rate", options.max_error_rate, "error rate", "error_rate"),
+                                    ("drift", options.max_drift, "drift", "drift")):
+        if limit is None:
+            continue
+        values = _signal_values(sofar, signals, word, attr)
+        if len(values) >= needed and statistics.median(values) > limit:
+            shown = "every device rolled back for it" if math.isinf(statistics.median(values)) \
+                else f"median {statistics.median(values):.3g}"
+            return f"{name} past {limit:g} on {len(values)} devices ({shown})"
+    finished = [d for d in sofar if d.state in FINISHED]
+    failed = [d for d in finished if d.state in FAILURES]
+    if len(finished) >= needed and len(failed) / len(finished) > options.max_failure_rate:
+        return (f"failure rate {len(failed) / len(finished):.0%} ({len(failed)} of {len(finished)} finished "
+                f"devices) exceeds {options.max_failure_rate:.0%}")
+    return None
+
+
+def _signal_values(rows: Sequence[DeviceRow], signals: Mapping[str, DeviceSignals], word: str,
+                   attr: str) -> list[float]:
+    """One value per device that has one: measured, or infinite when it rolled back for this reason."""
+    values = []
+    for d in rows:
+        measured = getattr(signals.get(d.device_id, DeviceSignals()), attr)
+        if d.state == "rolled_back" and word in (d.reason or "").lower():
+            values.append(math.inf)
+        elif measured is not None and d.state in ("notified", "committed", "rolled_back"):
+            values.append(float(measured))
+    return values
+
+
+def _undo(rows: Sequence[DeviceRow]) -> list[Action]:
+    """After an abort: roll back the devices still updating, update back the ones that committed."""
+    rollback = tuple(d.device_id for d in rows if d.state in IN_FLIGHT and d.revert_state is None)
+    revert = tuple(d.device_id for d in rows if d.state == "committed" and d.previous is not None
+                   and d.revert_state in (None, "rollback-sent"))
+    actions: list[Action] = []
+    if rollback:
+        actions.append(TellRollback("rollback", rollback))
+    if revert:
+        actions.append(TellRollback("revert", revert))
+    return actions
