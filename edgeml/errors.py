@@ -9,7 +9,8 @@ The tree::
 
     EdgeMLError
     ├── ConfigError                 a bad option, argument or setting
-    │   └── UnknownTargetError      a compile target that does not exist
+    │   ├── UnknownTargetError      a compile target that does not exist
+    │   └── RolloutError            a rollout that names an unknown model/version or selects no device
     ├── MissingExtraError           an optional dependency is not installed (names the pip extra)
     ├── ModelError                  a model file cannot be read, checked or loaded
     ├── DataError                   calibration/validation/inference data does not fit the model

@@ -91,7 +91,8 @@ class UpdateMachine:
     def start(self, request: UpdateRequest) -> UpdateRecord:
         """Accept ``request`` and run it to a terminal state; returns the final record.
 
-        A request with the id of the update in progress continues that update.
+        A request with the id of the update in progress continues that update; one with the id of the update
+        that last ended changes nothing and reports its end again (the fleet may resend a command).
 
         Raises:
             ConfigError: The request is malformed, or another update is in progress.
@@ -99,6 +100,9 @@ class UpdateMachine:
         """
         request = request.validated()
         existing = self.store.load()
+        if existing is not None and existing.id == request.id and existing.current in TERMINAL:
+            self._notify(existing, existing.current, "repeat", existing.current)  # a resent command: say how it ended
+            return existing
         if existing is not None and existing.current not in TERMINAL:
             if existing.id == request.id:
                 self.boot()

@@ -297,3 +297,18 @@ def test_requests_keep_being_served_across_the_switch(rig: Rig) -> None:
     for versions in seen.values():
         switched = versions.index(GOOD)
         assert set(versions[:switched]) == {"1.0.0"} and set(versions[switched:]) == {GOOD}
+
+
+def test_a_resent_command_for_a_finished_update_changes_nothing_and_reports_its_end(tmp_path: Path) -> None:
+    """The fleet may send the same update command twice (e.g. a controller restarting): no second update."""
+    from edgeml.edge_agent.update.machine import UpdateMachine
+    from edgeml.edge_agent.update.store import UpdateRecord, UpdateRequest
+
+    seen: list[tuple[str, str]] = []
+    machine = UpdateMachine(tmp_path, ModelHost(), lambda *a: (_ for _ in ()).throw(AssertionError("no fetch")),
+                            on_transition=lambda r, f, e, t: seen.append((e, t.value)))
+    record = UpdateRecord.new(UpdateRequest("digits", "2.0.0", "onnx", id="u-1"))
+    record.state = "committed"
+    machine.store.save(record)
+    again = machine.start(UpdateRequest("digits", "2.0.0", "onnx", id="u-1"))
+    assert again.state == "committed" and seen == [("repeat", "committed")]

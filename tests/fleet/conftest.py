@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -14,8 +16,40 @@ import pytest
 
 from edgeml.bundle import Manifest, TensorSpec, write_bundle
 from edgeml.fleet.registry import Registry, init_registry
+from tests.conftest import require_service
 
 MakeBundle = Callable[..., Path]
+POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+@contextmanager
+def database_url(kind: str, root: Path) -> Iterator[str]:
+    """A database URL: ``sqlite`` in ``root``, or ``postgresql``: a fresh schema on the local server (dropped
+    after)."""
+    if kind == "sqlite":
+        yield f"sqlite:///{root / 'fleet.db'}"
+        return
+    sqlalchemy = pytest.importorskip("sqlalchemy")
+    schema = f"edgeml_test_{uuid.uuid4().hex[:12]}"
+    try:
+        engine = sqlalchemy.create_engine(POSTGRES)
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.text(f'CREATE SCHEMA "{schema}"'))
+    except sqlalchemy.exc.OperationalError as exc:
+        require_service("postgresql", False, f"{POSTGRES} unreachable: {str(exc).splitlines()[0]}")
+    try:
+        yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Each test twice: on SQLite, and on its own schema of the local PostgreSQL."""
+    with database_url(request.param, tmp_path) as url:
+        yield url
 
 
 def manifest(name: str = "digits", version: str = "1.0.0", target: str = "onnx-fp32") -> Manifest:

@@ -20,19 +20,18 @@ from edgeml.fleet.audit import ACTIONS, GENESIS, AuditLog, HeadSigner, SignedHea
 from edgeml.fleet.keys import generate
 from edgeml.fleet.registry import Registry, init_registry
 from tests.conftest import REPO_ROOT, RunCli
-from tests.fleet.test_db import db_url  # noqa: F401 - the sqlite/postgresql fixture
 
 ENTRIES = 5
 PROCESSES, EACH = 4, 25
 
 
 @pytest.fixture
-def registry(db_url: str, tmp_path: Path) -> Registry:  # noqa: F811 - db_url is the imported fixture
+def registry(db_url: str, tmp_path: Path) -> Registry:
     return init_registry(tmp_path / "reg", db_url=db_url)
 
 
 @pytest.fixture
-def log(registry: Registry, db_url: str) -> Iterator[AuditLog]:  # noqa: F811
+def log(registry: Registry, db_url: str) -> Iterator[AuditLog]:
     audit = open_audit(registry.dir, db_url=db_url)
     yield audit
     audit.db.close()
@@ -173,7 +172,7 @@ def test_bad_entries_are_refused(log: AuditLog, action: str, details: dict[str, 
     assert log.entries() == []
 
 
-def test_record_and_actor_from_environment(registry: Registry, db_url: str,  # noqa: F811
+def test_record_and_actor_from_environment(registry: Registry, db_url: str,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from edgeml.fleet.audit import local_actor
 
@@ -185,7 +184,7 @@ def test_record_and_actor_from_environment(registry: Registry, db_url: str,  # n
     assert (registry.dir / "keys" / "audit.pem").stat().st_mode & 0o777 == 0o600
 
 
-def test_reading_needs_no_key_but_verifying_entries_does(registry: Registry, db_url: str,  # noqa: F811
+def test_reading_needs_no_key_but_verifying_entries_does(registry: Registry, db_url: str,
                                                           run_cli: RunCli) -> None:
     env = {"EDGEML_FLEET_DB_URL": db_url}
     fresh = run_cli("fleet", "audit", "verify", registry.dir, env=env)
@@ -221,7 +220,7 @@ _WORKER = textwrap.dedent("""
 """)
 
 
-def test_concurrent_appends_from_processes_make_one_gapless_chain(registry: Registry, db_url: str) -> None:  # noqa: F811
+def test_concurrent_appends_from_processes_make_one_gapless_chain(registry: Registry, db_url: str) -> None:
     open_audit(registry.dir, db_url=db_url).db.close()  # the audit key exists before the race
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(registry.dir), db_url, f"w{k}", str(EACH)],
@@ -248,7 +247,7 @@ def test_heads_file_lines_round_trip(log: AuditLog) -> None:
     assert log.signer.check(head)
 
 
-def test_cli_audit_ls_and_verify(registry: Registry, db_url: str, run_cli: RunCli) -> None:  # noqa: F811
+def test_cli_audit_ls_and_verify(registry: Registry, db_url: str, run_cli: RunCli) -> None:
     env = {"EDGEML_FLEET_DB_URL": db_url, "EDGEML_ACTOR": "ci:test"}
     created = run_cli("fleet", "tokens", "create", registry.dir, "alice", "--role", "operator", env=env)
     assert created.returncode == 0, created.stderr

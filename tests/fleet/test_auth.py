@@ -32,11 +32,10 @@ from edgeml.fleet.auth import (
 from edgeml.fleet.http_server import HttpServer, Request, Response
 from edgeml.fleet.registry import init_registry
 from tests.conftest import RunCli
-from tests.fleet.test_db import db_url  # noqa: F401 - the sqlite/postgresql fixture
 
 
 @pytest.fixture
-def log(db_url: str, tmp_path: Path) -> Iterator[AuditLog]:  # noqa: F811 - db_url is the imported fixture
+def log(db_url: str, tmp_path: Path) -> Iterator[AuditLog]:
     registry = init_registry(tmp_path / "reg", db_url=db_url)
     audit = open_audit(registry.dir, db_url=db_url)
     yield audit
@@ -187,7 +186,7 @@ def test_http_routes_need_a_token_of_the_right_role(api: Api, log: AuditLog, who
     assert aborted == ([(f"token:{who}", "r1")] if path == ABORT and status == 200 else [])
 
 
-def test_cli_tokens_create_ls_revoke(log: AuditLog, db_url: str, run_cli: RunCli) -> None:  # noqa: F811
+def test_cli_tokens_create_ls_revoke(log: AuditLog, db_url: str, run_cli: RunCli) -> None:
     assert log.heads_file is not None
     registry_dir = log.heads_file.parent.parent  # DIR/audit/heads.log
     env = {"EDGEML_FLEET_DB_URL": db_url}

@@ -6,41 +6,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from tuf.api.metadata import Metadata
 
 from edgeml.fleet.registry import init_registry
-from tests.conftest import require_service
 from tests.fleet.conftest import MakeBundle
 
-POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 PUBLISHERS = 10
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A database URL: SQLite in tmp_path, or a fresh schema on the local PostgreSQL (dropped after)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'fleet.db'}"
-        return
-    sqlalchemy = pytest.importorskip("sqlalchemy")
-    schema = f"edgeml_test_{uuid.uuid4().hex[:12]}"
-    try:
-        engine = sqlalchemy.create_engine(POSTGRES)
-        with engine.begin() as conn:
-            conn.execute(sqlalchemy.text(f'CREATE SCHEMA "{schema}"'))
-    except sqlalchemy.exc.OperationalError as exc:
-        require_service("postgresql", False, f"{POSTGRES} unreachable: {str(exc).splitlines()[0]}")
-    try:
-        yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
-    finally:
-        with engine.begin() as conn:
-            conn.execute(sqlalchemy.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        engine.dispose()
+
 
 
 def test_concurrent_cli_publishes_are_all_signed_and_recorded(db_url: str, tmp_path: Path,

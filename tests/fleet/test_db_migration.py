@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,35 +13,18 @@ import pytest
 from edgeml.errors import RegistryError
 from edgeml.fleet import db as fleet_db
 from edgeml.fleet.db import MIGRATIONS, SCHEMA_VERSION, Database
-from tests.conftest import require_service
 
 sa = pytest.importorskip("sqlalchemy")
 
-POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 NEW_DEVICE_COLUMNS = {"tags", "password_hash", "revoked", "last_seen", "installed", "status", "capabilities"}
 ALL_STEPS = [version for version, _, _ in MIGRATIONS]  # what a first-release database runs
 T0 = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A database URL: SQLite in tmp_path, or a fresh schema on the local PostgreSQL (dropped after)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'fleet.db'}"
-        return
-    schema = f"edgeml_test_{uuid.uuid4().hex[:12]}"
-    try:
-        engine = sa.create_engine(POSTGRES)
-        with engine.begin() as conn:
-            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    except sa.exc.OperationalError as exc:
-        require_service("postgresql", False, f"{POSTGRES} unreachable: {str(exc).splitlines()[0]}")
-    try:
-        yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
-    finally:
-        with engine.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        engine.dispose()
+@pytest.fixture
+def url(db_url: str) -> str:
+    """SQLite, then PostgreSQL (tests/fleet/conftest.py)."""
+    return db_url
 
 
 def _v1_tables() -> tuple[Any, dict[str, Any]]:

@@ -16,7 +16,6 @@ import subprocess
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,7 +36,6 @@ from tests.fleet.mosquitto import MOSQUITTO, _give_to_broker_user, _wait_listeni
 
 sa = pytest.importorskip("sqlalchemy")
 
-POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 METRICS = {"latency_ms_p50": 3.2, "latency_ms_p99": 9.1, "fps": 29.5, "cpu": 0.41, "temp_c": 51.0}
 FAST = IngestSettings(flush_ms=20, reconnect_min_s=0.1, reconnect_max_s=0.5)
 
@@ -45,25 +43,10 @@ FAST = IngestSettings(flush_ms=20, reconnect_min_s=0.1, reconnect_max_s=0.5)
 # --- fixtures -----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A database URL: SQLite in tmp_path, or a fresh schema on the local PostgreSQL (dropped after)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'fleet.db'}"
-        return
-    schema = f"edgeml_test_{uuid.uuid4().hex[:12]}"
-    try:
-        engine = sa.create_engine(POSTGRES)
-        with engine.begin() as conn:
-            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    except sa.exc.OperationalError as exc:
-        require_service("postgresql", False, f"{POSTGRES} unreachable: {str(exc).splitlines()[0]}")
-    try:
-        yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
-    finally:
-        with engine.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        engine.dispose()
+@pytest.fixture
+def url(db_url: str) -> str:
+    """SQLite, then PostgreSQL (tests/fleet/conftest.py)."""
+    return db_url
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,11 +49,11 @@ from edgeml.fleet.rollouts import (
     start_rollout,
 )
 from edgeml.protocol import PREFIX, Command, parse
-from tests.conftest import DigitsModel, require_service
+from tests.conftest import DigitsModel
 from tests.edge_agent.conftest import BROKEN, GOOD, SLOW, DigitsBundles, _graph, digits_bundles  # noqa: F401
 from tests.edge_agent.harness import Operator, distribution, plain_broker, write_agent_config
+from tests.fleet.conftest import database_url
 
-POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 MIXED = "2.1.0"  # "onnx-new" (golden vectors it does not reproduce) for onnxruntime >= 1.99, "onnx" for the rest
 #: Agent health thresholds short enough for tests (no traffic: commit after probation_s).
 QUICK = {"min_requests": 0, "max_probation_s": 10, "p99_slack_ms": 8}
@@ -105,7 +104,7 @@ class Fleet:
 def fleet(request: pytest.FixtureRequest, digits: DigitsModel, digits_bundles: DigitsBundles,  # noqa: F811
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     root = tmp_path_factory.mktemp(f"rollouts-{request.param}")
-    with _database(request.param, root) as url:
+    with database_url(request.param, root) as url:
         registry = init_registry(root / "reg", db_url=url)
         for version in ("1.0.0", GOOD, BROKEN, SLOW):
             registry.publish(digits_bundles.paths[version])
@@ -120,27 +119,6 @@ def fleet(request: pytest.FixtureRequest, digits: DigitsModel, digits_bundles: D
             finally:
                 operator.close()
                 db.close()
-
-
-@contextmanager
-def _database(kind: str, root: Path) -> Iterator[str]:
-    if kind == "sqlite":
-        yield f"sqlite:///{root / 'fleet.db'}"
-        return
-    sqlalchemy = pytest.importorskip("sqlalchemy")
-    schema = f"edgeml_test_{uuid.uuid4().hex[:12]}"
-    try:
-        engine = sqlalchemy.create_engine(POSTGRES)
-        with engine.begin() as conn:
-            conn.execute(sqlalchemy.text(f'CREATE SCHEMA "{schema}"'))
-    except sqlalchemy.exc.OperationalError as exc:
-        require_service("postgresql", False, f"{POSTGRES} unreachable: {str(exc).splitlines()[0]}")
-    try:
-        yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
-    finally:
-        with engine.begin() as conn:
-            conn.execute(sqlalchemy.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        engine.dispose()
 
 
 class Recorder:
