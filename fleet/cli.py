@@ -159,16 +159,24 @@ def serve_command(
     http_port: Annotated[int, typer.Option("--http-port", min=0, max=65535,
                                            help="Port of the HTTP listener (0: a free one).")] = 8470,
     no_http: Annotated[bool, typer.Option("--no-http", help="Serve over MQTT only.")] = False,
+    db_url: DbUrl = None,
 ) -> None:
     """Serve DIR/repository to devices over MQTT request/reply and read-only HTTP, until Ctrl-C or SIGTERM.
 
-    Prints one line per listener with its real address.
+    The HTTP listener also serves the rollout API (``/api/rollouts``, operator tokens). Prints one line per
+    listener with its real address.
     """
     from edgeml.errors import ConfigError
+    from edgeml.fleet.audit import open_audit
     from edgeml.fleet.distribution import DistributionService
     from edgeml.fleet.http_server import repository_server
+    from edgeml.fleet.registry import Registry
+    from edgeml.fleet.rollouts import add_rollout_routes
 
     http = None if no_http else repository_server(directory, http_host, http_port)  # checks DIR first
+    if http is not None:
+        db = Registry(directory, db_url=db_url).database()
+        add_rollout_routes(http, db, open_audit(directory, db=db))
     tls = _tls_context(ca)
     service = DistributionService(directory, broker_host, broker_port, username=username, password=password, tls=tls)
     scheme = "mqtts" if tls is not None else "mqtt"
@@ -372,3 +380,292 @@ def tokens_revoke_command(
     finally:
         log.db.close()
     typer.echo(f"revoked token {name!r}")
+
+
+# --- the fleet simulator (edgeml.fleet.simulate) ---
+
+
+@fleet_app.command("simulate")
+def simulate_command(
+    devices: Annotated[int, typer.Option("--devices", min=1, help="How many simulated devices.")],
+    registry: Annotated[Path, typer.Option("--registry", help="The registry directory (its root metadata is "
+                                           "what every device trusts).")],
+    broker_host: Annotated[str, typer.Option("--broker-host", help="The MQTT broker's host.")] = "127.0.0.1",
+    broker_port: Annotated[int, typer.Option("--broker-port", min=1, max=65535, help="Its port.")] = 1883,
+    duration: Annotated[float, typer.Option("--duration", min=0, help="Seconds to run (0: until Ctrl-C).")] = 0.0,
+    processes: Annotated[int, typer.Option("--processes", min=1, help="Worker processes.")] = 1,
+    fail: Annotated[float, typer.Option("--fail", help="Fraction of devices on which bad versions fail.")] = 0.0,
+    fail_mode: Annotated[str, typer.Option("--fail-mode", help="smoke (golden vectors) or errors (live "
+                                           "requests).")] = "smoke",
+    slow: Annotated[float, typer.Option("--slow", help="Fraction on which bad versions are slower.")] = 0.0,
+    slow_factor: Annotated[float, typer.Option("--slow-factor", help="Their latency multiplier.")] = 2.0,
+    drift: Annotated[float, typer.Option("--drift", help="Fraction reporting drift on bad versions.")] = 0.0,
+    bad_version: Annotated[list[str] | None, typer.Option("--bad-version", help="A version that misbehaves "
+                                                          "(repeatable; none given: every version).")] = None,
+    pi_fraction: Annotated[float, typer.Option("--pi-fraction", help="Fraction of Raspberry Pi devices (LiteRT "
+                                               "only); the others are Jetsons.")] = 0.0,
+    tags: Annotated[list[str] | None, typer.Option("--tags", help="KEY=VALUE[,VALUE...]: each device gets one "
+                                                   "value (repeatable).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of every choice.")] = 0,
+    real_runtime: Annotated[bool, typer.Option("--real-runtime", help="Run the runtime each bundle names "
+                                               "instead of the fixed-latency stand-in.")] = False,
+    latency_ms: Annotated[float, typer.Option("--latency-ms", help="The stand-in's latency per call.")] = 2.0,
+    rps: Annotated[float, typer.Option("--rps", help="Synthetic requests per second per device.")] = 5.0,
+    telemetry_interval: Annotated[float, typer.Option("--telemetry-interval", help="Seconds between "
+                                                      "telemetry reports.")] = 5.0,
+    prefix: Annotated[str, typer.Option("--prefix", help="Device ids are PREFIX-00000, ...")] = "sim",
+    workdir: Annotated[Path | None, typer.Option("--workdir", help="Device state (default: a temporary folder, "
+                                                 "removed at the end).")] = None,
+) -> None:
+    """Run N simulated devices that speak the real device protocol and verify every update for real."""
+    import signal
+    import threading
+
+    from edgeml.errors import ConfigError
+    from edgeml.fleet.simulate import Knobs, Simulator, parse_tags
+
+    root_file = registry / "repository" / "metadata" / "1.root.json"
+    if not root_file.is_file():
+        raise ConfigError(f"{registry} is not a registry (no {root_file})", hint="give the directory of fleet init")
+    knobs = Knobs(fail=fail, fail_mode=fail_mode, slow=slow, slow_factor=slow_factor, drift=drift,
+                  bad_versions=tuple(bad_version or ()), pi_fraction=pi_fraction, tags=parse_tags(tags or []),
+                  seed=seed, standin=not real_runtime, latency_ms=latency_ms, rps=rps,
+                  telemetry_interval_s=telemetry_interval)
+    sim = Simulator(broker_host, broker_port, root_file.read_bytes(), devices, knobs, workdir, processes, prefix)
+    typer.echo(f"simulating {devices} devices ({prefix}-00000...) on {broker_host}:{broker_port} with a {sim.label}")
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        sim.start()
+        typer.echo("all devices connected; Ctrl-C or SIGTERM stops", err=True)
+        stop.wait(duration or None)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        summary = sim.stop()
+    for key in ("status", "versions", "updates"):
+        typer.echo(f"{key:<9} " + (", ".join(f"{k}: {v}" for k, v in sorted(summary[key].items())) or "-"))
+    typer.echo(f"telemetry {summary['telemetry_sent']} reports sent; runtime: {summary['runtime']}")
+
+
+# --- staged rollouts (edgeml.fleet.rollouts, edgeml.fleet.rollout_rules) ---
+
+rollout_app = typer.Typer(name="rollout", help="Staged rollouts with automatic abort.", no_args_is_help=True)
+fleet_app.add_typer(rollout_app)
+RegistryDir = Annotated[Path, typer.Argument(help="The registry directory.")]
+RolloutId = Annotated[str, typer.Argument(help="The rollout's id (from `rollout start`).")]
+
+
+def _rollout_store(directory: Path, db_url: str | None) -> Any:
+    """The registry's audit log (its ``db`` is the database); close with ``log.db.close()``."""
+    from edgeml.fleet.audit import open_audit
+
+    return open_audit(directory, db_url=db_url)
+
+
+def _thresholds(items: list[str] | None) -> dict[str, float]:
+    from edgeml.fleet.rollout_rules import RolloutError
+
+    out: dict[str, float] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not key.strip():
+            raise RolloutError(f"bad --threshold {item!r}", hint="use NAME=NUMBER, e.g. min_requests=50")
+    return out
+
+
+@rollout_app.command("start")
+def rollout_start_command(
+    directory: RegistryDir,
+    model_version: Annotated[str, typer.Argument(metavar="MODEL:VERSION", help="What to roll out.")],
+    targets: Annotated[str, typer.Option("--targets", help="Compile targets in order of preference, "
+                                         "comma-separated; each device gets the first it can run.")],
+    select: Annotated[str, typer.Option("--select", help="TAG=VALUE[,TAG=VALUE]: the devices (all tags must "
+                                        "match; empty: every device).")] = "",
+    canary: Annotated[str, typer.Option("--canary", help="Canary size, a percentage of the devices.")] = "5%",
+    waves: Annotated[str, typer.Option("--waves", help="Cumulative percentages after each wave.")] = "25%,50%,100%",
+    wave_timeout: Annotated[str, typer.Option("--wave-timeout", help="Time a device may take (30s, 10m).")] = "10m",
+    probation: Annotated[str, typer.Option("--probation", help="Probation on each device.")] = "5m",
+    max_failure_rate: Annotated[str, typer.Option("--max-failure-rate", help="Abort above this.")] = "10%",
+    min_devices: Annotated[int, typer.Option("--min-devices", help="Smallest canary; finished devices "
+                                             "needed before the failure rate counts.")] = 3,
+    max_p99_regression: Annotated[float | None, typer.Option("--max-p99-regression",
+                                                             help="Abort when new/previous p99 exceeds this.")] = None,
+    max_error_rate: Annotated[str | None, typer.Option("--max-error-rate", help="Abort above this error rate.")] = None,
+    max_drift: Annotated[float | None, typer.Option("--max-drift", help="Abort above this drift score.")] = None,
+    threshold: Annotated[list[str] | None, typer.Option("--threshold", help="More agent health thresholds, "
+                                                        "NAME=NUMBER (repeatable).")] = None,
+    rollout_id: Annotated[str | None, typer.Option("--id", help="The rollout's id (default: a new one).")] = None,
+    db_url: DbUrl = None,
+) -> None:
+    """Plan a staged rollout; the controller (`edgeml fleet controller`) carries it out."""
+    from edgeml.fleet.audit import local_actor
+    from edgeml.fleet.rollout_rules import (
+        RolloutError,
+        RolloutOptions,
+        parse_duration,
+        parse_fraction,
+        parse_selection,
+    )
+    from edgeml.fleet.rollouts import rollout_status, start_rollout
+
+    model, sep, version = model_version.partition(":")
+    if not sep or not model or not version:
+        raise RolloutError(f"expected MODEL:VERSION, got {model_version!r}", hint="e.g. digits:2.0.0")
+    options = RolloutOptions(
+        targets=tuple(t.strip() for t in targets.split(",") if t.strip()), select=parse_selection(select),
+        canary=parse_fraction(canary, "--canary"),
+        waves=tuple(parse_fraction(w, "--waves") for w in waves.split(",") if w.strip()),
+        wave_timeout_s=parse_duration(wave_timeout, "--wave-timeout"),
+        probation_s=parse_duration(probation, "--probation"),
+        max_failure_rate=parse_fraction(max_failure_rate, "--max-failure-rate"), min_devices=min_devices,
+        max_p99_regression=max_p99_regression, max_drift=max_drift, device_thresholds=_thresholds(threshold),
+        max_error_rate=None if max_error_rate is None else parse_fraction(max_error_rate, "--max-error-rate"))
+    log = _rollout_store(directory, db_url)
+    try:
+        rid = start_rollout(log.db, log, model, version, options, actor=local_actor(), rollout_id=rollout_id)
+        status = rollout_status(log.db, rid)[0]
+    finally:
+        log.db.close()
+    sizes = [sum(n for s, n in wave.items() if s != "incompatible") for wave in status.counts()]
+    typer.echo(f"rollout {rid}: {model} {version}, canary {sizes[0]} devices, then waves of "
+               f"{', '.join(map(str, sizes[1:]))}" + (f" ({n} incompatible)" if (n := sum(
+                   w.get("incompatible", 0) for w in status.counts())) else ""))
+
+
+@rollout_app.command("status")
+def rollout_status_command(
+    directory: RegistryDir,
+    rollout_id: Annotated[str | None, typer.Argument(help="One rollout (default: all, newest first).")] = None,
+    db_url: DbUrl = None,
+) -> None:
+    """Show rollouts: state, and per wave how many devices are in each state."""
+    from edgeml.fleet.rollouts import rollout_status
+
+    log = _rollout_store(directory, db_url)
+    try:
+        rows = rollout_status(log.db, rollout_id)
+    finally:
+        log.db.close()
+    for r in rows:
+        typer.echo(f"{r.id}  {r.kind}  {r.model}:{r.version}  {r.state}" +
+                   (f"  ({r.abort_reason})" if r.abort_reason else ""))
+        for wave, counts in enumerate(r.counts()):
+            shown = ", ".join(f"{s} {n}" for s, n in sorted(counts.items())) or "no devices"
+            typer.echo(f"  {'canary' if wave == 0 else f'wave {wave}'}: {shown}")
+        if rollout_id is not None:
+            for d in r.devices:
+                typer.echo(f"    {d['device_id']}  wave {d['wave']}  {d['target'] or '-'}  {d['state']}"
+                           + (f"  {d['reason']}" if d["reason"] else "")
+                           + (f"  revert: {d['revert_state']}" if d["revert_state"] else ""))
+
+
+def _rollout_action(directory: Path, rollout_id: str, action: str, db_url: str | None,
+                    reason: str | None = None) -> None:
+    from edgeml.fleet.audit import local_actor
+    from edgeml.fleet.rollouts import set_rollout_state
+
+    log = _rollout_store(directory, db_url)
+    try:
+        state = set_rollout_state(log.db, log, rollout_id, action, actor=local_actor(), reason=reason)
+    finally:
+        log.db.close()
+    typer.echo(f"rollout {rollout_id}: {state}")
+
+
+@rollout_app.command("pause")
+def rollout_pause_command(directory: RegistryDir, rollout_id: RolloutId, db_url: DbUrl = None) -> None:
+    """Pause a rollout: devices already updating finish; no further device is notified."""
+    _rollout_action(directory, rollout_id, "pause", db_url)
+
+
+@rollout_app.command("resume")
+def rollout_resume_command(directory: RegistryDir, rollout_id: RolloutId, db_url: DbUrl = None) -> None:
+    """Resume a paused rollout where it stopped."""
+    _rollout_action(directory, rollout_id, "resume", db_url)
+
+
+@rollout_app.command("abort")
+def rollout_abort_command(
+    directory: RegistryDir, rollout_id: RolloutId,
+    reason: Annotated[str | None, typer.Option("--reason", help="Why (recorded in the audit log).")] = None,
+    db_url: DbUrl = None,
+) -> None:
+    """Abort a rollout: no further device is updated, and the updated ones go back to their previous version."""
+    _rollout_action(directory, rollout_id, "abort", db_url, reason)
+
+
+@fleet_app.command("rollback")
+def rollback_command(
+    directory: RegistryDir,
+    model: Annotated[str, typer.Argument(help="The model.")],
+    to: Annotated[str, typer.Option("--to", help="The version to go back to.")],
+    select: Annotated[str, typer.Option("--select", help="TAG=VALUE[,TAG=VALUE]: the devices.")] = "",
+    targets: Annotated[str | None, typer.Option("--targets", help="Targets in order of preference "
+                                                "(default: every target of that version).")] = None,
+    wave_timeout: Annotated[str, typer.Option("--wave-timeout", help="Time a device may take.")] = "10m",
+    probation: Annotated[str, typer.Option("--probation", help="Probation on each device.")] = "5m",
+    db_url: DbUrl = None,
+) -> None:
+    """Roll the selected devices back to an older version: a new single-wave rollout of it."""
+    from edgeml.fleet.audit import local_actor
+    from edgeml.fleet.rollout_rules import parse_duration, parse_selection
+    from edgeml.fleet.rollouts import rollback
+
+    log = _rollout_store(directory, db_url)
+    try:
+        rid = rollback(log.db, log, model, to, actor=local_actor(), select=parse_selection(select),
+                       targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None,
+                       wave_timeout_s=parse_duration(wave_timeout, "--wave-timeout"),
+                       probation_s=parse_duration(probation, "--probation"))
+    finally:
+        log.db.close()
+    typer.echo(f"rollback {rid}: {model} back to {to}")
+
+
+@fleet_app.command("controller")
+def controller_command(
+    directory: RegistryDir,
+    broker_host: Annotated[str, typer.Option("--broker-host", help="The MQTT broker's host.")] = "localhost",
+    broker_port: Annotated[int, typer.Option("--broker-port", min=1, max=65535, help="Its port.")] = 1883,
+    username: Annotated[str | None, typer.Option("--username", help="Broker user (the fleet user).")] = None,
+    password: Annotated[str | None, typer.Option("--password", envvar="EDGEML_BROKER_PASSWORD",
+                                                 help="Its password (or $EDGEML_BROKER_PASSWORD).")] = None,
+    ca: Annotated[Path | None, typer.Option("--ca", help="Connect over TLS, trusting this CA (PEM).")] = None,
+    client_id: Annotated[str, typer.Option("--client-id", help="MQTT client id; keep it across restarts.")
+                         ] = "edgeml-rollouts",
+    tick: Annotated[float, typer.Option("--tick", min=0.05, help="Seconds between decisions.")] = 1.0,
+    broadcast: Annotated[bool, typer.Option("--broadcast/--no-broadcast", help="Broadcast each rollout's files "
+                                            "once over MQTT (else devices fetch them with get requests).")] = True,
+    db_url: DbUrl = None,
+) -> None:
+    """Run the rollout controller until Ctrl-C or SIGTERM (restart-safe: it continues from the database)."""
+    from edgeml.errors import ConfigError
+    from edgeml.fleet.distribution import DistributionService
+    from edgeml.fleet.registry import Registry
+    from edgeml.fleet.rollouts import RolloutController
+
+    db = Registry(directory, db_url=db_url).database()
+    tls = _tls_context(ca)
+    dist = DistributionService(directory, broker_host, broker_port, username=username, password=password, tls=tls,
+                               share_group="edgeml-dist") if broadcast else None
+    try:
+        if dist is not None:
+            dist.start()
+    except (OSError, TimeoutError) as exc:
+        raise ConfigError(f"cannot reach the broker at {broker_host}:{broker_port}: {exc}") from exc
+    controller = RolloutController(db, broker_host, broker_port, dist=dist, username=username, password=password,
+                                   tls=tls, client_id=client_id, tick_s=tick)
+    try:
+        controller.start()
+        typer.echo(f"rollout controller on {broker_host}:{broker_port}; Ctrl-C or SIGTERM stops", err=True)
+        _until_stopped()
+    finally:
+        controller.stop()
+        if dist is not None:
+            dist.stop()
+        db.close()
