@@ -46,7 +46,7 @@ from edgeml.edge_agent.update.machine import UpdateMachine
 from edgeml.edge_agent.update.states import State
 from edgeml.edge_agent.update.store import UpdateRecord, UpdateRequest
 from edgeml.errors import ConfigError, EdgeMLError
-from edgeml.protocol import Command, ProtocolError, device_topic, parse
+from edgeml.protocol import Command, ProtocolError, device_topic, parse, tcp_no_delay
 from edgeml.protocol import State as StateMessage
 
 if TYPE_CHECKING:  # imported when the first update comes (python-tuf and its stack cost memory)
@@ -248,6 +248,7 @@ class Agent:
         if reason.is_failure:
             _log.error("the broker refused the connection: %s", reason)
             return
+        tcp_no_delay(client.socket())
         client.subscribe(device_topic(self.device_id, "commands"), qos=1)
         self._connected.set()
         self._publish_state()

@@ -69,6 +69,7 @@ __all__ = [
     "mosquitto_acl",
     "parse",
     "parse_device_topic",
+    "tcp_no_delay",
     "validate_device_id",
 ]
 
@@ -150,6 +151,19 @@ def dist_topic(rollout_id: str, suffix: str = "") -> str:
     if any(c in suffix for c in "#+\0"):
         raise ProtocolError(f"invalid distribution topic suffix {suffix!r}")
     return f"{PREFIX}dist/{rollout_id}" + (f"/{suffix.strip('/')}" if suffix.strip("/") else "")
+
+
+def tcp_no_delay(sock: object) -> None:
+    """Send small MQTT packets at once on ``sock`` (a client's socket after connect; None is ignored).
+
+    Request/response and acknowledgements otherwise wait on Nagle's algorithm against the peer's delayed
+    ACK (about 40 ms a round trip). paho-mqtt does not set it; the broker side is ``set_tcp_nodelay true``.
+    """
+    import contextlib
+    import socket
+
+    with contextlib.suppress(AttributeError, OSError):  # not a TCP socket (Unix, websocket): nothing to do
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
 
 
 def dist_file_id(path: str) -> str:

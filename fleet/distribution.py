@@ -47,6 +47,7 @@ from edgeml.protocol import (
     dist_info_topic,
     parse,
     parse_device_topic,
+    tcp_no_delay,
 )
 
 __all__ = ["BROADCAST_CHUNK", "MAX_CHUNK", "MAX_REQUEST_LENGTH", "DistributionService"]
@@ -141,6 +142,7 @@ class DistributionService:
         if reason.is_failure:
             _log.error("broker refused the connection: %s", reason)
             return
+        tcp_no_delay(client.socket())
         client.subscribe(self.requests_filter, qos=1)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:

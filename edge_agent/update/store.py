@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +132,9 @@ class UpdateRecord:
         return [State.NOTIFIED.value, *(h[2] for h in self.history)]
 
     def to_json(self) -> bytes:
-        return (json.dumps(asdict(self), indent=1, sort_keys=True) + "\n").encode()
+        # a shallow dict: dataclasses.asdict deep-copies every list and dict first (~1 ms a save, ~12 saves an update)
+        doc = {f.name: getattr(self, f.name) for f in fields(self)}
+        return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> UpdateRecord:
