@@ -38,8 +38,12 @@ typecheck: install
 test: services lint typecheck
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest
 
-bench: install
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/compile_bench.py
+bench: install services
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/compile_bench.py --out benchmarks/results-compile.md
+	$(PY) benchmarks/distribution_bench.py --out benchmarks/results-distribution.md
+	$(PY) benchmarks/agent_bench.py --out benchmarks/results-agent.md
+	$(PY) benchmarks/ingest_bench.py
+	$(PY) benchmarks/drift_bench.py
 
 clean:
 	rm -rf .build .edgeml-demo .pytest_cache .mypy_cache .ruff_cache
