@@ -7,6 +7,7 @@ dequantizes outputs with the tensors' own scale and zero point, so callers alway
 from __future__ import annotations
 
 import importlib
+import threading
 from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
@@ -54,6 +55,7 @@ class LiteRTRuntime(Runtime):
     name = "litert"
 
     def _load_impl(self) -> None:
+        self._serial = threading.Lock()
         module = interpreter_module()
         threads = self.threads if self.threads > 0 else None
         self._interp: Any = module.Interpreter(model_path=str(self.model_path), num_threads=threads)
@@ -75,6 +77,10 @@ class LiteRTRuntime(Runtime):
         return dim if dim > 0 else None
 
     def _infer_impl(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._serial:  # a LiteRT interpreter holds one set of tensors: one inference at a time
+            return self._run(inputs)
+
+    def _run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = self._match(inputs)
         resized = False
         for name, x in feed.items():

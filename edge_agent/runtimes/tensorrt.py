@@ -11,6 +11,7 @@ Inference uses TensorRT's named I/O tensors (``set_input_shape``, ``set_tensor_a
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
@@ -57,6 +58,7 @@ class TensorRTRuntime(Runtime):
 
     # -- loading ------------------------------------------------------------------------------------------
     def _load_impl(self) -> None:
+        self._serial = threading.Lock()
         trt = require_tensorrt()
         self._cudart = require_cudart()
         with capture_log(trt) as errors:  # build_engine passes TensorRT's messages to the log option
@@ -116,6 +118,10 @@ class TensorRTRuntime(Runtime):
 
     # -- inference ----------------------------------------------------------------------------------------
     def _infer_impl(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._serial:  # a TensorRT execution context binds one set of buffers: one inference at a time
+            return self._run(inputs)
+
+    def _run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [n for n, (is_input, _) in self._io.items() if is_input]
         missing = set(names) - set(inputs)
         if missing:

@@ -192,9 +192,7 @@ def smoke_test(ctx: UpdateContext) -> Event:
     if reason is not None:
         ctx.drop_candidate()
         return ctx.fail(f"smoke test: golden vectors: {reason}")
-    first = next(iter(actual.values()))
-    ctx.record.baseline = _baseline(ctx, ctx.candidate, {k: v[:1] for k, v in inputs.items()},
-                                    mean_confidence(first))
+    ctx.record.baseline = _baseline(ctx, ctx.candidate, inputs, next(iter(actual.values())))
     ctx.save()
     return Event.OK
 
@@ -220,20 +218,32 @@ def _golden(slot_dir: Path, model: LoadedModel) -> tuple[dict[str, np.ndarray], 
     return inputs, expected
 
 
-def _baseline(ctx: UpdateContext, model: LoadedModel, sample: dict[str, np.ndarray],
-              golden_confidence: float | None) -> dict[str, float | None]:
-    """p99 and confidence to judge the new model against: the outgoing model's on this device."""
+def _baseline(ctx: UpdateContext, model: LoadedModel, golden_inputs: dict[str, np.ndarray],
+              candidate_outputs: np.ndarray) -> dict[str, float | None]:
+    """p99 and confidence to judge the new model against: the outgoing model's on this device.
+
+    From its live traffic when it has served enough requests; otherwise measured here on the golden inputs
+    (the outgoing model's latency and confidence on them; for a first model, its own).
+    """
     limits = ctx.record.limits
     old = ctx.host.active
     live = ctx.host.stats(old.version).snapshot() if old is not None else None
     enough = live is not None and live.requests >= max(limits.min_requests, 1)
+    sample = {k: v[:1] for k, v in golden_inputs.items()}
     if enough and live is not None and live.p99_ms is not None:
         p99 = live.p99_ms
-    else:  # measure here: the outgoing model, or for a first model the model itself
+    else:
         measured = (old or model).runtime
         p99 = latency_ms(measured, sample, warmup=3, min_runs=20, budget_s=limits.smoke_latency_budget_s)["p99_ms"]
-    confidence = live.confidence if enough and live is not None and live.confidence is not None \
-        else golden_confidence
+    if enough and live is not None and live.confidence is not None:
+        confidence: float | None = live.confidence
+    elif old is not None:  # the outgoing model on the same inputs, not the candidate judging itself
+        try:
+            confidence = mean_confidence(next(iter(old.infer(golden_inputs).values())))
+        except EdgeMLError:
+            confidence = mean_confidence(candidate_outputs)
+    else:
+        confidence = mean_confidence(candidate_outputs)
     return {"p99_ms": p99, "confidence": confidence}
 
 
