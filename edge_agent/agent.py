@@ -22,7 +22,6 @@ Events (JSON on ``edgeml/v1/devices/{id}/events``)::
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import ssl
@@ -37,17 +36,16 @@ import paho.mqtt.client as mqtt
 from edgeml.edge_agent.api import LocalAPI, ModelNotFound, NotServing, PredictResult
 from edgeml.edge_agent.capabilities import Capabilities, detect
 from edgeml.edge_agent.config import AgentConfig
+from edgeml.edge_agent.device_messages import ack_seq, event_payload, rollback_reason, state_message, update_request
 from edgeml.edge_agent.host import SystemdNotifier, clock_synced
 from edgeml.edge_agent.preprocess import preprocess
 from edgeml.edge_agent.serving import ModelHost
 from edgeml.edge_agent.telemetry_loop import TelemetryLoop
-from edgeml.edge_agent.update.health import Thresholds
 from edgeml.edge_agent.update.machine import UpdateMachine
 from edgeml.edge_agent.update.states import State
 from edgeml.edge_agent.update.store import UpdateRecord, UpdateRequest
 from edgeml.errors import ConfigError, EdgeMLError
 from edgeml.protocol import Command, ProtocolError, device_topic, parse, tcp_no_delay
-from edgeml.protocol import State as StateMessage
 
 if TYPE_CHECKING:  # imported when the first update comes (python-tuf and its stack cost memory)
     from edgeml.edge_agent.mqtt_fetcher import MqttFetcher
@@ -236,7 +234,7 @@ class Agent:
         if self.config.tls:
             context = ssl.create_default_context(cadata=boot.ca_pem) if boot.ca_pem else ssl.create_default_context()
             client.tls_set_context(context)
-        offline = StateMessage(self.device_id, "offline", capabilities=self.capabilities.to_dict())
+        offline = state_message(self.device_id, "offline", None, self.capabilities.to_dict(), False)
         client.will_set(device_topic(self.device_id, "state"), offline.to_bytes(), qos=1, retain=True)
         client.reconnect_delay_set(1, 30)
         client.on_connect = self._on_connect
@@ -258,17 +256,14 @@ class Agent:
         self._connected.clear()
 
     def _publish_state(self, status: str | None = None) -> None:
-        active = self.host.active
-        message = StateMessage(self.device_id, status or self._status_word(),
-                               model=active.manifest.name if active else None,
-                               version=active.version if active else None, slot=active.slot if active else None,
-                               capabilities=self.capabilities.to_dict(), clock_synced=bool(self._clock_check()))
+        message = state_message(self.device_id, status or self._status_word(), self.host.active,
+                                self.capabilities.to_dict(), bool(self._clock_check()))
         self.client.publish(device_topic(self.device_id, "state"), message.to_bytes(), qos=1, retain=True)
 
     def event(self, kind: str, **fields: Any) -> None:
         """Publish an event on the device's events topic (QoS 1; queued by paho while offline)."""
-        doc = {"type": kind, "device_id": self.device_id, "at": time.time(), **fields}
-        self.client.publish(device_topic(self.device_id, "events"), json.dumps(doc, default=str).encode(), qos=1)
+        self.client.publish(device_topic(self.device_id, "events"), event_payload(self.device_id, kind, **fields),
+                            qos=1)
 
     def _on_command(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
@@ -295,31 +290,19 @@ class Agent:
     def handle(self, command: Command) -> None:
         """Act on one validated command (called on the MQTT thread; never blocks on an update)."""
         if command.type == "telemetry-ack":
-            seq = command.args.get("seq")
-            if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-                raise ProtocolError(f"telemetry-ack needs an integer seq >= 0, got {seq!r}")
-            self.telemetry.on_ack(seq)
+            self.telemetry.on_ack(ack_seq(command))
         elif command.type == "ping":
             self.event("pong", id=command.id)
         elif command.type == "update":
             self._accept_update(command)
         elif command.type == "rollback":
-            reason = str(command.args.get("reason") or "the fleet asked for a rollback")[:500]
-            done = self.machine.request_rollback(f"fleet: {reason}")
-            self.event("rollback", id=command.id, accepted=done)
+            self.event("rollback", id=command.id, accepted=self.machine.request_rollback(rollback_reason(command)))
         elif command.type == "capture":
             self.event("capture", id=command.id, **self.telemetry.capture_summary())
 
     def _accept_update(self, command: Command) -> None:
-        args = command.args
-        try:
-            thresholds = Thresholds.from_dict(args.get("thresholds"))
-            request = UpdateRequest(str(args.get("model", "")), str(args.get("version", "")),
-                                    str(args.get("target", "")), args.get("rollout"), thresholds,
-                                    id=command.id).validated()
-        except (ConfigError, TypeError) as exc:
-            raise ProtocolError(f"bad update command: {exc}") from exc
-        runtime = args.get("runtime")
+        request = update_request(command)
+        runtime = command.args.get("runtime")
         why = self.capabilities.incompatibility(runtime) if isinstance(runtime, dict) else None
         if why is not None:
             self._update_event(request, "incompatible", reason=why)

@@ -57,18 +57,17 @@ import paho.mqtt.client as mqtt
 from edgeml.bundle import MANIFEST_NAME, Manifest
 from edgeml.edge_agent import serving
 from edgeml.edge_agent.capabilities import Capabilities
+from edgeml.edge_agent.device_messages import ack_seq, event_payload, rollback_reason, state_message, update_request
 from edgeml.edge_agent.mqtt_fetcher import METADATA_URL, TARGETS_URL, MqttFetcher
 from edgeml.edge_agent.outbox import Outbox
 from edgeml.edge_agent.runtimes.base import RUNTIMES, Runtime
 from edgeml.edge_agent.telemetry import Aggregator, TelemetrySender
 from edgeml.edge_agent.tuf_client import TufClient, VerifiedBundle
-from edgeml.edge_agent.update.health import Thresholds
 from edgeml.edge_agent.update.machine import UpdateMachine
 from edgeml.edge_agent.update.states import State
 from edgeml.edge_agent.update.store import UpdateRecord, UpdateRequest
 from edgeml.errors import ConfigError, EdgeMLError, RuntimeBackendError
 from edgeml.protocol import Command, ProtocolError, device_topic, parse
-from edgeml.protocol import State as StateMessage
 
 __all__ = ["JETSON", "PI", "REAL_LABEL", "STANDIN_LABEL", "DeviceProfile", "Knobs", "SimDevice", "SimRuntime",
            "Simulator", "parse_tags"]
@@ -357,7 +356,7 @@ class SimDevice:
 
     def _mqtt_client(self) -> mqtt.Client:
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.device_id, clean_session=False)
-        offline = StateMessage(self.device_id, "offline", capabilities=self.capabilities())
+        offline = state_message(self.device_id, "offline", None, self.capabilities(), False)
         client.will_set(device_topic(self.device_id, "state"), offline.to_bytes(), qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_disconnect = lambda *a: self.connected.clear()
@@ -383,16 +382,13 @@ class SimDevice:
 
     def publish_state(self, status: str | None = None) -> None:
         """Publish the retained state message."""
-        active = self.host.active
-        message = StateMessage(self.device_id, status or self.status(), model=active.manifest.name if active else None,
-                               version=active.version if active else None, slot=active.slot if active else None,
-                               capabilities=self.capabilities(), clock_synced=True)
+        message = state_message(self.device_id, status or self.status(), self.host.active, self.capabilities(), True)
         self.client.publish(device_topic(self.device_id, "state"), message.to_bytes(), qos=1, retain=True)
 
     def event(self, kind: str, **fields: Any) -> None:
         """Publish an event on the device's events topic."""
-        doc = {"type": kind, "device_id": self.device_id, "at": time.time(), **fields}
-        self.client.publish(device_topic(self.device_id, "events"), json.dumps(doc, default=str).encode(), qos=1)
+        self.client.publish(device_topic(self.device_id, "events"), event_payload(self.device_id, kind, **fields),
+                            qos=1)
 
     # --- commands -----------------------------------------------------------------------------------------
 
@@ -414,29 +410,19 @@ class SimDevice:
             ProtocolError: Its arguments are malformed.
         """
         if command.type == "telemetry-ack":
-            seq = command.args.get("seq")
-            if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-                raise ProtocolError(f"telemetry-ack needs an integer seq >= 0, got {seq!r}")
-            self.sender.on_ack(seq)
+            self.sender.on_ack(ack_seq(command))
         elif command.type == "ping":
             self.event("pong", id=command.id)
         elif command.type == "update":
             self._accept_update(command)
         elif command.type == "rollback":
-            reason = str(command.args.get("reason") or "the fleet asked for a rollback")[:500]
-            self.event("rollback", id=command.id, accepted=self.machine.request_rollback(f"fleet: {reason}"))
+            self.event("rollback", id=command.id, accepted=self.machine.request_rollback(rollback_reason(command)))
         elif command.type == "capture":
             self.event("capture", id=command.id, entries=0, bytes=0)
 
     def _accept_update(self, command: Command) -> None:
-        args = command.args
-        try:
-            request = UpdateRequest(str(args.get("model", "")), str(args.get("version", "")),
-                                    str(args.get("target", "")), args.get("rollout"),
-                                    Thresholds.from_dict(args.get("thresholds")), id=command.id).validated()
-        except (ConfigError, TypeError) as exc:
-            raise ProtocolError(f"bad update command: {exc}") from exc
-        runtime = args.get("runtime")
+        request = update_request(command)
+        runtime = command.args.get("runtime")
         why = self.profile.capabilities.incompatibility(runtime) if isinstance(runtime, dict) else None
         if why is not None:
             self._update_event(request, "incompatible", reason=why)
