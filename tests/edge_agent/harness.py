@@ -10,9 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import queue
-import shutil
 import ssl
-import tempfile
 import threading
 import time
 import uuid
@@ -27,7 +25,7 @@ import paho.mqtt.client as mqtt
 from edgeml.fleet.distribution import DistributionService
 from edgeml.fleet.registry import Registry
 from edgeml.protocol import PREFIX, Command, Telemetry, device_topic, parse
-from tests.fleet.mosquitto import run_mosquitto
+from tests.fleet.mosquitto import anonymous_mosquitto
 
 
 @dataclass
@@ -121,18 +119,8 @@ class Operator:
 @contextmanager
 def plain_broker(persistence: bool = False) -> Iterator[tuple[int, Path]]:
     """An anonymous plain-TCP Mosquitto on 127.0.0.1 (TLS and ACLs are tested in tests/fleet)."""
-    root = Path(tempfile.mkdtemp(prefix="edgeml-agent-broker-"))
-    root.chmod(0o755)
-    try:
-        (root / "broker").mkdir()
-        conf = "listener 1883\nallow_anonymous true\nset_tcp_nodelay true\n"
-        if persistence:
-            conf += f"persistence true\npersistence_location {root / 'broker'}/\n"
-        (root / "broker" / "mosquitto.conf").write_text(conf)
-        with run_mosquitto(root / "broker") as port:
-            yield port, root / "broker"
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    with anonymous_mosquitto(persistence) as (port, broker_dir):
+        yield port, broker_dir
 
 
 def write_agent_config(home: Path, device_id: str, port: int, root: bytes, **settings: Any) -> Path:

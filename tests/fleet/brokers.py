@@ -14,14 +14,11 @@ A missing Mosquitto (or amqtt) calls :func:`tests.conftest.require_service`.
 from __future__ import annotations
 
 import importlib.util
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 from tests.conftest import require_service
-from tests.fleet.mosquitto import MOSQUITTO, run_mosquitto
+from tests.fleet.mosquitto import anonymous_mosquitto
 
 __all__ = ["BROKERS", "plain_broker"]
 
@@ -31,17 +28,8 @@ BROKERS = ("mosquitto", "amqtt")
 
 @contextmanager
 def _mosquitto() -> Iterator[tuple[str, int]]:
-    if not MOSQUITTO.exists():
-        require_service("mosquitto", False, f"{MOSQUITTO} not installed (apt-get install mosquitto)")
-    root = Path(tempfile.mkdtemp(prefix="edgeml-broker-"))
-    root.chmod(0o755)
-    try:
-        (root / "broker").mkdir()
-        (root / "broker" / "mosquitto.conf").write_text("listener 1883\nallow_anonymous true\n")
-        with run_mosquitto(root / "broker") as port:
-            yield "127.0.0.1", port
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    with anonymous_mosquitto() as (port, _):
+        yield "127.0.0.1", port
 
 
 @contextmanager

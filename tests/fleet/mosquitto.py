@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -73,3 +75,30 @@ def _wait_listening(proc: subprocess.Popen[bytes], port: int, timeout: float, lo
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"mosquitto did not listen on {port} within {timeout} s:\n{log.read_text(errors='replace')}")
+
+
+@contextmanager
+def anonymous_mosquitto(persistence: bool = False) -> Iterator[tuple[int, Path]]:
+    """An anonymous plain-TCP Mosquitto on a free port of 127.0.0.1 (TLS and ACLs: tests/fleet/test_broker.py).
+
+    Yields ``(port, broker_dir)``; with ``persistence`` the broker keeps its state in ``broker_dir``, so a
+    restart with :func:`run_mosquitto` on the same directory finds it. Where Mosquitto is missing the test is
+    skipped (or fails under ``EDGEML_REQUIRE_SERVICES=1``).
+    """
+    from tests.conftest import require_service
+
+    if not MOSQUITTO.exists():
+        require_service("mosquitto", False, f"{MOSQUITTO} not installed (apt-get install mosquitto)")
+    root = Path(tempfile.mkdtemp(prefix="edgeml-mosquitto-"))
+    root.chmod(0o755)  # the broker runs as user mosquitto
+    try:
+        broker = root / "broker"
+        broker.mkdir()
+        conf = "listener 1883\nallow_anonymous true\nset_tcp_nodelay true\n"
+        if persistence:
+            conf += f"persistence true\npersistence_location {broker}/\n"
+        (broker / "mosquitto.conf").write_text(conf)
+        with run_mosquitto(broker) as port:
+            yield port, broker
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -32,7 +32,13 @@ from edgeml.fleet.ingest import REJECT_REASONS, IngestSettings, IngestWorker, Re
 from edgeml.fleet.telemetry_store import TelemetryStore
 from edgeml.protocol import MAX_BYTES, Command, State, Telemetry, device_topic, parse
 from tests.conftest import require_service
-from tests.fleet.mosquitto import MOSQUITTO, _give_to_broker_user, _wait_listening, free_port, run_mosquitto
+from tests.fleet.mosquitto import (
+    MOSQUITTO,
+    _give_to_broker_user,
+    _wait_listening,
+    anonymous_mosquitto,
+    free_port,
+)
 
 sa = pytest.importorskip("sqlalchemy")
 
@@ -74,13 +80,8 @@ def _broker_root() -> Path:
 @pytest.fixture
 def broker_port() -> Iterator[int]:
     """An anonymous Mosquitto of this test alone (no retained state left over from other tests)."""
-    root = _broker_root()
-    try:
-        (root / "broker" / "mosquitto.conf").write_text("listener 1883\nallow_anonymous true\n")
-        with run_mosquitto(root / "broker") as port:
-            yield port
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    with anonymous_mosquitto() as (port, _):
+        yield port
 
 
 def enroll(db: Database, *names: str, revoked: bool = False) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,9 +17,8 @@ from edgeml.errors import UpdateVerificationError
 from edgeml.fleet.distribution import MAX_CHUNK, DistributionService
 from edgeml.fleet.registry import Registry
 from edgeml.protocol import Request, device_topic
-from tests.conftest import require_service
 from tests.fleet.conftest import MakeBundle
-from tests.fleet.mosquitto import MOSQUITTO, run_mosquitto
+from tests.fleet.mosquitto import anonymous_mosquitto
 
 DEVICE = "cam-1"
 
@@ -29,17 +26,8 @@ DEVICE = "cam-1"
 @pytest.fixture(scope="module")
 def broker_port() -> Iterator[int]:
     """An anonymous plain-TCP Mosquitto on 127.0.0.1 (the ACL and TLS are tested in test_broker.py)."""
-    if not MOSQUITTO.exists():
-        require_service("mosquitto", False, f"{MOSQUITTO} not installed (apt-get install mosquitto)")
-    root = Path(tempfile.mkdtemp(prefix="edgeml-mqtt-"))
-    root.chmod(0o755)
-    try:
-        (root / "broker").mkdir()
-        (root / "broker" / "mosquitto.conf").write_text("listener 1883\nallow_anonymous true\nset_tcp_nodelay true\n")
-        with run_mosquitto(root / "broker") as port:
-            yield port
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    with anonymous_mosquitto() as (port, _):
+        yield port
 
 
 @pytest.fixture
