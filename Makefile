@@ -23,11 +23,15 @@ install: $(STAMP)
 demo: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/edgeml demo
 
-# Tests start their own Mosquitto on a free port; install the broker where it is missing (Debian, as root).
+# Tests start their own Mosquitto on a free port and drive Debian's chromium for the dashboard; install
+# them where they are missing (Debian, as root).
 services:
 	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || \
 	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq mosquitto mosquitto-clients; } || \
 	  echo "mosquitto is not installed: broker tests will skip (and fail under EDGEML_REQUIRE_SERVICES=1)"
+	@command -v chromium >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium; } || \
+	  echo "chromium is not installed: the dashboard test will skip (and fail under EDGEML_REQUIRE_SERVICES=1)"
 
 lint: install
 	$(VENV)/bin/ruff check .
