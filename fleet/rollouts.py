@@ -17,8 +17,9 @@ is persistent (a fixed client id), so the devices' events published while it was
 comes back. A rollout's state changes are compare-and-set, so a pause or an abort from the CLI between a
 read and a write is never lost.
 
-Model signals used: the agents' rollback reasons (``p99``, ``error rate``, ``drift``) and the drift score of
-their ``drift`` events for the new version; telemetry p99 ratios are not read yet (the rules accept them).
+Model signals used: the agents' rollback reasons (``p99``, ``error rate``, ``drift``), the drift score of
+their ``drift`` events for the new version, and what their telemetry says while they run it (p99 against the
+previous version, error rate, drift score: :mod:`~edgeml.fleet.rollout_signals`), read every ``signals_s``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import paho.mqtt.client as mqtt
 from edgeml.errors import EdgeMLError
 from edgeml.fleet import rollout_rules as rules
 from edgeml.fleet.rollout_rules import DeviceRow, DeviceSignals, RolloutError, RolloutOptions, RolloutView
+from edgeml.fleet.rollout_signals import Judged, telemetry_signals
 from edgeml.protocol import PREFIX, Command, ProtocolError, State, device_topic, parse, parse_device_topic
 
 __all__ = ["RolloutController", "RolloutStatus", "add_rollout_routes", "rollback", "rollout_status",
@@ -272,7 +274,8 @@ def rollout_status(db: Any, rollout_id: str | None = None) -> list[RolloutStatus
 
 def _device_doc(d: Any) -> dict[str, Any]:
     return {"device_id": d.device_id, "wave": d.wave, "target": d.target, "state": d.state, "reason": d.reason,
-            "previous": d.previous, "command_id": d.command_id, "revert_state": d.revert_state}
+            "previous": d.previous, "command_id": d.command_id, "revert_state": d.revert_state,
+            "notified_at": _ts(d.notified_at), "finished_at": _ts(d.finished_at)}  # Unix seconds
 
 
 # --- the HTTP API -------------------------------------------------------------------------------------------
@@ -352,16 +355,18 @@ class RolloutController:
         record_states: Write the devices' reported states (status, capabilities, installed) to the ``devices``
             table, which plans read (turn it off where an ingest worker with state on does it).
         tick_s: Seconds between ticks.
+        signals_s: Seconds between reads of the telemetry signals of a rollout with model thresholds.
         clock: Unix time source.
     """
 
     def __init__(self, db: Any, broker_host: str, broker_port: int, *, dist: Any = None, username: str | None = None,
                  password: str | None = None, tls: ssl.SSLContext | None = None,
                  client_id: str = "edgeml-rollouts", record_states: bool = True, tick_s: float = 1.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 signals_s: float = 5.0, clock: Callable[[], float] = time.time) -> None:
         from edgeml.fleet.telemetry_store import TelemetryStore
 
-        self.db, self.dist, self.tick_s, self.clock = db, dist, tick_s, clock
+        self.db, self.dist, self.tick_s, self.signals_s, self.clock = db, dist, tick_s, signals_s, clock
+        self._telemetry: dict[str, tuple[float, dict[str, DeviceSignals]]] = {}  # rollout -> (read at, signals)
         self._store = TelemetryStore(db) if record_states else None
         self.broker = (broker_host, broker_port)
         self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
@@ -506,8 +511,8 @@ class RolloutController:
         with self.db.transaction() as conn:
             row, view, devices = self._load(conn, rollout_id)
         online = {d for d, s in self.states.items() if s.status != "offline"}
-        signals = {d.device_id: DeviceSignals(drift=self._drift.get((d.device_id, row.version))) for d in devices}
         now = self.clock()
+        signals = self._signals(row, view, devices, now)
         actions = rules.decide(view, devices, now, online, signals)
         if any(isinstance(a, rules.AdvanceWave) and a.wave == 0 for a in actions) and row.broadcast is None:
             self._broadcast(row)
@@ -516,6 +521,26 @@ class RolloutController:
         self._send(rollout_id)
         if any(isinstance(a, (rules.AbortRollout, rules.CompleteRollout)) for a in actions):
             self._unbroadcast(rollout_id)
+
+    def _signals(self, row: Any, view: RolloutView, devices: list[DeviceRow], now: float) -> dict[str, DeviceSignals]:
+        """Each device's model signals: drift events, and telemetry read at most every ``signals_s``."""
+        options = view.options
+        wanted = (options.max_p99_regression, options.max_error_rate, options.max_drift) != (None, None, None)
+        cached = self._telemetry.get(row.id)
+        stale = cached is None or now - cached[0] >= self.signals_s
+        if wanted and stale and row.state not in ("completed", "aborted"):
+            judged = [Judged(d.device_id, d.previous, _at(d.notified_at)) for d in devices
+                      if d.notified_at is not None and d.state in ("notified", "committed", "rolled_back")]
+            cached = (now, telemetry_signals(self.db, row.version, judged, row.created_at) if judged else {})
+            self._telemetry[row.id] = cached
+        measured = cached[1] if cached else {}
+        out = {}
+        for d in devices:
+            t = measured.get(d.device_id, DeviceSignals())
+            event = self._drift.get((d.device_id, row.version))
+            drift = max((v for v in (event, t.drift) if v is not None), default=None)
+            out[d.device_id] = DeviceSignals(p99_ratio=t.p99_ratio, error_rate=t.error_rate, drift=drift)
+        return out
 
     def _record(self, row: Any, actions: list[rules.Action], now: float) -> bool:
         """Write the decision; False when the rollout's state changed since it was read (nothing written)."""
