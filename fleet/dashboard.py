@@ -1,0 +1,161 @@
+"""The fleet dashboard: a static page (``fleet/web/``) and the read-only JSON API it draws.
+
+:func:`add_dashboard_routes` adds to the fleet server's :class:`~edgeml.fleet.http_server.HttpServer`:
+
+* ``GET /api/overview``: devices online/offline/revoked, versions installed per model, incompatible devices of
+  each model's newest rollout, rollouts per state (:func:`~edgeml.fleet.fleet_views.fleet_overview`; the
+  online rule is in :mod:`~edgeml.fleet.fleet_views`).
+* ``GET /api/devices``: every enrolled device with its tags, status and latest telemetry numbers.
+* ``GET /api/telemetry?metric=M&by=version|device&since=SECONDS&model=NAME&buckets=N``: one metric
+  (``latency_p50_ms``, ``latency_p99_ms``, ``error_rate``, ``drift.score``) bucketed over the window, one
+  series per version or device. Defaults: ``by=version``, ``since=3600``, every model, 60 buckets.
+* ``GET /api/audit?limit=N``: the newest audit entries (default 50).
+* ``GET /`` and ``/dashboard/...``: the page itself (HTML, JS, CSS; no token needed, it holds no data).
+
+Every ``/api/`` route needs a viewer token (:func:`~edgeml.fleet.auth.authorized`: 401 without a valid one).
+A bad query (an unknown or repeated parameter, a value out of range) is a 400 ``{"error", "status"}``; a
+database that cannot be reached is a 503. Rollouts are served at ``/api/rollouts`` by
+:func:`~edgeml.fleet.rollouts.add_rollout_routes`, which the page reads too.
+
+The page asks for a token (kept in the tab's ``sessionStorage``; ``/#token=...`` sets it and is then removed
+from the address bar), sends it as ``Authorization: Bearer``, and refreshes every few seconds. It sets its
+text with ``textContent`` only, and a Content-Security-Policy forbids inline scripts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgeml.errors import ConfigError, RegistryError
+from edgeml.fleet.fleet_views import (
+    DEFAULT_BUCKETS,
+    DEFAULT_STALE_S,
+    audit_entries,
+    device_list,
+    fleet_overview,
+    telemetry_series,
+)
+from edgeml.fleet.http_server import Request, Response
+
+__all__ = ["WEB_DIR", "add_dashboard_routes", "parse_query"]
+
+#: The page's files (installed as package data ``edgeml.fleet: web/*``).
+WEB_DIR = Path(__file__).resolve().parent / "web"
+_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+          "style.css": "text/css; charset=utf-8"}
+_PAGE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+}
+
+
+def parse_query(query: dict[str, list[str]], spec: dict[str, Callable[[str], Any]]) -> dict[str, Any]:
+    """The query parameters named in ``spec``, each converted by its function.
+
+    Args:
+        query: The parsed query string (:attr:`Request.query`).
+        spec: Parameter name -> converter (``int``, ``float``, ``str``); absent parameters are left out.
+
+    Raises:
+        ConfigError: An unknown or repeated parameter, or a value its converter refuses.
+    """
+    unknown = sorted(set(query) - set(spec))
+    if unknown:
+        raise ConfigError(f"unknown query parameter {unknown[0]!r}", hint="known: " + ", ".join(sorted(spec)))
+    out: dict[str, Any] = {}
+    for name, values in query.items():
+        if len(values) != 1:
+            raise ConfigError(f"query parameter {name!r} is given {len(values)} times; give it once")
+        try:
+            out[name] = spec[name](values[0])
+        except ValueError:
+            raise ConfigError(f"bad value {values[0]!r} for query parameter {name!r}") from None
+    return out
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(text)
+    return value
+
+
+def _answer(work: Callable[[], Any]) -> Response:
+    """``work()`` as JSON; a ConfigError is the client's fault (400), a RegistryError the database's (503)."""
+    try:
+        return Response.json(work())
+    except ConfigError as exc:
+        return Response.json({"error": exc.message + (f" ({exc.hint})" if exc.hint else ""), "status": 400}, 400)
+    except RegistryError as exc:
+        return Response.json({"error": exc.message, "status": 503}, 503)
+
+
+def _page(web_dir: Path, name: str) -> Response:
+    path = web_dir / name
+    if not path.is_file():
+        return Response.text("not found", 404)
+    return Response(200, content_type=_FILES[name], headers=dict(_PAGE_HEADERS), file=path)
+
+
+def add_dashboard_routes(server: Any, db: Any, audit: Any, *, stale_after_s: float = DEFAULT_STALE_S,
+                         web_dir: Path | None = None, clock: Callable[[], dt.datetime] | None = None) -> None:
+    """Serve the dashboard and its JSON API on ``server`` (add before it starts).
+
+    Args:
+        server: The fleet's :class:`~edgeml.fleet.http_server.HttpServer`.
+        db: The registry's database (tokens, devices, telemetry, rollouts).
+        audit: Its :class:`~edgeml.fleet.audit.AuditLog`.
+        stale_after_s: Seconds of silence after which a device counts as offline.
+        web_dir: Where the page's files are (default: :data:`WEB_DIR`).
+        clock: The present, as an aware datetime (default: the system clock).
+    """
+    from edgeml.fleet.auth import Role, authorized
+
+    web = Path(web_dir) if web_dir is not None else WEB_DIR
+    viewer = authorized(db, Role.VIEWER)
+
+    def now() -> dt.datetime:
+        return clock() if clock is not None else dt.datetime.now(dt.timezone.utc)
+
+    def overview(request: Request, who: Any) -> Response:
+        def work() -> Any:
+            parse_query(request.query, {})
+            return fleet_overview(db, now=now(), stale_after_s=stale_after_s)
+
+        return _answer(work)
+
+    def devices(request: Request, who: Any) -> Response:
+        def work() -> Any:
+            parse_query(request.query, {})
+            return device_list(db, now=now(), stale_after_s=stale_after_s)
+
+        return _answer(work)
+
+    def telemetry(request: Request, who: Any) -> Response:
+        def work() -> Any:
+            q = parse_query(request.query, {"metric": str, "by": str, "since": _finite, "model": str,
+                                            "buckets": int})
+            if "metric" not in q:
+                raise ConfigError("the query parameter 'metric' is required",
+                                  hint="latency_p50_ms, latency_p99_ms, error_rate or drift.score")
+            return telemetry_series(db, q["metric"], by=q.get("by", "version"), since_s=q.get("since", 3600.0),
+                                    model=q.get("model"), buckets=q.get("buckets", DEFAULT_BUCKETS), now=now())
+
+        return _answer(work)
+
+    def audit_log(request: Request, who: Any) -> Response:
+        return _answer(lambda: audit_entries(audit, parse_query(request.query, {"limit": int}).get("limit", 50)))
+
+    server.add_route("GET", r"/api/overview", viewer(overview))
+    server.add_route("GET", r"/api/devices", viewer(devices))
+    server.add_route("GET", r"/api/telemetry", viewer(telemetry))
+    server.add_route("GET", r"/api/audit", viewer(audit_log))
+    server.add_route("GET", r"/(?:dashboard/?)?", lambda request: _page(web, "index.html"))
+    server.add_route("GET", r"/dashboard/(?P<name>index\.html|app\.js|style\.css)",
+                     lambda request: _page(web, request.params["name"]))

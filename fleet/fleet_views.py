@@ -1,0 +1,303 @@
+"""Read-only views of the fleet for the dashboard and its JSON API: overview, devices, telemetry, audit.
+
+Plain functions over the registry's :class:`~edgeml.fleet.db.Database` (SQLite or PostgreSQL); the routes in
+:mod:`~edgeml.fleet.dashboard` only parse the query string and call them, and the tests call them directly.
+
+Online or offline: a device is **online** when its last reported status is not ``"offline"`` (the broker's
+last will sets it when the device drops) *and* it was heard from (``last_seen``: telemetry or a state
+message) within ``stale_after_s`` seconds (:data:`DEFAULT_STALE_S`); anything else, a device never heard from
+included, is **offline**. A device whose agent died without the broker noticing yet thus turns offline once
+it has been silent for that long. Revoked devices are counted apart, as neither.
+
+Telemetry series (:func:`telemetry_series`) cut the window ``[now - since_s, now]`` into ``buckets`` equal
+buckets and give, per version (``model:version`` as the device reported it in the telemetry row) or per
+device, the mean of the metric over the rows received in each bucket; buckets without rows have no point.
+Metric names are paths into the telemetry's ``metrics`` (:data:`METRICS`; ``drift.score`` is nested). The
+rows of the window are read once and reduced here, so a window's cost grows with its rows: keep windows to
+hours, not weeks, on a large fleet.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import re
+from collections import defaultdict
+from typing import Any
+
+from edgeml.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_BUCKETS",
+    "DEFAULT_STALE_S",
+    "GROUPINGS",
+    "MAX_SINCE_S",
+    "METRICS",
+    "audit_entries",
+    "device_list",
+    "fleet_overview",
+    "is_online",
+    "telemetry_series",
+]
+
+#: Seconds without a message after which a device counts as offline.
+DEFAULT_STALE_S = 120.0
+#: Buckets of a telemetry series.
+DEFAULT_BUCKETS = 60
+#: The longest telemetry window, in seconds (7 days).
+MAX_SINCE_S = 7 * 86400
+#: Metrics a series can be drawn of: name -> path into the telemetry's ``metrics``.
+METRICS: dict[str, tuple[str, ...]] = {
+    "latency_p50_ms": ("latency_p50_ms",),
+    "latency_p99_ms": ("latency_p99_ms",),
+    "error_rate": ("error_rate",),
+    "drift.score": ("drift", "score"),
+}
+#: How a series is split: one line per version, or per device.
+GROUPINGS = ("version", "device")
+_MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _aware(value: dt.datetime | None) -> dt.datetime | None:
+    """SQLite gives naive datetimes back: they are UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=dt.timezone.utc)
+    return value
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    value = _aware(value)
+    return None if value is None else value.isoformat(timespec="seconds")
+
+
+def _number(value: Any) -> float | None:
+    """``value`` if it is a finite number (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _dig(metrics: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(metrics, dict):
+            return None
+        metrics = metrics.get(key)
+    return metrics
+
+
+def is_online(status: str | None, last_seen: dt.datetime | None, now: dt.datetime,
+              stale_after_s: float = DEFAULT_STALE_S) -> bool:
+    """Whether a device counts as online (see the module docstring for the rule).
+
+    Args:
+        status: Its last reported status (None: never reported).
+        last_seen: When it was last heard from (None: never).
+        now: The present (timezone-aware).
+        stale_after_s: Seconds of silence after which it is offline.
+    """
+    seen = _aware(last_seen)
+    return status != "offline" and seen is not None and (now - seen).total_seconds() <= stale_after_s
+
+
+# --- overview ----------------------------------------------------------------------------------------------
+
+
+def fleet_overview(db: Any, *, now: dt.datetime | None = None,
+                   stale_after_s: float = DEFAULT_STALE_S) -> dict[str, Any]:
+    """The fleet at a glance.
+
+    Returns ``{"devices": {"total", "online", "offline", "revoked"}, "versions": {model: {version: devices}},
+    "incompatible": {"devices", "device_ids", "by_rollout"}, "rollouts": {state: count}, "stale_after_s",
+    "generated_at"}``. ``total`` counts the devices not revoked (online + offline); ``versions`` counts what
+    those devices report installed. ``incompatible`` is about each model's newest rollout: the devices no
+    target of its version fits (a later rollout that fits them clears them).
+
+    Args:
+        db: The registry's database.
+        now: The present (default: the clock).
+        stale_after_s: Seconds of silence after which a device is offline.
+
+    Raises:
+        RegistryError: The database failed.
+    """
+    now = now or _utcnow()
+    d, t, rd, sa = db.tables["devices"], db.tables["rollouts"], db.tables["rollout_devices"], db.sa
+    with db.transaction() as conn:
+        devices = conn.execute(sa.select(d.c.device_id, d.c.status, d.c.last_seen, d.c.revoked, d.c.installed)).all()
+        rollouts = conn.execute(sa.select(t.c.id, t.c.model, t.c.state, t.c.created_at)).all()
+        newest: dict[str, Any] = {}
+        for r in sorted(rollouts, key=lambda r: (_aware(r.created_at), r.id)):
+            newest[r.model] = r.id
+        incompatible = conn.execute(sa.select(rd.c.rollout_id, rd.c.device_id).where(
+            rd.c.rollout_id.in_(sorted(newest.values())) & (rd.c.state == "incompatible"))).all()
+    live = [r for r in devices if not r.revoked]
+    online = sum(is_online(r.status, r.last_seen, now, stale_after_s) for r in live)
+    versions: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for r in live:
+        for model, version in sorted((r.installed or {}).items()):
+            versions[str(model)][str(version)] += 1
+    by_rollout: dict[str, int] = defaultdict(int)
+    for rollout_id, _ in incompatible:
+        by_rollout[rollout_id] += 1
+    states: dict[str, int] = defaultdict(int)
+    for r in rollouts:
+        states[r.state] += 1
+    return {
+        "devices": {"total": len(live), "online": online, "offline": len(live) - online,
+                    "revoked": len(devices) - len(live)},
+        "versions": {m: dict(sorted(v.items())) for m, v in sorted(versions.items())},
+        "incompatible": {"devices": len({dev for _, dev in incompatible}),
+                         "device_ids": sorted({dev for _, dev in incompatible}), "by_rollout": dict(by_rollout)},
+        "rollouts": dict(sorted(states.items())),
+        "stale_after_s": stale_after_s,
+        "generated_at": _iso(now),
+    }
+
+
+# --- devices -----------------------------------------------------------------------------------------------
+
+
+def device_list(db: Any, *, now: dt.datetime | None = None,
+                stale_after_s: float = DEFAULT_STALE_S) -> list[dict[str, Any]]:
+    """Every enrolled device, sorted by id, with the numbers of its latest telemetry row.
+
+    Each is ``{"device_id", "tags", "status", "online", "revoked", "installed", "model", "version",
+    "last_seen", "telemetry"}``; ``model``/``version`` are the first (by model name) of ``installed``;
+    ``telemetry`` is None without rows, else ``{"seq", "received_at", "latency_p50_ms", "latency_p99_ms",
+    "error_rate", "drift_score", "drift_flagged"}`` (each None where the row lacks it).
+
+    Args:
+        db: The registry's database.
+        now: The present (default: the clock).
+        stale_after_s: Seconds of silence after which a device is offline.
+
+    Raises:
+        RegistryError: The database failed.
+    """
+    now = now or _utcnow()
+    d, t, sa = db.tables["devices"], db.tables["telemetry"], db.sa
+    newest = sa.select(t.c.device_id, sa.func.max(t.c.seq).label("seq")).group_by(t.c.device_id).subquery()
+    latest = sa.select(t.c.device_id, t.c.seq, t.c.received_at, t.c.metrics).join(
+        newest, (newest.c.device_id == t.c.device_id) & (newest.c.seq == t.c.seq))
+    with db.transaction() as conn:
+        rows = conn.execute(sa.select(d).order_by(d.c.device_id)).all()
+        telemetry = {r.device_id: r for r in conn.execute(latest)}
+    out = []
+    for r in rows:
+        installed = {str(k): str(v) for k, v in sorted((r.installed or {}).items())}
+        model, version = next(iter(installed.items()), (None, None))
+        out.append({"device_id": r.device_id, "tags": dict(r.tags or {}), "status": r.status,
+                    "online": bool(not r.revoked and is_online(r.status, r.last_seen, now, stale_after_s)),
+                    "revoked": bool(r.revoked), "installed": installed, "model": model, "version": version,
+                    "last_seen": _iso(r.last_seen), "telemetry": _latest_doc(telemetry.get(r.device_id))})
+    return out
+
+
+def _latest_doc(row: Any) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    metrics = row.metrics if isinstance(row.metrics, dict) else {}
+    drift: dict[str, Any] = metrics["drift"] if isinstance(metrics.get("drift"), dict) else {}
+    flagged = drift.get("flagged")
+    return {"seq": int(row.seq), "received_at": _iso(row.received_at),
+            "latency_p50_ms": _number(metrics.get("latency_p50_ms")),
+            "latency_p99_ms": _number(metrics.get("latency_p99_ms")),
+            "error_rate": _number(metrics.get("error_rate")), "drift_score": _number(drift.get("score")),
+            "drift_flagged": flagged if isinstance(flagged, bool) else None}
+
+
+# --- telemetry ---------------------------------------------------------------------------------------------
+
+
+def _check_series_args(metric: str, by: str, since_s: float, model: str | None, buckets: int) -> None:
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric {metric!r}", hint="one of: " + ", ".join(METRICS))
+    if by not in GROUPINGS:
+        raise ConfigError(f"'by' must be one of {', '.join(GROUPINGS)}, got {by!r}")
+    if isinstance(since_s, bool) or not isinstance(since_s, (int, float)) or not 60 <= since_s <= MAX_SINCE_S:
+        raise ConfigError(f"'since' must be seconds from 60 to {MAX_SINCE_S}, got {since_s!r}")
+    if isinstance(buckets, bool) or not isinstance(buckets, int) or not 1 <= buckets <= 500:
+        raise ConfigError(f"'buckets' must be an integer from 1 to 500, got {buckets!r}")
+    if model is not None and not _MODEL.fullmatch(model):
+        raise ConfigError(f"bad model name {model!r}", hint="letters, digits, '.', '_' or '-', up to 64")
+
+
+def telemetry_series(db: Any, metric: str, *, by: str = "version", since_s: float = 3600.0,
+                     model: str | None = None, buckets: int = DEFAULT_BUCKETS,
+                     now: dt.datetime | None = None) -> dict[str, Any]:
+    """One metric over the last ``since_s`` seconds, bucketed, one series per version or per device.
+
+    Returns ``{"metric", "by", "model", "since_s", "buckets", "bucket_s", "start", "end", "series"}``; times
+    are Unix seconds; ``series`` is a list sorted by ``key`` (``model:version``, or the device id) of
+    ``{"key", "points": [[bucket middle, mean], ...], "rows"}`` with one point per bucket that has rows.
+
+    Args:
+        db: The registry's database.
+        metric: One of :data:`METRICS` (``drift.score`` is the nested drift score).
+        by: ``version`` or ``device``.
+        since_s: The window, in seconds before ``now`` (60 to :data:`MAX_SINCE_S`).
+        model: Only rows of this model (None: every model).
+        buckets: How many buckets the window is cut into (1 to 500).
+        now: The end of the window (default: the clock).
+
+    Raises:
+        ConfigError: A bad argument (the message names it).
+        RegistryError: The database failed.
+    """
+    _check_series_args(metric, by, since_s, model, buckets)
+    end = now or _utcnow()
+    start = end - dt.timedelta(seconds=since_s)
+    width = float(since_s) / buckets
+    t, sa = db.tables["telemetry"], db.sa
+    query = (sa.select(t.c.device_id, t.c.received_at, t.c.metrics)
+             .where((t.c.received_at >= start) & (t.c.received_at <= end)))
+    sums: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0.0]))
+    with db.transaction() as conn:
+        for device_id, received_at, metrics in conn.execute(query):
+            if not isinstance(metrics, dict) or (model is not None and metrics.get("model") != model):
+                continue
+            value = _number(_dig(metrics, METRICS[metric]))
+            if value is None:
+                continue
+            key = device_id if by == "device" else _version_key(metrics)
+            at = _aware(received_at) or start
+            index = min(int((at - start).total_seconds() // width), buckets - 1)
+            acc = sums[key][index]
+            acc[0] += value
+            acc[1] += 1
+    t0 = start.timestamp()
+    series = [{"key": key, "rows": int(sum(n for _, n in cells.values())),
+               "points": [[round(t0 + (i + 0.5) * width, 3), total / n] for i, (total, n) in sorted(cells.items())]}
+              for key, cells in sorted(sums.items())]
+    return {"metric": metric, "by": by, "model": model, "since_s": since_s, "buckets": buckets, "bucket_s": width,
+            "start": t0, "end": end.timestamp(), "series": series}
+
+
+def _version_key(metrics: dict[str, Any]) -> str:
+    model, version = metrics.get("model"), metrics.get("version")
+    version = "unknown" if version is None else str(version)
+    return f"{model}:{version}" if model is not None else version
+
+
+# --- audit -------------------------------------------------------------------------------------------------
+
+
+def audit_entries(audit: Any, limit: int = 50) -> list[dict[str, Any]]:
+    """The newest ``limit`` audit entries, newest first: ``{"seq", "at", "actor", "action", "subject", "details"}``.
+
+    Args:
+        audit: The registry's :class:`~edgeml.fleet.audit.AuditLog`.
+        limit: How many (1 to 1000).
+
+    Raises:
+        ConfigError: ``limit`` is out of range.
+        RegistryError: The database failed.
+    """
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+        raise ConfigError(f"'limit' must be an integer from 1 to 1000, got {limit!r}")
+    return [{"seq": e.seq, "at": _iso(e.at), "actor": e.actor, "action": e.action, "subject": e.subject,
+             "details": e.details} for e in reversed(audit.entries(limit=limit))]
