@@ -1,0 +1,393 @@
+"""Prometheus ``/metrics`` for the fleet server: devices, their latest telemetry, rollouts and ingestion.
+
+:func:`add_metrics_route` serves ``GET /metrics`` on an :class:`~edgeml.fleet.http_server.HttpServer` in the
+Prometheus text exposition format. A :class:`FleetCollector` on a private ``CollectorRegistry`` reads the
+registry database afresh on every scrape (nothing is cached between scrapes, no global registry is touched),
+so what Prometheus sees is what the database holds at that moment.
+
+**Cost of a scrape**: four ``SELECT`` statements in one read transaction, whatever the number of devices or
+rollouts (no per-device or per-rollout query): the ``devices`` table; one aggregate over ``telemetry``
+grouped by device and joined to each device's latest row through the ``(device_id, seq)`` unique index;
+``rollouts``; and ``rollout_devices`` counted by rollout, wave and state. The telemetry aggregate reads every
+telemetry row (it sums the ``requests`` and ``errors`` of each device's windows), so its cost grows with the
+rows stored, like ``TelemetryStore.devices_summary``; everything else is proportional to devices and rollouts.
+With ``require_token`` the token check adds two statements.
+
+Exported series (all prefixed ``edgeml_``; units in the names, ratios as 0..1):
+
+=================================================  ===========================================================
+``devices{status}``                                non-revoked enrolled devices by last reported status
+                                                   (``unknown``: never reported)
+``devices_revoked``                                revoked devices
+``devices_installed{model,version}``               non-revoked devices that report ``model`` at ``version``
+``device_last_seen_timestamp_seconds{device}``     when each device was last heard (Unix seconds)
+``device_latency_p50_seconds``, ``..._p99_...``    each device's latest telemetry window, labelled
+``device_error_ratio``, ``device_drift_score``     ``{device,model,version}`` (the model it was measured on)
+``device_requests_total{device}``, ``..._errors``  sums over every stored window of the device (counters)
+``device_telemetry_last_received_timestamp_...``   when its latest stored row arrived
+``version_devices_reporting{model,version}``       devices whose latest telemetry is on that version, and
+``version_mean_latency_p50_seconds`` and friends   the mean (and max) of their latest values
+``rollout_info{rollout,model,version,state}``      1 per rollout; ``rollout_current_wave{rollout}``
+``rollout_devices{rollout,model,version,wave,      devices of each rollout by wave and state
+state}``
+``rollouts{state}``, ``rollouts_aborted_total``    rollouts by state; how many were aborted
+``telemetry_rows``, ``telemetry_last_received_.`` rows stored; when the newest arrived
+``ingest_*_total``, ``ingest_rejected_total{       an :class:`~edgeml.fleet.ingest.IngestWorker`'s counters,
+reason}``, ``ingest_queued``                       when one is given
+=================================================  ===========================================================
+
+The per-device counters carry only the ``device`` label, so that ``rate()`` stays continuous when a device
+changes version. ``fleet/grafana/edgeml-fleet.json`` is a Grafana dashboard over exactly these names.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from edgeml.errors import RegistryError
+
+if TYPE_CHECKING:
+    from edgeml.fleet.auth import Role
+
+__all__ = ["CONTENT_TYPE", "METRICS_PATH", "FleetCollector", "add_metrics_route", "render"]
+
+#: Where the route is served.
+METRICS_PATH = "/metrics"
+#: The text format ``generate_latest`` writes (prometheus_client >= 0.22 calls 1.0.0 "latest"; every Prometheus reads
+#: 0.0.4, and the names here need none of 1.0.0's escaping).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: Statuses always exported (as 0 when no device has them), so that dashboards show 0 rather than no data.
+_BASE_STATUSES = ("serving", "idle", "updating", "offline")
+_SUMMED = ("requests", "errors")  # telemetry metrics summed over every stored window of a device
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a finite float, or None (bools, strings, NaN and missing values are not numbers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _timestamp(value: Any) -> float | None:
+    """Unix seconds of a stored time (SQLite gives naive UTC datetimes back)."""
+    if value is None:
+        return None
+    import datetime as dt
+
+    return (value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)).timestamp()
+
+
+@dataclass
+class _Snapshot:
+    """What one scrape read from the database."""
+
+    devices: list[Any] = field(default_factory=list)  # rows: device_id, status, revoked, installed, last_seen
+    telemetry: list[Any] = field(default_factory=list)  # rows: device_id, rows, last_at, requests, errors, metrics
+    rollouts: list[Any] = field(default_factory=list)  # rows: id, model, version, state, current_wave
+    waves: list[Any] = field(default_factory=list)  # rows: rollout_id, wave, state, n
+
+
+def _json_number(sa: Any, dialect: str, column: Any, key: str) -> Any:
+    """A SQL expression: ``column[key]`` when it is a JSON number, else NULL (never a cast error)."""
+    if dialect == "sqlite":
+        path = f'$."{key}"'
+        number = sa.case((sa.func.json_type(column, path).in_(("integer", "real")), sa.func.json_extract(column, path)),
+                         else_=None)
+        return sa.case((sa.func.json_valid(column) == 1, number), else_=None)  # CASE is lazy: no error on bad JSON
+    if dialect == "postgresql":
+        name = sa.cast(sa.literal(key), sa.Text)
+        return sa.case((sa.func.json_typeof(sa.func.json_extract_path(column, name)) == "number",
+                        sa.cast(sa.func.json_extract_path_text(column, name), sa.Float)), else_=None)
+    raise RegistryError(f"/metrics supports SQLite and PostgreSQL, not {dialect}")
+
+
+def _read(db: Any) -> _Snapshot:
+    """The four queries of a scrape, in one read transaction.
+
+    Raises:
+        RegistryError: The database failed.
+    """
+    sa, tables = db.sa, db.tables
+    d, t, r, rd = tables["devices"], tables["telemetry"], tables["rollouts"], tables["rollout_devices"]
+    dialect = db.engine.dialect.name
+    sums = [sa.func.sum(_json_number(sa, dialect, t.c.metrics, k)).label(k) for k in _SUMMED]
+    agg = (sa.select(t.c.device_id, sa.func.count().label("rows"), sa.func.max(t.c.seq).label("last_seq"),
+                     sa.func.max(t.c.received_at).label("last_at"), *sums)
+           .group_by(t.c.device_id).subquery())
+    latest = (sa.select(agg.c.device_id, agg.c.rows, agg.c.last_at, agg.c.requests, agg.c.errors, t.c.metrics)
+              .join(t, (t.c.device_id == agg.c.device_id) & (t.c.seq == agg.c.last_seq)))
+    with db.transaction() as conn:
+        return _Snapshot(
+            devices=conn.execute(sa.select(d.c.device_id, d.c.status, d.c.revoked, d.c.installed,
+                                           d.c.last_seen)).all(),
+            telemetry=conn.execute(latest).all(),
+            rollouts=conn.execute(sa.select(r.c.id, r.c.model, r.c.version, r.c.state, r.c.current_wave)).all(),
+            waves=conn.execute(sa.select(rd.c.rollout_id, rd.c.wave, rd.c.state, sa.func.count().label("n"))
+                               .group_by(rd.c.rollout_id, rd.c.wave, rd.c.state)).all())
+
+
+# --- families built from a snapshot (no I/O) -----------------------------------------------------------------
+
+
+def _device_families(snap: _Snapshot) -> Iterator[Any]:
+    from prometheus_client.core import GaugeMetricFamily
+
+    statuses: Counter[str] = Counter(dict.fromkeys(_BASE_STATUSES, 0))
+    installed: Counter[tuple[str, str]] = Counter()
+    seen = GaugeMetricFamily("edgeml_device_last_seen_timestamp_seconds",
+                             "When the device was last heard (state or telemetry), Unix seconds", labels=["device"])
+    revoked = 0
+    for row in snap.devices:
+        if row.revoked:
+            revoked += 1
+            continue
+        statuses[row.status or "unknown"] += 1
+        for model, version in dict(row.installed or {}).items():
+            installed[(str(model), str(version))] += 1
+        at = _timestamp(row.last_seen)
+        if at is not None:
+            seen.add_metric([row.device_id], at)
+    by_status = GaugeMetricFamily("edgeml_devices", "Enrolled, non-revoked devices by their last reported status "
+                                  "('unknown': never reported)", labels=["status"])
+    for status, n in sorted(statuses.items()):
+        by_status.add_metric([status], n)
+    yield by_status
+    yield GaugeMetricFamily("edgeml_devices_revoked", "Revoked devices", value=revoked)
+    per_version = GaugeMetricFamily("edgeml_devices_installed", "Non-revoked devices reporting this model version "
+                                    "as installed", labels=["model", "version"])
+    for (model, version), n in sorted(installed.items()):
+        per_version.add_metric([model, version], n)
+    yield per_version
+    yield seen
+
+
+#: (metric suffix, telemetry key, scale, help) of the per-device and per-version gauges.
+_GAUGES = (
+    ("latency_p50_seconds", "latency_p50_ms", 1e-3, "median inference latency of the latest telemetry window"),
+    ("latency_p99_seconds", "latency_p99_ms", 1e-3, "99th percentile inference latency of the latest window"),
+    ("error_ratio", "error_rate", 1.0, "fraction of failed requests (0..1) in the latest window"),
+    ("drift_score", "drift", 1.0, "drift score of the latest window (0 when not flagged)"),
+)
+
+
+def _latest_values(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Gauge suffix -> value from one telemetry row's metrics (missing or non-numeric values left out)."""
+    out = {}
+    for suffix, key, scale, _ in _GAUGES:
+        raw = metrics.get(key)
+        value = _number(raw.get("score") if isinstance(raw, Mapping) else None) if key == "drift" else _number(raw)
+        if value is not None:
+            out[suffix] = value * scale
+    return out
+
+
+def _label(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def _telemetry_families(snap: _Snapshot) -> Iterator[Any]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    gauges = {s: GaugeMetricFamily(f"edgeml_device_{s}", f"The device's {h}", labels=["device", "model", "version"])
+              for s, _, _, h in _GAUGES}
+    counters = {k: CounterMetricFamily(f"edgeml_device_{k}", f"Inference {k} over every stored telemetry window of "
+                                       "the device", labels=["device"]) for k in _SUMMED}
+    received = GaugeMetricFamily("edgeml_device_telemetry_last_received_timestamp_seconds",
+                                 "When the device's latest stored telemetry row arrived, Unix seconds",
+                                 labels=["device"])
+    per_version: dict[tuple[str, str], list[dict[str, float]]] = defaultdict(list)
+    rows, last = 0, None
+    for row in sorted(snap.telemetry, key=lambda r: r.device_id):
+        metrics = row.metrics if isinstance(row.metrics, Mapping) else {}
+        model, version = _label(metrics.get("model")), _label(metrics.get("version"))
+        values = _latest_values(metrics)
+        for suffix, value in values.items():
+            gauges[suffix].add_metric([row.device_id, model, version], value)
+        for key in _SUMMED:
+            counters[key].add_metric([row.device_id], float(getattr(row, key) or 0))
+        at = _timestamp(row.last_at)
+        if at is not None:
+            received.add_metric([row.device_id], at)
+            last = at if last is None else max(last, at)
+        rows += int(row.rows)
+        if model and version:
+            per_version[(model, version)].append(values)
+    yield from gauges.values()
+    yield from counters.values()
+    yield received
+    yield from _version_families(per_version)
+    yield GaugeMetricFamily("edgeml_telemetry_rows", "Telemetry rows stored", value=rows)
+    if last is not None:
+        yield GaugeMetricFamily("edgeml_telemetry_last_received_timestamp_seconds",
+                                "When the newest stored telemetry row arrived, Unix seconds", value=last)
+
+
+def _version_families(per_version: Mapping[tuple[str, str], list[dict[str, float]]]) -> Iterator[Any]:
+    from prometheus_client.core import GaugeMetricFamily
+
+    labels = ["model", "version"]
+    reporting = GaugeMetricFamily("edgeml_version_devices_reporting", "Devices whose latest telemetry window is on "
+                                  "this model version", labels=labels)
+    means = {s: GaugeMetricFamily(f"edgeml_version_mean_{s}", f"Mean over the version's devices of the {h}",
+                                  labels=labels) for s, _, _, h in _GAUGES}
+    maxima = {s: GaugeMetricFamily(f"edgeml_version_max_{s}", f"Highest over the version's devices of the {h}",
+                                   labels=labels)
+              for s, _, _, h in _GAUGES if s in ("latency_p99_seconds", "drift_score")}
+    for key in sorted(per_version):
+        devices = per_version[key]
+        reporting.add_metric(list(key), len(devices))
+        for suffix in means:
+            values = [v[suffix] for v in devices if suffix in v]
+            if values:
+                means[suffix].add_metric(list(key), math.fsum(values) / len(values))
+                if suffix in maxima:
+                    maxima[suffix].add_metric(list(key), max(values))
+    yield reporting
+    yield from means.values()
+    yield from maxima.values()
+
+
+def _rollout_families(snap: _Snapshot) -> Iterator[Any]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    info = GaugeMetricFamily("edgeml_rollout_info", "1 per rollout, labelled with its model, version and state",
+                             labels=["rollout", "model", "version", "state"])
+    wave = GaugeMetricFamily("edgeml_rollout_current_wave", "The rollout's current wave (0: canary)",
+                             labels=["rollout"])
+    by_state: Counter[str] = Counter()
+    names = {}
+    for r in sorted(snap.rollouts, key=lambda r: r.id):
+        info.add_metric([r.id, r.model, r.version, r.state], 1)
+        wave.add_metric([r.id], r.current_wave)
+        by_state[r.state] += 1
+        names[r.id] = (r.model, r.version)
+    devices = GaugeMetricFamily("edgeml_rollout_devices", "Devices of a rollout by wave (0: canary) and state",
+                                labels=["rollout", "model", "version", "wave", "state"])
+    for w in sorted(snap.waves, key=lambda w: (w.rollout_id, w.wave, w.state)):
+        model, version = names.get(w.rollout_id, ("", ""))
+        devices.add_metric([w.rollout_id, model, version, str(w.wave), w.state], int(w.n))
+    counts = GaugeMetricFamily("edgeml_rollouts", "Rollouts by state", labels=["state"])
+    for state, n in sorted(by_state.items()):
+        counts.add_metric([state], n)
+    yield from (info, wave, devices, counts)
+    yield CounterMetricFamily("edgeml_rollouts_aborted", "Rollouts aborted (by the rules or by an operator)",
+                              value=by_state["aborted"])
+
+
+#: IngestWorker.stats() counters exported as ``edgeml_ingest_<name>_total``.
+_INGEST_COUNTERS = {
+    "received": "Telemetry messages received from the broker",
+    "states": "State messages received from the broker",
+    "stored": "Telemetry rows stored (new rows)",
+    "duplicates": "Telemetry messages dropped as already stored",
+    "acks": "Telemetry acknowledgements sent to devices",
+    "batches": "Batches written to the database",
+    "store_errors": "Failed database writes (retried)",
+    "connects": "Successful connections to the broker",
+}
+
+
+def _ingest_families(stats: Mapping[str, Any]) -> Iterator[Any]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    from edgeml.fleet.ingest import REJECT_REASONS
+
+    for name, text in _INGEST_COUNTERS.items():
+        yield CounterMetricFamily(f"edgeml_ingest_{name}", text, value=int(stats.get(name, 0)))
+    rejected = CounterMetricFamily("edgeml_ingest_rejected", "Messages rejected, by reason", labels=["reason"])
+    reasons = {**dict.fromkeys(REJECT_REASONS, 0), **dict(stats.get("rejected") or {})}
+    for reason, n in sorted(reasons.items()):
+        rejected.add_metric([reason], int(n))
+    yield rejected
+    yield GaugeMetricFamily("edgeml_ingest_queued", "Messages waiting for the database writer",
+                            value=int(stats.get("queued", 0)))
+
+
+class FleetCollector:
+    """A Prometheus collector that reads the fleet's database on every :meth:`collect`.
+
+    Args:
+        db: The registry's :class:`~edgeml.fleet.db.Database`.
+        ingest: An :class:`~edgeml.fleet.ingest.IngestWorker` (anything with its ``stats()``) whose counters
+            to export, or None.
+    """
+
+    def __init__(self, db: Any, ingest: Any = None) -> None:
+        self.db = db
+        self.ingest = ingest
+
+    def describe(self) -> Iterable[Any]:
+        """Nothing: registering the collector must not query the database."""
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        """Every metric family, read fresh (four queries).
+
+        Raises:
+            RegistryError: The database failed.
+        """
+        snap = _read(self.db)
+        stats = self.ingest.stats() if self.ingest is not None else None
+        yield from _device_families(snap)
+        yield from _telemetry_families(snap)
+        yield from _rollout_families(snap)
+        if stats is not None:
+            yield from _ingest_families(stats)
+
+
+def render(db: Any, ingest: Any = None) -> bytes:
+    """One scrape's body in the Prometheus text format (version 0.0.4).
+
+    Args:
+        db: The registry's database.
+        ingest: An ingest worker whose counters to include, or None.
+
+    Raises:
+        RegistryError: The database failed.
+    """
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FleetCollector(db, ingest))
+    return bytes(generate_latest(registry))
+
+
+def add_metrics_route(server: Any, db: Any, *, ingest: Any = None, require_token: bool = False,
+                      token_role: Role | str = "viewer") -> None:
+    """Serve ``GET /metrics`` (Prometheus text format) on ``server``.
+
+    By Prometheus convention the route needs no token (the fleet's listener is on 127.0.0.1 by default); with
+    ``require_token`` it answers only a bearer token of ``token_role`` or higher (401 without one). A database
+    failure is a 503, so that Prometheus marks the target down instead of recording zeros.
+
+    Args:
+        server: An :class:`~edgeml.fleet.http_server.HttpServer` (before it starts).
+        db: The registry's :class:`~edgeml.fleet.db.Database`.
+        ingest: The server's :class:`~edgeml.fleet.ingest.IngestWorker`, whose counters to export (None: none).
+        require_token: Ask for an operator token (``Authorization: Bearer ...``).
+        token_role: The lowest role allowed with ``require_token``: a :class:`~edgeml.fleet.auth.Role` or its
+            name.
+
+    Raises:
+        ConfigError: ``token_role`` is not a role.
+    """
+    from edgeml.fleet.auth import Role, authorized
+    from edgeml.fleet.http_server import Request, Response
+
+    role = token_role if isinstance(token_role, Role) else Role.parse(token_role)  # checked even when unused
+
+    def metrics(request: Request, *_: Any) -> Response:
+        try:
+            body = render(db, ingest)
+        except RegistryError as exc:
+            return Response.text(f"metrics unavailable: {exc.message}", 503)
+        return Response(200, body, CONTENT_TYPE, {"Cache-Control": "no-store"})
+
+    if require_token:
+        server.add_route("GET", METRICS_PATH, authorized(db, role)(metrics))
+    else:
+        server.add_route("GET", METRICS_PATH, metrics)
