@@ -145,58 +145,72 @@ def _until_stopped() -> None:
             signal.signal(sig, handler)
 
 
-@fleet_app.command("serve")
-def serve_command(
-    directory: Annotated[Path, typer.Argument(help="The registry directory.")],
-    broker_host: Annotated[str, typer.Option("--broker-host", help="The MQTT broker's host.")] = "localhost",
-    broker_port: Annotated[int, typer.Option("--broker-port", min=1, max=65535, help="Its port.")] = 1883,
-    username: Annotated[str | None, typer.Option("--username", help="Broker user (the fleet user).")] = None,
-    password: Annotated[str | None, typer.Option("--password", envvar="EDGEML_BROKER_PASSWORD",
-                                                 help="Its password (or $EDGEML_BROKER_PASSWORD).")] = None,
-    ca: Annotated[Path | None, typer.Option("--ca", help="Connect to the broker over TLS, trusting this CA "
-                                            "certificate (PEM).")] = None,
-    http_host: Annotated[str, typer.Option("--http-host", help="Address of the HTTP listener.")] = "127.0.0.1",
-    http_port: Annotated[int, typer.Option("--http-port", min=0, max=65535,
-                                           help="Port of the HTTP listener (0: a free one).")] = 8470,
-    no_http: Annotated[bool, typer.Option("--no-http", help="Serve over MQTT only.")] = False,
-    db_url: DbUrl = None,
-) -> None:
-    """Serve DIR/repository to devices over MQTT request/reply and read-only HTTP, until Ctrl-C or SIGTERM.
+Role = Annotated[list[str] | None, typer.Option("--role", help="Run only this part (repeatable): dist, ingest, "
+                                                 "controller, web (default: all of them in this process).")]
+BrokerHost = Annotated[str, typer.Option("--broker-host", help="The MQTT broker's host.")]
+BrokerPort = Annotated[int, typer.Option("--broker-port", min=1, max=65535, help="Its port.")]
+BrokerUser = Annotated[str | None, typer.Option("--username", help="Broker user (the fleet user).")]
+BrokerPassword = Annotated[str | None, typer.Option("--password", envvar="EDGEML_BROKER_PASSWORD",
+                                                    help="Its password (or $EDGEML_BROKER_PASSWORD).")]
+BrokerCa = Annotated[Path | None, typer.Option("--ca", help="Connect to the broker over TLS, trusting this CA "
+                                               "certificate (PEM).")]
+ClientId = Annotated[str, typer.Option("--client-id", help="The controller's MQTT client id; keep it across "
+                                       "restarts.")]
+Tick = Annotated[float, typer.Option("--tick", min=0.05, help="Seconds between the controller's decisions.")]
 
-    The HTTP listener also serves the rollout API (``/api/rollouts``, operator tokens). Prints one line per
-    listener with its real address.
-    """
-    from edgeml.errors import ConfigError
-    from edgeml.fleet.audit import open_audit
-    from edgeml.fleet.distribution import DistributionService
-    from edgeml.fleet.http_server import repository_server
-    from edgeml.fleet.registry import Registry
-    from edgeml.fleet.rollouts import add_rollout_routes
 
-    http = None if no_http else repository_server(directory, http_host, http_port)  # checks DIR first
-    if http is not None:
-        db = Registry(directory, db_url=db_url).database()
-        add_rollout_routes(http, db, open_audit(directory, db=db))
-    tls = _tls_context(ca)
-    service = DistributionService(directory, broker_host, broker_port, username=username, password=password, tls=tls)
-    scheme = "mqtts" if tls is not None else "mqtt"
+def _serve(directory: Path, settings: Any) -> None:
+    """Run a :class:`~edgeml.fleet.server.FleetServer` until SIGTERM or Ctrl-C."""
+    from edgeml.fleet.server import FleetServer
+
+    server = FleetServer(directory, settings, log=typer.echo)
+    server.start()
     try:
-        service.start()
-    except (OSError, TimeoutError) as exc:
-        raise ConfigError(f"cannot serve over {scheme}://{broker_host}:{broker_port}: {exc}",
-                          hint="is the broker running, and are --broker-host/--broker-port/--ca right?") from exc
-    try:
-        typer.echo(f"mqtt: serving {directory / 'repository'} on {scheme}://{broker_host}:{broker_port}")
-        if http is not None:
-            http.start()
-            typer.echo(f"http: serving {directory / 'repository'} on {http.url}/metadata/ and {http.url}/targets/")
         typer.echo("Ctrl-C or SIGTERM stops", err=True)
         _until_stopped()
     finally:
-        if http is not None:
-            http.stop()
-        service.stop()
-    typer.echo(f"stopped ({service.served_bytes} bytes served over MQTT)")
+        served = server.dist.served_bytes if server.dist is not None else 0
+        server.stop()
+    typer.echo(f"stopped ({served} bytes served over MQTT)")
+
+
+@fleet_app.command("serve")
+def serve_command(
+    directory: Annotated[Path, typer.Argument(help="The registry directory.")],
+    role: Role = None,
+    broker_host: BrokerHost = "localhost",
+    broker_port: BrokerPort = 1883,
+    username: BrokerUser = None,
+    password: BrokerPassword = None,
+    ca: BrokerCa = None,
+    http_host: Annotated[str, typer.Option("--http-host", help="Address of the HTTP listener.")] = "127.0.0.1",
+    http_port: Annotated[int, typer.Option("--http-port", min=0, max=65535,
+                                           help="Port of the HTTP listener (0: a free one).")] = 8470,
+    no_http: Annotated[bool, typer.Option("--no-http", help="No HTTP listener (the web role left out).")] = False,
+    shared: Annotated[bool | None, typer.Option("--shared/--no-shared", help="Shared subscriptions for "
+                                                "distribution and ingest (default: on when roles are split).")
+                      ] = None,
+    mqtt311: Annotated[bool, typer.Option("--mqtt311", help="Speak MQTT 3.1.1 only (a broker without MQTT 5; "
+                                          "run every role in one process then).")] = False,
+    metrics_token: Annotated[bool, typer.Option("--metrics-token", help="Require a viewer token on /metrics.")
+                             ] = False,
+    client_id: ClientId = "edgeml-rollouts",
+    tick: Tick = 1.0,
+    db_url: DbUrl = None,
+) -> None:
+    """Run the fleet server until Ctrl-C or SIGTERM: distribution, telemetry ingest, the rollout controller and
+    the HTTP listener (dashboard, JSON API, /metrics, the repository), in this process or split by --role.
+
+    Prints one line per part with its real address. Processes with different roles meet in the database
+    (--db-url; PostgreSQL across machines) and on the broker.
+    """
+    from edgeml.fleet.server import ROLES, ServeSettings
+
+    roles = frozenset(role or ROLES) - ({"web"} if no_http else set())
+    _serve(directory, ServeSettings(
+        roles=roles, broker_host=broker_host, broker_port=broker_port, username=username, password=password,
+        tls=_tls_context(ca), http_host=http_host, http_port=http_port, db_url=db_url, shared=shared,
+        mqtt5=not mqtt311, tick_s=tick, client_id=client_id, metrics_token=metrics_token))
 
 
 BrokerDir = Annotated[Path, typer.Option("--broker-dir", help="The broker directory (from broker-config).")]
@@ -456,11 +470,17 @@ RegistryDir = Annotated[Path, typer.Argument(help="The registry directory.")]
 RolloutId = Annotated[str, typer.Argument(help="The rollout's id (from `rollout start`).")]
 
 
-def _rollout_store(directory: Path, db_url: str | None) -> Any:
-    """The registry's audit log (its ``db`` is the database); close with ``log.db.close()``."""
-    from edgeml.fleet.audit import open_audit
+Fleet = Annotated[str, typer.Argument(metavar="FLEET", help="The registry directory, or a fleet server's URL "
+                                      "(http://HOST:8470) to act through its API with an operator token.")]
+Token = Annotated[str | None, typer.Option("--token", envvar="EDGEML_TOKEN", help="Operator token for a "
+                                           "remote fleet server (or $EDGEML_TOKEN).")]
 
-    return open_audit(directory, db_url=db_url)
+
+def _fleet(target: str, db_url: str | None, token: str | None) -> Any:
+    """The fleet to act on: the registry's database here, or a remote server's API (close it after use)."""
+    from edgeml.fleet.operator_api import open_fleet
+
+    return open_fleet(target, db_url, token)
 
 
 def _thresholds(items: list[str] | None) -> dict[str, float]:
@@ -480,7 +500,7 @@ def _thresholds(items: list[str] | None) -> dict[str, float]:
 
 @rollout_app.command("start")
 def rollout_start_command(
-    directory: RegistryDir,
+    fleet: Fleet,
     model_version: Annotated[str, typer.Argument(metavar="MODEL:VERSION", help="What to roll out.")],
     targets: Annotated[str, typer.Option("--targets", help="Compile targets in order of preference, "
                                          "comma-separated; each device gets the first it can run.")],
@@ -500,10 +520,10 @@ def rollout_start_command(
     threshold: Annotated[list[str] | None, typer.Option("--threshold", help="More agent health thresholds, "
                                                         "NAME=NUMBER (repeatable).")] = None,
     rollout_id: Annotated[str | None, typer.Option("--id", help="The rollout's id (default: a new one).")] = None,
+    token: Token = None,
     db_url: DbUrl = None,
 ) -> None:
-    """Plan a staged rollout; the controller (`edgeml fleet controller`) carries it out."""
-    from edgeml.fleet.audit import local_actor
+    """Plan a staged rollout; the controller (`edgeml fleet serve`) carries it out."""
     from edgeml.fleet.rollout_rules import (
         RolloutError,
         RolloutOptions,
@@ -511,7 +531,6 @@ def rollout_start_command(
         parse_fraction,
         parse_selection,
     )
-    from edgeml.fleet.rollouts import rollout_status, start_rollout
 
     model, sep, version = model_version.partition(":")
     if not sep or not model or not version:
@@ -525,12 +544,12 @@ def rollout_start_command(
         max_failure_rate=parse_fraction(max_failure_rate, "--max-failure-rate"), min_devices=min_devices,
         max_p99_regression=max_p99_regression, max_drift=max_drift, device_thresholds=_thresholds(threshold),
         max_error_rate=None if max_error_rate is None else parse_fraction(max_error_rate, "--max-error-rate"))
-    log = _rollout_store(directory, db_url)
+    target = _fleet(fleet, db_url, token)
     try:
-        rid = start_rollout(log.db, log, model, version, options, actor=local_actor(), rollout_id=rollout_id)
-        status = rollout_status(log.db, rid)[0]
+        rid = target.start(model, version, options, rollout_id)
+        status = target.status(rid)[0]
     finally:
-        log.db.close()
+        target.close()
     sizes = [sum(n for s, n in wave.items() if s != "incompatible") for wave in status.counts()]
     typer.echo(f"rollout {rid}: {model} {version}, canary {sizes[0]} devices, then waves of "
                f"{', '.join(map(str, sizes[1:]))}" + (f" ({n} incompatible)" if (n := sum(
@@ -539,18 +558,17 @@ def rollout_start_command(
 
 @rollout_app.command("status")
 def rollout_status_command(
-    directory: RegistryDir,
+    fleet: Fleet,
     rollout_id: Annotated[str | None, typer.Argument(help="One rollout (default: all, newest first).")] = None,
+    token: Token = None,
     db_url: DbUrl = None,
 ) -> None:
     """Show rollouts: state, and per wave how many devices are in each state."""
-    from edgeml.fleet.rollouts import rollout_status
-
-    log = _rollout_store(directory, db_url)
+    target = _fleet(fleet, db_url, token)
     try:
-        rows = rollout_status(log.db, rollout_id)
+        rows = target.status(rollout_id)
     finally:
-        log.db.close()
+        target.close()
     for r in rows:
         typer.echo(f"{r.id}  {r.kind}  {r.model}:{r.version}  {r.state}" +
                    (f"  ({r.abort_reason})" if r.abort_reason else ""))
@@ -564,44 +582,42 @@ def rollout_status_command(
                            + (f"  revert: {d['revert_state']}" if d["revert_state"] else ""))
 
 
-def _rollout_action(directory: Path, rollout_id: str, action: str, db_url: str | None,
+def _rollout_action(fleet: str, rollout_id: str, action: str, db_url: str | None, token: str | None,
                     reason: str | None = None) -> None:
-    from edgeml.fleet.audit import local_actor
-    from edgeml.fleet.rollouts import set_rollout_state
-
-    log = _rollout_store(directory, db_url)
+    target = _fleet(fleet, db_url, token)
     try:
-        state = set_rollout_state(log.db, log, rollout_id, action, actor=local_actor(), reason=reason)
+        state = target.change(rollout_id, action, reason)
     finally:
-        log.db.close()
+        target.close()
     typer.echo(f"rollout {rollout_id}: {state}")
 
 
 @rollout_app.command("pause")
-def rollout_pause_command(directory: RegistryDir, rollout_id: RolloutId, db_url: DbUrl = None) -> None:
+def rollout_pause_command(fleet: Fleet, rollout_id: RolloutId, token: Token = None, db_url: DbUrl = None) -> None:
     """Pause a rollout: devices already updating finish; no further device is notified."""
-    _rollout_action(directory, rollout_id, "pause", db_url)
+    _rollout_action(fleet, rollout_id, "pause", db_url, token)
 
 
 @rollout_app.command("resume")
-def rollout_resume_command(directory: RegistryDir, rollout_id: RolloutId, db_url: DbUrl = None) -> None:
+def rollout_resume_command(fleet: Fleet, rollout_id: RolloutId, token: Token = None, db_url: DbUrl = None) -> None:
     """Resume a paused rollout where it stopped."""
-    _rollout_action(directory, rollout_id, "resume", db_url)
+    _rollout_action(fleet, rollout_id, "resume", db_url, token)
 
 
 @rollout_app.command("abort")
 def rollout_abort_command(
-    directory: RegistryDir, rollout_id: RolloutId,
+    fleet: Fleet, rollout_id: RolloutId,
     reason: Annotated[str | None, typer.Option("--reason", help="Why (recorded in the audit log).")] = None,
+    token: Token = None,
     db_url: DbUrl = None,
 ) -> None:
     """Abort a rollout: no further device is updated, and the updated ones go back to their previous version."""
-    _rollout_action(directory, rollout_id, "abort", db_url, reason)
+    _rollout_action(fleet, rollout_id, "abort", db_url, token, reason)
 
 
 @fleet_app.command("rollback")
 def rollback_command(
-    directory: RegistryDir,
+    fleet: Fleet,
     model: Annotated[str, typer.Argument(help="The model.")],
     to: Annotated[str, typer.Option("--to", help="The version to go back to.")],
     select: Annotated[str, typer.Option("--select", help="TAG=VALUE[,TAG=VALUE]: the devices.")] = "",
@@ -609,63 +625,86 @@ def rollback_command(
                                                 "(default: every target of that version).")] = None,
     wave_timeout: Annotated[str, typer.Option("--wave-timeout", help="Time a device may take.")] = "10m",
     probation: Annotated[str, typer.Option("--probation", help="Probation on each device.")] = "5m",
+    token: Token = None,
     db_url: DbUrl = None,
 ) -> None:
     """Roll the selected devices back to an older version: a new single-wave rollout of it."""
-    from edgeml.fleet.audit import local_actor
     from edgeml.fleet.rollout_rules import parse_duration, parse_selection
-    from edgeml.fleet.rollouts import rollback
 
-    log = _rollout_store(directory, db_url)
+    target = _fleet(fleet, db_url, token)
     try:
-        rid = rollback(log.db, log, model, to, actor=local_actor(), select=parse_selection(select),
-                       targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None,
-                       wave_timeout_s=parse_duration(wave_timeout, "--wave-timeout"),
-                       probation_s=parse_duration(probation, "--probation"))
+        rid = target.rollback(model, to, select=parse_selection(select),
+                              targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None,
+                              wave_timeout_s=parse_duration(wave_timeout, "--wave-timeout"),
+                              probation_s=parse_duration(probation, "--probation"))
     finally:
-        log.db.close()
+        target.close()
     typer.echo(f"rollback {rid}: {model} back to {to}")
+
+
+@fleet_app.command("telemetry")
+def telemetry_command(
+    fleet: Fleet,
+    device: Annotated[str, typer.Argument(help="The device id.")],
+    limit: Annotated[int, typer.Option("--limit", min=1, max=10000, help="How many reports, newest first.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON lines, every metric.")] = False,
+    token: Token = None,
+    db_url: DbUrl = None,
+) -> None:
+    """A device's latest telemetry reports: version, requests, errors, latency p50/p99 and drift."""
+    import json
+
+    target = _fleet(fleet, db_url, token)
+    try:
+        rows = target.telemetry(device, limit)
+    finally:
+        target.close()
+    if as_json:
+        for r in rows:
+            typer.echo(json.dumps(r, sort_keys=True))
+        return
+    if not rows:
+        typer.echo(f"no telemetry from {device}", err=True)
+        return
+    table = [("SEQ", "RECEIVED", "VERSION", "REQUESTS", "ERRORS", "P50 MS", "P99 MS", "DRIFT")]
+    for r in rows:
+        m = r["metrics"] or {}
+        drift: dict[str, Any] = m["drift"] if isinstance(m.get("drift"), dict) else {}
+        table.append((str(r["seq"]), str(r["received_at"])[:19].replace("T", " "), str(m.get("version") or "-"),
+                      str(m.get("requests", "-")), str(m.get("errors", "-")), _num(m.get("latency_p50_ms")),
+                      _num(m.get("latency_p99_ms")), _num(drift.get("score")) + (" flagged" if drift.get("flagged")
+                                                                                  else "")))
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    for r in table:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _num(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
 
 
 @fleet_app.command("controller")
 def controller_command(
     directory: RegistryDir,
-    broker_host: Annotated[str, typer.Option("--broker-host", help="The MQTT broker's host.")] = "localhost",
-    broker_port: Annotated[int, typer.Option("--broker-port", min=1, max=65535, help="Its port.")] = 1883,
-    username: Annotated[str | None, typer.Option("--username", help="Broker user (the fleet user).")] = None,
-    password: Annotated[str | None, typer.Option("--password", envvar="EDGEML_BROKER_PASSWORD",
-                                                 help="Its password (or $EDGEML_BROKER_PASSWORD).")] = None,
-    ca: Annotated[Path | None, typer.Option("--ca", help="Connect over TLS, trusting this CA (PEM).")] = None,
-    client_id: Annotated[str, typer.Option("--client-id", help="MQTT client id; keep it across restarts.")
-                         ] = "edgeml-rollouts",
-    tick: Annotated[float, typer.Option("--tick", min=0.05, help="Seconds between decisions.")] = 1.0,
+    broker_host: BrokerHost = "localhost",
+    broker_port: BrokerPort = 1883,
+    username: BrokerUser = None,
+    password: BrokerPassword = None,
+    ca: BrokerCa = None,
+    client_id: ClientId = "edgeml-rollouts",
+    tick: Tick = 1.0,
     broadcast: Annotated[bool, typer.Option("--broadcast/--no-broadcast", help="Broadcast each rollout's files "
                                             "once over MQTT (else devices fetch them with get requests).")] = True,
     db_url: DbUrl = None,
 ) -> None:
-    """Run the rollout controller until Ctrl-C or SIGTERM (restart-safe: it continues from the database)."""
-    from edgeml.errors import ConfigError
-    from edgeml.fleet.distribution import DistributionService
-    from edgeml.fleet.registry import Registry
-    from edgeml.fleet.rollouts import RolloutController
+    """Run only the rollout controller (same as ``serve --role controller``) until Ctrl-C or SIGTERM.
 
-    db = Registry(directory, db_url=db_url).database()
-    tls = _tls_context(ca)
-    dist = DistributionService(directory, broker_host, broker_port, username=username, password=password, tls=tls,
-                               share_group="edgeml-dist") if broadcast else None
-    try:
-        if dist is not None:
-            dist.start()
-    except (OSError, TimeoutError) as exc:
-        raise ConfigError(f"cannot reach the broker at {broker_host}:{broker_port}: {exc}") from exc
-    controller = RolloutController(db, broker_host, broker_port, dist=dist, username=username, password=password,
-                                   tls=tls, client_id=client_id, tick_s=tick)
-    try:
-        controller.start()
-        typer.echo(f"rollout controller on {broker_host}:{broker_port}; Ctrl-C or SIGTERM stops", err=True)
-        _until_stopped()
-    finally:
-        controller.stop()
-        if dist is not None:
-            dist.stop()
-        db.close()
+    Restart-safe: it continues from the database. Its distribution service broadcasts each rollout's files
+    and shares the devices' get requests with the other fleet processes (MQTT 5 shared subscription).
+    """
+    from edgeml.fleet.server import ServeSettings
+
+    _serve(directory, ServeSettings(
+        roles=frozenset({"controller"}), broker_host=broker_host, broker_port=broker_port, username=username,
+        password=password, tls=_tls_context(ca), db_url=db_url, tick_s=tick, client_id=client_id,
+        broadcast=broadcast))

@@ -287,7 +287,8 @@ def add_rollout_routes(server: Any, db: Any, audit: Any) -> None:
     ``GET /api/rollouts[/ID]`` (viewer); ``POST /api/rollouts`` with ``{"model", "version", "options",
     "id"?}`` (options as :meth:`RolloutOptions.to_dict` names them, durations in seconds),
     ``POST /api/rollouts/ID/pause|resume|abort`` with ``{"reason"?}``, and ``POST /api/rollback`` with
-    ``{"model", "to", "select"?, "targets"?}`` (operator). Bad input is a 400 with ``{"error"}``.
+    ``{"model", "to", "select"?, "targets"?, "wave_timeout_s"?, "probation_s"?}`` (operator). Bad input is a
+    400 with ``{"error"}``.
 
     Args:
         server: The HTTP server (routes are added before it starts).
@@ -321,7 +322,9 @@ def add_rollout_routes(server: Any, db: Any, audit: Any) -> None:
 
     def back(request: Any, who: Any) -> Any:
         return answer(lambda doc: {"id": rollback(db, audit, str(doc["model"]), str(doc["to"]), actor=who.actor,
-                                                  select=doc.get("select"), targets=doc.get("targets"))},
+                                                  select=doc.get("select"), targets=doc.get("targets"),
+                                                  wave_timeout_s=float(doc.get("wave_timeout_s") or 600.0),
+                                                  probation_s=float(doc.get("probation_s") or 300.0))},
                       request, 201)
 
     def show(request: Any, who: Any) -> Any:

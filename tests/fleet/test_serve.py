@@ -136,7 +136,11 @@ def test_serve_answers_over_mqtt_and_http_and_stops_cleanly(
     serve = ServeProcess(args, {"EDGEML_BROKER_PASSWORD": creds["fleet"]}, tmp_path)
     try:
         assert serve.next_line() == f"mqtt: serving {registry.dir / 'repository'} on mqtts://localhost:{port}"
+        assert serve.next_line() == f"ingest: telemetry from mqtts://localhost:{port} into the database"
+        assert serve.next_line() == f"controller: rollouts over mqtts://localhost:{port}"
         if http:
+            assert re.fullmatch(r"http: dashboard http://127\.0\.0\.1:\d+/ , API \S+/api/ , metrics \S+/metrics",
+                                serve.next_line())
             line = serve.next_line()
             match = re.fullmatch(r"http: serving (\S+) on (http://127\.0\.0\.1:(\d+))/metadata/ and \2/targets/", line)
             assert match is not None, line
@@ -166,7 +170,7 @@ def test_serve_answers_over_mqtt_and_http_and_stops_cleanly(
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (["--broker-port", "1"], "cannot serve over mqtt://127.0.0.1:1"),
+    (["--broker-port", "1"], "distribution: cannot use the broker at mqtt://127.0.0.1:1"),
     (["--ca", "missing-ca.pem"], "cannot load the CA certificate missing-ca.pem"),
 ])
 def test_serve_reports_bad_settings_in_one_line(registry: Registry, run_cli: RunCli, extra: list[str],
@@ -179,7 +183,7 @@ def test_serve_reports_bad_settings_in_one_line(registry: Registry, run_cli: Run
 
 def test_serve_refuses_a_directory_that_is_not_a_registry(tmp_path: Path, run_cli: RunCli) -> None:
     result = run_cli("fleet", "serve", tmp_path, "--http-port", "0", timeout=60)
-    assert result.returncode == 2 and "is not a registry" in result.stderr
+    assert result.returncode == 2 and "is not an edgeml fleet registry" in result.stderr
 
 
 # --- the HTTP server, in-process -----------------------------------------------------------------------------
