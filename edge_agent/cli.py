@@ -64,6 +64,41 @@ def status_command(config: ConfigPath = Path("/etc/edgeml/agent.toml"),
                    + (f": {update['reason']}" if update.get("reason") else ""))
 
 
+@agent_app.command("install-service")
+def install_service_command(
+    config: ConfigPath = Path("/etc/edgeml/agent.toml"),
+    unit_path: Annotated[Path | None, typer.Option(
+        "--unit-path", help="Where to write the unit (default: /etc/systemd/system/edgeml-agent.service).")] = None,
+    executable: Annotated[Path | None, typer.Option(
+        "--executable", help="The edgeml script to run (default: this installation's).")] = None,
+    user: Annotated[str, typer.Option("--user", help="System user (and group) the agent runs as.")] = "edgeml",
+    state_dir: Annotated[Path, typer.Option("--state-dir", help="Must equal state_dir in agent.toml.")]
+    = Path("/var/lib/edgeml"),
+    watchdog: Annotated[int, typer.Option("--watchdog", help="WatchdogSec= in seconds.")] = 30,
+    create_user: Annotated[bool, typer.Option("--create-user", help="useradd --system the user if missing.")] = False,
+    no_start: Annotated[bool, typer.Option("--no-start", help="Only write the unit: no systemctl.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a different unit at the same path.")] = False,
+    print_only: Annotated[bool, typer.Option("--print", "--dry-run", help="Print the unit; change nothing.")]
+    = False,
+) -> None:
+    """Install the agent as a systemd service (Type=notify, watchdog, restart on failure) and start it."""
+    from edgeml.edge_agent.service import ServiceSettings, current_executable, install_service, render_unit
+
+    settings = ServiceSettings(executable=(executable or current_executable()).absolute(),
+                               config=config.absolute(), user=user, group=user, state_dir=state_dir.absolute(),
+                               watchdog_s=watchdog)
+    if print_only:
+        typer.echo(render_unit(settings), nl=False)
+        return
+    result = install_service(settings, unit_path=unit_path, create_user=create_user, start=not no_start,
+                             force=force)
+    typer.echo(f"{'wrote' if result.written else 'unchanged'} {result.unit_path}"
+               + ("; created user " + user if result.user_created else "")
+               + ("; enabled and started " + result.unit_path.name if not no_start else ""), err=True)
+    typer.echo(f"the agent reads {config} and its bootstrap file as user {user!r}: "
+               f"`chown {user}: <bootstrap.json>` (keep it 0600)", err=True)
+
+
 def _ask_running(host: str, port: int) -> dict[str, Any] | None:
     try:
         with urllib.request.urlopen(f"http://{host}:{port}/v1/status", timeout=2) as response:
