@@ -122,7 +122,11 @@ def _ingest(port: int, db_url: str, total: int, go: Any, done: Any) -> tuple[flo
     return seconds, publish_s, stats
 
 
-def run(devices: int, messages: int, db_url: str | None) -> str:
+def measure(devices: int, messages: int, db_url: str | None) -> dict[str, Any]:
+    """Both phases against one broker and the same publisher connections; returns the measurements.
+
+    ``db_url`` None: SQLite in a temporary directory.
+    """
     root = Path(tempfile.mkdtemp(prefix="edgeml-ingest-bench-"))
     root.chmod(0o755)
     try:
@@ -143,16 +147,24 @@ def run(devices: int, messages: int, db_url: str | None) -> str:
             raw_s, raw_pub_s = _raw(port, total, go[0], done)
             ingest_s, ingest_pub_s, stats = _ingest(port, url, total, go[1], done)
             proc.join(60)
-        return _table(devices, messages, url, raw_s, raw_pub_s, ingest_s, ingest_pub_s, stats)
+        return {"devices": devices, "messages": messages, "backend": url.split(":", 1)[0].split("+", 1)[0],
+                "raw_s": raw_s, "raw_pub_s": raw_pub_s, "ingest_s": ingest_s, "ingest_pub_s": ingest_pub_s,
+                "stats": stats, "ratio": raw_s / ingest_s}
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _table(devices: int, messages: int, url: str, raw_s: float, raw_pub_s: float, ingest_s: float,
+def run(devices: int, messages: int, db_url: str | None) -> str:
+    """Measure, and return the results as a markdown table."""
+    m = measure(devices, messages, db_url)
+    return _table(devices, messages, m["backend"], m["raw_s"], m["raw_pub_s"], m["ingest_s"], m["ingest_pub_s"],
+                  m["stats"])
+
+
+def _table(devices: int, messages: int, backend: str, raw_s: float, raw_pub_s: float, ingest_s: float,
            ingest_pub_s: float, stats: dict[str, Any]) -> str:
     total = devices * messages
     ratio = raw_s / ingest_s
-    backend = url.split(":", 1)[0].split("+", 1)[0]
     lines = [
         f"Host: {platform.machine()}, Python {platform.python_version()}, {devices} devices x {messages} messages "
         f"(QoS 1), store: {backend}, {time.strftime('%Y-%m-%d')}",
