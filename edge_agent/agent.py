@@ -22,6 +22,8 @@ Events (JSON on ``edgeml/v1/devices/{id}/events``)::
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import queue
 import ssl
@@ -73,7 +75,7 @@ class Agent:
         self.state_dir = config.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._detect = capabilities is None
-        self.capabilities = capabilities or detect()
+        self.capabilities = capabilities or self._detected()
         self._clock_check = clock_check or (lambda: clock_synced(config.clock))
         self.host = ModelHost()
         self.client = self._mqtt_client()
@@ -95,6 +97,14 @@ class Agent:
         self._rejected_quiet = 0
         self.updating = False
 
+    def _detected(self) -> Capabilities:
+        """This device's capabilities, with only the runtimes the config offers."""
+        found = detect()
+        offered = self.config.runtimes
+        if offered is None:
+            return found
+        return dataclasses.replace(found, runtimes={k: v for k, v in found.runtimes.items() if k in offered})
+
     # --- lifecycle --------------------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -108,7 +118,7 @@ class Agent:
         except EdgeMLError as exc:  # a damaged slot: keep running (updates can repair it), say so
             _log.error("cannot serve the active slot: %s", exc)
         if self._detect:
-            self.capabilities = detect()  # now with the execution providers of a loaded onnxruntime
+            self.capabilities = self._detected()  # now with the execution providers of a loaded onnxruntime
         self.telemetry.start()
         try:
             self.api = LocalAPI(self, self.config.api_host, self.config.api_port, self.config.api_socket,

@@ -11,6 +11,7 @@
     telemetry_interval_s = 10
     threads = 0                                      # runtime intra-op threads (0 = all cores)
     clock = "auto"                                   # or "assume-synced" (containers with a host clock)
+    runtimes = ["onnxruntime", "litert"]             # offer only these to the fleet (default: all installed)
     tls = true                                       # false only for a plain loopback test broker
 
 Relative paths are relative to the TOML file. Every problem is a :class:`~edgeml.errors.ConfigError` that
@@ -36,6 +37,8 @@ else:  # Python 3.10 (JetPack 6)
     import tomli as tomllib
 
 __all__ = ["AgentConfig", "Bootstrap", "load_bootstrap", "load_config"]
+
+_RUNTIME_NAMES = ("onnxruntime", "litert", "tensorrt")  # edgeml.edge_agent.runtimes.base.RUNTIMES, unimported
 
 
 @dataclass(frozen=True)
@@ -65,8 +68,14 @@ class AgentConfig:
     clock: str = "auto"  # "auto" reads the kernel's NTP status; "assume-synced" trusts the clock
     tls: bool = True
     max_request_bytes: int = 16 * 1024 * 1024  # largest inference request body
+    runtimes: tuple[str, ...] | None = None  # the runtimes offered to the fleet (None: every one installed)
 
     def __post_init__(self) -> None:
+        if self.runtimes is not None:
+            bad = [r for r in self.runtimes if r not in _RUNTIME_NAMES]
+            if bad or not self.runtimes:
+                raise ConfigError(f"runtimes must name at least one of {', '.join(_RUNTIME_NAMES)}, got "
+                                  f"{list(self.runtimes)}")
         if self.clock not in ("auto", "assume-synced"):
             raise ConfigError(f"clock must be 'auto' or 'assume-synced', got {self.clock!r}")
         if not 0 <= self.api_port <= 65535:
@@ -123,6 +132,10 @@ def load_config(path: Path) -> AgentConfig:
     values["state_dir"] = (base / table["state_dir"]).resolve()
     socket = table.get("api_socket")
     values["api_socket"] = (base / socket).resolve() if socket else None
+    if "runtimes" in table:
+        if not isinstance(table["runtimes"], list) or not all(isinstance(r, str) for r in table["runtimes"]):
+            raise ConfigError(f"{path}: 'runtimes' must be a list of runtime names, e.g. [\"litert\"]")
+        values["runtimes"] = tuple(table["runtimes"])
     try:
         return AgentConfig(**values)
     except TypeError as exc:

@@ -34,7 +34,21 @@ def test_config_reads_the_bootstrap_and_resolves_paths(tmp_path: Path) -> None:
     assert config.bootstrap.device_id == "cam-1" and config.bootstrap.port == 8883
     assert config.bootstrap.tuf_root == b'{"signed": {}}'
     assert config.state_dir == (tmp_path / "state").resolve() and config.api_socket == (tmp_path / "run/agent.sock")
-    assert (config.api_host, config.clock, config.tls) == ("127.0.0.1", "auto", True)
+    assert (config.api_host, config.clock, config.tls, config.runtimes) == ("127.0.0.1", "auto", True, None)
+
+
+def test_the_config_can_offer_only_some_runtimes(tmp_path: Path) -> None:
+    from edgeml.edge_agent.agent import Agent
+    from edgeml.edge_agent.capabilities import detect
+
+    _bootstrap(tmp_path)
+    (tmp_path / "agent.toml").write_text('[agent]\nbootstrap = "cam-1.bootstrap.json"\nstate_dir = "state"\n'
+                                         'runtimes = ["litert"]\ntls = false\n')
+    config = load_config(tmp_path / "agent.toml")
+    assert config.runtimes == ("litert",)
+    installed = detect().runtimes
+    assert {"litert", "onnxruntime"} <= set(installed)  # the test venv has both
+    assert Agent(config).capabilities.runtimes == {"litert": installed["litert"]}
 
 
 @pytest.mark.parametrize(("toml", "match"), [
@@ -43,6 +57,8 @@ def test_config_reads_the_bootstrap_and_resolves_paths(tmp_path: Path) -> None:
     ('[agent]\nbootstrap = "cam-1.bootstrap.json"\nstate_dir = "s"\nspeed = 3\n', "unknown keys \\['speed'\\]"),
     ('[agent]\nbootstrap = "cam-1.bootstrap.json"\nstate_dir = "s"\nclock = "trust-me"\n', "clock must be"),
     ('[agent]\nbootstrap = "cam-1.bootstrap.json"\nstate_dir = "s"\napi_port = 70000\n', "api_port"),
+    ('[agent]\nbootstrap = "cam-1.bootstrap.json"\nstate_dir = "s"\nruntimes = ["tflite"]\n', "runtimes must name"),
+    ('[agent]\nbootstrap = "cam-1.bootstrap.json"\nstate_dir = "s"\nruntimes = "litert"\n', "a list of runtime"),
     ('[agent]\nbootstrap = "missing.json"\nstate_dir = "s"\n', "cannot read the bootstrap"),
     ("[agent\n", "not valid TOML"),
 ])
@@ -90,6 +106,7 @@ def test_tensorrt_needs_a_gpu() -> None:
 
 
 def test_detect_finds_the_installed_runtimes() -> None:
+    pytest.importorskip("onnxruntime")  # its providers are reported once it is loaded (detect does not load it)
     caps = detect()
     assert "onnxruntime" in caps.runtimes and "CPUExecutionProvider" in caps.providers
     assert json.loads(json.dumps(caps.to_dict()))["arch"] == caps.arch
