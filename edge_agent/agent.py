@@ -23,7 +23,6 @@ Events (JSON on ``edgeml/v1/devices/{id}/events``)::
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 import queue
 import ssl
