@@ -113,7 +113,8 @@ def _from_disk(state_dir: Path) -> dict[str, Any]:
 
     active = Slots(state_dir).active() if state_dir.exists() else None
     record = RecordStore(state_dir / "update.json").load() if state_dir.exists() else None
-    return {"status": "not running", "version": active.version if active else None,
+    return {"status": "not running", "model": record.model if active and record else None,
+            "version": active.version if active else None,
             "slot": active.slot if active else None,
             "update": None if record is None else {"version": record.version, "state": record.state,
                                                    "reason": record.reason}}

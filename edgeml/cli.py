@@ -80,13 +80,22 @@ def verify_command(bundle: Annotated[Path, typer.Argument(help="An .edgeml bundl
 
 @app.command("demo")
 def demo_command(
-    workdir: Annotated[Path, typer.Option(help="Where the demo keeps its files.")] = Path(".edgeml-demo"),
+    workdir: Annotated[Path, typer.Option(help="Where the demo keeps its files (a second run reuses them).")]
+    = Path(".edgeml-demo"),
+    ci: Annotated[bool, typer.Option("--ci", help="Non-interactive: exit after the summary, within --timeout.")]
+    = False,
+    timeout: Annotated[float, typer.Option("--timeout", min=60, help="Time bound of the whole run, seconds.")]
+    = 900.0,
+    http_port: Annotated[int, typer.Option("--http-port", min=0, max=65535, help="The dashboard's port "
+                                           "(a free one when taken).")] = 8470,
+    broker: Annotated[str, typer.Option("--broker", help="auto (Mosquitto where installed, else the embedded "
+                                        "broker), mosquitto or embedded.")] = "auto",
 ) -> None:
-    """Run the end-to-end demo on embedded defaults (trains a digits model, compiles every CPU target)."""
+    """The whole loop on this machine: train, compile, sign and publish, roll out to three local agents in
+    waves, stop a broken release, inject drift; prints the dashboard address and a summary."""
     from edgeml.demo import run_demo
 
-    if not run_demo(workdir):
-        raise typer.Exit(code=1)
+    run_demo(workdir, ci=ci, budget_s=timeout, http_port=http_port, broker=broker)
 
 
 def main() -> None:

@@ -45,11 +45,13 @@ from edgeml.fleet.rollout_rules import DeviceRow, DeviceSignals, RolloutError, R
 from edgeml.fleet.rollout_signals import Judged, telemetry_signals
 from edgeml.protocol import PREFIX, Command, ProtocolError, State, device_topic, parse, parse_device_topic
 
-__all__ = ["RolloutController", "RolloutStatus", "add_rollout_routes", "rollback", "rollout_status",
+__all__ = ["CONTROLLER_ACTOR", "RolloutController", "RolloutStatus", "add_rollout_routes", "rollback", "rollout_status",
            "set_rollout_state", "start_rollout"]
 
 _log = logging.getLogger(__name__)
 _RESULTS = {"committed", "rolled_back", "failed", "incompatible", "busy"}
+#: The audit log's actor of what the controller decides by itself (an abort on failures or model signals).
+CONTROLLER_ACTOR = "system:rollout-controller"
 
 
 class _Changed(Exception):
@@ -359,16 +361,18 @@ class RolloutController:
             table, which plans read (turn it off where an ingest worker with state on does it).
         tick_s: Seconds between ticks.
         signals_s: Seconds between reads of the telemetry signals of a rollout with model thresholds.
+        audit: The audit log, where the controller's own aborts are appended (actor :data:`CONTROLLER_ACTOR`).
         clock: Unix time source.
     """
 
     def __init__(self, db: Any, broker_host: str, broker_port: int, *, dist: Any = None, username: str | None = None,
                  password: str | None = None, tls: ssl.SSLContext | None = None,
                  client_id: str = "edgeml-rollouts", record_states: bool = True, tick_s: float = 1.0,
-                 signals_s: float = 5.0, clock: Callable[[], float] = time.time) -> None:
+                 signals_s: float = 5.0, audit: Any = None, clock: Callable[[], float] = time.time) -> None:
         from edgeml.fleet.telemetry_store import TelemetryStore
 
         self.db, self.dist, self.tick_s, self.signals_s, self.clock = db, dist, tick_s, signals_s, clock
+        self.audit = audit
         self._telemetry: dict[str, tuple[float, dict[str, DeviceSignals]]] = {}  # rollout -> (read at, signals)
         self._store = TelemetryStore(db) if record_states else None
         self.broker = (broker_host, broker_port)
@@ -559,7 +563,7 @@ class RolloutController:
     def _write(self, row: Any, actions: list[rules.Action], now: float, values: dict[str, Any]) -> None:
         t, rd = self.db.tables["rollouts"], self.db.tables["rollout_devices"]
         where = rd.c.rollout_id == row.id
-        with self.db.transaction() as conn:
+        with self.audit.transaction() if self.audit is not None else self.db.transaction() as conn:
             for a in actions:
                 if isinstance(a, rules.TimeOut):
                     conn.execute(rd.update().where(where & rd.c.device_id.in_(a.device_ids)).values(
@@ -582,6 +586,9 @@ class RolloutController:
                                                  & (t.c.current_wave == row.current_wave)).values(**values))
             if done.rowcount != 1:
                 raise _Changed
+            if self.audit is not None and "abort_reason" in values:  # the controller's own abort, in the same commit
+                self.audit.append(CONTROLLER_ACTOR, "rollout.abort", f"{row.model}:{row.version}",
+                                  {"rollout": row.id, "reason": values["abort_reason"], "automatic": True}, conn=conn)
 
     # --- side effects ---------------------------------------------------------------------------------------
 

@@ -195,7 +195,8 @@ class FleetServer:
 
         s = self.settings
         controller = RolloutController(self.db, s.broker_host, s.broker_port, dist=self.dist, username=s.username,
-                                       password=s.password, tls=s.tls, client_id=s.client_id, tick_s=s.tick_s)
+                                       password=s.password, tls=s.tls, client_id=s.client_id, tick_s=s.tick_s,
+                                       audit=self.audit)
         try:
             controller.start()
         except EdgeMLError as exc:

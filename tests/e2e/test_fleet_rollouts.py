@@ -24,7 +24,7 @@ import pytest
 
 from edgeml.fleet.registry import Registry, init_registry
 from edgeml.fleet.rollout_rules import RolloutOptions
-from edgeml.fleet.rollouts import rollout_status, start_rollout
+from edgeml.fleet.rollouts import CONTROLLER_ACTOR, rollout_status, start_rollout
 from edgeml.fleet.server import FleetServer, ServeSettings
 from edgeml.fleet.simulate import Knobs, Simulator
 from tests.edge_agent.harness import plain_broker
@@ -169,6 +169,9 @@ def test_a_version_failing_on_30_percent_aborts_at_the_canary(fleet: Fleet) -> N
             assert outside and all(recorder.updates(d, rid) == [] for d in outside)  # never notified
             assert all(d["notified_at"] is None for d in status.devices if d["wave"] > 0)
             assert {d["state"] for d in status.devices if d["device_id"] in failing & canary} == {"failed"}
+            aborts = [(e.actor, e.details["reason"]) for e in fleet.audit.entries()
+                      if e.action == "rollout.abort" and e.details.get("rollout") == rid]
+            assert aborts == [(CONTROLLER_ACTOR, status.abort_reason)]  # the controller's abort, audited
         finally:
             recorder.close()
         assert _wait_versions(sim, "1.0.0") == dict.fromkeys(_versions(sim), "1.0.0")
