@@ -4,7 +4,7 @@ Roles (:data:`ROLES`), each a part that already exists on its own:
 
 * ``dist``: the :class:`~edgeml.fleet.distribution.DistributionService`, answering devices' get requests
   for metadata and targets over MQTT;
-* ``controller``: the :class:`~edgeml.fleet.rollouts.RolloutController` (one per fleet: it is the only
+* ``controller``: the :class:`~edgeml.fleet.rollout_controller.RolloutController` (one per fleet: it is the only
   writer of rollout decisions), which also broadcasts each rollout's files through a distribution service
   (its own when ``dist`` runs elsewhere) and signs the audit log's head every ``audit_head_s``;
 * ``ingest``: an :class:`~edgeml.fleet.ingest.IngestWorker` storing telemetry and states (add processes
@@ -191,7 +191,7 @@ class FleetServer:
 
     def _controller(self) -> Any:
         from edgeml.errors import EdgeMLError
-        from edgeml.fleet.rollouts import RolloutController
+        from edgeml.fleet.rollout_controller import RolloutController
 
         s = self.settings
         controller = RolloutController(self.db, s.broker_host, s.broker_port, dist=self.dist, username=s.username,

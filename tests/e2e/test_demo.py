@@ -16,7 +16,8 @@ import pytest
 
 from edgeml.fleet.audit import open_audit
 from edgeml.fleet.registry import Registry
-from edgeml.fleet.rollouts import CONTROLLER_ACTOR, rollout_status
+from edgeml.fleet.rollout_controller import CONTROLLER_ACTOR
+from edgeml.fleet.rollouts import rollout_status
 from tests.conftest import RunCli, require_service
 from tests.fleet.mosquitto import MOSQUITTO
 

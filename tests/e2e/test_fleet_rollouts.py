@@ -23,8 +23,9 @@ from typing import Any
 import pytest
 
 from edgeml.fleet.registry import Registry, init_registry
+from edgeml.fleet.rollout_controller import CONTROLLER_ACTOR
 from edgeml.fleet.rollout_rules import RolloutOptions
-from edgeml.fleet.rollouts import CONTROLLER_ACTOR, rollout_status, start_rollout
+from edgeml.fleet.rollouts import rollout_status, start_rollout
 from edgeml.fleet.server import FleetServer, ServeSettings
 from edgeml.fleet.simulate import Knobs, Simulator
 from tests.edge_agent.harness import plain_broker

@@ -39,9 +39,9 @@ from edgeml.fleet.audit import AuditLog, open_audit
 from edgeml.fleet.auth import Role, create_token
 from edgeml.fleet.http_server import HttpServer
 from edgeml.fleet.registry import Registry, init_registry
+from edgeml.fleet.rollout_controller import RolloutController
 from edgeml.fleet.rollout_rules import RolloutError, RolloutOptions, order
 from edgeml.fleet.rollouts import (
-    RolloutController,
     add_rollout_routes,
     rollback,
     rollout_status,

@@ -1,0 +1,397 @@
+"""The rollout controller: carries out every rollout in the database over MQTT, one tick at a time.
+
+:class:`RolloutController` subscribes to every device's ``events`` and ``state``, and on each tick applies
+the devices' ``update`` events to the store, asks :func:`~edgeml.fleet.rollout_rules.decide` what to do for
+each rollout with work left, writes the decision, and only then sends the commands. Its own aborts are
+appended to the audit log in the same transaction (actor :data:`CONTROLLER_ACTOR`).
+
+Restart safety: all state is in the database. A device whose command was decided is ``notifying`` until the
+broker acknowledged the command (QoS 1), then ``notified``; a controller that starts again sends the
+``notifying`` ones (with the same command id) and nothing else, so no device is told twice. Its MQTT session
+is persistent (a fixed client id), so the devices' events published while it was down are delivered when it
+comes back. Run one controller per fleet.
+
+Model signals used: the agents' rollback reasons (``p99``, ``error rate``, ``drift``), the drift score of
+their ``drift`` events for the new version, and what their telemetry says while they run it (p99 against the
+previous version, error rate, drift score: :mod:`~edgeml.fleet.rollout_signals`), read every ``signals_s``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from edgeml.errors import EdgeMLError
+from edgeml.fleet import rollout_rules as rules
+from edgeml.fleet.rollout_rules import DeviceRow, DeviceSignals, RolloutError, RolloutOptions, RolloutView
+from edgeml.fleet.rollout_signals import Judged, telemetry_signals
+from edgeml.fleet.rollouts import _at, _now, _published, _ts
+from edgeml.protocol import PREFIX, Command, ProtocolError, State, device_topic, parse, parse_device_topic
+
+__all__ = ["CONTROLLER_ACTOR", "RolloutController"]
+
+_log = logging.getLogger(__name__)
+_RESULTS = {"committed", "rolled_back", "failed", "incompatible", "busy"}
+#: The audit log's actor of what the controller decides by itself (an abort on failures or model signals).
+CONTROLLER_ACTOR = "system:rollout-controller"
+
+
+class _Changed(Exception):
+    """The rollout's state changed between the read and the write of a decision."""
+
+
+class RolloutController:
+    """Drives every rollout in the database over MQTT, one tick at a time, in a thread of its own.
+
+    Args:
+        db: The registry's database.
+        broker_host: The broker's host.
+        broker_port: Its port.
+        dist: A started :class:`~edgeml.fleet.distribution.DistributionService` to broadcast each rollout's
+            files once (None: devices fetch them with get requests).
+        username: Broker user (the fleet user).
+        password: Its password.
+        tls: SSL context for a TLS listener (None: plain TCP).
+        client_id: The MQTT client id; keep it stable across restarts (the session keeps events meanwhile).
+        record_states: Write the devices' reported states (status, capabilities, installed) to the ``devices``
+            table, which plans read (turn it off where an ingest worker with state on does it).
+        tick_s: Seconds between ticks.
+        signals_s: Seconds between reads of the telemetry signals of a rollout with model thresholds.
+        audit: The audit log, where the controller's own aborts are appended (actor :data:`CONTROLLER_ACTOR`).
+        clock: Unix time source.
+    """
+
+    def __init__(self, db: Any, broker_host: str, broker_port: int, *, dist: Any = None, username: str | None = None,
+                 password: str | None = None, tls: ssl.SSLContext | None = None,
+                 client_id: str = "edgeml-rollouts", record_states: bool = True, tick_s: float = 1.0,
+                 signals_s: float = 5.0, audit: Any = None, clock: Callable[[], float] = time.time) -> None:
+        from edgeml.fleet.telemetry_store import TelemetryStore
+
+        self.db, self.dist, self.tick_s, self.signals_s, self.clock = db, dist, tick_s, signals_s, clock
+        self.audit = audit
+        self._telemetry: dict[str, tuple[float, dict[str, DeviceSignals]]] = {}  # rollout -> (read at, signals)
+        self._store = TelemetryStore(db) if record_states else None
+        self.broker = (broker_host, broker_port)
+        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
+        if username is not None:
+            self._client.username_pw_set(username, password)
+        if tls is not None:
+            self._client.tls_set_context(tls)
+        self._subscribed = threading.Event()
+        self._inbox: queue.SimpleQueue[tuple[str, bytes, bool]] = queue.SimpleQueue()
+        self._client.on_connect = self._on_connect
+        self._client.on_subscribe = lambda *a: self._subscribed.set()
+        self._client.on_message = lambda c, u, msg: self._inbox.put((msg.topic, bytes(msg.payload), msg.retain))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.states: dict[str, State] = {}
+        self._drift: dict[tuple[str, str], float] = {}
+        self._events: list[tuple[str, dict[str, Any]]] = []  # update events received, not yet recorded
+        self._states_seen: list[tuple[State, bool]] = []  # states received, not yet recorded
+        self._targets: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Connect, subscribe, and tick in a background thread.
+
+        Raises:
+            EdgeMLError: Not connected and subscribed within ``timeout``.
+        """
+        try:
+            self._client.connect(*self.broker, keepalive=30)
+        except (OSError, ValueError) as exc:
+            raise EdgeMLError(f"rollouts: cannot connect to the broker at {self.broker}: {exc}") from exc
+        self._client.loop_start()
+        if not self._subscribed.wait(timeout):
+            self.stop()
+            raise EdgeMLError(f"rollouts: not subscribed at {self.broker} within {timeout} s")
+        self._thread = threading.Thread(target=self._run, name="edgeml-rollouts", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop ticking and disconnect (the session stays on the broker)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def __enter__(self) -> RolloutController:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if not reason.is_failure:
+            client.subscribe([(f"{PREFIX}devices/+/events", 1), (f"{PREFIX}devices/+/state", 1)])
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # a database or broker hiccup must not end the controller; the next tick retries
+                _log.exception("rollout tick failed")
+            self._stop.wait(self.tick_s)
+
+    # --- one tick -------------------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Apply the events received, then decide, record and send for each rollout with work left."""
+        self._apply_inbox()
+        for rollout_id in self._rollouts_with_work():
+            self._step(rollout_id)
+
+    def _apply_inbox(self) -> None:
+        """Record the states and update events received; kept for the next tick if the database fails."""
+        events, states = self._events, self._states_seen
+        while not self._inbox.empty():
+            topic, payload, retained = self._inbox.get_nowait()
+            try:
+                device_id, channel = parse_device_topic(topic)
+                if channel == "state":
+                    if payload:
+                        state = parse("state", payload)
+                        assert isinstance(state, State)
+                        self.states[device_id] = state
+                        states.append((state, not retained))
+                    continue
+                doc = json.loads(payload)
+            except (ProtocolError, ValueError) as exc:
+                _log.warning("ignored a message on %s: %s", topic, exc)
+                continue
+            if isinstance(doc, dict) and doc.get("type") == "drift" and isinstance(doc.get("window"), dict):
+                score = doc["window"].get("score")
+                if isinstance(score, (int, float)):
+                    self._drift[(device_id, str(doc.get("version")))] = float(score)
+            elif isinstance(doc, dict) and doc.get("type") == "update" and isinstance(doc.get("rollout"), str):
+                events.append((device_id, doc))
+        if states and self._store is not None:
+            self._store.store_batch([], states)
+        states.clear()
+        if events:
+            with self.db.transaction() as conn:
+                for device_id, doc in events:
+                    self._apply_event(conn, device_id, doc)
+            events.clear()
+
+    def _apply_event(self, conn: Any, device_id: str, doc: dict[str, Any]) -> None:
+        rd, sa = self.db.tables["rollout_devices"], self.db.sa
+        row = conn.execute(sa.select(rd).where((rd.c.rollout_id == doc["rollout"]) &
+                                               (rd.c.device_id == device_id))).first()
+        state, reason = doc.get("state"), str(doc.get("reason") or "")[:1000] or None
+        if row is None or state not in _RESULTS:
+            return
+        if doc.get("id") == row.command_id and row.state in rules.IN_FLIGHT | {"timed_out"}:
+            new = "failed" if state == "busy" else state
+            reason = f"busy: {reason}" if state == "busy" else reason
+            conn.execute(rd.update().where(rd.c.id == row.id).values(state=new, reason=reason, finished_at=_now()))
+        elif doc.get("id") == row.revert_id and row.revert_state == "revert-sent":
+            conn.execute(rd.update().where(rd.c.id == row.id).values(
+                revert_state="reverted" if state == "committed" else "revert-failed"))
+
+    def _rollouts_with_work(self) -> list[str]:
+        t, rd, sa = self.db.tables["rollouts"], self.db.tables["rollout_devices"], self.db.sa
+        waiting = (rd.c.state.in_(sorted(rules.IN_FLIGHT)) | rd.c.revert_state.in_(("rollback", "revert"))
+                   | ((t.c.state == "aborted") & (rd.c.state == "committed") & rd.c.previous.isnot(None)
+                      & (rd.c.revert_state.is_(None) | (rd.c.revert_state == "rollback-sent")))
+                   | ((t.c.state == "completed") & (rd.c.state == "timed_out") & rd.c.notified_at.is_(None)))
+        query = (sa.select(t.c.id).select_from(t.outerjoin(rd, rd.c.rollout_id == t.c.id))
+                 .where(t.c.state.notin_(("completed", "aborted")) | waiting).distinct())
+        with self.db.transaction() as conn:
+            return sorted(conn.execute(query).scalars())
+
+    def _load(self, conn: Any, rollout_id: str) -> tuple[Any, RolloutView, list[DeviceRow]]:
+        t, rd, sa = self.db.tables["rollouts"], self.db.tables["rollout_devices"], self.db.sa
+        row = conn.execute(sa.select(t).where(t.c.id == rollout_id)).one()
+        view = RolloutView(row.id, row.state, row.current_wave, _ts(row.wave_started_at),
+                           RolloutOptions.from_dict(row.options))
+        devices = [DeviceRow(d.device_id, d.wave, d.state, d.reason, _ts(d.notified_at), d.previous, d.revert_state)
+                   for d in conn.execute(sa.select(rd).where(rd.c.rollout_id == rollout_id))]
+        return row, view, devices
+
+    def _step(self, rollout_id: str) -> None:
+        with self.db.transaction() as conn:
+            row, view, devices = self._load(conn, rollout_id)
+        online = {d for d, s in self.states.items() if s.status != "offline"}
+        now = self.clock()
+        signals = self._signals(row, view, devices, now)
+        actions = rules.decide(view, devices, now, online, signals)
+        if any(isinstance(a, rules.AdvanceWave) and a.wave == 0 for a in actions) and row.broadcast is None:
+            self._broadcast(row)
+        if actions and not self._record(row, actions, now):
+            return  # the rollout changed meanwhile (paused, aborted): decide again next tick
+        self._send(rollout_id)
+        if any(isinstance(a, (rules.AbortRollout, rules.CompleteRollout)) for a in actions):
+            self._unbroadcast(rollout_id)
+
+    def _signals(self, row: Any, view: RolloutView, devices: list[DeviceRow], now: float) -> dict[str, DeviceSignals]:
+        """Each device's model signals: drift events, and telemetry read at most every ``signals_s``."""
+        options = view.options
+        wanted = (options.max_p99_regression, options.max_error_rate, options.max_drift) != (None, None, None)
+        cached = self._telemetry.get(row.id)
+        stale = cached is None or now - cached[0] >= self.signals_s
+        if wanted and stale and row.state not in ("completed", "aborted"):
+            judged = [Judged(d.device_id, d.previous, _at(d.notified_at)) for d in devices
+                      if d.notified_at is not None and d.state in ("notified", "committed", "rolled_back")]
+            cached = (now, telemetry_signals(self.db, row.version, judged, row.created_at) if judged else {})
+            self._telemetry[row.id] = cached
+        measured = cached[1] if cached else {}
+        out = {}
+        for d in devices:
+            t = measured.get(d.device_id, DeviceSignals())
+            event = self._drift.get((d.device_id, row.version))
+            drift = max((v for v in (event, t.drift) if v is not None), default=None)
+            out[d.device_id] = DeviceSignals(p99_ratio=t.p99_ratio, error_rate=t.error_rate, drift=drift)
+        return out
+
+    def _record(self, row: Any, actions: list[rules.Action], now: float) -> bool:
+        """Write the decision; False when the rollout's state changed since it was read (nothing written)."""
+        values: dict[str, Any] = {"updated_at": _now()}
+        try:
+            self._write(row, actions, now, values)
+        except _Changed:
+            return False
+        if "abort_reason" in values:
+            _log.warning("rollout %s aborted: %s", row.id, values["abort_reason"])
+        return True
+
+    def _write(self, row: Any, actions: list[rules.Action], now: float, values: dict[str, Any]) -> None:
+        t, rd = self.db.tables["rollouts"], self.db.tables["rollout_devices"]
+        where = rd.c.rollout_id == row.id
+        with self.audit.transaction() if self.audit is not None else self.db.transaction() as conn:
+            for a in actions:
+                if isinstance(a, rules.TimeOut):
+                    conn.execute(rd.update().where(where & rd.c.device_id.in_(a.device_ids)).values(
+                        state="timed_out", reason="no result within the wave timeout", finished_at=_at(now)))
+                elif isinstance(a, rules.NotifyDevices):
+                    for device_id in a.device_ids:
+                        conn.execute(rd.update().where(where & (rd.c.device_id == device_id)).values(
+                            state="notifying", command_id=uuid.uuid4().hex[:16], notified_at=_at(now),
+                            finished_at=None, reason=None))
+                elif isinstance(a, rules.TellRollback):
+                    conn.execute(rd.update().where(where & rd.c.device_id.in_(a.device_ids)).values(
+                        revert_state=a.how, revert_id=uuid.uuid4().hex[:16]))
+                elif isinstance(a, rules.AbortRollout):
+                    values.update(state="aborted", abort_reason=a.reason)
+                elif isinstance(a, rules.AdvanceWave):
+                    values.update(state=rules.wave_state(a.wave), current_wave=a.wave, wave_started_at=_at(now))
+                elif isinstance(a, rules.CompleteRollout):
+                    values.update(state="completed")
+            done = conn.execute(t.update().where((t.c.id == row.id) & (t.c.state == row.state)
+                                                 & (t.c.current_wave == row.current_wave)).values(**values))
+            if done.rowcount != 1:
+                raise _Changed
+            if self.audit is not None and "abort_reason" in values:  # the controller's own abort, in the same commit
+                self.audit.append(CONTROLLER_ACTOR, "rollout.abort", f"{row.model}:{row.version}",
+                                  {"rollout": row.id, "reason": values["abort_reason"], "automatic": True}, conn=conn)
+
+    # --- side effects ---------------------------------------------------------------------------------------
+
+    def _targets_of(self, model: str, version: str) -> dict[str, dict[str, Any]]:
+        key = (model, version)
+        if key not in self._targets:
+            with self.db.transaction() as conn:
+                self._targets[key] = _published(self.db, conn, model, version)
+        return self._targets[key]
+
+    def _broadcast(self, row: Any) -> None:
+        """Publish the rollout's target files once (before any command names them) and remember them."""
+        if self.dist is None:
+            return
+        targets = self._targets_of(row.model, row.version)
+        rd, sa = self.db.tables["rollout_devices"], self.db.sa
+        with self.db.transaction() as conn:
+            used = set(conn.execute(sa.select(rd.c.target).where(rd.c.rollout_id == row.id)
+                                    .where(rd.c.target.isnot(None)).distinct()).scalars())
+        infos = self.dist.broadcast(row.id, sorted(targets[t]["path"] for t in used))
+        t = self.db.tables["rollouts"]
+        with self.db.transaction() as conn:
+            conn.execute(t.update().where(t.c.id == row.id).values(
+                broadcast=[{"path": i.path, "size": i.size, "chunk": i.chunk} for i in infos]))
+
+    def _unbroadcast(self, rollout_id: str) -> None:
+        t, sa = self.db.tables["rollouts"], self.db.sa
+        with self.db.transaction() as conn:
+            infos = conn.execute(sa.select(t.c.broadcast).where(t.c.id == rollout_id)).scalar()
+            conn.execute(t.update().where(t.c.id == rollout_id).values(broadcast=None))
+        if self.dist is not None and infos:
+            from edgeml.protocol import DistInfo
+
+            self.dist.unbroadcast(rollout_id, [DistInfo(**i) for i in infos])
+
+    def _send(self, rollout_id: str) -> None:
+        """Send every decided but unacknowledged command of the rollout, then mark it sent."""
+        t, rd, sa = self.db.tables["rollouts"], self.db.tables["rollout_devices"], self.db.sa
+        with self.db.transaction() as conn:
+            row = conn.execute(sa.select(t).where(t.c.id == rollout_id)).one()
+            todo = conn.execute(sa.select(rd).where(rd.c.rollout_id == rollout_id).where(
+                (rd.c.state == "notifying") | rd.c.revert_state.in_(("rollback", "revert")))).all()
+        options = RolloutOptions.from_dict(row.options)
+        for d in todo:
+            if d.revert_state in ("rollback", "revert"):
+                command, after = self._undo_command(row, d, options), {"revert_state": f"{d.revert_state}-sent"}
+                match = rd.c.revert_state == d.revert_state
+            else:
+                command, after, match = self._update_command(row, d, options), {"state": "notified"}, \
+                    rd.c.state == "notifying"
+            if command is not None and not self._publish(d.device_id, command):
+                continue  # the broker did not take it: sent again next tick
+            if command is None:
+                after = {"revert_state": "revert-failed"}
+            with self.db.transaction() as conn:
+                conn.execute(rd.update().where((rd.c.id == d.id) & match).values(**after))
+
+    def _update_command(self, row: Any, d: Any, options: RolloutOptions) -> Command:
+        target = self._targets_of(row.model, row.version)[d.target]
+        args: dict[str, Any] = {"model": row.model, "version": row.version, "target": d.target, "rollout": row.id,
+                                "thresholds": options.thresholds(), "runtime": target["runtime"]}
+        if row.broadcast:
+            args["broadcast"] = {"rollout": row.id, "path": target["path"]}
+        return Command(id=d.command_id, type="update", args=args, issued_at=self.clock())
+
+    def _undo_command(self, row: Any, d: Any, options: RolloutOptions) -> Command | None:
+        """``rollback`` for a device still updating; an update back to its previous version for one that
+        committed (None: no target of that version fits the device any more)."""
+        if d.revert_state == "rollback":
+            return Command(id=d.revert_id, type="rollback", args={"reason": f"rollout {row.id} was aborted"},
+                           issued_at=self.clock())
+        try:
+            available = self._targets_of(row.model, d.previous)
+        except RolloutError:
+            return None
+        preferred = [*options.targets, *[t for t in available if t not in options.targets]]
+        target, _ = rules.choose_target(self._capabilities(d.device_id), preferred,
+                                        {t: p["runtime"] for t, p in available.items()})
+        if target is None:
+            return None
+        args = {"model": row.model, "version": d.previous, "target": target, "rollout": row.id,
+                "thresholds": options.thresholds(), "runtime": available[target]["runtime"]}
+        return Command(id=d.revert_id, type="update", args=args, issued_at=self.clock())
+
+    def _capabilities(self, device_id: str) -> dict[str, Any] | None:
+        """What the device reported last: its live state, else the ``devices`` table."""
+        state = self.states.get(device_id)
+        if state is not None:
+            return dict(state.capabilities)
+        d = self.db.tables["devices"]
+        with self.db.transaction() as conn:
+            caps = conn.execute(self.db.sa.select(d.c.capabilities).where(d.c.device_id == device_id)).scalar()
+        return dict(caps) if caps else None
+
+    def _publish(self, device_id: str, command: Command, timeout: float = 10.0) -> bool:
+        info = self._client.publish(device_topic(device_id, "commands"), command.to_bytes(), qos=1)
+        try:
+            info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError):  # not connected: paho refuses to queue
+            return False
+        return info.is_published()
