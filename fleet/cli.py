@@ -77,15 +77,16 @@ def rotate_command(
                                                       help="Root key directory (default DIR/offline-keys).")] = None,
     new_keys: Annotated[int, typer.Option("--new-keys", min=1, help="New root keys to generate.")] = 1,
     threshold: Annotated[int, typer.Option("--threshold", min=1, help="New root threshold.")] = 1,
+    db_url: DbUrl = None,
 ) -> None:
-    """Replace the root keys: the new root is signed by the old and the new keys."""
+    """Replace the root keys: the new root is signed by the old and the new keys (audited)."""
     from edgeml.errors import ConfigError
     from edgeml.fleet.registry import Registry
 
     if role != "root":
         raise ConfigError(f"rotating {role!r} keys is not supported yet; only 'root' is")
-    version = Registry(directory).rotate_root(offline_keys or directory / "offline-keys", new_keys=new_keys,
-                                              threshold=threshold)
+    version = Registry(directory, db_url=db_url).rotate_root(offline_keys or directory / "offline-keys",
+                                                             new_keys=new_keys, threshold=threshold)
     typer.echo(f"root v{version} signed by the old and new root keys")
 
 

@@ -136,12 +136,11 @@ class FleetServer:
             raise
 
     def _start(self) -> None:
-        from edgeml.fleet.audit import open_audit
         from edgeml.fleet.registry import Registry
 
         s, roles = self.settings, self.settings.roles
         self.db = Registry(self.dir, db_url=s.db_url).database()  # checks DIR is a registry first
-        self.audit = open_audit(self.dir, db=self.db)
+        self.audit = self._audit_log()
         where = f"{self.scheme}://{s.broker_host}:{s.broker_port}"
         if "dist" in roles or ("controller" in roles and s.broadcast):
             self.dist = self._distribution()
@@ -160,6 +159,22 @@ class FleetServer:
             self.log(f"http: dashboard {self.http.url}/ , API {self.http.url}/api/ , metrics {self.http.url}/metrics")
             self.log(f"http: serving {self.dir / 'repository'} on {self.http.url}/metadata/ and "
                      f"{self.http.url}/targets/")
+
+    def _audit_log(self) -> Any:
+        """The audit log; its signing key is created only for an empty log (a second host must have the first
+        host's ``keys/audit.pem``: a key of its own would sign heads that ``audit verify`` rejects)."""
+        from edgeml.fleet.audit import open_audit
+
+        key = self.dir / "keys" / "audit.pem"
+        if not key.exists():
+            t = self.db.tables["audit"]
+            with self.db.transaction() as conn:
+                entries = conn.execute(self.db.sa.select(self.db.sa.func.count()).select_from(t)).scalar()
+            if entries:
+                raise ConfigError(f"{key} is missing, but the audit log already has {entries} entries signed with "
+                                  "another key", hint="copy keys/audit.pem from the registry's first host "
+                                  "(every fleet server process signs with the same key)")
+        return open_audit(self.dir, db=self.db)
 
     def _broker_error(self, part: str, exc: BaseException) -> ConfigError:
         s = self.settings

@@ -326,3 +326,13 @@ def test_a_taken_port_and_a_missing_registry_are_reported(repo_http: HttpServer,
     with pytest.raises(RegistryError, match="is not a registry"):
         repository_server(tmp_path)
     assert free_port() > 0
+
+
+def test_serve_refuses_to_sign_the_audit_log_with_a_new_key(registry: Registry, make_bundle: MakeBundle,
+                                                            run_cli: RunCli) -> None:
+    registry.publish(make_bundle("1.0.0"))  # an audit entry, signed with DIR/keys/audit.pem
+    (registry.dir / "keys" / "audit.pem").unlink()  # a second host without the first host's key
+    result = run_cli("fleet", "serve", registry.dir, "--http-port", "0", timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "keys/audit.pem is missing, but the audit log already has 1 entries" in result.stderr
+    assert not (registry.dir / "keys" / "audit.pem").exists()
