@@ -96,7 +96,10 @@ def load_model(slot_dir: Path, slot: str, *, threads: int = 1) -> LoadedModel:
         BundleError: The slot's manifest is malformed.
     """
     manifest = Manifest.from_dict(json.loads((slot_dir / MANIFEST_NAME).read_bytes()))
-    runtime = open_runtime(manifest.runtime["name"], slot_dir / manifest.model["file"], threads=threads)
+    # TensorRT builds its engine on the device: cache it beside the slots (keyed by the model's hash, the GPU and
+    # the TensorRT version), so a restart or a rollback does not rebuild it.
+    options = {"cache_dir": slot_dir.parent / "engine-cache"} if manifest.runtime["name"] == "tensorrt" else {}
+    runtime = open_runtime(manifest.runtime["name"], slot_dir / manifest.model["file"], threads=threads, **options)
     runtime.load()
     return LoadedModel(manifest.version, slot, manifest, runtime)
 
