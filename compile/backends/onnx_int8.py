@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from edgeml.compile.backends.base import Backend, BuildContext, BuildResult
-from edgeml.compile.backends.onnx_fp32 import simplified_fp32
+from edgeml.compile.backends.onnx_fp32 import ort_min_version, simplified_fp32
 from edgeml.compile.quantize import QdqSettings, batch_size_of, prepare_for_quantization, quantize_qdq
 
 __all__ = ["OnnxInt8Backend", "settings_from_options"]
@@ -35,11 +35,12 @@ class OnnxInt8Backend(Backend):
         total = -(-len(calib) // batch_size_of(prepared)) if calib is not None else None
         with ctx.progress.task(f"calibrating onnx-int8 ({settings.method})", total) as tick:
             quantize_qdq(prepared, out, calib, settings, tick)
-        fp32 = simplified_fp32(ctx)
+        import onnx
+
+        minimum = ort_min_version(onnx.load(str(out), load_external_data=False))
         return BuildResult(
             files={"model.onnx": out}, model_file="model.onnx", model_format="onnx",
-            runtime={"name": "onnxruntime", "min_version": fp32.runtime["min_version"], "precision": "int8",
-                     "build": None},
+            runtime={"name": "onnxruntime", "min_version": minimum, "precision": "int8", "build": None},
             eval_path=out, eval_runtime="onnxruntime", quantized_onnx=out,
             notes=[f"QDQ, {settings.activation_type} activations, int8 "
                    f"{'per-channel' if settings.per_channel else 'per-tensor'} weights, {settings.method}"],

@@ -195,3 +195,32 @@ def test_one_failing_target_does_not_stop_the_others(flags: list[str], status: s
     assert sorted(p.name for p in dist.iterdir()) == ["digits-1.0.0-onnx.edgeml"]
     code, out, err = run_cli("verify", dist / "digits-1.0.0-onnx.edgeml")
     assert (code, out.strip()) == (0, f"ok: {dist / 'digits-1.0.0-onnx.edgeml'} (3 files verified)"), err
+
+
+@pytest.mark.parametrize(("ir", "opsets", "expected"), [
+    (8, [("", 17), ("com.microsoft", 1)], "1.12"),  # a torch export: a Jetson's onnxruntime 1.16 takes it
+    (8, [("", 18)], "1.14"),
+    (9, [("ai.onnx", 19)], "1.15"),
+    (10, [("", 21)], "1.18"),
+    (11, [("", 23)], "1.23"),
+])
+def test_bundles_ask_for_the_oldest_onnxruntime_that_runs_them(ir: int, opsets: list[tuple[str, int]],
+                                                                 expected: str) -> None:
+    from onnx import helper
+
+    from edgeml.compile.backends.onnx_fp32 import ort_min_version
+
+    model = helper.make_model(helper.make_graph([], "g", [], []), ir_version=ir,
+                              opset_imports=[helper.make_opsetid(d, v) for d, v in opsets])
+    assert ort_min_version(model) == expected
+
+
+def test_a_model_newer_than_the_table_asks_for_this_hosts_onnxruntime() -> None:
+    import onnxruntime
+    from onnx import helper
+
+    from edgeml.compile.backends.onnx_fp32 import ort_min_version
+
+    model = helper.make_model(helper.make_graph([], "g", [], []), ir_version=99,
+                              opset_imports=[helper.make_opsetid("", 99)])
+    assert ort_min_version(model) == ".".join(onnxruntime.__version__.split(".")[:2])
