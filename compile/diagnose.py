@@ -72,10 +72,11 @@ class Diagnosis:
     ranking: list[TensorBlame]
     remedies: list[Remedy] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    proxy: str | None = None  # the target the remedies' flags apply to when it is not the failing one
 
     def to_dict(self) -> dict[str, Any]:
         return {"ranking": [b.to_dict() for b in self.ranking], "remedies": [r.to_dict() for r in self.remedies],
-                "warnings": list(self.warnings)}
+                "warnings": list(self.warnings), "remedies_apply_to": self.proxy}
 
     def lines(self, top: int = 5) -> list[str]:
         """Human-readable lines for the CLI."""
@@ -85,6 +86,9 @@ class Diagnosis:
             x = f"{b.xmodel_sqnr_db:6.1f}" if b.xmodel_sqnr_db is not None else "   n/a"
             out.append(f"  {i}. layer {b.layer} ({b.op_type}) tensor {b.tensor}: "
                        f"channel SQNR {b.channel_sqnr_db:5.1f} dB, vs FP32 {x} dB")
+        if self.remedies and self.proxy:
+            out.append(f"  measured on the equivalent {self.proxy} quantization; these flags change {self.proxy}, "
+                       "not this target:")
         for r in self.remedies:
             verdict = "not tried" if r.passed is None else ("PASSES" if r.passed else "still fails")
             drop = f", drop {r.drop:.2f} pts" if r.drop is not None else ""

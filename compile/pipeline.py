@@ -229,6 +229,7 @@ class _Run:
             try_remedies(remedies, prepared, calib, self.ctx.workdir, judge_fn)
         diag.remedies = remedies
         diag.warnings = calibration_warnings(self.ctx.calib, self.gate_data)
+        diag.proxy = "onnx-int8" if built.quantized_onnx is None else None  # e.g. tflite-int8 (onnx2tf quantizes)
         return diag
 
     def _latency(self, target: Target, built: BuildResult) -> dict[str, Any]:

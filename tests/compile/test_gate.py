@@ -164,3 +164,18 @@ def test_dataset_digest_changes_with_data() -> None:
     a = Dataset({"input": np.zeros((4, 2), np.float32)})
     b = Dataset({"input": np.ones((4, 2), np.float32)})
     assert a.digest() != b.digest() and a.digest() == Dataset({"input": np.zeros((4, 2), np.float32)}).digest()
+
+
+@pytest.mark.parametrize(("proxy", "said"), [(None, False), ("onnx-int8", True)])
+def test_remedies_for_a_target_they_do_not_change_say_so(proxy: str | None, said: bool) -> None:
+    from edgeml.compile.diagnose import Diagnosis, Remedy, TensorBlame
+    from edgeml.compile.quantize import QdqSettings
+
+    diag = Diagnosis([TensorBlame("t", "/2/Gemm", "Gemm", 0.0, 45.1)],
+                     [Remedy("keep layer /2/Gemm in float", "--exclude-node /2/Gemm", QdqSettings(), 0.33, True)],
+                     proxy=proxy)
+    lines = diag.lines()
+    note = "  measured on the equivalent onnx-int8 quantization; these flags change onnx-int8, not this target:"
+    assert (note in lines) is said
+    assert lines[-1] == "  try --exclude-node /2/Gemm  (keep layer /2/Gemm in float: PASSES, drop 0.33 pts)"
+    assert diag.to_dict()["remedies_apply_to"] == proxy
