@@ -2,13 +2,16 @@
 
 A rollout moves one model version onto the devices a tag selection names, in waves:
 
+Options (:class:`RolloutOptions`, the ``parse_*`` helpers and :class:`RolloutError`) live in
+:mod:`~edgeml.fleet.rollout_options` and are re-exported here.
+
 * :func:`plan` orders the selected devices by a hash of (rollout id, device id), so the canary differs between
   rollouts but is reproducible, picks each device's target (the first of ``targets`` that the version has and
   whose runtime requirement the device's reported capabilities satisfy) and cuts the order into the canary
   (wave 0: ``max(ceil(canary x n), min_devices)`` devices) and the waves (cumulative fractions of ``n``, the
   devices that can run a target).
 * :func:`decide` looks at the rollout and its device rows at one moment and returns the :class:`Action`\\ s to
-  take. The controller (:mod:`~edgeml.fleet.rollouts`) writes them to the database, then sends the commands.
+  take. The controller (:mod:`~edgeml.fleet.rollout_controller`) writes them to the database, then sends the commands.
 
 Device row states::
 
@@ -45,14 +48,19 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 import statistics
 from collections.abc import Iterable, Mapping, Sequence, Set
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from edgeml.edge_agent.capabilities import Capabilities
-from edgeml.errors import ConfigError
+from edgeml.fleet.rollout_options import (
+    RolloutError,
+    RolloutOptions,
+    parse_duration,
+    parse_fraction,
+    parse_selection,
+)
 
 __all__ = [
     "FAILURES",
@@ -87,164 +95,6 @@ IN_FLIGHT = frozenset({"notifying", "notified"})
 FINISHED = frozenset({"committed", "rolled_back", "failed", "timed_out"})
 FAILURES = frozenset({"rolled_back", "failed", "timed_out"})
 TERMINAL = FINISHED | {"incompatible"}
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
-class RolloutError(ConfigError):
-    """A rollout cannot be started or changed as asked (bad options, unknown model or version, no devices)."""
-
-
-# --- options ------------------------------------------------------------------------------------------------
-
-
-def parse_fraction(text: str | float, what: str) -> float:
-    """``"5%"`` -> 0.05; a plain number is taken as a fraction (``"0.05"``).
-
-    Raises:
-        RolloutError: Not a number or a percentage.
-    """
-    raw = str(text).strip()
-    try:
-        value = float(raw[:-1]) / 100.0 if raw.endswith("%") else float(raw)
-    except ValueError:
-        raise RolloutError(f"{what} must be a percentage like 10% or a fraction like 0.1, got {text!r}") from None
-    if not math.isfinite(value):
-        raise RolloutError(f"{what} must be finite, got {text!r}")
-    return value
-
-
-def parse_duration(text: str | float, what: str) -> float:
-    """``"10m"`` -> 600.0 seconds (units ms, s, m, h; none: seconds).
-
-    Raises:
-        RolloutError: Not a duration.
-    """
-    match = _DURATION.fullmatch(str(text).strip())
-    if match is None:
-        raise RolloutError(f"{what} must be a duration like 30s, 10m or 1h, got {text!r}")
-    return float(match.group(1)) * _UNITS[match.group(2)]
-
-
-def parse_selection(text: str | None) -> dict[str, str]:
-    """``"site=lab,tier=canary"`` -> ``{"site": "lab", "tier": "canary"}`` (every tag must match).
-
-    Raises:
-        RolloutError: An item is not ``KEY=VALUE``.
-    """
-    tags: dict[str, str] = {}
-    for item in (text or "").split(","):
-        if not item.strip():
-            continue
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise RolloutError(f"bad --select item {item!r}", hint="use TAG=VALUE[,TAG=VALUE...]")
-        tags[key.strip()] = value.strip()
-    return tags
-
-
-@dataclass(frozen=True)
-class RolloutOptions:
-    """How a rollout proceeds and when it aborts.
-
-    Attributes:
-        targets: Compile targets in order of preference; each device gets the first it can run.
-        select: Tags a device must all have (empty: every enrolled device).
-        canary: Fraction (0..1] of the devices in the canary (wave 0).
-        waves: Cumulative fractions of the devices done after each later wave, increasing, the last 1.0.
-        wave_timeout_s: Seconds a notified device (or an offline one, from its wave's start) may take.
-        probation_s: Seconds of probation on each device before it commits.
-        max_failure_rate: Abort when the failure rate exceeds this (0..1; 1.0: never on failures).
-        min_devices: Smallest canary, and the finished devices needed before the failure rate counts.
-        max_p99_regression: Abort when new/previous p99 exceeds this factor (> 1; None: no such check).
-        max_error_rate: Abort when the devices' error rate exceeds this (0..1; None: no such check).
-        max_drift: Abort when the devices' drift score exceeds this (0..1; None: no such check).
-        device_thresholds: More health thresholds for the agents (``Thresholds`` names, e.g. min_requests).
-    """
-
-    targets: tuple[str, ...]
-    select: Mapping[str, str] = field(default_factory=dict)
-    canary: float = 0.05
-    waves: tuple[float, ...] = (0.25, 0.5, 1.0)
-    wave_timeout_s: float = 600.0
-    probation_s: float = 300.0
-    max_failure_rate: float = 0.1
-    min_devices: int = 3
-    max_p99_regression: float | None = None
-    max_error_rate: float | None = None
-    max_drift: float | None = None
-    device_thresholds: Mapping[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self._check_targets()
-        for name, value, low, high, open_low in (
-                ("--canary", self.canary, 0.0, 1.0, True),
-                ("--max-failure-rate", self.max_failure_rate, 0.0, 1.0, False),
-                ("--max-error-rate", self.max_error_rate, 0.0, 1.0, False),
-                ("--max-drift", self.max_drift, 0.0, 1.0, False)):
-            if value is not None and not (low < value <= high if open_low else low <= value <= high):
-                shown = f"{value:.4g}" if isinstance(value, float) else repr(value)
-                raise RolloutError(f"{name} must be {'above' if open_low else 'at least'} {low:g} and at most "
-                                   f"{high:g} (percentages: {'above ' if open_low else ''}{low:.0%} to {high:.0%}), "
-                                   f"got {shown}")
-        self._check_waves()
-        if not self.wave_timeout_s > 0 or not self.probation_s >= 0:
-            raise RolloutError(f"--wave-timeout must be > 0 and --probation >= 0, got {self.wave_timeout_s:g} s "
-                               f"and {self.probation_s:g} s")
-        if isinstance(self.min_devices, bool) or not isinstance(self.min_devices, int) or self.min_devices < 1:
-            raise RolloutError(f"--min-devices must be an integer >= 1, got {self.min_devices!r}")
-        if self.max_p99_regression is not None and not self.max_p99_regression > 1.0:
-            raise RolloutError(f"--max-p99-regression is a factor on the previous p99 and must be above 1, got "
-                               f"{self.max_p99_regression:g}")
-        from edgeml.edge_agent.update.health import Thresholds
-
-        try:
-            Thresholds.from_dict(self.thresholds())
-        except ConfigError as exc:
-            raise RolloutError(f"bad device threshold: {exc.message}") from exc
-
-    def _check_targets(self) -> None:
-        if not self.targets:
-            raise RolloutError("--targets must name at least one compile target", hint="e.g. --targets onnx-int8")
-        bad = [t for t in self.targets if not _NAME.fullmatch(t)]
-        if bad or len(set(self.targets)) != len(self.targets):
-            raise RolloutError(f"--targets must be distinct target names, got {list(self.targets)}")
-
-    def _check_waves(self) -> None:
-        waves = list(self.waves)
-        if not waves or any(not 0.0 < w <= 1.0 for w in waves) or waves != sorted(set(waves)) or waves[-1] != 1.0:
-            raise RolloutError(f"--waves must be increasing percentages above 0% ending at 100%, got "
-                               f"{', '.join(f'{w:.0%}' for w in waves) or 'none'}", hint="e.g. --waves 25%,50%,100%")
-
-    def thresholds(self) -> dict[str, float]:
-        """The health thresholds sent to each agent with its update command."""
-        out: dict[str, float] = {"probation_s": self.probation_s}
-        if self.max_error_rate is not None:
-            out["max_error_rate"] = self.max_error_rate
-        if self.max_p99_regression is not None:
-            out["p99_factor"] = self.max_p99_regression
-        if self.max_drift is not None:
-            out["max_drift"] = self.max_drift
-        return {**out, **dict(self.device_thresholds)}
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON form stored with the rollout."""
-        doc = asdict(self)
-        doc.update(targets=list(self.targets), waves=list(self.waves), select=dict(self.select),
-                   device_thresholds=dict(self.device_thresholds))
-        return doc
-
-    @classmethod
-    def from_dict(cls, doc: Mapping[str, Any]) -> RolloutOptions:
-        """The options of :meth:`to_dict` (validated again).
-
-        Raises:
-            RolloutError: They are invalid.
-        """
-        return cls(**{**doc, "targets": tuple(doc["targets"]), "waves": tuple(doc["waves"])})
-
-
 # --- planning -----------------------------------------------------------------------------------------------
 
 
