@@ -340,7 +340,9 @@ class Receiver:
         self.duplicates = 0
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"fleet-{uuid.uuid4().hex[:8]}")
         self.client.reconnect_delay_set(min_delay=1, max_delay=1)
+        self.subscribed = threading.Event()  # set on each SUBACK (after every reconnect)
         self.client.on_connect = lambda c, *_: c.subscribe("edgeml/v1/devices/+/telemetry", qos=1)
+        self.client.on_subscribe = lambda *_: self.subscribed.set()
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port, keepalive=5)
         self.client.loop_start()
@@ -413,7 +415,16 @@ def test_an_hour_offline_and_a_broker_restart_lose_and_duplicate_nothing(broker:
         assert device.clock.monotonic() - offline_from == 3600.0
         assert len(device.outbox) == 360 and device.sender.published == published
 
+        # The receiver (a plain subscriber, no persistent session) must be back before the device resends, or the
+        # broker drops what nobody subscribes to yet and the resend timer sends it again, out of order: hold the
+        # device back until the receiver has subscribed again.
+        device.client.disconnect()  # stops its reconnect attempts
+        device.client.loop_stop()
+        receiver.subscribed.clear()
         broker.start()  # same port, empty: no sessions, no retained messages
+        wait_for(receiver.subscribed.is_set, 30, "the receiver to subscribe again")
+        device.client.connect_async("127.0.0.1", broker.port, keepalive=5)
+        device.client.loop_start()
         deadline = time.monotonic() + 60
         while len(device.outbox) or len(receiver.seqs("cam-1")) < device.outbox.next_seq:
             assert time.monotonic() < deadline, f"not drained: {len(device.outbox)} pending"
