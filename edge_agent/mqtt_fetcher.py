@@ -57,6 +57,8 @@ METADATA_URL = f"{SCHEME}metadata/"
 TARGETS_URL = f"{SCHEME}targets/"
 CHUNK = MAX_REPLY_DATA  # asked per get request: what one reply carries
 WINDOW = 8  # get requests in flight per download
+CHECKPOINT_BYTES = 1024 * 1024  # bytes received between two resume checkpoints of a target download
+CHECKPOINT_S = 1.0  # longest wait, in seconds, between two checkpoints of a download that is receiving
 
 
 class MqttFetcher(FetcherInterface):
@@ -69,8 +71,9 @@ class MqttFetcher(FetcherInterface):
         chunk: Bytes asked per get request (the service answers with at most what fits one reply).
         partial_dir: Where to keep partly downloaded targets so that an interrupted download resumes
             (None: no resuming). Target file names start with their sha256, so a target URL names its
-            content; a target's received bytes go to ``<sha256 of the URL>.part``, fsynced after every
-            chunk, and its sidecar ``.len`` (written atomically) records how many of them are complete.
+            content; a target's received bytes go to ``<sha256 of the URL>.part``, and at each checkpoint
+            (every ``checkpoint_bytes`` received, or ``checkpoint_s`` after the last one) the file is
+            fsynced and its sidecar ``.len`` (written atomically) records how many bytes are complete.
             A later fetch of the same URL first yields those bytes, then asks from that offset. Both
             files are deleted once the fetch completes (ngclient then verifies the whole file, so bytes
             resumed from disk are checked like any others). Metadata is never resumed.
@@ -79,6 +82,9 @@ class MqttFetcher(FetcherInterface):
             changed between fetches.
         broadcast_wait_s: Seconds to wait for a broadcast's announcement before falling back to get.
         stall_s: Seconds without a new broadcast chunk after which the missing chunks are asked for.
+        checkpoint_bytes: Bytes received between two resume checkpoints (at most this much is fetched
+            again after a crash; each checkpoint costs an fsync and an atomic write).
+        checkpoint_s: Longest time, in seconds, between two checkpoints of a download still receiving.
 
     Raises:
         ProtocolError: ``device_id`` is invalid.
@@ -87,7 +93,8 @@ class MqttFetcher(FetcherInterface):
 
     def __init__(self, client: mqtt.Client, device_id: str, timeout: float = 10.0, chunk: int = CHUNK,
                  partial_dir: Path | None = None, window: int = WINDOW, broadcast: str | None = None,
-                 broadcast_wait_s: float = 2.0, stall_s: float = 1.0) -> None:
+                 broadcast_wait_s: float = 2.0, stall_s: float = 1.0, checkpoint_bytes: int = CHECKPOINT_BYTES,
+                 checkpoint_s: float = CHECKPOINT_S) -> None:
         self.client = client
         self.partial_dir = Path(partial_dir) if partial_dir is not None else None
         self.requests = device_topic(device_id, "requests")
@@ -98,6 +105,8 @@ class MqttFetcher(FetcherInterface):
         self.broadcast = broadcast
         self.broadcast_wait_s = broadcast_wait_s
         self.stall_s = stall_s
+        self.checkpoint_bytes = checkpoint_bytes
+        self.checkpoint_s = checkpoint_s
         self.stats = {"get_bytes": 0, "broadcast_bytes": 0}  # target bytes received each way
         self.last_broadcast_at = 0.0  # time.monotonic() of the latest broadcast message
         self._lock = threading.Lock()
@@ -183,12 +192,13 @@ class MqttFetcher(FetcherInterface):
                         break
                     yield data
                 fh.seek(done)
+                recorded, at = done, time.monotonic()
                 for data in self._source(path, done):
                     fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
                     done += len(data)
-                    atomic_write_bytes(length_file, str(done).encode("ascii"))
+                    if done - recorded >= self.checkpoint_bytes or time.monotonic() - at >= self.checkpoint_s:
+                        _checkpoint(fh, length_file, done)  # whole chunks only: ``data`` ends on one
+                        recorded, at = done, time.monotonic()
                     yield data
             _remove(part, length_file)  # complete: ngclient verifies it; never reuse it, verified or not
         except OSError as exc:
@@ -229,11 +239,16 @@ class MqttFetcher(FetcherInterface):
             self._forget(pending)
 
     def _receive(self, path: str, answers: queue.Queue[Reply], pending: dict[str, int], pieces: _Pieces) -> int:
-        try:
-            reply = answers.get(timeout=self.timeout)
-        except queue.Empty:
-            raise DownloadError(f"no reply for {path} at offset {pieces.next} within {self.timeout} s") from None
-        offset = pending.pop(reply.correlation_id)
+        while True:
+            try:
+                reply = answers.get(timeout=self.timeout)
+            except queue.Empty:
+                raise DownloadError(f"no reply for {path} at offset {pieces.next} within {self.timeout} s") from None
+            offset = pending.pop(reply.correlation_id, None)
+            if offset is not None:
+                break
+            # a second answer to a request already answered (two services answering, a QoS 1 redelivery): drop it
+        self._forget([reply.correlation_id])
         if not reply.ok:
             if reply.error == "not-found":
                 raise DownloadHTTPError(f"{path} not found", 404)
@@ -405,6 +420,13 @@ def _complete_length(part: Path, length_file: Path) -> int:
     if not text.isdigit() or int(text) > size:
         return 0
     return int(text)
+
+
+def _checkpoint(fh: Any, length_file: Path, done: int) -> None:
+    """Make the first ``done`` bytes of the partial file durable, then record that they are complete."""
+    fh.flush()
+    os.fsync(fh.fileno())
+    atomic_write_bytes(length_file, str(done).encode("ascii"))
 
 
 def _remove(*paths: Path) -> None:

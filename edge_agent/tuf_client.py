@@ -57,6 +57,9 @@ class VerifiedBundle:
         version: Model version.
         target: Compile target.
         sha256: The bundle's signed sha256.
+        checked: True when the fetch itself checked the file against its signed hash and every member
+            against the manifest (as :meth:`TufClient.fetch` does), so that an update may skip checking
+            the same file again in the same run; False (the default) for a fetch that promises less.
     """
 
     path: Path
@@ -64,6 +67,7 @@ class VerifiedBundle:
     version: str
     target: str
     sha256: str
+    checked: bool = False
 
 
 def _translate(exc: Exception, phase: str, what: str) -> UpdateVerificationError:
@@ -142,7 +146,7 @@ class TufClient:
             os.replace(partial, final)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        return VerifiedBundle(final, name, version, target, info.hashes["sha256"])
+        return VerifiedBundle(final, name, version, target, info.hashes["sha256"], checked=True)
 
 
 def _check_manifest(path: Path, custom: dict[str, Any], what: str) -> None:

@@ -70,6 +70,10 @@ class UpdateContext:
         candidate: The new model once loaded (by the smoke test), until it serves or is dropped.
         interrupt: Returns a reason to end probation with a rollback now (e.g. the fleet aborted the
             rollout), or None.
+        fetched: The download this run fetched (in memory only: after a restart it is None, and VERIFY
+            checks the file on disk in full).
+        staged: The slot this run staged (in memory only, like ``fetched``): the smoke test loads it
+            without hashing it again; after a restart it checks the slot against the record first.
     """
 
     record: UpdateRecord
@@ -83,6 +87,8 @@ class UpdateContext:
     poll_s: float = 0.05
     candidate: LoadedModel | None = None
     interrupt: Callable[[], str | None] | None = None  # a reason to stop probation now (the fleet said so)
+    fetched: VerifiedBundle | None = None
+    staged: SlotInfo | None = None
 
     def save(self) -> None:
         self.store.save(self.record)
@@ -121,8 +127,7 @@ def notified(ctx: UpdateContext) -> Event:
     r.active_slot = active.slot if active else None
     r.previous_version = active.version if active else None
     r.previous_manifest_sha256 = active.manifest_sha256 if active else None
-    ctx.save()
-    return Event.OK
+    return Event.OK  # persisted with the next state, before its step runs (this step is cheap to redo)
 
 
 def download(ctx: UpdateContext) -> Event:
@@ -137,21 +142,28 @@ def download(ctx: UpdateContext) -> Event:
         return ctx.fail(f"verification failed ({exc.kind}): {exc.message}")
     except EdgeMLError as exc:
         return ctx.fail(f"download failed: {exc.message}")
-    _make_durable(got.path)  # before the record says it is downloaded
+    _make_durable(got.path)  # before the record (persisted on entering VERIFY) says it is downloaded
     r.bundle_path, r.bundle_sha256 = str(got.path), got.sha256
-    ctx.save()
+    ctx.fetched = got
     return Event.OK
 
 
 def verify(ctx: UpdateContext) -> Event:
-    """Re-check the download against its signed hash, every member's hash, and the request."""
+    """Re-check the download against its signed hash, every member's hash, and the request.
+
+    A bundle this run's fetch has just checked (``VerifiedBundle.checked``) is not hashed again: only its
+    manifest is read. After a restart (and for a fetch that does not check) everything is re-checked.
+    """
     r = ctx.record
     assert r.bundle_path is not None and r.bundle_sha256 is not None, "downloaded before verify"
-    if sha256_file(r.bundle_path) != r.bundle_sha256:
+    got = ctx.fetched
+    checked = got is not None and got.checked and (str(got.path), got.sha256) == (r.bundle_path, r.bundle_sha256)
+    if not checked and sha256_file(r.bundle_path) != r.bundle_sha256:
         return ctx.fail("verification failed: the downloaded bundle differs from its signed sha256")
     try:
         with Bundle(r.bundle_path) as bundle:
-            bundle.verify()
+            if not checked:
+                bundle.verify()
             m = bundle.manifest
     except EdgeMLError as exc:
         return ctx.fail(f"verification failed: {exc.message}")
@@ -171,7 +183,7 @@ def stage(ctx: UpdateContext) -> Event:
     except EdgeMLError as exc:
         return ctx.fail(f"staging failed: {exc.message}")
     r.candidate_slot, r.manifest_sha256 = slot, info.manifest_sha256
-    ctx.save()
+    ctx.staged = info  # extracted with every hash checked; persisted on entering SMOKE_TEST
     return Event.OK
 
 
@@ -179,7 +191,8 @@ def smoke_test(ctx: UpdateContext) -> Event:
     """Load the staged model, check its golden vectors, and measure the baseline the probation judges by."""
     info = ctx.candidate_info()
     try:
-        ctx.slots.verify(info)
+        if ctx.staged != info:  # staged before a restart: check the slot against the record first
+            ctx.slots.verify(info)
         ctx.drop_candidate()
         ctx.candidate = load_model(ctx.slots.path(info.slot), info.slot, threads=ctx.threads)
         inputs, expected = _golden(ctx.slots.path(info.slot), ctx.candidate)
@@ -193,8 +206,7 @@ def smoke_test(ctx: UpdateContext) -> Event:
         ctx.drop_candidate()
         return ctx.fail(f"smoke test: golden vectors: {reason}")
     ctx.record.baseline = _baseline(ctx, ctx.candidate, inputs, next(iter(actual.values())))
-    ctx.save()
-    return Event.OK
+    return Event.OK  # the baseline is persisted on entering SWITCH
 
 
 def _make_durable(path: Path) -> None:

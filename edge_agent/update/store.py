@@ -132,9 +132,10 @@ class UpdateRecord:
         return [State.NOTIFIED.value, *(h[2] for h in self.history)]
 
     def to_json(self) -> bytes:
-        # a shallow dict: dataclasses.asdict deep-copies every list and dict first (~1 ms a save, ~12 saves an update)
-        doc = {f.name: getattr(self, f.name) for f in fields(self)}
-        return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
+        # a shallow dict: dataclasses.asdict deep-copies every list and dict first; and no ``indent``: with it
+        # json uses its pure-Python encoder, ~10x slower than the C one (~0.6 ms a save, a save per state)
+        doc = {f.name: getattr(self, f.name) for f in _FIELDS}
+        return (json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n").encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> UpdateRecord:
@@ -153,6 +154,9 @@ class UpdateRecord:
             raise StorageError(f"the update record is not readable: {exc}",
                                hint="remove it to forget the update; the active slot keeps serving") from exc
         return record
+
+
+_FIELDS = fields(UpdateRecord)
 
 
 class RecordStore:

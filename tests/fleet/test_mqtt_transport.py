@@ -96,6 +96,17 @@ def test_a_1_mb_bundle_travels_in_chunks(registry: Registry, make_bundle: MakeBu
           f"({-(-size // MAX_CHUNK)} chunks of {MAX_CHUNK} B)")
 
 
+def test_two_services_answering_every_request_are_harmless(registry: Registry, make_bundle: MakeBundle,
+                                                          device: TufClient, broker_port: int) -> None:
+    """Every request answered twice (a second, unshared service; or a QoS 1 redelivery): the duplicates are
+    dropped and the file arrives whole."""
+    published = registry.publish(make_bundle("1.0.0", payload=os.urandom(300_000)))
+    with DistributionService(registry.dir, "127.0.0.1", broker_port) as second:
+        got = device.fetch("digits", "1.0.0", "onnx-fp32")
+        assert second.served_bytes >= published.length  # it did answer too
+    assert hashlib.sha256(got.path.read_bytes()).hexdigest() == published.sha256
+
+
 @pytest.mark.parametrize(("params", "error"), [
     ({"path": "targets/../../offline-keys/root-1.pem", "offset": 0, "length": 10}, "bad-request"),
     ({"path": "/etc/passwd", "offset": 0, "length": 10}, "bad-request"),
