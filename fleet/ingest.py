@@ -6,8 +6,10 @@ topic, checks each message (:func:`check_message`), and hands it to a writer thr
 ``flush_ms``), so the MQTT network thread never waits on the database. After a batch commits, the worker
 sends each of its devices a ``telemetry-ack`` :class:`~edgeml.protocol.Command` carrying the device's
 contiguous high (every seq up to it is stored): the device may then drop those entries from its outbox.
-A device that resends entries already stored gets the acknowledgement again, so its outbox drains even
-when an earlier ack was lost. The worker acknowledges each MQTT message to the broker (PUBACK) only after
+A device is sent at most one ack per ``ack_interval_s``: a device that reports fast gets one ack for all
+its rows committed meanwhile, as soon as its interval has passed (at stop, at once). A device that
+resends entries already stored gets the acknowledgement again, so its outbox drains even when an earlier
+ack was lost. The worker acknowledges each MQTT message to the broker (PUBACK) only after
 its row is committed too, so that with a persistent session (``client_id`` given) the broker redelivers
 what the worker had not stored when it died or lost its connection.
 
@@ -46,7 +48,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -93,11 +95,13 @@ class IngestSettings:
     reconnect_min_s: float = 0.5  # first reconnect delay after the connection drops, in seconds
     reconnect_max_s: float = 10.0  # longest reconnect delay, in seconds
     retry_max_s: float = 5.0  # longest wait between retries of a batch the database refused, in seconds
+    ack_interval_s: float = 0.2  # shortest time between two acks to one device; a newer high waits that long
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.flush_ms < 0 or self.receive_maximum < 1:
-            raise ConfigError(f"ingest settings: need batch_size >= 1, flush_ms >= 0 and receive_maximum >= 1, got "
-                              f"{self.batch_size}, {self.flush_ms}, {self.receive_maximum}")
+        if self.batch_size < 1 or self.flush_ms < 0 or self.receive_maximum < 1 or self.ack_interval_s < 0:
+            raise ConfigError(f"ingest settings: need batch_size >= 1, flush_ms >= 0, receive_maximum >= 1 and "
+                              f"ack_interval_s >= 0, got {self.batch_size}, {self.flush_ms}, {self.receive_maximum}, "
+                              f"{self.ack_interval_s}")
 
 
 class RejectedMessage(ProtocolError):
@@ -137,8 +141,7 @@ def check_message(topic: str, payload: bytes | bytearray) -> Telemetry | State:
     return message
 
 
-@dataclass(frozen=True)
-class _Item:
+class _Item(NamedTuple):  # a tuple: one is made per message on the network thread
     message: Telemetry | State
     retained: bool
     token: tuple[int, int, int]  # (connection generation, mid, qos): the PUBACK owed once stored
@@ -197,6 +200,9 @@ class IngestWorker:
         self._subscribed = threading.Event()
         self._subscribe_error: str | None = None
         self._acked: dict[str, int] = {}  # device -> highest seq this worker acknowledged
+        self._acked_at: dict[str, float] = {}  # device -> time.monotonic() of its latest ack
+        self._ack_due: dict[str, int] = {}  # device -> high to acknowledge once its ack interval has passed
+        self._next_ack = float("inf")  # time.monotonic() when the first of them is due
         self._enrolled: dict[str, bool] = {}
         self._enrolled_at = float("-inf")
         self._stopping = threading.Event()
@@ -325,7 +331,8 @@ class IngestWorker:
             _log.exception("ingest: unexpected failure on a message from %r", msg.topic)
             self._reject("internal", token, repr(exc))
             return
-        self._count(**({"received": 1} if isinstance(message, Telemetry) else {"states": 1}))
+        with self._lock:
+            self._counts["received" if isinstance(message, Telemetry) else "states"] += 1
         self._queue.put(_Item(message, bool(msg.retain), token))
 
     # --- writer thread ------------------------------------------------------------------------------------
@@ -334,17 +341,20 @@ class IngestWorker:
         batch: list[_Item] = []
         deadline = 0.0
         while True:
+            wake = min(deadline if batch else float("inf"), self._next_ack)
             try:
-                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()) if batch else None)
+                item = self._queue.get(timeout=None if wake == float("inf") else max(0.0, wake - time.monotonic()))
             except queue.Empty:
                 item = None
             if item is not None and item is not _STOP:
                 if not batch:
                     deadline = time.monotonic() + self.settings.flush_ms / 1000
                 batch.append(item)
-            if batch and (item is None or item is _STOP or len(batch) >= self.settings.batch_size):
+            if batch and ((item is None and time.monotonic() >= deadline) or item is _STOP
+                          or len(batch) >= self.settings.batch_size):
                 self._flush(batch)
                 batch = []
+            self._send_due_acks(stopping=item is _STOP)
             if item is _STOP:
                 return
 
@@ -375,7 +385,9 @@ class IngestWorker:
         repeated = {r.device_id for r in rows if (r.device_id, r.seq) not in result.inserted}
         for device_id, high in result.highs.items():
             if high is not None and (high > self._acked.get(device_id, -1) or device_id in repeated):
-                self._send_ack(device_id, high)
+                self._ack_due[device_id] = max(high, self._ack_due.get(device_id, -1))
+                due = self._acked_at.get(device_id, float("-inf")) + self.settings.ack_interval_s
+                self._next_ack = min(self._next_ack, due)
         for item in keep:
             self._puback(item.token)
 
@@ -398,8 +410,20 @@ class IngestWorker:
                 keep.append(item)
         return keep
 
+    def _send_due_acks(self, stopping: bool = False) -> None:
+        """Acknowledge each device whose last ack is at least ``ack_interval_s`` old (every one when stopping):
+        a device sending fast gets one ack per interval for all its rows stored meanwhile."""
+        now = time.monotonic()
+        if not self._ack_due or (now < self._next_ack and not stopping):
+            return
+        interval, last = self.settings.ack_interval_s, self._acked_at
+        for device_id in [d for d in self._ack_due if stopping or now - last.get(d, float("-inf")) >= interval]:
+            self._send_ack(device_id, self._ack_due.pop(device_id))
+        self._next_ack = min((last[d] + interval for d in self._ack_due), default=float("inf"))
+
     def _send_ack(self, device_id: str, high: int) -> None:
         command = Command(id=uuid.uuid4().hex, type="telemetry-ack", args={"seq": high}, issued_at=time.time())
         self._client.publish(device_topic(device_id, "commands"), command.to_bytes(), qos=1)
         self._acked[device_id] = max(high, self._acked.get(device_id, -1))
+        self._acked_at[device_id] = time.monotonic()
         self._count(acks=1)
