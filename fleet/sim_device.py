@@ -1,0 +1,436 @@
+"""One simulated device (:class:`SimDevice`) and the stand-in runtime (:class:`SimRuntime`) of the fleet
+simulator; :mod:`edgeml.fleet.simulate` runs many of them and says what differs from the real agent."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+
+from edgeml.bundle import MANIFEST_NAME, Manifest
+from edgeml.edge_agent import serving
+from edgeml.edge_agent.device_messages import ack_seq, event_payload, rollback_reason, state_message, update_request
+from edgeml.edge_agent.mqtt_fetcher import METADATA_URL, TARGETS_URL, MqttFetcher
+from edgeml.edge_agent.outbox import Outbox
+from edgeml.edge_agent.runtimes.base import RUNTIMES, Runtime
+from edgeml.edge_agent.telemetry import Aggregator, TelemetrySender
+from edgeml.edge_agent.tuf_client import TufClient, VerifiedBundle
+from edgeml.edge_agent.update.machine import UpdateMachine
+from edgeml.edge_agent.update.states import State
+from edgeml.edge_agent.update.store import UpdateRecord, UpdateRequest
+from edgeml.errors import ConfigError, EdgeMLError, RuntimeBackendError
+from edgeml.fleet.sim_knobs import DeviceProfile
+from edgeml.protocol import Command, ProtocolError, device_topic, parse
+
+if TYPE_CHECKING:
+    from edgeml.fleet.simulate import Simulator
+
+__all__ = ["SimDevice", "SimRuntime"]
+
+_log = logging.getLogger(__name__)
+RUNTIMES.setdefault("sim", "edgeml.fleet.sim_device:SimRuntime")  # bundles may name the stand-in directly
+
+
+class SimRuntime(Runtime):
+    """The stand-in runtime: sleeps ``latency_ms`` per call and answers with the bundle's golden outputs.
+
+    A golden input row gets its golden output row; any other row a golden output row chosen by a hash of
+    its bytes; a bundle without golden vectors gets zeros of the manifest's output shapes. The model file
+    itself is never read (it only has to exist).
+    """
+
+    name = "sim"
+
+    def __init__(self, model_path: str | Path, *, threads: int = 0, latency_ms: float = 2.0, **options: Any) -> None:
+        super().__init__(model_path, threads=threads, **options)
+        self.latency_s = latency_ms / 1000.0
+        self._rows: dict[bytes, int] = {}
+        self._golden: dict[str, np.ndarray] = {}
+        self._manifest: Manifest | None = None
+
+    def _load_impl(self) -> None:
+        slot = self.model_path.parent
+        self._manifest = Manifest.from_dict(json.loads((slot / MANIFEST_NAME).read_bytes()))
+        golden = self._manifest.golden
+        if golden:
+            with np.load(slot / golden["file"]) as data:
+                first = next(data[k] for k in data.files if k.startswith("in:"))
+                self._golden = {k[4:]: data[k] for k in data.files if k.startswith("out:")}
+            self._rows = {np.ascontiguousarray(row).tobytes(): i for i, row in enumerate(first)}
+
+    def _infer_impl(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.latency_s > 0 and not getattr(_live, "on", False):  # live traffic records it instead
+            time.sleep(self.latency_s)
+        first = np.asarray(next(iter(inputs.values())))
+        batch = len(first) if first.ndim else 1
+        assert self._manifest is not None
+        if not self._golden:
+            return {s.name: np.zeros((batch, *[d if isinstance(d, int) else 1 for d in s.shape[1:]]), s.dtype)
+                    for s in self._manifest.outputs}
+        n = len(self._rows) or 1
+        index = [self._rows.get(raw, int.from_bytes(hashlib.blake2b(raw, digest_size=4).digest(), "big") % n)
+                 for raw in (np.ascontiguousarray(row).tobytes() for row in first.reshape(batch, -1))]
+        return {name: out[index] for name, out in self._golden.items()}
+
+
+_live = threading.local()  # set while a device's synthetic traffic runs (the "errors" fault hits only that)
+
+
+class _DeviceRuntime(Runtime):
+    """A device's runtime (stand-in or real) with the device's faults applied on misbehaving versions."""
+
+    def __init__(self, inner: Runtime, device: SimDevice) -> None:
+        super().__init__(inner.model_path, threads=inner.threads)
+        self.inner, self.device = inner, device
+        self.name = inner.name
+        self.faults: frozenset[str] = frozenset()
+
+    def _load_impl(self) -> None:
+        self.inner.load()
+        manifest = json.loads((self.model_path.parent / MANIFEST_NAME).read_bytes())
+        self.faults = self.device.faults_for(str(manifest.get("version")))
+
+    def fixed_batch(self) -> int | None:
+        return self.inner.fixed_batch()
+
+    @property
+    def nominal_s(self) -> float | None:
+        """The stand-in's latency per call on this device and version (None for a real runtime)."""
+        if not isinstance(self.inner, SimRuntime):
+            return None
+        return self.inner.latency_s * (self.device.sim.knobs.slow_factor if "slow" in self.faults else 1.0)
+
+    def _infer_impl(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        outputs = self.inner.infer(inputs)
+        knobs, live = self.device.sim.knobs, getattr(_live, "on", False)
+        if "slow" in self.faults and not (live and self.nominal_s is not None):
+            time.sleep((time.perf_counter() - start) * (knobs.slow_factor - 1.0))
+        if "fail" in self.faults and knobs.fail_mode == "errors" and live:
+            raise RuntimeBackendError("simulated fault: this version fails on live data")
+        if "fail" in self.faults and knobs.fail_mode == "smoke" and not live:
+            outputs = {k: np.roll(v, 1, axis=-1) + 1.0 for k, v in outputs.items()}
+        return outputs
+
+    def _unload_impl(self) -> None:
+        self.inner.unload()
+
+
+_devices_by_dir: dict[Path, SimDevice] = {}  # state directory -> simulated device (the runtime routing)
+_original_open_runtime = serving.open_runtime
+
+
+def _open_runtime(name: str, model_path: str | Path, *, threads: int = 0, **options: Any) -> Runtime:
+    """:func:`serving.open_runtime` for every model; a simulated device's model gets its device runtime."""
+    path = Path(model_path)
+    device = next((_devices_by_dir[p] for p in path.parents if p in _devices_by_dir), None)
+    if device is None:
+        return _original_open_runtime(name, model_path, threads=threads, **options)
+    knobs = device.sim.knobs
+    inner = SimRuntime(path, threads=threads, latency_ms=knobs.latency_ms) if knobs.standin \
+        else _original_open_runtime(name, model_path, threads=threads, **options)
+    return _DeviceRuntime(inner, device)
+
+
+class _Stopped(Exception):
+    """The simulator stops: an update stops where it is (its record resumes it, as after a power cut)."""
+
+
+@dataclass
+class _Clock:
+    stopping: threading.Event
+
+    def time(self) -> float:
+        return time.time()
+
+    def sleep(self, seconds: float) -> None:
+        if self.stopping.wait(seconds):
+            raise _Stopped
+
+
+class SimDevice:
+    """One simulated device (see the module docstring for what differs from the real agent).
+
+    Args:
+        profile: Its identity and faults.
+        sim: The simulator it belongs to (broker, trusted root, knobs, shared pools).
+    """
+
+    def __init__(self, profile: DeviceProfile, sim: Simulator) -> None:
+        self.profile, self.sim = profile, sim
+        self.device_id = profile.device_id
+        self.state_dir = (sim.workdir / self.device_id).absolute()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        _devices_by_dir[self.state_dir] = self
+        self.host = serving.ModelHost([self._observe])
+        self.machine = UpdateMachine(self.state_dir, self.host, self._fetch, clock=sim.clock, drift=self.drift,
+                                     on_transition=self._on_transition, poll_s=sim.knobs.poll_s)
+        self.aggregator = Aggregator()
+        self.outbox = Outbox(self.state_dir / "telemetry.sqlite", self.device_id)
+        self.client = self._mqtt_client()
+        self.sender = TelemetrySender(self.client, self.device_id, self.outbox)
+        self.connected = threading.Event()
+        self.updating = False
+        self.outcomes: list[dict[str, Any]] = []  # terminal update events, in order
+        self._fetcher: MqttFetcher | None = None
+        self._pending: list[tuple[Command, UpdateRequest]] = []
+        self._lock = threading.Lock()
+        self._inputs: tuple[str, dict[str, np.ndarray]] | None = None
+        self._row = 0
+        self._owed = 0.0
+        self._busy = False
+
+    # --- connection and state ---------------------------------------------------------------------------
+
+    def _mqtt_client(self) -> mqtt.Client:
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.device_id, clean_session=False)
+        offline = state_message(self.device_id, "offline", None, self.capabilities(), False)
+        client.will_set(device_topic(self.device_id, "state"), offline.to_bytes(), qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = lambda *a: self.connected.clear()
+        client.message_callback_add(device_topic(self.device_id, "commands"), self._on_command)
+        return client
+
+    def capabilities(self) -> dict[str, Any]:
+        """The capabilities it reports (with its tags under ``"tags"``)."""
+        return {**self.profile.capabilities.to_dict(), "tags": dict(self.profile.tags)}
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            _log.error("%s: the broker refused the connection: %s", self.device_id, reason)
+            return
+        client.subscribe(device_topic(self.device_id, "commands"), qos=1)
+        self.connected.set()
+        self.publish_state()
+        self.sender.on_connect()
+
+    def status(self) -> str:
+        """``updating``, ``serving`` or ``idle``, as the agent reports it."""
+        return "updating" if self.updating else "serving" if self.host.active is not None else "idle"
+
+    def publish_state(self, status: str | None = None) -> None:
+        """Publish the retained state message."""
+        message = state_message(self.device_id, status or self.status(), self.host.active, self.capabilities(), True)
+        self.client.publish(device_topic(self.device_id, "state"), message.to_bytes(), qos=1, retain=True)
+
+    def event(self, kind: str, **fields: Any) -> None:
+        """Publish an event on the device's events topic."""
+        self.client.publish(device_topic(self.device_id, "events"), event_payload(self.device_id, kind, **fields),
+                            qos=1)
+
+    # --- commands -----------------------------------------------------------------------------------------
+
+    def _on_command(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            command = parse("command", bytes(msg.payload))
+            assert isinstance(command, Command)
+            self.handle(command)
+        except ProtocolError as exc:
+            self.event("rejected", reason=str(exc)[:500], suppressed=0)
+        except Exception:
+            _log.exception("%s: command handling failed", self.device_id)
+            self.event("rejected", reason="internal error", suppressed=0)
+
+    def handle(self, command: Command) -> None:
+        """Act on one validated command, as the agent does (never blocks on an update).
+
+        Raises:
+            ProtocolError: Its arguments are malformed.
+        """
+        if command.type == "telemetry-ack":
+            self.sender.on_ack(ack_seq(command))
+        elif command.type == "ping":
+            self.event("pong", id=command.id)
+        elif command.type == "update":
+            self._accept_update(command)
+        elif command.type == "rollback":
+            self.event("rollback", id=command.id, accepted=self.machine.request_rollback(rollback_reason(command)))
+        elif command.type == "capture":
+            self.event("capture", id=command.id, entries=0, bytes=0)
+
+    def _accept_update(self, command: Command) -> None:
+        request = update_request(command)
+        runtime = command.args.get("runtime")
+        why = self.profile.capabilities.incompatibility(runtime) if isinstance(runtime, dict) else None
+        if why is not None:
+            self._update_event(request, "incompatible", reason=why)
+            return
+        with self._lock:
+            self._pending.append((command, request))
+            if self.updating:
+                return
+            self.updating = True
+        threading.Thread(target=self._update_worker, name=f"sim-update-{self.device_id}", daemon=True).start()
+
+    def _update_event(self, request: UpdateRequest, state: str, **fields: Any) -> None:
+        self.event("update", id=request.id, rollout=request.rollout, model=request.model, version=request.version,
+                   target=request.target, state=state, **fields)
+
+    # --- updates ----------------------------------------------------------------------------------------
+
+    def _update_worker(self) -> None:
+        while True:
+            with self._lock:
+                if not self._pending or self.sim.stopping.is_set():
+                    self._pending.clear()
+                    self.updating = False
+                    break
+                command, request = self._pending.pop(0)
+            try:
+                self._listen_broadcast(command)
+                self.machine.start(request)
+            except ConfigError as exc:
+                self._update_event(request, "busy", reason=exc.message)
+            except _Stopped:  # the record resumes the update if this state directory is used again
+                break
+            except Exception:
+                _log.exception("%s: the update failed", self.device_id)
+        self.publish_state()
+
+    def _ensure_fetcher(self) -> MqttFetcher:
+        if self._fetcher is None:
+            if not self.connected.wait(30):
+                raise EdgeMLError("not connected to the broker; the download will be retried")
+            self._fetcher = MqttFetcher(self.client, self.device_id, timeout=30, partial_dir=self.state_dir / "partial")
+        return self._fetcher
+
+    def _listen_broadcast(self, command: Command) -> None:
+        hint = command.args.get("broadcast")
+        if not isinstance(hint, dict):
+            if self._fetcher is not None:
+                self._fetcher.broadcast = None
+            return
+        rollout, path = hint.get("rollout"), hint.get("path")
+        if isinstance(rollout, str) and isinstance(path, str):
+            try:
+                fetcher = self._ensure_fetcher()
+                fetcher.broadcast = rollout
+                fetcher.listen(rollout, path)
+            except Exception as exc:  # only a hint: the fetch falls back to get requests
+                _log.warning("%s: cannot listen to broadcast %s: %s", self.device_id, rollout, exc)
+
+    def _fetch(self, name: str, version: str, target: str) -> VerifiedBundle:
+        with self.sim.fetch_slots:
+            tuf = TufClient(self.sim.root, self.state_dir / "tuf", self.state_dir / "downloads", METADATA_URL,
+                            TARGETS_URL, fetcher=self._ensure_fetcher())
+            return tuf.fetch(name, version, target)
+
+    def _on_transition(self, record: UpdateRecord, frm: State | None, event: str, to: State) -> None:
+        doc = {"id": record.id, "rollout": record.rollout, "model": record.model, "version": record.version,
+               "target": record.target, "state": to.value, "event": event, "reason": record.reason}
+        self.event("update", **doc)
+        if to in (State.COMMITTED, State.ROLLED_BACK, State.FAILED):
+            self.outcomes.append(doc)
+        if to in (State.SWITCH, State.COMMITTED, State.ROLLED_BACK, State.FAILED):
+            self.publish_state()
+
+    def faults_for(self, version: str) -> frozenset[str]:
+        """The faults this device shows on ``version``."""
+        bad = self.sim.knobs.bad_versions
+        return self.profile.faults if not bad or version in bad else frozenset()
+
+    def drift(self, version: str) -> float | None:
+        """The drift score of ``version`` for the health judge (None before its first request)."""
+        if self.host.stats(version).requests == 0:
+            return None
+        return self.sim.knobs.drift_score if "drift" in self.faults_for(version) else 0.0
+
+    # --- traffic and telemetry ------------------------------------------------------------------------
+
+    def _observe(self, version: str, inputs: Mapping[str, np.ndarray], outputs: dict[str, np.ndarray] | None,
+                 latency_s: float, ok: bool) -> None:
+        self.aggregator.record(latency_s, ok)
+
+    def owe(self, requests: float) -> int:
+        """Add ``requests`` owed (fractions carry over); the whole number to serve now (0 while busy)."""
+        if self.host.active is None:
+            self._owed = 0.0
+            return 0
+        self._owed += requests
+        if self._busy or self._owed < 1:
+            return 0
+        count, self._owed = int(self._owed), self._owed - int(self._owed)
+        self._busy = True
+        return count
+
+    def serve(self, count: int) -> None:
+        """Send ``count`` synthetic requests (golden inputs, one row each) to the active model.
+
+        With the real runtime each goes through :meth:`ModelHost.predict` (wall-clock latency). With the
+        stand-in, the request runs without sleeping and its nominal latency (the fixed latency, times the
+        slow factor on a slow device) is recorded in the same health numbers: many devices share one
+        interpreter here, and their wall-clock tail would measure the simulator's load, not the device's.
+        """
+        _live.on = True
+        try:
+            for _ in range(count):
+                active = self.host.active
+                if active is None:
+                    return
+                feeds = self._feeds(active)
+                runtime = active.runtime
+                if isinstance(runtime, _DeviceRuntime) and runtime.nominal_s is not None:
+                    self._serve_virtual(active, runtime.nominal_s, feeds)
+                else:
+                    with contextlib.suppress(EdgeMLError):  # an error is counted by the host
+                        self.host.predict(feeds)
+        finally:
+            _live.on = False
+            self._busy = False
+
+    def _serve_virtual(self, model: serving.LoadedModel, latency_s: float, feeds: dict[str, np.ndarray]) -> None:
+        try:
+            first: np.ndarray | None = next(iter(model.infer(feeds).values()))
+        except EdgeMLError:
+            first = None
+        self.host.stats(model.version).record(latency_s, first is not None, first)
+        self.aggregator.record(latency_s, first is not None)
+
+    def _feeds(self, active: serving.LoadedModel) -> dict[str, np.ndarray]:
+        cached = self._inputs
+        if cached is None or cached[0] != active.version:
+            manifest, feeds = active.manifest, {}
+            golden = manifest.golden
+            if golden:
+                with np.load(self.machine.slots.path(active.slot) / golden["file"]) as data:
+                    feeds = {k[3:]: data[k] for k in data.files if k.startswith("in:")}
+            if not feeds:
+                feeds = {s.name: np.zeros((1, *[d if isinstance(d, int) else 1 for d in s.shape[1:]]), s.dtype)
+                         for s in manifest.inputs}
+            cached = self._inputs = (active.version, feeds)
+            self._row = 0
+        feeds = cached[1]
+        n = len(next(iter(feeds.values())))
+        self._row = (self._row + 1) % n
+        return {k: v[self._row:self._row + 1] for k, v in feeds.items()}
+
+    def report(self) -> None:
+        """Append this interval's metrics to the outbox and send what may be sent."""
+        active = self.host.active
+        version = active.version if active else None
+        score = self.drift(version) if version else None
+        extra = {"model": active.manifest.name if active else None, "version": version,
+                 "slot": active.slot if active else None, "status": self.status(),
+                 "drift": None if score is None else {"score": score, "flagged": score > 0},
+                 "dropped": self.outbox.dropped, "captured": 0, "simulated": True, "runtime": self.sim.label}
+        self.sender.submit(self.aggregator.snapshot_and_reset(extra=extra))
+
+    def close(self) -> None:
+        """Say offline, disconnect and release everything (the state directory stays)."""
+        self.publish_state("offline")
+        self.client.disconnect()
+        self.host.close()
+        self.outbox.close()
+        _devices_by_dir.pop(self.state_dir, None)
+
+
