@@ -30,12 +30,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import paho.mqtt.client as mqtt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.fleet.mosquitto: the test broker
 
-from edgeml.bundle import Manifest, TensorSpec, write_bundle
+from benchmarks._common import golden_bundle, rss_mib, service_process, write_broker_conf
 from edgeml.fleet.distribution import DistributionService
 from edgeml.fleet.registry import init_registry
 from edgeml.fleet.simulate import Knobs, Simulator
@@ -44,24 +43,6 @@ from tests.fleet.mosquitto import run_mosquitto
 
 GOAL_S_1000 = 15.0
 THRESHOLDS = {"probation_s": 0.0, "min_requests": 0, "smoke_latency_budget_s": 0.0}
-
-
-def _bundle(work: Path, size: int) -> Path:
-    src = work / "src"
-    src.mkdir()
-    (src / "model.onnx").write_bytes(os.urandom(size))
-    x = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
-    np.savez(src / "golden.npz", **{"in:input": x, "out:output": x[:, :2] * 2})
-    manifest = Manifest(
-        name="bench", version="1.0.0", target="onnx",
-        runtime={"name": "onnxruntime", "min_version": "1.17", "precision": "fp32", "build": None},
-        model={"file": "model.onnx", "format": "onnx"}, inputs=(TensorSpec("input", ("batch", 4), "float32"),),
-        outputs=(TensorSpec("output", ("batch", 2), "float32"),),
-        golden={"file": "golden.npz", "count": 8, "atol": 1e-4, "rtol": 0.0, "top1": True},
-        created="2026-01-01T00:00:00+00:00")
-    dest = work / manifest.filename
-    write_bundle(dest, manifest, {"model.onnx": src / "model.onnx", "golden.npz": src / "golden.npz"})
-    return dest
 
 
 class _Counter:
@@ -98,37 +79,21 @@ class _Counter:
         self.client.loop_stop()
 
 
-def _rss_mib(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/statm") as fh:
-            total += int(fh.read().split()[1])
-    return total * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _service_process(registry_dir: str, port: int, stop: Any) -> None:
-    with DistributionService(Path(registry_dir), "127.0.0.1", port, share_group="dist"):
-        stop.wait()
-
-
 def run(devices: int, processes: int, size: int, fetch_concurrency: int) -> dict[str, Any]:
     """One rollout to ``devices`` simulated devices; returns the measurements."""
     work = Path(tempfile.mkdtemp(prefix="edgeml-sim-bench-"))
     work.chmod(0o755)
     try:
-        (work / "broker").mkdir()
-        (work / "broker" / "mosquitto.conf").write_text(
-            "listener 1883\nallow_anonymous true\nset_tcp_nodelay true\nmax_queued_messages 100000\n"
-            "max_inflight_messages 100\n")
+        write_broker_conf(work / "broker")
         registry = init_registry(work / "registry")
-        registry.publish(_bundle(work, size))
+        registry.publish(golden_bundle(work, size))
         path = str(next(registry.targets_dir.rglob("*.edgeml")).relative_to(registry.dir / "repository"))
         bundle_bytes = (registry.dir / "repository" / path).stat().st_size
         root = (registry.metadata_dir / "1.root.json").read_bytes()
         with run_mosquitto(work / "broker") as port:
             ctx = mp.get_context("spawn")
             stop = ctx.Event()
-            helper = ctx.Process(target=_service_process, args=(str(registry.dir), port, stop), daemon=True)
+            helper = ctx.Process(target=service_process, args=(str(registry.dir), port, stop), daemon=True)
             helper.start()  # a second service in its own process takes half of the get requests
             try:
                 with DistributionService(registry.dir, "127.0.0.1", port, share_group="dist") as service:
@@ -146,13 +111,13 @@ def _rollout(devices: int, processes: int, port: int, root: bytes, service: Dist
              fetch_concurrency: int) -> dict[str, Any]:
     knobs = Knobs(rps=1.0, telemetry_interval_s=30.0, fetch_concurrency=fetch_concurrency, latency_ms=1.0)
     operator = _Counter(port)
-    before = _rss_mib([os.getpid()])
+    before = rss_mib([os.getpid()])
     t0 = time.monotonic()
     sim = Simulator("127.0.0.1", port, root, devices, knobs, processes=processes, prefix="b")
     sim.start(timeout=300)
     connect_s = time.monotonic() - t0
     pids = [c.pid for c in sim._children] if processes > 1 else [os.getpid()]
-    idle = _rss_mib(pids) - (0 if processes > 1 else before)
+    idle = rss_mib(pids) - (0 if processes > 1 else before)
     try:
         start = time.monotonic()
         service.broadcast("bench-r1", [path])
@@ -161,7 +126,7 @@ def _rollout(devices: int, processes: int, port: int, root: bytes, service: Dist
                           thresholds=THRESHOLDS, broadcast={"rollout": "bench-r1", "path": path})
         operator.wait(devices, timeout=600)
         ends = [t for _, t in operator.ends.values()]
-        loaded = _rss_mib(pids) - (0 if processes > 1 else before)
+        loaded = rss_mib(pids) - (0 if processes > 1 else before)
     finally:
         summary = sim.stop()
         operator.close()
