@@ -169,6 +169,17 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[Any, Any, dict[str, Any]], None]], .
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    """SQLite for several fleet processes: write-ahead logging (readers never block the writer, one fsync a
+    commit; ``synchronous=FULL`` keeps every commit across a power loss, which the rollout controller's
+    "decided, then sent" needs), and a writer waits up to 30 s for another instead of failing at once. WAL needs
+    a local filesystem: put a registry shared over NFS on PostgreSQL instead."""
+    cursor = dbapi_connection.cursor()
+    for pragma in ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=30000"):
+        cursor.execute(f"PRAGMA {pragma}")
+    cursor.close()
+
+
 class Database:
     """The registry database at ``url``.
 
@@ -186,6 +197,8 @@ class Database:
             self.engine = self.sa.create_engine(url)
         except (self.sa.exc.SQLAlchemyError, ImportError, ValueError) as exc:
             raise RegistryError(f"cannot open the registry database {self._safe_url()}: {exc}") from exc
+        if self.engine.dialect.name == "sqlite":
+            self.sa.event.listen(self.engine, "connect", _sqlite_pragmas)
 
     def _safe_url(self) -> str:
         return str(self.sa.engine.make_url(self.url).render_as_string(hide_password=True))

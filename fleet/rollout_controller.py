@@ -185,11 +185,13 @@ class RolloutController:
             events.clear()
 
     def _apply_event(self, conn: Any, device_id: str, doc: dict[str, Any]) -> None:
+        state, reason = doc.get("state"), str(doc.get("reason") or "")[:1000] or None
+        if state not in _RESULTS:  # progress events (download, verify, ...) change nothing here
+            return
         rd, sa = self.db.tables["rollout_devices"], self.db.sa
         row = conn.execute(sa.select(rd).where((rd.c.rollout_id == doc["rollout"]) &
                                                (rd.c.device_id == device_id))).first()
-        state, reason = doc.get("state"), str(doc.get("reason") or "")[:1000] or None
-        if row is None or state not in _RESULTS:
+        if row is None:
             return
         if doc.get("id") == row.command_id and row.state in rules.IN_FLIGHT | {"timed_out"}:
             new = "failed" if state == "busy" else state
@@ -337,19 +339,36 @@ class RolloutController:
             todo = conn.execute(sa.select(rd).where(rd.c.rollout_id == rollout_id).where(
                 (rd.c.state == "notifying") | rd.c.revert_state.in_(("rollback", "revert")))).all()
         options = RolloutOptions.from_dict(row.options)
-        for d in todo:
+        sent: list[tuple[Any, Any, dict[str, Any], Any]] = []  # (row, match, values after, publish info)
+        for d in todo:  # publish them all first, then wait for the broker once (QoS 1 acknowledgements)
             if d.revert_state in ("rollback", "revert"):
                 command, after = self._undo_command(row, d, options), {"revert_state": f"{d.revert_state}-sent"}
                 match = rd.c.revert_state == d.revert_state
             else:
                 command, after, match = self._update_command(row, d, options), {"state": "notified"}, \
                     rd.c.state == "notifying"
-            if command is not None and not self._publish(d.device_id, command):
-                continue  # the broker did not take it: sent again next tick
             if command is None:
-                after = {"revert_state": "revert-failed"}
+                sent.append((d, match, {"revert_state": "revert-failed"}, None))
+                continue
+            info = self._client.publish(device_topic(d.device_id, "commands"), command.to_bytes(), qos=1)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                break  # not connected: the rest is sent again next tick
+            sent.append((d, match, after, info))
+        deadline = time.monotonic() + 10.0
+        done = []
+        for d, match, after, info in sent:
+            if info is not None:
+                try:
+                    info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+                except (RuntimeError, ValueError):  # the connection dropped meanwhile
+                    continue
+                if not info.is_published():
+                    continue  # the broker did not take it: sent again next tick
+            done.append((d, match, after))
+        if done:
             with self.db.transaction() as conn:
-                conn.execute(rd.update().where((rd.c.id == d.id) & match).values(**after))
+                for d, match, after in done:
+                    conn.execute(rd.update().where((rd.c.id == d.id) & match).values(**after))
 
     def _update_command(self, row: Any, d: Any, options: RolloutOptions) -> Command:
         target = self._targets_of(row.model, row.version)[d.target]
@@ -387,11 +406,3 @@ class RolloutController:
         with self.db.transaction() as conn:
             caps = conn.execute(self.db.sa.select(d.c.capabilities).where(d.c.device_id == device_id)).scalar()
         return dict(caps) if caps else None
-
-    def _publish(self, device_id: str, command: Command, timeout: float = 10.0) -> bool:
-        info = self._client.publish(device_topic(device_id, "commands"), command.to_bytes(), qos=1)
-        try:
-            info.wait_for_publish(timeout)
-        except (RuntimeError, ValueError):  # not connected: paho refuses to queue
-            return False
-        return info.is_published()
