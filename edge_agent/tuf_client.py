@@ -57,9 +57,10 @@ class VerifiedBundle:
         version: Model version.
         target: Compile target.
         sha256: The bundle's signed sha256.
-        checked: True when the fetch itself checked the file against its signed hash and every member
-            against the manifest (as :meth:`TufClient.fetch` does), so that an update may skip checking
-            the same file again in the same run; False (the default) for a fetch that promises less.
+        checked: True when the fetch itself checked the file against its signed hash and its manifest
+            against the signed name, version and target (as :meth:`TufClient.fetch` does), so that an update
+            may skip hashing the same file again in the same run (staging still hashes every member as it
+            extracts it, before anything can be activated); False (the default) for a fetch that promises less.
     """
 
     path: Path
@@ -153,8 +154,7 @@ def _check_manifest(path: Path, custom: dict[str, Any], what: str) -> None:
     from edgeml.bundle import Bundle
 
     try:
-        with Bundle(path) as bundle:
-            bundle.verify()
+        with Bundle(path) as bundle:  # the structure and the manifest; members are hashed as they are staged
             manifest = bundle.manifest
     except BundleError as exc:
         raise UpdateVerificationError(f"refused {what}: the signed file is not a valid bundle: {exc}",

@@ -151,8 +151,9 @@ def download(ctx: UpdateContext) -> Event:
 def verify(ctx: UpdateContext) -> Event:
     """Re-check the download against its signed hash, every member's hash, and the request.
 
-    A bundle this run's fetch has just checked (``VerifiedBundle.checked``) is not hashed again: only its
-    manifest is read. After a restart (and for a fetch that does not check) everything is re-checked.
+    A bundle this run's fetch has just checked against its signed hash (``VerifiedBundle.checked``) is not
+    hashed again: only its manifest is read, and staging hashes every member as it extracts it. After a restart
+    (and for a fetch that does not check) everything is re-checked here.
     """
     r = ctx.record
     assert r.bundle_path is not None and r.bundle_sha256 is not None, "downloaded before verify"
