@@ -62,9 +62,10 @@ def _publisher(names: list[str], port: int, messages: int, ready: Any, go: list[
         pool.add(client)
         clients.append(client)
     time.sleep(1.0)  # CONNACKs
-    payloads = [[Telemetry(n, s, 1.7e9 + s, _metrics(s)).to_bytes() for s in range(messages)] for n in names]
-    ready.set()
-    for signal in go:
+    rounds = [[[Telemetry(n, base + s, 1.7e9 + s, _metrics(s)).to_bytes() for s in range(messages)] for n in names]
+              for base in (max(0, r - 1) * messages for r in range(len(go)))]  # rounds 0 (raw) and 1 share seqs
+    ready.set()  # every payload is built before any timing starts
+    for signal, payloads in zip(go, rounds, strict=True):
         signal.wait()
         start = time.monotonic()
         infos = [c.publish(device_topic(n, "telemetry"), payloads[i][s], qos=1)
@@ -122,7 +123,45 @@ def _ingest(port: int, db_url: str, total: int, go: Any, done: Any) -> tuple[flo
     return seconds, publish_s, stats
 
 
-def measure(devices: int, messages: int, db_url: str | None) -> dict[str, Any]:
+def _worker_process(db_url: str, port: int, ready: Any, stop: Any, stored: Any) -> None:
+    """One ingest worker of a shared-subscription group, in its own process; ``stored`` counts its rows."""
+    with IngestWorker(db_url, "127.0.0.1", port) as worker:
+        ready.set()
+        while not stop.wait(0.01):
+            stored.value = worker.stats()["stored"]
+        stored.value = worker.stats()["stored"]
+
+
+def _scaled(ctx: Any, workers: int, port: int, db_url: str, total: int, go: Any, done: Any) -> tuple[float, float]:
+    """Phase 3: ``workers`` ingest processes sharing the telemetry (how ingestion scales out); (seconds to the
+    last row committed, publisher seconds)."""
+    stop = ctx.Event()
+    procs, counters = [], []
+    for _ in range(workers):
+        ready, counter = ctx.Event(), ctx.Value("q", 0)
+        proc = ctx.Process(target=_worker_process, args=(db_url, port, ready, stop, counter), daemon=True)
+        proc.start()
+        if not ready.wait(120):
+            raise RuntimeError("an ingest worker process did not start")
+        procs.append(proc)
+        counters.append(counter)
+    try:
+        start = time.monotonic()
+        go.set()
+        deadline = start + 600
+        while sum(c.value for c in counters) < total:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{workers} workers stored {sum(c.value for c in counters)} of {total}")
+            time.sleep(0.01)
+        seconds = time.monotonic() - start
+        return seconds, float(done.get(timeout=600))
+    finally:
+        stop.set()
+        for proc in procs:
+            proc.join(30)
+
+
+def measure(devices: int, messages: int, db_url: str | None, workers: int = 2) -> dict[str, Any]:
     """Both phases against one broker and the same publisher connections; returns the measurements.
 
     ``db_url`` None: SQLite in a temporary directory.
@@ -138,7 +177,8 @@ def measure(devices: int, messages: int, db_url: str | None) -> dict[str, Any]:
         names = [f"bench-{run_id}-{i}" for i in range(devices)]
         total = devices * messages
         ctx = mp.get_context("spawn")
-        ready, done, go = ctx.Event(), ctx.Queue(), [ctx.Event(), ctx.Event()]
+        ready, done = ctx.Event(), ctx.Queue()
+        go = [ctx.Event() for _ in range(3 if workers > 1 else 2)]
         with run_mosquitto(root / "broker") as port:
             proc = ctx.Process(target=_publisher, args=(names, port, messages, ready, go, done), daemon=True)
             proc.start()
@@ -146,10 +186,12 @@ def measure(devices: int, messages: int, db_url: str | None) -> dict[str, Any]:
                 raise RuntimeError("publishers did not connect")
             raw_s, raw_pub_s = _raw(port, total, go[0], done)
             ingest_s, ingest_pub_s, stats = _ingest(port, url, total, go[1], done)
+            scaled_s = _scaled(ctx, workers, port, url, total, go[2], done)[0] if workers > 1 else None
             proc.join(60)
         return {"devices": devices, "messages": messages, "backend": url.split(":", 1)[0].split("+", 1)[0],
                 "raw_s": raw_s, "raw_pub_s": raw_pub_s, "ingest_s": ingest_s, "ingest_pub_s": ingest_pub_s,
-                "stats": stats, "ratio": raw_s / ingest_s}
+                "stats": stats, "ratio": raw_s / ingest_s, "workers": workers, "scaled_s": scaled_s,
+                "scaled_ratio": raw_s / scaled_s if scaled_s else None}
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
