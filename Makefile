@@ -48,6 +48,7 @@ bench: install services
 	$(PY) benchmarks/agent_bench.py --out benchmarks/results-agent.md
 	$(PY) benchmarks/ingest_bench.py
 	$(PY) benchmarks/drift_bench.py
+	$(PY) benchmarks/fleet_bench.py --out benchmarks/results-fleet.md
 
 clean:
 	rm -rf .build .edgeml-demo .pytest_cache .mypy_cache .ruff_cache
