@@ -16,19 +16,40 @@ release reaches the same schema. A step is appended here whenever ``_tables`` ch
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from edgeml._deps import require
 from edgeml.errors import RegistryError
 
-__all__ = ["ENV_DB_URL", "MIGRATIONS", "SCHEMA_VERSION", "Database", "resolve_url"]
+__all__ = ["ENV_DB_URL", "MIGRATIONS", "SCHEMA_VERSION", "Database", "as_utc", "resolve_url", "utcnow"]
 
 ENV_DB_URL = "EDGEML_FLEET_DB_URL"
 _PG_LOCK_KEY = 0x6564676D6C  # pg_advisory_xact_lock key of schema upgrades ("edgml")
+
+
+def utcnow() -> dt.datetime:
+    """The present, timezone-aware (UTC): what the tables' ``DateTime(timezone=True)`` columns take."""
+    return dt.datetime.now(dt.timezone.utc)
+
+
+@overload
+def as_utc(value: dt.datetime) -> dt.datetime: ...
+
+
+@overload
+def as_utc(value: None) -> None: ...
+
+
+def as_utc(value: dt.datetime | None) -> dt.datetime | None:
+    """A datetime read back from the database, timezone-aware: SQLite returns naive datetimes, which are UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=dt.timezone.utc)
+    return value
 
 
 def resolve_url(registry_dir: Path, url: str | None) -> str:

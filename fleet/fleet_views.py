@@ -26,6 +26,7 @@ from collections import defaultdict
 from typing import Any
 
 from edgeml.errors import ConfigError
+from edgeml.fleet.db import as_utc, utcnow
 
 __all__ = [
     "DEFAULT_BUCKETS",
@@ -58,19 +59,10 @@ GROUPINGS = ("version", "device")
 _MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
-def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
-
-
-def _aware(value: dt.datetime | None) -> dt.datetime | None:
-    """SQLite gives naive datetimes back: they are UTC."""
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=dt.timezone.utc)
-    return value
 
 
 def _iso(value: dt.datetime | None) -> str | None:
-    value = _aware(value)
+    value = as_utc(value)
     return None if value is None else value.isoformat(timespec="seconds")
 
 
@@ -99,7 +91,7 @@ def is_online(status: str | None, last_seen: dt.datetime | None, now: dt.datetim
         now: The present (timezone-aware).
         stale_after_s: Seconds of silence after which it is offline.
     """
-    seen = _aware(last_seen)
+    seen = as_utc(last_seen)
     return status != "offline" and seen is not None and (now - seen).total_seconds() <= stale_after_s
 
 
@@ -124,13 +116,13 @@ def fleet_overview(db: Any, *, now: dt.datetime | None = None,
     Raises:
         RegistryError: The database failed.
     """
-    now = now or _utcnow()
+    now = now or utcnow()
     d, t, rd, sa = db.tables["devices"], db.tables["rollouts"], db.tables["rollout_devices"], db.sa
     with db.transaction() as conn:
         devices = conn.execute(sa.select(d.c.device_id, d.c.status, d.c.last_seen, d.c.revoked, d.c.installed)).all()
         rollouts = conn.execute(sa.select(t.c.id, t.c.model, t.c.state, t.c.created_at)).all()
         newest: dict[str, Any] = {}
-        for r in sorted(rollouts, key=lambda r: (_aware(r.created_at), r.id)):
+        for r in sorted(rollouts, key=lambda r: (as_utc(r.created_at), r.id)):
             newest[r.model] = r.id
         incompatible = conn.execute(sa.select(rd.c.rollout_id, rd.c.device_id).where(
             rd.c.rollout_id.in_(sorted(newest.values())) & (rd.c.state == "incompatible"))).all()
@@ -178,7 +170,7 @@ def device_list(db: Any, *, now: dt.datetime | None = None,
     Raises:
         RegistryError: The database failed.
     """
-    now = now or _utcnow()
+    now = now or utcnow()
     d, t, sa = db.tables["devices"], db.tables["telemetry"], db.sa
     newest = sa.select(t.c.device_id, sa.func.max(t.c.seq).label("seq")).group_by(t.c.device_id).subquery()
     latest = sa.select(t.c.device_id, t.c.seq, t.c.received_at, t.c.metrics).join(
@@ -249,7 +241,7 @@ def telemetry_series(db: Any, metric: str, *, by: str = "version", since_s: floa
         RegistryError: The database failed.
     """
     _check_series_args(metric, by, since_s, model, buckets)
-    end = now or _utcnow()
+    end = now or utcnow()
     start = end - dt.timedelta(seconds=since_s)
     width = float(since_s) / buckets
     t, sa = db.tables["telemetry"], db.sa
@@ -264,7 +256,7 @@ def telemetry_series(db: Any, metric: str, *, by: str = "version", since_s: floa
             if value is None:
                 continue
             key = device_id if by == "device" else _version_key(metrics)
-            at = _aware(received_at) or start
+            at = as_utc(received_at) or start
             index = min(int((at - start).total_seconds() // width), buckets - 1)
             acc = sums[key][index]
             acc[0] += value

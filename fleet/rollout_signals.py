@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from edgeml.fleet.db import as_utc
 from edgeml.fleet.rollout_rules import DeviceSignals
 
 __all__ = ["CHUNK", "Judged", "telemetry_signals"]
@@ -73,9 +74,6 @@ def _signals(version: str, previous: str | None, notified_at: dt.datetime,
                          drift=drift[1] if drift else None)
 
 
-def _aware(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.timezone.utc)
-
 
 def telemetry_signals(db: Any, version: str, devices: Iterable[Judged], started_at: dt.datetime, *,
                       baseline_s: float = 3600.0) -> dict[str, DeviceSignals]:
@@ -93,7 +91,7 @@ def telemetry_signals(db: Any, version: str, devices: Iterable[Judged], started_
     """
     judged = {d.device_id: d for d in devices}
     t, sa = db.tables["telemetry"], db.sa
-    since = _aware(started_at) - dt.timedelta(seconds=baseline_s)
+    since = as_utc(started_at) - dt.timedelta(seconds=baseline_s)
     rows: dict[str, list[tuple[dt.datetime, Mapping[str, Any]]]] = {}
     ids = sorted(judged)
     with db.transaction() as conn:
@@ -102,11 +100,11 @@ def telemetry_signals(db: Any, version: str, devices: Iterable[Judged], started_
                 t.c.device_id.in_(ids[start:start + CHUNK]) & (t.c.received_at >= since))
             for device_id, received_at, metrics in conn.execute(query):
                 if isinstance(metrics, dict):
-                    rows.setdefault(device_id, []).append((_aware(received_at), metrics))
+                    rows.setdefault(device_id, []).append((as_utc(received_at), metrics))
     out = {}
     for device_id, device_rows in rows.items():
         d = judged[device_id]
-        signals = _signals(version, d.previous, _aware(d.notified_at), device_rows)
+        signals = _signals(version, d.previous, as_utc(d.notified_at), device_rows)
         if signals != DeviceSignals():
             out[device_id] = signals
     return out

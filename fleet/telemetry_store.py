@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgeml.errors import ConfigError, RegistryError
-from edgeml.fleet.db import Database
+from edgeml.fleet.db import Database, as_utc, utcnow
 from edgeml.protocol import State, Telemetry
 
 __all__ = ["BatchResult", "TelemetryStore"]
@@ -40,15 +40,6 @@ __all__ = ["BatchResult", "TelemetryStore"]
 _DEVICES_PER_QUERY = 200  # devices per contiguous-high query
 
 
-def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
-
-
-def _aware(value: dt.datetime | None) -> dt.datetime | None:
-    """SQLite gives naive datetimes back: they are UTC."""
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=dt.timezone.utc)
-    return value
 
 
 def _bind(column: Any, dialect: Any) -> Any:
@@ -121,7 +112,7 @@ class TelemetryStore:
         Raises:
             RegistryError: The database failed (nothing of the batch was stored).
         """
-        at = received_at or _utcnow()
+        at = received_at or utcnow()
         with self.db.transaction() as conn:
             inserted = self._insert(conn, rows, at)
             applied = sum(self._apply_state(conn, s, at if seen else None) for s, seen in states)
@@ -307,7 +298,7 @@ class TelemetryStore:
     @staticmethod
     def _row(r: Any) -> dict[str, Any]:
         return {"device_id": r.device_id, "seq": int(r.seq), "sent_at": float(r.sent_at),
-                "received_at": _aware(r.received_at), "metrics": r.metrics}
+                "received_at": as_utc(r.received_at), "metrics": r.metrics}
 
     def latest(self, device_id: str, n: int = 100) -> list[dict[str, Any]]:
         """The ``n`` rows of ``device_id`` with the highest seqs, highest first.
@@ -376,9 +367,9 @@ class TelemetryStore:
         for name in sorted(set(stats) | set(rows)):
             r, (count, last_seq, last_at) = rows.get(name), stats.get(name, (0, None, None))
             out.append({"device_id": name, "enrolled": r is not None, "revoked": bool(r.revoked) if r else False,
-                        "status": r.status if r else None, "last_seen": _aware(r.last_seen) if r else None,
+                        "status": r.status if r else None, "last_seen": as_utc(r.last_seen) if r else None,
                         "installed": (r.installed if r else None) or {},
                         "capabilities": (r.capabilities if r else None) or {},
                         "telemetry_rows": int(count), "last_seq": None if last_seq is None else int(last_seq),
-                        "contiguous_high": highs.get(name), "last_received_at": _aware(last_at)})
+                        "contiguous_high": highs.get(name), "last_received_at": as_utc(last_at)})
         return out
