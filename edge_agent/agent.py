@@ -37,7 +37,15 @@ import paho.mqtt.client as mqtt
 from edgeml.edge_agent.api import LocalAPI, ModelNotFound, NotServing, PredictResult
 from edgeml.edge_agent.capabilities import Capabilities, detect
 from edgeml.edge_agent.config import AgentConfig
-from edgeml.edge_agent.device_messages import ack_seq, event_payload, rollback_reason, state_message, update_request
+from edgeml.edge_agent.device_messages import (
+    ack_seq,
+    publish_event,
+    publish_state,
+    rollback_reason,
+    set_last_will,
+    state_message,
+    update_request,
+)
 from edgeml.edge_agent.host import SystemdNotifier, clock_synced
 from edgeml.edge_agent.preprocess import preprocess
 from edgeml.edge_agent.serving import ModelHost
@@ -243,8 +251,7 @@ class Agent:
         if self.config.tls:
             context = ssl.create_default_context(cadata=boot.ca_pem) if boot.ca_pem else ssl.create_default_context()
             client.tls_set_context(context)
-        offline = state_message(self.device_id, "offline", None, self.capabilities.to_dict(), False)
-        client.will_set(device_topic(self.device_id, "state"), offline.to_bytes(), qos=1, retain=True)
+        set_last_will(client, self.device_id, self.capabilities.to_dict())
         client.reconnect_delay_set(1, 30)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -267,12 +274,11 @@ class Agent:
     def _publish_state(self, status: str | None = None) -> None:
         message = state_message(self.device_id, status or self._status_word(), self.host.active,
                                 self.capabilities.to_dict(), bool(self._clock_check()))
-        self.client.publish(device_topic(self.device_id, "state"), message.to_bytes(), qos=1, retain=True)
+        publish_state(self.client, message)
 
     def event(self, kind: str, **fields: Any) -> None:
         """Publish an event on the device's events topic (QoS 1; queued by paho while offline)."""
-        self.client.publish(device_topic(self.device_id, "events"), event_payload(self.device_id, kind, **fields),
-                            qos=1)
+        publish_event(self.client, self.device_id, kind, **fields)
 
     def _on_command(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:

@@ -19,7 +19,15 @@ import paho.mqtt.client as mqtt
 
 from edgeml.bundle import MANIFEST_NAME, Manifest
 from edgeml.edge_agent import serving
-from edgeml.edge_agent.device_messages import ack_seq, event_payload, rollback_reason, state_message, update_request
+from edgeml.edge_agent.device_messages import (
+    ack_seq,
+    publish_event,
+    publish_state,
+    rollback_reason,
+    set_last_will,
+    state_message,
+    update_request,
+)
 from edgeml.edge_agent.mqtt_fetcher import METADATA_URL, TARGETS_URL, MqttFetcher
 from edgeml.edge_agent.outbox import Outbox
 from edgeml.edge_agent.runtimes.base import RUNTIMES, Runtime
@@ -194,8 +202,7 @@ class SimDevice:
 
     def _mqtt_client(self) -> mqtt.Client:
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.device_id, clean_session=False)
-        offline = state_message(self.device_id, "offline", None, self.capabilities(), False)
-        client.will_set(device_topic(self.device_id, "state"), offline.to_bytes(), qos=1, retain=True)
+        set_last_will(client, self.device_id, self.capabilities())
         client.on_connect = self._on_connect
         client.on_disconnect = lambda *a: self.connected.clear()
         client.message_callback_add(device_topic(self.device_id, "commands"), self._on_command)
@@ -221,12 +228,11 @@ class SimDevice:
     def publish_state(self, status: str | None = None) -> None:
         """Publish the retained state message."""
         message = state_message(self.device_id, status or self.status(), self.host.active, self.capabilities(), True)
-        self.client.publish(device_topic(self.device_id, "state"), message.to_bytes(), qos=1, retain=True)
+        publish_state(self.client, message)
 
     def event(self, kind: str, **fields: Any) -> None:
         """Publish an event on the device's events topic."""
-        self.client.publish(device_topic(self.device_id, "events"), event_payload(self.device_id, kind, **fields),
-                            qos=1)
+        publish_event(self.client, self.device_id, kind, **fields)
 
     # --- commands -----------------------------------------------------------------------------------------
 
