@@ -39,9 +39,17 @@ def digits_arrays(size: int = 8, channels: int = 1, seed: int = 0) -> dict[str, 
 
 def fit(model: Any, x: np.ndarray, y: np.ndarray, *, epochs: int = 10, lr: float = 3e-3, batch: int = 64,
         seed: int = 0) -> Any:
-    """Train ``model`` with Adam and cross-entropy; returns it in eval mode."""
+    """Train ``model`` from scratch with Adam and cross-entropy; returns it in eval mode.
+
+    Its weights are drawn again from ``seed`` first (every layer's ``reset_parameters``), so that the same call
+    gives the same model: the weights it was built with came from the global random state.
+    """
     torch = require("torch", "train")
     torch.manual_seed(seed)
+    for module in model.modules():
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            reset()
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)

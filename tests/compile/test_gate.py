@@ -179,3 +179,15 @@ def test_remedies_for_a_target_they_do_not_change_say_so(proxy: str | None, said
     assert (note in lines) is said
     assert lines[-1] == "  try --exclude-node /2/Gemm  (keep layer /2/Gemm in float: PASSES, drop 0.33 pts)"
     assert diag.to_dict()["remedies_apply_to"] == proxy
+
+
+@pytest.mark.parametrize(("wrong", "passed"), [(3, True), (4, False)])
+def test_a_drop_of_exactly_the_budget_passes(wrong: int, passed: bool) -> None:
+    """3 more wrong answers out of 300 is a drop of exactly 1 point, whatever binary floats make of 3/300."""
+    ref = np.tile(np.eye(10), (30, 1)) * 5.0  # 300 samples, every one right
+    labels = ref.argmax(1)
+    got = ref.copy()
+    got[:wrong] = np.roll(got[:wrong], 1, axis=1)  # ``wrong`` samples now predict another class
+    verdict = judge([ref], [got], labels, _options(max_accuracy_drop=1.0), precision="int8")
+    assert verdict.metric == "accuracy" and verdict.drop == pytest.approx(wrong / 3)
+    assert verdict.passed is passed

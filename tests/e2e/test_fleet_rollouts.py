@@ -24,7 +24,7 @@ import pytest
 
 from edgeml.fleet.registry import Registry, init_registry
 from edgeml.fleet.rollout_controller import CONTROLLER_ACTOR
-from edgeml.fleet.rollout_rules import RolloutOptions
+from edgeml.fleet.rollout_rules import RolloutOptions, order
 from edgeml.fleet.rollouts import rollout_status, start_rollout
 from edgeml.fleet.server import FleetServer, ServeSettings
 from edgeml.fleet.simulate import Knobs, Simulator
@@ -102,11 +102,12 @@ def _install_first(fleet: Fleet, site: str) -> None:
     assert _settled(fleet, rid).state == "completed"
 
 
-def _rollout(fleet: Fleet, site: str, version: str, **changes: Any) -> str:
+def _rollout(fleet: Fleet, site: str, version: str, rollout_id: str | None = None, **changes: Any) -> str:
     options = {"targets": ("onnx",), "select": {"site": site}, "canary": 0.2, "waves": (0.5, 1.0),
                "min_devices": 2, "probation_s": 0.5, "wave_timeout_s": 60.0, "max_failure_rate": 0.1,
                "device_thresholds": QUICK, **changes}
-    return start_rollout(fleet.db, fleet.audit, "tiny", version, RolloutOptions(**options), actor=ACTOR)
+    return start_rollout(fleet.db, fleet.audit, "tiny", version, RolloutOptions(**options), actor=ACTOR,
+                         rollout_id=rollout_id)
 
 
 def _settled(fleet: Fleet, rollout_id: str, timeout: float = 120.0) -> Any:
@@ -158,12 +159,16 @@ def test_a_version_failing_on_30_percent_aborts_at_the_canary(fleet: Fleet) -> N
         _install_first(fleet, site)
         failing = {p.device_id for p in sim.profiles if "fail" in p.faults}
         assert len(failing) == 3
+        # The canary is the first 4 devices in the rollout's order (a hash of its id): pick an id whose canary
+        # holds a failing device, and a healthy one.
+        ids = [p.device_id for p in sim.profiles]
+        rid = next(f"ro-fail-{i}" for i in range(100) if 0 < len(set(order(f"ro-fail-{i}", ids)[:4]) & failing) < 4)
         recorder = Recorder(fleet.port)
         try:
-            rid = _rollout(fleet, site, "3.0.0", canary=0.4, min_devices=3)
+            _rollout(fleet, site, "3.0.0", rollout_id=rid, canary=0.4, min_devices=3)
             status = _settled(fleet, rid)
             canary = {d["device_id"] for d in status.devices if d["wave"] == 0}
-            assert failing & canary, "the seed must put a failing device in the canary"
+            assert canary == set(order(rid, ids)[:4]) and failing & canary
             assert status.state == "aborted" and status.abort_reason.startswith("failure rate")
             assert status.current_wave == 0
             outside = [d["device_id"] for d in status.devices if d["wave"] > 0]
