@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgeml.errors import ConfigError, EdgeMLError, RegistryError
+from edgeml.fleet.db import utcnow
 from edgeml.fleet.http_server import Handler, Request, Response
 
 __all__ = [
@@ -119,9 +120,6 @@ def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
-
 
 def create_token(db: Any, name: str, role: Role | str, *, audit: Any = None, actor: str | None = None) -> str:
     """Create a token called ``name`` with ``role``; returns the token, which is stored only as a hash.
@@ -145,7 +143,7 @@ def create_token(db: Any, name: str, role: Role | str, *, audit: Any = None, act
     with _transaction(db, audit) as conn:
         if conn.execute(db.sa.select(t.c.id).where(t.c.name == name)).scalar() is not None:
             raise RegistryError(f"a token named {name!r} exists", hint="token names are never reused; choose another")
-        conn.execute(t.insert().values(name=name, role=role.label, token_hash=_hash(token), created_at=_now(),
+        conn.execute(t.insert().values(name=name, role=role.label, token_hash=_hash(token), created_at=utcnow(),
                                        revoked=False))
         if audit is not None:
             audit.append(actor or "unknown", "token.create", name, {"role": role.label}, conn=conn)
@@ -207,7 +205,7 @@ def authenticate(db: Any, token: str | None) -> Principal:
             raise AuthError("unknown operator token")
         if row.revoked:
             raise AuthError(f"operator token {row.name!r} is revoked")
-        conn.execute(t.update().where(t.c.token_hash == digest).values(last_used_at=_now()))
+        conn.execute(t.update().where(t.c.token_hash == digest).values(last_used_at=utcnow()))
     return Principal(str(row.name), Role.parse(row.role))
 
 

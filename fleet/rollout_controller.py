@@ -32,9 +32,10 @@ import paho.mqtt.client as mqtt
 
 from edgeml.errors import EdgeMLError
 from edgeml.fleet import rollout_rules as rules
+from edgeml.fleet.db import utcnow
 from edgeml.fleet.rollout_rules import DeviceRow, DeviceSignals, RolloutError, RolloutOptions, RolloutView
 from edgeml.fleet.rollout_signals import Judged, telemetry_signals
-from edgeml.fleet.rollouts import _at, _now, _published, _ts
+from edgeml.fleet.rollouts import _at, _published, _ts
 from edgeml.protocol import PREFIX, Command, ProtocolError, State, device_topic, parse, parse_device_topic
 
 __all__ = ["CONTROLLER_ACTOR", "RolloutController"]
@@ -196,7 +197,7 @@ class RolloutController:
         if doc.get("id") == row.command_id and row.state in rules.IN_FLIGHT | {"timed_out"}:
             new = "failed" if state == "busy" else state
             reason = f"busy: {reason}" if state == "busy" else reason
-            conn.execute(rd.update().where(rd.c.id == row.id).values(state=new, reason=reason, finished_at=_now()))
+            conn.execute(rd.update().where(rd.c.id == row.id).values(state=new, reason=reason, finished_at=utcnow()))
         elif doc.get("id") == row.revert_id and row.revert_state == "revert-sent":
             conn.execute(rd.update().where(rd.c.id == row.id).values(
                 revert_state="reverted" if state == "committed" else "revert-failed"))
@@ -258,7 +259,7 @@ class RolloutController:
 
     def _record(self, row: Any, actions: list[rules.Action], now: float) -> bool:
         """Write the decision; False when the rollout's state changed since it was read (nothing written)."""
-        values: dict[str, Any] = {"updated_at": _now()}
+        values: dict[str, Any] = {"updated_at": utcnow()}
         try:
             self._write(row, actions, now, values)
         except _Changed:

@@ -23,14 +23,12 @@ from typing import Any
 
 from edgeml.errors import EdgeMLError
 from edgeml.fleet import rollout_rules as rules
+from edgeml.fleet.db import utcnow
 from edgeml.fleet.rollout_rules import RolloutError, RolloutOptions
 from edgeml.protocol import ProtocolError
 
 __all__ = ["RolloutStatus", "add_rollout_routes", "rollback", "rollout_status",
            "set_rollout_state", "start_rollout"]
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
 
 
 def _ts(value: dt.datetime | None) -> float | None:
@@ -103,7 +101,7 @@ def start_rollout(db: Any, audit: Any, model: str, version: str, options: Rollou
         validate_device_id(rollout_id)
     except ProtocolError as exc:
         raise RolloutError(f"invalid rollout id {rollout_id!r}", hint=exc.hint) from exc
-    now = _now()
+    now = utcnow()
     with audit.transaction() as conn:
         available = _published(db, conn, model, version)
         plan = rules.plan(rollout_id, model, version, _facts(db, conn),
@@ -175,7 +173,7 @@ def set_rollout_state(db: Any, audit: Any, rollout_id: str, action: str, *, acto
         if row is None:
             raise RolloutError(f"unknown rollout {rollout_id!r}", hint="list them with `edgeml fleet rollout status`")
         new = _transition(row, action, actor, reason)
-        values: dict[str, Any] = {"state": new, "updated_at": _now()}
+        values: dict[str, Any] = {"state": new, "updated_at": utcnow()}
         if action == "resume" and row.wave_started_at is not None:
             values["wave_started_at"] = values["updated_at"]  # offline devices get the whole wave timeout again
         if new == "aborted":
