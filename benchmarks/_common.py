@@ -177,3 +177,24 @@ def raw_receivers(names: list[str], port: int, topic: str, size: int, ready: Any
         client.disconnect()
     time.sleep(0.3)
     pool.stop()
+
+
+def publish_raw(port: int, topic: str, data: bytes, chunk: int, go: Any) -> float:
+    """The raw fan-out's sender: ``data`` in ``chunk``-byte QoS 1 messages on ``topic``, once ``go`` is set
+    here; returns when the timing started (the receivers report when they got the last byte)."""
+    import paho.mqtt.client as mqtt
+
+    publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-raw")
+    publisher.connect("127.0.0.1", port)
+    publisher.loop_start()
+    try:
+        time.sleep(0.5)  # CONNACK
+        go.set()
+        start = time.monotonic()
+        sent = [publisher.publish(topic, data[o:o + chunk], qos=1) for o in range(0, len(data), chunk)]
+        for message in sent:
+            message.wait_for_publish(120)
+        return start
+    finally:
+        publisher.disconnect()
+        publisher.loop_stop()

@@ -39,6 +39,7 @@ import paho.mqtt.client as mqtt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.fleet.mosquitto: the test broker
 
+from benchmarks._common import publish_raw
 from edgeml.bundle import Manifest, TensorSpec, write_bundle
 from edgeml.edge_agent.mqtt_fetcher import METADATA_URL, TARGETS_URL, MqttFetcher
 from edgeml.edge_agent.tuf_client import TufClient
@@ -175,19 +176,9 @@ def _phases(devices: int, procs: int, threads: int, port: int, data: bytes, chun
     out: dict[str, Any] = {"devices": devices, "procs": procs, "threads": threads, "size": len(data), "chunk": chunk,
                            "connect_s": connect_s}
     with DistributionService(registry_dir, "127.0.0.1", port, share_group="dist") as service:
-        publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-raw")
-        publisher.connect("127.0.0.1", port)
-        publisher.loop_start()
-        time.sleep(0.5)
-        go_raw.set()
-        start = time.monotonic()
-        sent = [publisher.publish(RAW_TOPIC, data[o:o + chunk], qos=1) for o in range(0, len(data), chunk)]
-        for message in sent:
-            message.wait_for_publish()
+        start = publish_raw(port, RAW_TOPIC, data, chunk, go_raw)
         ends = [_result(results, "raw")[2] for _ in workers]
         out["raw_s"] = max(ends) - start
-        publisher.disconnect()
-        publisher.loop_stop()
         go_listen.set()
         for _ in workers:
             ready.get(timeout=300)

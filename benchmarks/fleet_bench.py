@@ -34,8 +34,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks.*, tests.fleet.mosquitto
 
 from benchmarks import ingest_bench
@@ -44,6 +42,7 @@ from benchmarks._common import (
     cpu_s,
     golden_bundle,
     pids_running,
+    publish_raw,
     raw_receivers,
     service_process,
     write_broker_conf,
@@ -76,18 +75,8 @@ def _raw_fanout(port: int, devices: int, processes: int, data: bytes, chunk: int
         p.start()
     for _ in procs:
         ready.get(timeout=300)
-    publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-raw")
-    publisher.connect("127.0.0.1", port)
-    publisher.loop_start()
-    time.sleep(0.5)
-    go.set()
-    start = time.monotonic()
-    sent = [publisher.publish(RAW_TOPIC, data[o:o + chunk], qos=1) for o in range(0, len(data), chunk)]
-    for message in sent:
-        message.wait_for_publish(120)
+    start = publish_raw(port, RAW_TOPIC, data, chunk, go)
     ends = [results.get(timeout=300) for _ in procs]
-    publisher.disconnect()
-    publisher.loop_stop()
     for p in procs:
         p.join(30)
     return max(ends) - start
