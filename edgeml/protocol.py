@@ -34,6 +34,7 @@ required fields and their types; anything wrong raises :class:`ProtocolError`, n
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -78,6 +79,8 @@ DEVICE_CHANNELS_OUT = ("state", "telemetry", "events", "requests")  # device -> 
 DEVICE_CHANNELS_IN = ("commands", "replies")  # fleet -> device
 COMMAND_TYPES = frozenset({"update", "rollback", "capture", "ping", "telemetry-ack"})
 _ID_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_DEVICE_CHANNELS = frozenset(DEVICE_CHANNELS_OUT + DEVICE_CHANNELS_IN)
+_DEVICE_TOPIC_PREFIX = f"{PREFIX}devices/"
 _KiB = 1024
 # Largest accepted payload per kind, in bytes (checked before decoding).
 MAX_BYTES: dict[str, int] = {
@@ -103,13 +106,19 @@ class ProtocolError(EdgeMLError):
 # --- topics -------------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _is_device_id(name: str) -> bool:
+    """Whether ``name`` matches the device id pattern (remembered: every message names its device)."""
+    return _ID_RE.fullmatch(name) is not None
+
+
 def validate_device_id(device_id: str) -> str:
     """Return ``device_id`` if it is a valid device id (``[a-z0-9][a-z0-9-]{0,62}``).
 
     Raises:
         ProtocolError: It is not.
     """
-    if not isinstance(device_id, str) or not _ID_RE.fullmatch(device_id):
+    if not isinstance(device_id, str) or not _is_device_id(device_id):
         raise ProtocolError(f"invalid device id {device_id!r}",
                             hint="use 1-63 lowercase letters, digits or '-', not starting with '-'")
     return device_id
@@ -122,9 +131,9 @@ def device_topic(device_id: str, channel: str) -> str:
         ProtocolError: The device id or the channel is invalid.
     """
     validate_device_id(device_id)
-    if channel not in DEVICE_CHANNELS_OUT + DEVICE_CHANNELS_IN:
+    if channel not in _DEVICE_CHANNELS:
         raise ProtocolError(f"unknown device channel {channel!r}")
-    return f"{PREFIX}devices/{device_id}/{channel}"
+    return f"{_DEVICE_TOPIC_PREFIX}{device_id}/{channel}"
 
 
 def parse_device_topic(topic: str) -> tuple[str, str]:
@@ -134,10 +143,12 @@ def parse_device_topic(topic: str) -> tuple[str, str]:
         ProtocolError: ``topic`` is not a device topic of this protocol version.
     """
     parts = topic.split("/") if isinstance(topic, str) else []
-    if len(parts) != 5 or "/".join(parts[:3]) + "/" != f"{PREFIX}devices/":
+    if len(parts) != 5 or not topic.startswith(_DEVICE_TOPIC_PREFIX):
         raise ProtocolError(f"not an edgeml device topic: {topic!r}")
     device_id, channel = parts[3], parts[4]
-    device_topic(device_id, channel)  # validates both
+    validate_device_id(device_id)
+    if channel not in _DEVICE_CHANNELS:
+        raise ProtocolError(f"unknown device channel {channel!r}")
     return device_id, channel
 
 
@@ -196,6 +207,12 @@ def _is_reply_topic(topic: object) -> bool:
 # --- messages -----------------------------------------------------------------------------------------------
 
 
+@functools.cache
+def _field_names(cls: type) -> frozenset[str]:
+    """The dataclass field names of a message class (looked up once: every message received is checked)."""
+    return frozenset(f.name for f in dataclasses.fields(cls))
+
+
 def _check_type(kind: str, name: str, value: object, types: tuple[type, ...]) -> None:
     ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
     if ok and isinstance(value, float) and not math.isfinite(value):
@@ -214,9 +231,10 @@ class _Message:
     schema: str  # a dataclass field in every subclass
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            if f.name != "schema":
-                _check_type(self.KIND, f.name, getattr(self, f.name), self.TYPES[f.name])
+        kind, types = self.KIND, self.TYPES
+        for name in _field_names(type(self)):
+            if name != "schema":
+                _check_type(kind, name, getattr(self, name), types[name])
         if self.schema != self.SCHEMA:
             raise ProtocolError(f"{self.KIND}: unsupported schema {self.schema!r}",
                                 hint=f"this edgeml speaks {self.SCHEMA}; upgrade the older side")
@@ -438,9 +456,12 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not allowed")
 
 
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)  # one decoder: json.loads builds one per call
+
+
 def _decode(kind: str, payload: bytes) -> dict[str, Any]:
     try:
-        obj = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+        obj = _DECODER.decode(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ProtocolError(f"{kind}: payload is not valid UTF-8 JSON: {exc}") from exc
     if not isinstance(obj, dict):
@@ -469,8 +490,7 @@ def parse(kind: Kind | str, payload: bytes) -> Message:
     if obj.get("schema") != cls.SCHEMA:
         raise ProtocolError(f"{kind}: unsupported schema {obj.get('schema')!r}",
                             hint=f"this edgeml speaks {cls.SCHEMA}; upgrade the older side")
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(obj) - names)
+    unknown = sorted(obj.keys() - _field_names(cls))
     if unknown:
         raise ProtocolError(f"{kind}: unknown fields {unknown}")
     try:

@@ -193,6 +193,7 @@ class IngestWorker:
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._full = threading.Event()  # set when batch_size items are queued (or at stop): wakes the writer
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         self._rejected: Counter[str] = Counter()
@@ -257,6 +258,7 @@ class IngestWorker:
         """Flush what is queued (one more try if the database is failing) and end the writer thread."""
         self._stopping.set()
         self._queue.put(_STOP)
+        self._full.set()
         if self._writer is not None:
             self._writer.join(timeout=60)
 
@@ -334,29 +336,52 @@ class IngestWorker:
         with self._lock:
             self._counts["received" if isinstance(message, Telemetry) else "states"] += 1
         self._queue.put(_Item(message, bool(msg.retain), token))
+        if self._queue.qsize() >= self.settings.batch_size:
+            self._full.set()  # a whole batch waits: commit it now rather than at the batch's deadline
 
     # --- writer thread ------------------------------------------------------------------------------------
 
     def _run_writer(self) -> None:
+        """Commit batches: a batch opens with its first row and commits ``flush_ms`` later, or as soon as
+        ``batch_size`` rows wait. While it is open the thread sleeps and takes what gathered in one go,
+        instead of waking (and taking the GIL from the network thread) for every message."""
         batch: list[_Item] = []
-        deadline = 0.0
+        deadline = float("inf")  # when the open batch must be committed
+        flush_s, size = self.settings.flush_ms / 1000, self.settings.batch_size
+        stop = False
+        while not stop:
+            wake = min(deadline, self._next_ack)
+            timeout = None if wake == float("inf") else max(0.0, wake - time.monotonic())
+            if batch:
+                self._full.wait(timeout)
+                self._full.clear()
+            else:
+                try:
+                    item = self._queue.get(timeout=timeout)
+                except queue.Empty:
+                    item = None
+                if item is _STOP:
+                    stop = True
+                elif item is not None:
+                    batch.append(item)
+                    deadline = time.monotonic() + flush_s
+            stop = self._take_queued(batch) or stop
+            if batch and (stop or len(batch) >= size or time.monotonic() >= deadline):
+                for start in range(0, len(batch), size):
+                    self._flush(batch[start:start + size])
+                batch, deadline = [], float("inf")
+            self._send_due_acks(stopping=stop)
+
+    def _take_queued(self, batch: list[_Item]) -> bool:
+        """Move every queued item into ``batch``; True when the stop sentinel was among them."""
         while True:
-            wake = min(deadline if batch else float("inf"), self._next_ack)
             try:
-                item = self._queue.get(timeout=None if wake == float("inf") else max(0.0, wake - time.monotonic()))
+                item = self._queue.get_nowait()
             except queue.Empty:
-                item = None
-            if item is not None and item is not _STOP:
-                if not batch:
-                    deadline = time.monotonic() + self.settings.flush_ms / 1000
-                batch.append(item)
-            if batch and ((item is None and time.monotonic() >= deadline) or item is _STOP
-                          or len(batch) >= self.settings.batch_size):
-                self._flush(batch)
-                batch = []
-            self._send_due_acks(stopping=item is _STOP)
+                return False
             if item is _STOP:
-                return
+                return True
+            batch.append(item)
 
     def _flush(self, batch: list[_Item]) -> None:
         """Store ``batch``; on failure wait and retry (once more only when stopping)."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,8 +39,7 @@ from edgeml.protocol import State, Telemetry
 __all__ = ["BatchResult", "TelemetryStore"]
 
 _DEVICES_PER_QUERY = 200  # devices per contiguous-high query
-
-
+_SQLITE_JSON = sqlite3.sqlite_version_info >= (3, 38)  # json_each built in (earlier builds may lack it)
 
 
 def _bind(column: Any, dialect: Any) -> Any:
@@ -181,8 +181,18 @@ class TelemetryStore:
         return [(d, int(s)) for d, s in conn.exec_driver_sql(sql, (at, *columns))]
 
     def _touch(self, conn: Any, device_ids: set[str], at: dt.datetime) -> None:
-        if device_ids:
-            d = self.devices
+        if not device_ids:
+            return
+        d = self.devices
+        if conn.dialect.name == "sqlite" and _SQLITE_JSON:  # one statement text for any number of devices
+            name = conn.dialect.identifier_preparer.format_table(d)
+            conn.exec_driver_sql(f"UPDATE {name} SET last_seen = ? WHERE device_id IN (SELECT value FROM json_each(?))",
+                                 (_bind(d.c.last_seen, conn.dialect)(at), json.dumps(sorted(device_ids))))
+        elif conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
+            name = conn.dialect.identifier_preparer.format_table(d)
+            conn.exec_driver_sql(f"UPDATE {name} SET last_seen = %s WHERE device_id = ANY(%b::text[])",
+                                 (at, sorted(device_ids)))
+        else:
             conn.execute(d.update().where(d.c.device_id.in_(sorted(device_ids))).values(last_seen=at))
 
     def _apply_state(self, conn: Any, state: State, seen: dt.datetime | None) -> bool:
@@ -257,6 +267,8 @@ class TelemetryStore:
         highs: dict[str, int | None] = {d: None for d in device_ids if d not in todo}
         if todo and conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
             highs.update(self._highs_postgresql(conn, todo))
+        elif todo and conn.dialect.name == "sqlite" and _SQLITE_JSON:
+            highs.update(self._highs_sqlite(conn, todo))
         elif todo:
             # plain SQL text: building the same query as an expression costs more than running it
             terms = " OR ".join(f"(a.device_id = :d{i} AND a.seq >= :s{i})" for i in range(len(todo)))
@@ -270,15 +282,27 @@ class TelemetryStore:
             highs.update({d: int(s) for d, s in conn.execute(query, params)})
         return highs
 
+    def _highs_sqlite(self, conn: Any, todo: dict[str, int]) -> dict[str, int]:
+        """:meth:`_highs_query`'s run ends on SQLite: the (device, lowest seq) pairs as one JSON object walked by
+        ``json_each``, so one statement text serves any number of devices (the driver caches its preparation;
+        an ``OR`` of a hundred terms cost 5 ms a batch to prepare, this 1 ms to run)."""
+        name = conn.dialect.identifier_preparer.format_table(self.table)
+        sql = (f"SELECT a.device_id, MIN(a.seq) FROM json_each(?) AS k "
+               f"JOIN {name} a ON a.device_id = k.key AND a.seq >= k.value "
+               f"LEFT JOIN {name} b ON b.device_id = a.device_id AND b.seq = a.seq + 1 "
+               "WHERE b.id IS NULL GROUP BY a.device_id")
+        return {d: int(s) for d, s in conn.exec_driver_sql(sql, (json.dumps(todo),))}
+
     def _highs_postgresql(self, conn: Any, todo: dict[str, int]) -> dict[str, int]:
         """:meth:`_highs_query`'s run ends on PostgreSQL: the (device, lowest seq) pairs as two binary array
         parameters (one statement text for any number of devices; psycopg would otherwise rewrite hundreds of
-        placeholders per query)."""
+        placeholders per query), each device's run end found by a ``LATERAL`` walk of the ``(device_id, seq)``
+        index from its known high to the first gap (a join over the pairs let the planner scan the whole table:
+        40 ms a batch at 60,000 rows, growing with the table)."""
         name = conn.dialect.identifier_preparer.format_table(self.table)
-        sql = (f"SELECT a.device_id, MIN(a.seq) FROM unnest(%b::text[], %b::bigint[]) AS k(d, s) "
-               f"JOIN {name} a ON a.device_id = k.d AND a.seq >= k.s "
-               f"LEFT JOIN {name} b ON b.device_id = a.device_id AND b.seq = a.seq + 1 "
-               "WHERE b.id IS NULL GROUP BY a.device_id")
+        sql = (f"SELECT k.d, h.seq FROM unnest(%b::text[], %b::bigint[]) AS k(d, s) CROSS JOIN LATERAL "
+               f"(SELECT a.seq FROM {name} a WHERE a.device_id = k.d AND a.seq >= k.s AND NOT EXISTS "
+               f"(SELECT 1 FROM {name} b WHERE b.device_id = k.d AND b.seq = a.seq + 1) ORDER BY a.seq LIMIT 1) h")
         return {d: int(s) for d, s in conn.exec_driver_sql(sql, (list(todo), list(todo.values())))}
 
     # --- device flags -------------------------------------------------------------------------------------
