@@ -207,10 +207,15 @@ def _is_reply_topic(topic: object) -> bool:
 # --- messages -----------------------------------------------------------------------------------------------
 
 
-@functools.cache
+_FIELD_NAMES: dict[type, frozenset[str]] = {}
+
+
 def _field_names(cls: type) -> frozenset[str]:
     """The dataclass field names of a message class (looked up once: every message received is checked)."""
-    return frozenset(f.name for f in dataclasses.fields(cls))
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = frozenset(f.name for f in dataclasses.fields(cls))
+    return names
 
 
 def _check_type(kind: str, name: str, value: object, types: tuple[type, ...]) -> None:
