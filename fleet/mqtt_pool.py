@@ -48,9 +48,12 @@ class ClientPool:
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._lock = threading.Lock()
         self._clients: dict[mqtt.Client, Any] = {}  # client -> its registered socket
+        self._writing: set[mqtt.Client] = set()  # clients whose socket is watched for writability too
+        self._to_write: set[mqtt.Client] = set()  # clients that queued packets since the last round
         self._added: list[mqtt.Client] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._ident = 0  # the network thread's id, once it runs
 
     def add(self, client: mqtt.Client) -> None:
         """Hand a connected client (``connect()`` returned) to the pool; safe from any thread."""
@@ -78,11 +81,37 @@ class ClientPool:
         return len(self._clients) + len(self._added)
 
     def _on_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self._wake()
+        # paho calls this once when a client's queue of outgoing packets stops being empty, from whichever
+        # thread published; only those clients are written, not every client after every wake-up
+        with self._lock:
+            self._to_write.add(client)
+        if threading.get_ident() != self._ident:  # the network thread itself writes before it selects again
+            self._wake()
 
     def _wake(self) -> None:
         with contextlib.suppress(OSError):  # a full buffer means a wake-up is already pending
             self._wake_w.send(b"\0")
+
+    def _write(self, client: mqtt.Client) -> None:
+        """Send what the client has queued; watch its socket for writability while some remains (the
+        socket's buffer was full) and stop watching once all is sent."""
+        sock = self._clients.get(client)
+        if sock is None:
+            return
+        if client.want_write() and client.loop_write() != mqtt.MQTT_ERR_SUCCESS:
+            self._drop(client)
+            return
+        wants = client.want_write()
+        if wants != (client in self._writing):
+            try:
+                self._selector.modify(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if wants else 0), client)
+            except (KeyError, ValueError, OSError):  # its socket was closed meanwhile (a disconnect)
+                self._drop(client)
+                return
+            if wants:
+                self._writing.add(client)
+            else:
+                self._writing.discard(client)
 
     def _admit(self) -> None:
         with self._lock:
@@ -94,31 +123,41 @@ class ClientPool:
                 continue
             self._selector.register(sock, selectors.EVENT_READ, client)
             self._clients[client] = sock
+        with self._lock:
+            self._to_write.update(c for c in added if c in self._clients)  # what they queued before the pool knew them
 
     def _drop(self, client: mqtt.Client) -> None:
         sock = self._clients.pop(client, None)
+        self._writing.discard(client)
         if sock is not None:
             with contextlib.suppress(KeyError, ValueError, OSError):
                 self._selector.unregister(sock)
 
     def _run(self) -> None:
+        self._ident = threading.get_ident()
         last_misc = time.monotonic()
         while not self._stop.is_set():
             self._admit()
-            for key, _ in self._selector.select(timeout=_TICK_S):
+            for key, events in self._selector.select(timeout=0 if self._to_write else _TICK_S):
                 if key.data is None:
                     with contextlib.suppress(BlockingIOError):
                         while self._wake_r.recv(4096):
                             pass
                     continue
                 client = key.data
-                if client in self._clients and client.loop_read() != mqtt.MQTT_ERR_SUCCESS:
+                if events & selectors.EVENT_READ and client in self._clients and \
+                        client.loop_read() != mqtt.MQTT_ERR_SUCCESS:
                     self._drop(client)
-            for client in list(self._clients):  # a cheap check that also covers a missed wake-up
-                if client.want_write() and client.loop_write() != mqtt.MQTT_ERR_SUCCESS:
-                    self._drop(client)
+                if events & selectors.EVENT_WRITE:
+                    self._write(client)
+            with self._lock:
+                queued, self._to_write = self._to_write, set()
+            for client in queued:
+                self._write(client)
             now = time.monotonic()
             if now - last_misc >= 1.0:
                 last_misc = now
                 for client in list(self._clients):
                     client.loop_misc()
+                    if client.want_write():  # a safety net: nothing waits longer than a second
+                        self._write(client)

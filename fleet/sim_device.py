@@ -188,6 +188,8 @@ class SimDevice:
         self.client = self._mqtt_client()
         self.sender = TelemetrySender(self.client, self.device_id, self.outbox)
         self.connected = threading.Event()
+        self.subscribed = threading.Event()  # the broker confirmed the commands subscription
+        self._commands_mid = -1
         self.updating = False
         self.outcomes: list[dict[str, Any]] = []  # terminal update events, in order
         self._fetcher: MqttFetcher | None = None
@@ -204,9 +206,14 @@ class SimDevice:
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.device_id, clean_session=False)
         set_last_will(client, self.device_id, self.capabilities())
         client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
         client.on_disconnect = lambda *a: self.connected.clear()
         client.message_callback_add(device_topic(self.device_id, "commands"), self._on_command)
         return client
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+        if mid == self._commands_mid and not any(r.is_failure for r in reasons):
+            self.subscribed.set()  # commands sent from now on reach it
 
     def capabilities(self) -> dict[str, Any]:
         """The capabilities it reports (with its tags under ``"tags"``)."""
@@ -216,7 +223,7 @@ class SimDevice:
         if reason.is_failure:
             _log.error("%s: the broker refused the connection: %s", self.device_id, reason)
             return
-        client.subscribe(device_topic(self.device_id, "commands"), qos=1)
+        self._commands_mid = client.subscribe(device_topic(self.device_id, "commands"), qos=1)[1]
         self.connected.set()
         self.publish_state()
         self.sender.on_connect()

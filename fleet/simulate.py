@@ -149,8 +149,9 @@ class Simulator:
                                   hint="is the broker running on --broker-host/--broker-port?") from exc
             self._pool.add(device.client)
         deadline = time.monotonic() + timeout
-        for device in self.devices:
-            if not device.connected.wait(max(0.0, deadline - time.monotonic())):
+        for device in self.devices:  # connected, and subscribed: a command sent once start() returns arrives
+            if not (device.connected.wait(max(0.0, deadline - time.monotonic()))
+                    and device.subscribed.wait(max(0.0, deadline - time.monotonic()))):
                 self.stop()
                 raise ConfigError(f"{device.device_id} did not connect within {timeout} s")
         self._executor = ThreadPoolExecutor(self.knobs.traffic_threads, thread_name_prefix="sim-traffic")
