@@ -223,7 +223,7 @@ class SimDevice:
         if reason.is_failure:
             _log.error("%s: the broker refused the connection: %s", self.device_id, reason)
             return
-        self._commands_mid = client.subscribe(device_topic(self.device_id, "commands"), qos=1)[1]
+        self._commands_mid = client.subscribe(device_topic(self.device_id, "commands"), qos=1)[1] or -1
         self.connected.set()
         self.publish_state()
         self.sender.on_connect()
