@@ -31,11 +31,11 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import unquote
 
 import paho.mqtt.client as mqtt
-from tuf.api.exceptions import DownloadError, DownloadHTTPError
+from tuf.api.exceptions import DownloadError, DownloadHTTPError, DownloadLengthMismatchError
 from tuf.ngclient import FetcherInterface
 
 from edgeml.fsutil import atomic_write_bytes
@@ -172,12 +172,47 @@ class MqttFetcher(FetcherInterface):
                 self._waiting.pop(cid, None)
 
     def _fetch(self, url: str) -> Iterator[bytes]:
-        if not url.startswith(SCHEME):
-            raise DownloadError(f"not an edgeml MQTT URL: {url!r} (expected {SCHEME}...)")
-        path = unquote(url[len(SCHEME):])
+        path = _path_of(url)
         if self.partial_dir is None or not url.startswith(TARGETS_URL):
             yield from self._source(path, 0)
             return
+        part = self._download_part(url, path, None)
+        try:
+            with part.open("rb") as fh:
+                yield from iter(lambda: fh.read(_READ), b"")
+        finally:
+            _remove(part, part.with_suffix(".len"))  # complete: never reuse it, verified or not
+
+    @contextlib.contextmanager
+    def download_file(self, url: str, max_length: int) -> Iterator[IO[bytes]]:
+        """ngclient's download: a target with ``partial_dir`` set is handed over as its completed partial
+        file (ngclient hashes it and copies it out), not copied into a temporary file first; everything else
+        as ngclient does it.
+
+        Raises:
+            DownloadError: The download failed.
+            DownloadLengthMismatchError: More than ``max_length`` bytes came.
+        """
+        if self.partial_dir is None or not url.startswith(TARGETS_URL):
+            with super().download_file(url, max_length) as fh:
+                yield fh
+            return
+        try:
+            part = self._download_part(url, _path_of(url), max_length)
+        except DownloadError:
+            raise
+        except Exception as exc:  # as ngclient's fetch(): only DownloadErrors leave a fetcher
+            raise DownloadError(f"failed to download {url}") from exc
+        try:
+            with part.open("rb") as fh:
+                yield fh
+        finally:
+            _remove(part, part.with_suffix(".len"))  # complete: never reuse it, verified or not
+
+    def _download_part(self, url: str, path: str, max_length: int | None) -> Path:
+        """Complete the target's partial file in ``partial_dir`` (resuming from the chunks recorded as
+        complete) and return it."""
+        assert self.partial_dir is not None
         self.partial_dir.mkdir(parents=True, exist_ok=True)
         stem = self.partial_dir / hashlib.sha256(url.encode()).hexdigest()
         part, length_file = stem.with_suffix(".part"), stem.with_suffix(".len")
@@ -185,24 +220,20 @@ class MqttFetcher(FetcherInterface):
             done = _complete_length(part, length_file)
             with part.open("r+b" if part.exists() else "w+b") as fh:
                 fh.truncate(done)  # drop a torn tail beyond the last recorded chunk
-                fh.seek(0)
-                while fh.tell() < done:
-                    data = fh.read(min(_READ, done - fh.tell()))
-                    if not data:
-                        break
-                    yield data
                 fh.seek(done)
                 recorded, at = done, time.monotonic()
                 for data in self._source(path, done):
-                    fh.write(data)
                     done += len(data)
+                    if max_length is not None and done > max_length:
+                        _remove(part, length_file)
+                        raise DownloadLengthMismatchError(f"{path}: more than the {max_length} bytes expected")
+                    fh.write(data)
                     if done - recorded >= self.checkpoint_bytes or time.monotonic() - at >= self.checkpoint_s:
                         _checkpoint(fh, length_file, done)  # whole chunks only: ``data`` ends on one
                         recorded, at = done, time.monotonic()
-                    yield data
-            _remove(part, length_file)  # complete: ngclient verifies it; never reuse it, verified or not
         except OSError as exc:
             raise DownloadError(f"cannot keep the partial download of {path} in {self.partial_dir}: {exc}") from exc
+        return part
 
     def _source(self, path: str, start: int) -> Iterator[bytes]:
         if self.broadcast is not None and path.startswith("targets/"):
@@ -356,7 +387,13 @@ class MqttFetcher(FetcherInterface):
             yield from pieces.pop_ready()
 
 
-_READ = 1024 * 1024  # bytes read at a time when replaying a partial download
+_READ = 1024 * 1024  # bytes read at a time when handing a completed partial download over
+
+
+def _path_of(url: str) -> str:
+    if not url.startswith(SCHEME):
+        raise DownloadError(f"not an edgeml MQTT URL: {url!r} (expected {SCHEME}...)")
+    return unquote(url[len(SCHEME):])
 
 
 class _Pieces:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import stat
 import warnings
 import zipfile
@@ -122,6 +123,26 @@ def test_rewriting_a_bundle_is_reproducible(good: tuple[Path, Manifest], tmp_pat
     again = tmp_path / "again.edgeml"
     write_bundle(again, written, _sources(tmp_path))
     assert again.read_bytes() == dest.read_bytes()
+
+
+def test_members_that_do_not_compress_are_stored(tmp_path: Path) -> None:
+    """Random bytes (like float weights, nearly) are stored, so devices do not inflate them on every update;
+    a member that deflates well is deflated. Both read back and extract identically."""
+    noise = os.urandom(700_000)
+    src = _sources(tmp_path)
+    src["model.onnx"].write_bytes(noise)
+    (tmp_path / "src" / "labels.txt").write_bytes(b"zero\none\n" * 5000)
+    src["labels.txt"] = tmp_path / "src" / "labels.txt"
+    dest = tmp_path / "mixed.edgeml"
+    write_bundle(dest, _manifest(), src)
+    with zipfile.ZipFile(dest) as zf:
+        kinds = {i.filename: i.compress_type for i in zf.infolist()}
+    assert kinds["model.onnx"] == zipfile.ZIP_STORED
+    assert kinds["labels.txt"] == kinds["manifest.json"] == zipfile.ZIP_DEFLATED
+    with Bundle(dest) as bundle:
+        out = bundle.extract(tmp_path / "out")
+    assert (out / "model.onnx").read_bytes() == noise
+    assert (out / "labels.txt").read_bytes() == b"zero\none\n" * 5000
 
 
 def _tamper(src: Path, dest: Path, member: str, change: Callable[[bytes], bytes]) -> Path:

@@ -41,7 +41,31 @@ class DigitsBundles:
     traffic: np.ndarray
 
 
-def _graph(digits: DigitsModel, kind: str) -> bytes:
+#: what a request to the slow version should take on the machine running the tests, whatever its speed (the
+#: latency judge allows 15 ms of slack; a fixed amount of work took 50 ms on one 2-core machine, 14 on another)
+SLOW_TARGET_MS = 60.0
+
+
+def _slow_layers(digits: DigitsModel) -> int:
+    """How many 1024x1024 MatMul layers make the slow version take :data:`SLOW_TARGET_MS` here."""
+    import time
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(_graph(digits, "slow", layers=50), options, providers=["CPUExecutionProvider"])
+    x = {session.get_inputs()[0].name: np.zeros((1, 1, 8, 8), np.float32)}
+    session.run(None, x)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        session.run(None, x)
+        best = min(best, time.perf_counter() - start)
+    return int(min(5000, max(100, np.ceil(50 * SLOW_TARGET_MS / 1000 / best))))
+
+
+def _graph(digits: DigitsModel, kind: str, layers: int = 300) -> bytes:
     import onnx
     from onnx import helper, numpy_helper
 
@@ -62,9 +86,9 @@ def _graph(digits: DigitsModel, kind: str) -> bytes:
                                   numpy_helper.from_array(np.array(0.0, np.float32), "zero")])
         nodes = [helper.make_node("Flatten", [graph.input[0].name], ["flat"], axis=1),
                  helper.make_node("MatMul", ["flat", "w0"], ["h0"])]
-        for i in range(300):
+        for i in range(layers):
             nodes.append(helper.make_node("MatMul", [f"h{i}", "w"], [f"h{i + 1}"]))
-        nodes += [helper.make_node("ReduceSum", ["h300"], ["heavy"], keepdims=1),
+        nodes += [helper.make_node("ReduceSum", [f"h{layers}"], ["heavy"], keepdims=1),
                   helper.make_node("Mul", ["heavy", "zero"], ["nothing"]),
                   helper.make_node("Add", [f"{out}_raw", "nothing"], [out])]
         graph.node.extend(nodes)
@@ -110,7 +134,7 @@ def digits_bundles(digits: DigitsModel, tmp_path_factory: pytest.TempPathFactory
     paths = {
         "1.0.0": write_digits_bundle(out, "1.0.0", plain, golden_in),
         GOOD: write_digits_bundle(out, GOOD, scaled, golden_in),
-        SLOW: write_digits_bundle(out, SLOW, _graph(digits, "slow"), golden_in),
+        SLOW: write_digits_bundle(out, SLOW, _graph(digits, "slow", layers=_slow_layers(digits)), golden_in),
         SOFT: write_digits_bundle(out, SOFT, _graph(digits, "soft"), golden_in),
         UNLOADABLE: write_digits_bundle(out, UNLOADABLE, b"not an onnx model", golden_in,
                                         np.zeros((GOLDEN_COUNT, 10), np.float32)),
