@@ -255,8 +255,8 @@ class _Message:
             ProtocolError: It is larger than the kind's limit or holds values JSON cannot carry.
         """
         try:
-            data = json.dumps(dataclasses.asdict(self), separators=(",", ":"), sort_keys=True,  # type: ignore[call-overload]
-                              allow_nan=False).encode()
+            fields = {name: getattr(self, name) for name in _field_names(type(self))}  # JSON values: no deep copy
+            data = json.dumps(fields, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
         except (TypeError, ValueError) as exc:
             raise ProtocolError(f"{self.KIND}: cannot encode as JSON: {exc}") from exc
         _check_size(self.KIND, data)
