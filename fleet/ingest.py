@@ -7,7 +7,8 @@ topic, checks each message (:func:`check_message`), and hands it to a writer thr
 sends each of its devices a ``telemetry-ack`` :class:`~edgeml.protocol.Command` carrying the device's
 contiguous high (every seq up to it is stored): the device may then drop those entries from its outbox.
 A device is sent at most one ack per ``ack_interval_s``: a device that reports fast gets one ack for all
-its rows committed meanwhile, as soon as its interval has passed (at stop, at once). A device that
+its rows committed meanwhile, as soon as its interval has passed (at stop, at once); the contiguous highs
+are read then, in one query for every device due, rather than after each batch. A device that
 resends entries already stored gets the acknowledgement again, so its outbox drains even when an earlier
 ack was lost. The worker acknowledges each MQTT message to the broker (PUBACK) only after
 its row is committed too, so that with a persistent session (``client_id`` given) the broker redelivers
@@ -96,12 +97,14 @@ class IngestSettings:
     reconnect_max_s: float = 10.0  # longest reconnect delay, in seconds
     retry_max_s: float = 5.0  # longest wait between retries of a batch the database refused, in seconds
     ack_interval_s: float = 0.2  # shortest time between two acks to one device; a newer high waits that long
+    last_seen_s: float = 1.0  # telemetry moves a device's last_seen at most once per this many seconds
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.flush_ms < 0 or self.receive_maximum < 1 or self.ack_interval_s < 0:
-            raise ConfigError(f"ingest settings: need batch_size >= 1, flush_ms >= 0, receive_maximum >= 1 and "
-                              f"ack_interval_s >= 0, got {self.batch_size}, {self.flush_ms}, {self.receive_maximum}, "
-                              f"{self.ack_interval_s}")
+        if self.batch_size < 1 or self.flush_ms < 0 or self.receive_maximum < 1 or self.ack_interval_s < 0 \
+                or self.last_seen_s < 0:
+            raise ConfigError(f"ingest settings: need batch_size >= 1, flush_ms >= 0, receive_maximum >= 1, "
+                              f"ack_interval_s >= 0 and last_seen_s >= 0, got {self.batch_size}, {self.flush_ms}, "
+                              f"{self.receive_maximum}, {self.ack_interval_s}, {self.last_seen_s}")
 
 
 class RejectedMessage(ProtocolError):
@@ -174,7 +177,7 @@ class IngestWorker:
                  share_group: str | None = "ingest", mqtt5: bool = True, client_id: str | None = None,
                  settings: IngestSettings | None = None) -> None:
         self.settings = settings or IngestSettings()
-        self.store = TelemetryStore(db)
+        self.store = TelemetryStore(db, last_seen_s=self.settings.last_seen_s)
         self.broker = (broker_host, broker_port)
         self.telemetry_filter = f"$share/{share_group}/{TELEMETRY_FILTER}" if share_group else TELEMETRY_FILTER
         self._mqtt5, self._persistent = mqtt5, client_id is not None
@@ -202,7 +205,9 @@ class IngestWorker:
         self._subscribe_error: str | None = None
         self._acked: dict[str, int] = {}  # device -> highest seq this worker acknowledged
         self._acked_at: dict[str, float] = {}  # device -> time.monotonic() of its latest ack
-        self._ack_due: dict[str, int] = {}  # device -> high to acknowledge once its ack interval has passed
+        # device -> whether it resent rows already stored: devices with rows stored since their latest ack, to
+        # acknowledge (their contiguous high read then) once their ack interval has passed
+        self._ack_owed: dict[str, bool] = {}
         self._next_ack = float("inf")  # time.monotonic() when the first of them is due
         self._enrolled: dict[str, bool] = {}
         self._enrolled_at = float("-inf")
@@ -405,14 +410,13 @@ class IngestWorker:
         keep = self._admit(batch)
         rows = [i.message for i in keep if isinstance(i.message, Telemetry)]
         states = [(i.message, not i.retained) for i in keep if isinstance(i.message, State)]
-        result = self.store.store_batch(rows, states)
+        result = self.store.store_batch(rows, states, highs=False)  # read when the acks fall due
         self._count(stored=len(result.inserted), duplicates=result.duplicates, batches=1)
         repeated = {r.device_id for r in rows if (r.device_id, r.seq) not in result.inserted}
-        for device_id, high in result.highs.items():
-            if high is not None and (high > self._acked.get(device_id, -1) or device_id in repeated):
-                self._ack_due[device_id] = max(high, self._ack_due.get(device_id, -1))
-                due = self._acked_at.get(device_id, float("-inf")) + self.settings.ack_interval_s
-                self._next_ack = min(self._next_ack, due)
+        for device_id in {r.device_id for r in rows}:
+            self._ack_owed[device_id] = self._ack_owed.get(device_id, False) or device_id in repeated
+            due = self._acked_at.get(device_id, float("-inf")) + self.settings.ack_interval_s
+            self._next_ack = min(self._next_ack, due)
         for item in keep:
             self._puback(item.token)
 
@@ -439,12 +443,22 @@ class IngestWorker:
         """Acknowledge each device whose last ack is at least ``ack_interval_s`` old (every one when stopping):
         a device sending fast gets one ack per interval for all its rows stored meanwhile."""
         now = time.monotonic()
-        if not self._ack_due or (now < self._next_ack and not stopping):
+        if not self._ack_owed or (now < self._next_ack and not stopping):
             return
         interval, last = self.settings.ack_interval_s, self._acked_at
-        for device_id in [d for d in self._ack_due if stopping or now - last.get(d, float("-inf")) >= interval]:
-            self._send_ack(device_id, self._ack_due.pop(device_id))
-        self._next_ack = min((last[d] + interval for d in self._ack_due), default=float("inf"))
+        due = [d for d in self._ack_owed if stopping or now - last.get(d, float("-inf")) >= interval]
+        try:  # one query for every device due, read after the commits (other workers' rows included)
+            highs = self.store.contiguous_highs(due) if due else {}
+        except Exception as exc:  # the writer must outlive any database failure: try again a little later
+            self._count(store_errors=1)
+            _log.warning("ingest: reading the acknowledged highs failed: %s", exc)
+            self._next_ack = now + max(interval, 0.1)
+            return
+        for device_id in due:
+            repeated, high = self._ack_owed.pop(device_id), highs.get(device_id)
+            if high is not None and (high > self._acked.get(device_id, -1) or repeated):
+                self._send_ack(device_id, high)
+        self._next_ack = min((last.get(d, float("-inf")) + interval for d in self._ack_owed), default=float("inf"))
 
     def _send_ack(self, device_id: str, high: int) -> None:
         command = Command(id=uuid.uuid4().hex, type="telemetry-ack", args={"seq": high}, issued_at=time.time())

@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sqlite3
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,12 +72,14 @@ class TelemetryStore:
     Args:
         db: A :class:`~edgeml.fleet.db.Database`, or a database URL to open one (its schema is created or
             upgraded to the current version).
+        last_seen_s: Telemetry moves a device's ``last_seen`` at most once per this many seconds (0: with
+            every batch); a device reporting many times a second then costs one row update a second.
 
     Raises:
         RegistryError: The database cannot be opened or upgraded.
     """
 
-    def __init__(self, db: Database | str) -> None:
+    def __init__(self, db: Database | str, *, last_seen_s: float = 0.0) -> None:
         if isinstance(db, str):
             db = Database(db)
             db.create()
@@ -85,6 +88,8 @@ class TelemetryStore:
         self.table = db.tables["telemetry"]
         self.devices = db.tables["devices"]
         self._highs: dict[str, int] = {}  # device -> contiguous high known to be stored (-1: nothing known)
+        self.last_seen_s = last_seen_s  # telemetry moves a device's last_seen at most this often (0: every batch)
+        self._seen_at: dict[str, float] = {}  # device -> time.monotonic() this store last moved its last_seen
 
     # --- writing ------------------------------------------------------------------------------------------
 
@@ -97,7 +102,7 @@ class TelemetryStore:
         return len(self.store_batch(list(rows), received_at=received_at).inserted)
 
     def store_batch(self, rows: Sequence[Telemetry], states: Sequence[tuple[State, bool]] = (),
-                    received_at: dt.datetime | None = None) -> BatchResult:
+                    received_at: dt.datetime | None = None, *, highs: bool = True) -> BatchResult:
         """In one transaction: insert ``rows`` (duplicates dropped), apply ``states``, bump ``last_seen``.
 
         Args:
@@ -105,6 +110,8 @@ class TelemetryStore:
             states: ``(state, seen)`` pairs applied in order; ``seen`` False keeps ``last_seen`` (a retained
                 state replayed by the broker says nothing about when the device was last heard).
             received_at: When the rows arrived (default: now).
+            highs: Read each device's contiguous high after the commit (off: ``highs`` is empty; the ingest
+                worker reads them when its acknowledgements fall due, not after every batch).
 
         Returns:
             What was inserted, and each device's contiguous high read after the commit.
@@ -113,14 +120,19 @@ class TelemetryStore:
             RegistryError: The database failed (nothing of the batch was stored).
         """
         at = received_at or utcnow()
+        now = time.monotonic()
+        touch = {r.device_id for r in rows}
+        if self.last_seen_s > 0:
+            touch = {d for d in touch if now - self._seen_at.get(d, float("-inf")) >= self.last_seen_s}
         with self.db.transaction() as conn:
             inserted = self._insert(conn, rows, at)
             applied = sum(self._apply_state(conn, s, at if seen else None) for s, seen in states)
-            self._touch(conn, {r.device_id for r in rows}, at)
+            self._touch(conn, touch, at)
+        self._seen_at.update(dict.fromkeys(touch, now))
         # After the commit, in a statement of its own: of several processes storing one device's rows, the last
         # to commit then sees every row (inside the transaction, PostgreSQL would hide the others' uncommitted ones)
-        highs = self.contiguous_highs({r.device_id for r in rows}) if rows else {}
-        return BatchResult(frozenset(inserted), len(rows) - len(inserted), highs, applied)
+        after = self.contiguous_highs({r.device_id for r in rows}) if rows and highs else {}
+        return BatchResult(frozenset(inserted), len(rows) - len(inserted), after, applied)
 
     def _insert(self, conn: Any, rows: Sequence[Telemetry], at: dt.datetime) -> list[tuple[str, int]]:
         if conn.dialect.name == "sqlite" and rows:

@@ -152,6 +152,19 @@ def test_contiguous_highs_are_per_device(store: TelemetryStore) -> None:
     assert store.contiguous_highs(["a", "b", "c", "d"]) == {"a": 2, "b": 0, "c": None, "d": None}
 
 
+def test_telemetry_moves_last_seen_at_most_once_per_interval(db: Database) -> None:
+    enroll(db, "cam-1")
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    later = t0 + dt.timedelta(seconds=30)
+    throttled, every = TelemetryStore(db, last_seen_s=3600), TelemetryStore(db)
+    throttled.store_batch([tel("cam-1", 0)], received_at=t0)
+    throttled.store_batch([tel("cam-1", 1)], received_at=later)  # within the interval: last_seen stays
+    assert throttled.devices_summary()[0]["last_seen"] == t0
+    every.store_batch([tel("cam-1", 2)], received_at=later)
+    assert every.devices_summary()[0]["last_seen"] == later
+    assert stored_seqs(db, "cam-1") == [0, 1, 2]
+
+
 def test_state_is_recorded_for_enrolled_devices_only(store: TelemetryStore, db: Database) -> None:
     enroll(db, "cam-1")
     state = State("cam-1", "running", model="digits", version="1.2.0", slot="a",
