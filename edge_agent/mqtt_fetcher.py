@@ -176,12 +176,8 @@ class MqttFetcher(FetcherInterface):
         if self.partial_dir is None or not url.startswith(TARGETS_URL):
             yield from self._source(path, 0)
             return
-        part = self._download_part(url, path, None)
-        try:
-            with part.open("rb") as fh:
-                yield from iter(lambda: fh.read(_READ), b"")
-        finally:
-            _remove(part, part.with_suffix(".len"))  # complete: never reuse it, verified or not
+        with self._completed(url, path, None) as fh:
+            yield from iter(lambda: fh.read(_READ), b"")
 
     @contextlib.contextmanager
     def download_file(self, url: str, max_length: int) -> Iterator[IO[bytes]]:
@@ -197,8 +193,15 @@ class MqttFetcher(FetcherInterface):
             with super().download_file(url, max_length) as fh:
                 yield fh
             return
+        with self._completed(url, _path_of(url), max_length) as fh:
+            yield fh
+
+    @contextlib.contextmanager
+    def _completed(self, url: str, path: str, max_length: int | None) -> Iterator[IO[bytes]]:
+        """The target's completed partial file, open for reading; removed afterwards (complete: never reused,
+        verified or not)."""
         try:
-            part = self._download_part(url, _path_of(url), max_length)
+            part = self._download_part(url, path, max_length)
         except DownloadError:
             raise
         except Exception as exc:  # as ngclient's fetch(): only DownloadErrors leave a fetcher
@@ -207,7 +210,7 @@ class MqttFetcher(FetcherInterface):
             with part.open("rb") as fh:
                 yield fh
         finally:
-            _remove(part, part.with_suffix(".len"))  # complete: never reuse it, verified or not
+            _remove(part, part.with_suffix(".len"))
 
     def _download_part(self, url: str, path: str, max_length: int | None) -> Path:
         """Complete the target's partial file in ``partial_dir`` (resuming from the chunks recorded as
