@@ -2,9 +2,14 @@
 
 A bundle is a zip archive with ``manifest.json`` at its root and the files the manifest lists (the model,
 golden vectors, reference statistics). Every file's sha256 and size are in the manifest, so a bundle can
-be verified on its own; the registry signs the bundle's own hash on top (TUF). Readers refuse archives
-with links, absolute or ``..`` paths, duplicate or unlisted members, and members larger than the
-manifest says (zip bombs).
+be verified on its own; the registry signs the bundle's own hash on top (TUF).
+
+A bundle is untrusted input: :class:`Bundle` checks it on open, before anything is decompressed. Every
+manifest field must match its pattern and the archive must stay within :class:`BundleLimits` (the rules are
+in :mod:`edgeml.bundle_rules`); the central directory's size is checked before zipfile reads it; links,
+duplicate or unlisted members and compression other than stored or deflate are refused; and each member's
+size in the archive must equal the manifest's, so that nothing inflates beyond what was declared (zip
+bombs). Reading stops as soon as a member yields more bytes than it declared.
 
 The manifest (``schema = "edgeml.bundle/1"``)::
 
@@ -28,62 +33,53 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import stat
 import tempfile
 import zipfile
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
+from edgeml import bundle_rules as rules
+from edgeml.bundle_rules import (
+    DEFAULT_LIMITS,
+    MANIFEST_NAME,
+    BundleLimits,
+    check_member_name,
+    check_name,
+    check_semver,
+    check_target,
+    load_json,
+)
 from edgeml.errors import BundleError, BundleIntegrityError, StorageError
 from edgeml.fsutil import fsync_dir
 
 __all__ = [
     "BUNDLE_SUFFIX",
+    "DEFAULT_LIMITS",
+    "MANIFEST_NAME",
     "SCHEMA",
     "Bundle",
+    "BundleLimits",
     "FileEntry",
     "Manifest",
     "TensorSpec",
     "bundle_filename",
+    "check_name",
     "check_semver",
+    "check_target",
+    "load_json",
     "sha256_file",
     "write_bundle",
 ]
 
 SCHEMA = "edgeml.bundle/1"
-MANIFEST_NAME = "manifest.json"
 BUNDLE_SUFFIX = ".edgeml"
-MAX_MANIFEST_BYTES = 8 * 1024 * 1024
 _CHUNK = 1024 * 1024
 _SAMPLE = 256 * 1024  # bytes per sample when judging whether a member compresses
 _MIN_SAVING = 0.05  # members that deflate shrinks by less than this are stored
-
-_SEMVER = re.compile(
-    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
-    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
-    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
-)
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-
-
-def check_semver(version: str) -> str:
-    """Return ``version`` if it is a semantic version (2.0.0), else raise BundleError."""
-    if not _SEMVER.match(version):
-        raise BundleError(f"version {version!r} is not a semantic version (e.g. 1.2.0 or 1.2.0-rc.1)")
-    return version
-
-
-def check_name(name: str) -> str:
-    """Return ``name`` if it is a valid model name (lowercase letters, digits, '.', '_', '-')."""
-    if not _NAME.match(name):
-        raise BundleError(
-            f"model name {name!r} is invalid: use 1-64 lowercase letters, digits, '.', '_' or '-'"
-        )
-    return name
 
 
 def bundle_filename(name: str, version: str, target: str) -> str:
@@ -113,11 +109,13 @@ class TensorSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TensorSpec:
-        try:
-            shape = tuple(d if isinstance(d, (int, str)) else int(d) for d in data["shape"])
-            return cls(name=str(data["name"]), shape=shape, dtype=str(data["dtype"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(f"malformed tensor spec in manifest: {data!r}") from exc
+        """Parse and check one tensor spec (see :func:`edgeml.bundle_rules.check_tensor`).
+
+        Raises:
+            BundleError: It is malformed.
+        """
+        name, shape, dtype = rules.check_tensor(data)
+        return cls(name=name, shape=shape, dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -179,64 +177,46 @@ class Manifest:
         return (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode()
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
-        """Parse and validate a manifest dict.
+    def from_dict(cls, data: Mapping[str, Any], *, limits: BundleLimits = DEFAULT_LIMITS) -> Manifest:
+        """Parse and validate a manifest dict: every field against its pattern, the files against ``limits``.
 
         Raises:
-            BundleError: A required field is missing or malformed, or the schema is unknown.
+            BundleError: A required field is missing or malformed, a limit is exceeded, or the schema is
+                unknown.
         """
         if not isinstance(data, Mapping):
             raise BundleError("manifest.json is not a JSON object")
         schema = data.get("schema")
         if schema != SCHEMA:
-            raise BundleError(f"unsupported bundle schema {schema!r} (this edgeml reads {SCHEMA})")
+            raise BundleError(f"unsupported bundle schema {rules.shown(schema)} (this edgeml reads {SCHEMA})")
         try:
-            files = {
-                _check_member_name(k): FileEntry(sha256=str(v["sha256"]), size=int(v["size"]))
-                for k, v in dict(data["files"]).items()
-            }
-            manifest = cls(
-                name=check_name(str(data["name"])),
-                version=check_semver(str(data["version"])),
-                target=str(data["target"]),
-                created=str(data.get("created", "")),
-                runtime=dict(data["runtime"]),
-                model=dict(data["model"]),
-                inputs=tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
-                outputs=tuple(TensorSpec.from_dict(t) for t in data["outputs"]),
-                preprocessing=data.get("preprocessing"),
-                labels=data.get("labels"),
-                metrics=dict(data.get("metrics") or {}),
-                gate=dict(data.get("gate") or {}),
-                golden=data.get("golden"),
-                refstats=data.get("refstats"),
-                provenance=dict(data.get("provenance") or {}),
+            files = {k: FileEntry(sha, size) for k, (sha, size) in rules.check_files(data["files"], limits).items()}
+            depth = limits.max_json_depth
+            return cls(
+                name=check_name(data["name"]),
+                version=check_semver(data["version"]),
+                target=check_target(data["target"]),
+                created=rules.check_text(data.get("created", ""), "created", empty=True),
+                runtime=rules.check_runtime(data["runtime"], depth),
+                model=rules.check_reference(data["model"], "model", files, depth) or {},
+                inputs=tuple(map(TensorSpec.from_dict, rules.check_tensor_list(data["inputs"], "inputs"))),
+                outputs=tuple(map(TensorSpec.from_dict, rules.check_tensor_list(data["outputs"], "outputs"))),
+                preprocessing=rules.check_object(data.get("preprocessing"), "preprocessing", depth, optional=True),
+                labels=rules.check_labels(data.get("labels")),
+                metrics=rules.check_object(data.get("metrics") or {}, "metrics", depth) or {},
+                gate=rules.check_object(data.get("gate") or {}, "gate", depth) or {},
+                golden=rules.check_golden(data.get("golden"), files, depth),
+                refstats=rules.check_reference(data.get("refstats"), "refstats", files, depth, optional=True),
+                provenance=rules.check_object(data.get("provenance") or {}, "provenance", depth) or {},
                 files=files,
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except KeyError as exc:
             raise BundleError(f"manifest.json is missing or has a malformed field: {exc}") from exc
-        for ref in (manifest.model, manifest.golden, manifest.refstats):
-            if ref is not None and ref.get("file") not in files:
-                raise BundleError(f"manifest refers to {ref.get('file')!r}, which it does not list")
-        return manifest
-
-
-def _check_member_name(name: str) -> str:
-    path = PurePosixPath(name)
-    if (
-        not name
-        or "\\" in name
-        or path.is_absolute()
-        or ".." in path.parts
-        or name.startswith("/")
-        or re.match(r"^[A-Za-z]:", name)
-    ):
-        raise BundleError(f"bundle member {name!r} has an absolute or parent-relative path")
-    return name
 
 
 def write_bundle(
-    dest: str | os.PathLike[str], manifest: Manifest, files: Mapping[str, str | os.PathLike[str]]
+    dest: str | os.PathLike[str], manifest: Manifest, files: Mapping[str, str | os.PathLike[str]], *,
+    limits: BundleLimits = DEFAULT_LIMITS,
 ) -> Manifest:
     """Write a bundle atomically: hashes every file, completes the manifest and renames into place.
 
@@ -244,19 +224,21 @@ def write_bundle(
         dest: The ``.edgeml`` path to create (replaced atomically if it exists).
         manifest: The manifest; its ``files`` field is filled in here.
         files: Archive member name -> path of the file to store.
+        limits: What the bundle's readers accept; a bundle beyond them is not written.
 
     Returns:
         The manifest as written (with ``files``).
 
     Raises:
+        BundleError: The manifest or a member name is invalid, or the files exceed ``limits``.
         StorageError: The destination cannot be written; nothing is left behind.
     """
     entries = {
-        _check_member_name(arc): FileEntry(sha256=sha256_file(src), size=os.path.getsize(src))
+        check_member_name(arc): FileEntry(sha256=sha256_file(src), size=os.path.getsize(src))
         for arc, src in files.items()
     }
     final = replace(manifest, files=entries)
-    Manifest.from_dict(final.to_dict())  # a bundle we cannot read back is never written
+    Manifest.from_dict(final.to_dict(), limits=limits)  # a bundle we cannot read back is never written
     dest_path = Path(dest)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{dest_path.name}.", suffix=".tmp", dir=dest_path.parent)
@@ -319,22 +301,53 @@ def _zipinfo(name: str, compress: bool = True) -> zipfile.ZipInfo:
     return info
 
 
+def _check_directory_size(path: Path, limits: BundleLimits) -> None:
+    """Refuse an archive whose central directory is too large, before zipfile reads all of it into memory.
+
+    Uses zipfile's own search for the end record, so that both read the same directory; where that private
+    helper is missing (a future Python), the entry count is still checked once zipfile has read it.
+    """
+    find_end = getattr(zipfile, "_EndRecData", None)
+    if find_end is None:
+        return
+    with open(path, "rb") as fh:
+        end = find_end(fh)
+    if end is None:  # not a zip archive: zipfile says so next
+        return
+    entries, size = int(end[4]), int(end[5])  # zipfile._ECD_ENTRIES_TOTAL, zipfile._ECD_SIZE
+    most = limits.max_members + 1
+    if entries > most or size > most * rules.DIRECTORY_BYTES_PER_ENTRY:
+        raise BundleError(f"{path} has {entries} archive entries in a {size}-byte directory; a reader accepts at "
+                          f"most {limits.max_members} members and manifest.json (BundleLimits.max_members)")
+
+
 class Bundle:
     """A bundle opened for reading. The manifest is parsed and the archive's layout checked on open.
 
     Use :meth:`verify` to re-check every hash, :meth:`read` for one member (hash-checked), and
     :meth:`extract` to unpack into a directory (hash-checked while writing).
+
+    Args:
+        path: The ``.edgeml`` file.
+        limits: The largest bundle accepted (see :class:`BundleLimits`).
+
+    Raises:
+        BundleError: The file is not a bundle, is malformed or unsafe, or exceeds ``limits``.
+        BundleIntegrityError: A member's size in the archive differs from the manifest's.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, limits: BundleLimits = DEFAULT_LIMITS) -> None:
         self.path = Path(path)
+        self.limits = limits
         try:
+            _check_directory_size(self.path, limits)
             self._zip = zipfile.ZipFile(self.path)
         except FileNotFoundError as exc:
             raise BundleError(f"{self.path}: no such bundle") from exc
-        except (zipfile.BadZipFile, OSError) as exc:
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
             raise BundleError(f"{self.path} is not an edgeml bundle (not a valid zip archive)") from exc
         try:
+            self._check_entry_count()
             self.manifest = self._read_manifest()
             self._check_members()
         except BaseException:
@@ -350,28 +363,39 @@ class Bundle:
     def close(self) -> None:
         self._zip.close()
 
+    def _check_entry_count(self) -> None:
+        entries = len(self._zip.infolist())
+        if entries > self.limits.max_members + 1:
+            raise BundleError(f"{self.path} has {entries} archive entries; a reader accepts at most "
+                              f"{self.limits.max_members} members and manifest.json (BundleLimits.max_members)")
+
     def _read_manifest(self) -> Manifest:
         try:
             info = self._zip.getinfo(MANIFEST_NAME)
         except KeyError as exc:
             raise BundleError(f"{self.path} has no manifest.json at its root") from exc
-        if info.file_size > MAX_MANIFEST_BYTES:
-            raise BundleError(f"{self.path}: manifest.json is larger than {MAX_MANIFEST_BYTES} bytes")
+        if info.file_size > self.limits.max_manifest_bytes:
+            raise BundleError(f"{self.path}: manifest.json is {info.file_size} bytes; a reader accepts at most "
+                              f"{self.limits.max_manifest_bytes} (BundleLimits.max_manifest_bytes)")
         try:
-            data = json.loads(self._zip.read(info))
-        except (ValueError, zipfile.BadZipFile) as exc:
-            raise BundleError(f"{self.path}: manifest.json is not valid JSON") from exc
-        return Manifest.from_dict(data)
+            raw = self._zip.read(info)  # zipfile stops at the declared size, and checks the CRC
+        except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as exc:
+            raise BundleError(f"{self.path}: manifest.json cannot be read: {exc}") from exc
+        data = load_json(raw, f"{self.path}: manifest.json", max_depth=self.limits.max_json_depth)
+        return Manifest.from_dict(data, limits=self.limits)
 
     def _check_members(self) -> None:
         seen: set[str] = set()
         for info in self._zip.infolist():
-            name = _check_member_name(info.filename)
+            name = check_member_name(info.filename[:-1] if info.is_dir() else info.filename)
             if stat.S_ISLNK(info.external_attr >> 16):
                 raise BundleError(f"{self.path}: member {name!r} is a link; bundles hold plain files only")
             if name in seen:
                 raise BundleError(f"{self.path}: member {name!r} appears twice")
             seen.add(name)
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                raise BundleError(f"{self.path}: member {name!r} uses compression method {info.compress_type}; "
+                                  "bundles hold stored or deflated members only")
             if info.is_dir() or name == MANIFEST_NAME:
                 continue
             entry = self.manifest.files.get(name)
@@ -381,6 +405,9 @@ class Bundle:
                 raise BundleIntegrityError(
                     f"{self.path}: {name} is {info.file_size} bytes, the manifest says {entry.size}"
                 )
+            if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
+                raise BundleIntegrityError(f"{self.path}: {name} is stored uncompressed in {info.compress_size} "
+                                           f"bytes but declares {info.file_size}; the archive is damaged")
         missing = set(self.manifest.files) - seen
         if missing:
             raise BundleError(f"{self.path}: listed files are missing: {', '.join(sorted(missing))}")
@@ -393,11 +420,11 @@ class Bundle:
             with self._zip.open(name) as fh:
                 for block in iter(lambda: fh.read(_CHUNK), b""):
                     size += len(block)
-                    if size > entry.size:
+                    if size > entry.size:  # zipfile stops at the declared size, equal to entry.size: a guard
                         raise BundleIntegrityError(f"{self.path}: {name} is longer than the manifest says")
                     digest.update(block)
                     yield block
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
             raise BundleIntegrityError(f"{self.path}: {name} cannot be read: {exc}") from exc
         if size != entry.size or digest.hexdigest() != entry.sha256:
             raise BundleIntegrityError(
