@@ -201,6 +201,19 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _create_private_file(database: str | None) -> None:
+    """Create a SQLite database file readable by its owner only (0600), before SQLite creates it 0644 less the
+    umask: it holds device password hashes, token hashes and the audit log. SQLite gives its ``-wal`` and
+    ``-shm`` files the database file's mode. An existing file keeps its mode; a path SQLite cannot create is
+    left for SQLite to report."""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    try:
+        os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError:  # it exists, or its folder does not: SQLite opens it or says why not
+        return
+
+
 class Database:
     """The registry database at ``url``.
 
@@ -219,6 +232,7 @@ class Database:
         except (self.sa.exc.SQLAlchemyError, ImportError, ValueError) as exc:
             raise RegistryError(f"cannot open the registry database {self._safe_url()}: {exc}") from exc
         if self.engine.dialect.name == "sqlite":
+            _create_private_file(self.engine.url.database)
             self.sa.event.listen(self.engine, "connect", _sqlite_pragmas)
 
     def _safe_url(self) -> str:

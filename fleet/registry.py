@@ -17,6 +17,14 @@ Layout of a registry ``DIR``::
 The TUF rules live in :mod:`edgeml.fleet.tuf_repo`; this module reads, locks and writes. Files are written
 atomically in dependency order (target, targets, snapshot, then timestamp last), so a client reading
 during a publish sees either the old or the new registry.
+
+Paths from a bundle: a target's file name is built from its manifest (name, version, target) and its hash.
+The bundle reader refuses unsafe fields, and the registry does not rely on it alone: before anything is
+signed, :meth:`Registry.target_file` checks the target path's parts and resolves the file (links included)
+to a place inside ``DIR/repository/targets/``, and refuses with :class:`~edgeml.errors.RegistryError`
+otherwise. Secrets are readable by their owner only: ``keys/`` and ``offline-keys/`` are 0700 and their
+files 0600 (also ``retired/`` after a root rotation), and the SQLite database (with its ``-wal`` and
+``-shm``) is created 0600 (:mod:`edgeml.fleet.db`).
 """
 
 from __future__ import annotations
@@ -220,15 +228,26 @@ class Registry:
                 signers = self.online_signers()
                 roles = self.load_roles()
                 sha = target.hashes["sha256"]
+                stored = self.target_file(target.path, sha)  # checked before anything is signed
                 if not tuf_repo.add_target(roles, target, signers):
                     return Published(target.path, sha, target.length, roles["targets"].signed.version, False)
-                self._commit(staged, roles, target, channel, actor)
+                self._commit(staged, stored, roles, target, channel, actor)
         return Published(target.path, sha, target.length, roles["targets"].signed.version, changed=True)
 
-    def _commit(self, staged: Path, roles: dict[str, Any], target: Any, channel: str | None,
+    def target_file(self, path: str, sha256: str) -> Path:
+        """Where target ``path`` with hash ``sha256`` is stored: resolved, inside ``DIR/repository/targets/``.
+
+        Raises:
+            RegistryError: The path has an unsafe part (``..``, ``.``, empty, a backslash or control
+                character), or resolves outside the targets directory (through a link).
+        """
+        from edgeml.fleet.tuf_repo import hashed_target_path
+
+        return _inside(self.targets_dir, hashed_target_path(path, sha256))
+
+    def _commit(self, staged: Path, stored: Path, roles: dict[str, Any], target: Any, channel: str | None,
                 actor: str | None) -> None:
         from edgeml.fleet.audit import local_actor, open_audit
-        from edgeml.fleet.tuf_repo import hashed_target_path
 
         custom = target.custom
         fields = {"name": custom["name"], "version": custom["version"], "target": custom["target"],
@@ -242,8 +261,9 @@ class Registry:
                 log.append(actor or local_actor(), "publish", target.path,
                            {"sha256": target.hashes["sha256"], "length": target.length, "channel": channel,
                             "targets_version": roles["targets"].signed.version}, conn=conn)
-                stored = self.targets_dir / hashed_target_path(target.path, target.hashes["sha256"])
                 stored.parent.mkdir(parents=True, exist_ok=True)
+                if self.target_file(target.path, target.hashes["sha256"]) != stored:  # a link appeared meanwhile
+                    raise RegistryError(f"{stored} moved while it was being published; publish again")
                 if not stored.exists():  # content-addressed: an existing name holds the same bytes
                     staged.replace(stored)
                 _write_roles(self.metadata_dir, roles, ("targets", "snapshot", "timestamp"))
@@ -283,7 +303,8 @@ class Registry:
             roles["root"] = tuf_repo.rotate_root(roles["root"], old, new_signers, threshold)
             version = int(roles["root"].signed.version)
             retired = offline_keys / "retired" / f"root-v{version - 1}"
-            retired.mkdir(parents=True, exist_ok=True)
+            retired.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _owner_only(offline_keys / "retired", retired)
             for f in sorted(offline_keys.glob("root-*.pem")):
                 shutil.move(str(f), retired / f.name)
             for i, signer in enumerate(new_signers, 1):
@@ -292,6 +313,25 @@ class Registry:
             record(self.dir, actor or local_actor(), "keys.rotate", "root",
                    {"version": version, "new_keys": new_keys, "threshold": threshold}, db_url=self._db_url)
             return version
+
+
+def _inside(area: Path, relative: str) -> Path:
+    """``area / relative`` resolved (links followed); RegistryError unless it is strictly inside ``area``."""
+    root = area.resolve()
+    resolved = (root / relative).resolve()
+    if resolved == root or not resolved.is_relative_to(root):
+        raise RegistryError(f"refusing to write {relative!r}: it resolves to {resolved}, outside {area}",
+                            hint=f"remove the link under {area} that leads out of it")
+    return resolved
+
+
+def _owner_only(*directories: Path) -> None:
+    """chmod 0700 (``mkdir(mode=...)`` is reduced by the umask, and leaves existing directories as they are)."""
+    for directory in directories:
+        try:
+            directory.chmod(0o700)
+        except OSError as exc:
+            raise RegistryError(f"cannot restrict permissions of {directory}: {exc.strerror}") from exc
 
 
 def _stage(bundle: Path, staged: Path) -> Any:

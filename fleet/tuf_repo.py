@@ -7,11 +7,17 @@ expiry (freeze). Snapshot records the length and sha256 of ``targets.json`` and 
 ``snapshot.json``, so a client refuses metadata files mixed from different versions (mix-and-match).
 ``consistent_snapshot`` is on: metadata is served as ``N.<role>.json`` and targets as
 ``<dir>/<sha256>.<name>``, so a publish never changes a file a client may be reading.
+
+A target path becomes a file path on the registry and on every device, so :func:`add_target` signs only
+paths of normalised relative parts (:func:`check_target_path`): no ``..``, ``.`` or empty part, no
+backslash, NUL or control character. The registry also resolves the file under ``repository/targets/``
+before writing it (:meth:`edgeml.fleet.registry.Registry.target_file`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -30,7 +36,7 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization.json import JSONSerializer
 
-from edgeml.errors import MetadataError, TargetExistsError
+from edgeml.errors import MetadataError, RegistryError, TargetExistsError
 
 __all__ = [
     "ONLINE_ROLES",
@@ -38,6 +44,7 @@ __all__ = [
     "Expiry",
     "Roles",
     "add_target",
+    "check_target_path",
     "hashed_target_path",
     "new_repository",
     "resign_timestamp",
@@ -53,6 +60,9 @@ TOP_LEVEL_ROLES = ("root", *ONLINE_ROLES)
 Roles = dict[str, Metadata[Any]]
 
 _M = TypeVar("_M", bound="Metadata[Any]")
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f\\]")  # control characters and backslash
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_MAX_TARGET_PATH = 512  # characters (the database's tuf_path column)
 
 
 @dataclass(frozen=True)
@@ -150,9 +160,30 @@ def _refresh_snapshot_and_timestamp(roles: Roles, online: Mapping[str, Signer], 
         _bump(timestamp, [online["timestamp"]], expiry.timestamp, now)
 
 
+def check_target_path(path: str) -> str:
+    """Return ``path`` if it is a safe target path: relative, normalised parts, at most 512 characters.
+
+    Raises:
+        RegistryError: It is absolute, has a ``..``, ``.`` or empty part, a backslash, NUL or control
+            character, or is too long.
+    """
+    if (not isinstance(path, str) or len(path) > _MAX_TARGET_PATH or _UNSAFE.search(path)
+            or any(p in ("", ".", "..") for p in path.split("/"))):
+        raise RegistryError(f"refusing target path {str(path)[:80]!r}: a target path is relative, with no '..', '.' "
+                            f"or empty part, no backslash or control character, at most {_MAX_TARGET_PATH} "
+                            "characters", hint="publish a bundle whose name, version and target are valid")
+    return path
+
+
 def hashed_target_path(path: str, sha256: str) -> str:
-    """Where a target is stored and served with consistent snapshots: ``<dir>/<sha256>.<basename>``."""
-    dirname, sep, basename = path.rpartition("/")
+    """Where a target is stored and served with consistent snapshots: ``<dir>/<sha256>.<basename>``.
+
+    Raises:
+        RegistryError: ``path`` is not a safe target path, or ``sha256`` not 64 lowercase hex digits.
+    """
+    if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
+        raise RegistryError(f"refusing target {path!r}: its sha256 {sha256!r} is not 64 lowercase hex digits")
+    dirname, sep, basename = check_target_path(path).rpartition("/")
     return f"{dirname}{sep}{sha256}.{basename}"
 
 
@@ -172,7 +203,9 @@ def add_target(roles: Roles, target: TargetFile, online: Mapping[str, Signer], e
 
     Raises:
         TargetExistsError: A different file is already published under that path.
+        RegistryError: The path is not a safe target path (:func:`check_target_path`); nothing changed.
     """
+    check_target_path(target.path)
     targets: Metadata[Targets] = roles["targets"]
     existing = targets.signed.targets.get(target.path)
     if existing is not None:

@@ -4,12 +4,15 @@ processes are all signed and listed, versions strictly increase, and the databas
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from tuf.api.metadata import Metadata
 
+from edgeml.fleet.db import Database
 from edgeml.fleet.registry import init_registry
 from tests.fleet.conftest import MakeBundle
 
@@ -46,3 +49,25 @@ def test_concurrent_cli_publishes_are_all_signed_and_recorded(db_url: str, tmp_p
     channel = registry.database().channels()[("digits", "stable")]
     last = max(rows, key=lambda r: r["targets_version"])
     assert channel == last["version"]
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022])
+def test_the_sqlite_database_and_its_wal_files_are_created_readable_by_their_owner_only(
+        tmp_path: Path, umask: int) -> None:
+    """The database holds device password hashes, token hashes and the audit log: 0600 whatever the umask,
+    and SQLite gives ``-wal`` and ``-shm`` the database file's mode."""
+    previous = os.umask(umask)
+    try:
+        registry = init_registry(tmp_path / "reg")
+        db = registry.database()
+        try:
+            with db.transaction() as conn:
+                conn.execute(db.tables["models"].insert().values(name="digits"))
+                files = {p.name: stat.S_IMODE(p.stat().st_mode) for p in registry.dir.glob("registry.db*")}
+        finally:
+            db.close()
+        Database(f"sqlite:///{tmp_path / 'other.db'}").close()  # created on open, before SQLite connects
+    finally:
+        os.umask(previous)
+    assert files == {"registry.db": 0o600, "registry.db-wal": 0o600, "registry.db-shm": 0o600}
+    assert stat.S_IMODE((tmp_path / "other.db").stat().st_mode) == 0o600
