@@ -27,6 +27,8 @@ The tree::
     ├── ProtocolError               an MQTT topic or message breaks the protocol (edgeml.protocol)
     ├── AuthError                   a fleet API request without a valid operator token, 401 (edgeml.fleet.auth)
     │   └── ForbiddenError          a token whose role is too low for the action, 403
+    ├── NotFoundError               something asked for by name does not exist (HTTP 404)
+    ├── ConflictError               a change that the current state refuses: exists already, changed meanwhile (409)
     ├── PreprocessError             a raw inference request does not fit the manifest's preprocessing
     ├── ModelNotFound / NotServing  a local inference request for another model / before any model serves
     └── ...                         a few more, each defined beside the code that raises it
@@ -39,12 +41,14 @@ __all__ = [
     "BundleError",
     "BundleIntegrityError",
     "ConfigError",
+    "ConflictError",
     "ConversionError",
     "DataError",
     "EdgeMLError",
     "MetadataError",
     "MissingExtraError",
     "ModelError",
+    "NotFoundError",
     "RegistryError",
     "RuntimeBackendError",
     "StorageError",
@@ -143,6 +147,14 @@ class MetadataError(RegistryError):
 
 class TargetExistsError(RegistryError):
     """A different file is already published under the same name, version and target."""
+
+
+class NotFoundError(EdgeMLError):
+    """Something asked for by name (a rollout, a device) does not exist; the fleet's HTTP API answers 404."""
+
+
+class ConflictError(EdgeMLError):
+    """A change that the current state refuses (it exists already, it changed meanwhile, it is finished); 409."""
 
 
 class UpdateVerificationError(EdgeMLError):

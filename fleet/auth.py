@@ -3,11 +3,13 @@
 A token is ``edgeml_`` followed by 32 random bytes, URL-safe base64. It is shown once, when it is created;
 the ``tokens`` table keeps only its sha256, with a unique name and a :class:`Role`. Roles are ordered:
 ``viewer`` reads, ``operator`` also acts on the fleet (rollouts: start, pause, abort; rollbacks), ``admin``
-also manages keys, devices and tokens. A request sends ``Authorization: Bearer <token>``;
-:func:`authorized` wraps an :class:`~edgeml.fleet.http_server.HttpServer` route so that it answers 401 to
-a missing, unknown or revoked token and 403 to a role below the route's, as JSON
-(``{"error": ..., "status": ...}``). The remote CLI reads its token from ``$EDGEML_TOKEN``
-(:func:`remote_headers`).
+also manages keys, devices and tokens. A request sends ``Authorization: Bearer <token>``; :func:`authorize`
+names who sent it or raises :class:`AuthError` (401: missing, unknown or revoked) or :class:`ForbiddenError`
+(403: a role too low), which the HTTP listener turns into JSON (:mod:`~edgeml.fleet.http_server`).
+
+The remote CLI reads its token with :func:`operator_token`: from a file only its owner can read
+(``--token-file``), else from ``$EDGEML_TOKEN``; never from a command-line argument, which every local user
+sees in the process list. :func:`read_secret` reads such a file (the broker password's too).
 
 Tokens are looked up by their hash, then compared with :func:`hmac.compare_digest`: what a client can time
 is an index lookup on a sha256, which tells nothing about the token's characters.
@@ -15,7 +17,6 @@ is an index lookup on a sha256, which tells nothing about the token's characters
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import enum
 import hashlib
@@ -23,28 +24,29 @@ import hmac
 import os
 import re
 import secrets
-from collections.abc import Callable
+import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from edgeml.errors import ConfigError, EdgeMLError, RegistryError
 from edgeml.fleet.db import utcnow
-from edgeml.fleet.http_server import Handler, Request, Response
 
 __all__ = [
     "ENV_TOKEN",
     "AuthError",
-    "AuthorizedHandler",
     "ForbiddenError",
     "Principal",
     "Role",
     "TokenRecord",
     "authenticate",
-    "authorized",
+    "authorize",
     "bearer_token",
     "create_token",
     "list_tokens",
-    "remote_headers",
+    "operator_token",
+    "read_secret",
     "require",
     "revoke_token",
 ]
@@ -58,13 +60,9 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 class AuthError(EdgeMLError):
     """A request without a valid operator token: missing, unknown or revoked (HTTP 401)."""
 
-    status = 401
-
 
 class ForbiddenError(AuthError):
     """A valid token whose role is too low for what it asked (HTTP 403)."""
-
-    status = 403
 
 
 class Role(enum.IntEnum):
@@ -118,7 +116,6 @@ class TokenRecord:
 
 def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
-
 
 
 def create_token(db: Any, name: str, role: Role | str, *, audit: Any = None, actor: str | None = None) -> str:
@@ -219,57 +216,68 @@ def require(principal: Principal, role: Role) -> None:
         raise ForbiddenError(f"token {principal.name!r} is a {principal.role.label}; this needs {role.label}")
 
 
-def bearer_token(headers: dict[str, str]) -> str | None:
-    """The token of an ``Authorization: Bearer <token>`` header (names lower-cased), or None."""
-    scheme, _, token = headers.get("authorization", "").strip().partition(" ")
+def bearer_token(headers: Mapping[str, str]) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None.
+
+    Args:
+        headers: The request's headers: a case-insensitive mapping, or a dict with lower-cased names.
+    """
+    scheme, _, token = (headers.get("authorization") or "").strip().partition(" ")
     return (token.strip() or None) if scheme.lower() == "bearer" else None
 
 
-#: A route handler that is told who called it.
-AuthorizedHandler = Callable[[Request, Principal], Response]
-
-
-def authorized(db: Any, role: Role) -> Callable[[AuthorizedHandler], Handler]:
-    """Wrap a handler so that it runs only for a bearer token of ``role`` or higher.
-
-    Usage: ``server.add_route("POST", pattern, authorized(db, Role.OPERATOR)(handler))``, where
-    ``handler(request, principal)`` returns a :class:`Response`. Refusals are JSON
-    ``{"error": ..., "status": ...}``: 401 (with ``WWW-Authenticate: Bearer``) for a missing, unknown or
-    revoked token, 403 for a role too low, 503 when the database cannot be reached.
-
-    Args:
-        db: The registry's :class:`~edgeml.fleet.db.Database`.
-        role: The lowest role allowed.
-    """
-
-    def wrap(handler: AuthorizedHandler) -> Handler:
-        def guarded(request: Request) -> Response:
-            try:
-                principal = authenticate(db, bearer_token(request.headers))
-                require(principal, role)
-            except AuthError as exc:
-                response = Response.json({"error": exc.message, "status": exc.status}, exc.status)
-                challenge = {"WWW-Authenticate": 'Bearer realm="edgeml"'} if exc.status == 401 else {}
-                return dataclasses.replace(response, headers=challenge)
-            except RegistryError as exc:
-                return Response.json({"error": exc.message, "status": 503}, 503)
-            return handler(request, principal)
-
-        guarded.__name__ = getattr(handler, "__name__", "guarded")
-        guarded.__doc__ = handler.__doc__
-        return guarded
-
-    return wrap
-
-
-def remote_headers(token: str | None = None) -> dict[str, str]:
-    """The headers with which the CLI calls a remote fleet server: the token given, else ``$EDGEML_TOKEN``.
+def authorize(db: Any, headers: Mapping[str, str], role: Role) -> Principal:
+    """Who sent a request with ``headers``, if their bearer token has ``role`` or higher.
 
     Raises:
-        AuthError: No token was given and ``$EDGEML_TOKEN`` is not set.
+        AuthError: The token is missing, unknown or revoked (401).
+        ForbiddenError: Its role is lower (403).
+        RegistryError: The database failed (503).
     """
-    token = token or os.environ.get(ENV_TOKEN)
+    principal = authenticate(db, bearer_token(headers))
+    require(principal, role)
+    return principal
+
+
+def read_secret(path: Path, what: str) -> str:
+    """The secret in the file ``path`` (its first line, stripped): a token or a password.
+
+    Args:
+        path: A file that only its owner can read or write (mode 0600 or 0400).
+        what: What it holds, for messages (e.g. ``"operator token"``).
+
+    Raises:
+        ConfigError: The file cannot be read, is empty, or others may read or change it.
+    """
+    try:
+        mode = path.stat().st_mode
+        if not stat.S_ISREG(mode):
+            raise ConfigError(f"{path} is not a regular file; it cannot hold the {what}")
+        if mode & 0o077:
+            raise ConfigError(f"{path} holds the {what} but others may read or change it "
+                              f"(mode {stat.S_IMODE(mode):o})", hint=f"chmod 600 {path}")
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the {what} from {path}: {getattr(exc, 'strerror', None) or exc}",
+                          hint="give a file that holds only the secret, readable by you alone") from exc
+    secret = text.strip().splitlines()[0].strip() if text.strip() else ""
+    if not secret:
+        raise ConfigError(f"{path} is empty; it should hold the {what}")
+    return secret
+
+
+def operator_token(token_file: Path | None = None) -> str:
+    """The remote CLI's operator token: the first line of ``token_file``, else ``$EDGEML_TOKEN``.
+
+    Raises:
+        AuthError: Neither is given.
+        ConfigError: ``token_file`` cannot be used (see :func:`read_secret`).
+    """
+    if token_file is not None:
+        return read_secret(Path(token_file), "operator token")
+    token = os.environ.get(ENV_TOKEN, "").strip()
     if not token:
         raise AuthError("no operator token for the remote fleet server",
-                        hint=f"set {ENV_TOKEN} (create one with `edgeml fleet tokens create DIR NAME --role ...`)")
-    return {"Authorization": f"Bearer {token}"}
+                        hint=f"set {ENV_TOKEN} or give --token-file FILE (create a token with "
+                             "`edgeml fleet tokens create DIR NAME --role ...`)")
+    return token

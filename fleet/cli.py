@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from edgeml.fleet.cli_options import DbUrl, RegistryDir
+from edgeml.fleet.cli_options import DbUrl, RegistryDir, RemovedPassword, refuse_secret_argument
 from edgeml.fleet.cli_rollouts import register as register_rollout_commands
 
 __all__ = ["fleet_app"]
@@ -151,13 +151,25 @@ Role = Annotated[list[str] | None, typer.Option("--role", help="Run only this pa
 BrokerHost = Annotated[str, typer.Option("--broker-host", help="The MQTT broker's host.")]
 BrokerPort = Annotated[int, typer.Option("--broker-port", min=1, max=65535, help="Its port.")]
 BrokerUser = Annotated[str | None, typer.Option("--username", help="Broker user (the fleet user).")]
-BrokerPassword = Annotated[str | None, typer.Option("--password", envvar="EDGEML_BROKER_PASSWORD",
-                                                    help="Its password (or $EDGEML_BROKER_PASSWORD).")]
+BrokerPasswordFile = Annotated[Path | None, typer.Option("--password-file", help="A file (mode 0600) holding "
+                                                         "its password (default: $EDGEML_BROKER_PASSWORD).")]
 BrokerCa = Annotated[Path | None, typer.Option("--ca", help="Connect to the broker over TLS, trusting this CA "
                                                "certificate (PEM).")]
 ClientId = Annotated[str, typer.Option("--client-id", help="The controller's MQTT client id; keep it across "
                                        "restarts.")]
 Tick = Annotated[float, typer.Option("--tick", min=0.05, help="Seconds between the controller's decisions.")]
+
+
+def _broker_password(given: str | None, password_file: Path | None) -> str | None:
+    """The broker password: from ``--password-file``, else ``$EDGEML_BROKER_PASSWORD``, else None."""
+    import os
+
+    from edgeml.fleet.auth import read_secret
+
+    refuse_secret_argument("--password", given, "$EDGEML_BROKER_PASSWORD or --password-file FILE")
+    if password_file is not None:
+        return read_secret(password_file, "broker password")
+    return os.environ.get("EDGEML_BROKER_PASSWORD") or None
 
 
 def _serve(directory: Path, settings: Any) -> None:
@@ -182,7 +194,8 @@ def serve_command(
     broker_host: BrokerHost = "localhost",
     broker_port: BrokerPort = 1883,
     username: BrokerUser = None,
-    password: BrokerPassword = None,
+    password_file: BrokerPasswordFile = None,
+    password: RemovedPassword = None,
     ca: BrokerCa = None,
     http_host: Annotated[str, typer.Option("--http-host", help="Address of the HTTP listener.")] = "127.0.0.1",
     http_port: Annotated[int, typer.Option("--http-port", min=0, max=65535,
@@ -209,9 +222,10 @@ def serve_command(
 
     roles = frozenset(role or ROLES) - ({"web"} if no_http else set())
     _serve(directory, ServeSettings(
-        roles=roles, broker_host=broker_host, broker_port=broker_port, username=username, password=password,
-        tls=_tls_context(ca), http_host=http_host, http_port=http_port, db_url=db_url, shared=shared,
-        mqtt5=not mqtt311, tick_s=tick, client_id=client_id, metrics_token=metrics_token))
+        roles=roles, broker_host=broker_host, broker_port=broker_port, username=username,
+        password=_broker_password(password, password_file), tls=_tls_context(ca), http_host=http_host,
+        http_port=http_port, db_url=db_url, shared=shared, mqtt5=not mqtt311, tick_s=tick, client_id=client_id,
+        metrics_token=metrics_token))
 
 
 BrokerDir = Annotated[Path, typer.Option("--broker-dir", help="The broker directory (from broker-config).")]
@@ -471,7 +485,8 @@ def controller_command(
     broker_host: BrokerHost = "localhost",
     broker_port: BrokerPort = 1883,
     username: BrokerUser = None,
-    password: BrokerPassword = None,
+    password_file: BrokerPasswordFile = None,
+    password: RemovedPassword = None,
     ca: BrokerCa = None,
     client_id: ClientId = "edgeml-rollouts",
     tick: Tick = 1.0,
@@ -488,8 +503,8 @@ def controller_command(
 
     _serve(directory, ServeSettings(
         roles=frozenset({"controller"}), broker_host=broker_host, broker_port=broker_port, username=username,
-        password=password, tls=_tls_context(ca), db_url=db_url, tick_s=tick, client_id=client_id,
-        broadcast=broadcast))
+        password=_broker_password(password, password_file), tls=_tls_context(ca), db_url=db_url, tick_s=tick,
+        client_id=client_id, broadcast=broadcast))
 
 
 register_rollout_commands(fleet_app)  # rollout ..., rollback, telemetry (fleet/cli_rollouts.py)

@@ -1,17 +1,20 @@
 """``edgeml fleet rollout ...``, ``edgeml fleet rollback`` and ``edgeml fleet telemetry``.
 
 Each command acts on FLEET: a registry directory (its database, here), or a fleet server's URL (its HTTP API,
-with an operator token): :mod:`edgeml.fleet.operator_api`. Only typer is imported here; each command imports
+with an operator token from ``$EDGEML_TOKEN`` or ``--token-file``; plain ``http://`` only to this machine
+unless ``--insecure``): :mod:`edgeml.fleet.operator_api`. Only typer is imported here; each command imports
 what it needs when it runs.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from edgeml.fleet.cli_options import DbUrl
+from edgeml.fleet.cli_options import DbUrl, Insecure, RemovedToken, TokenFile, refuse_secret_argument
 
 __all__ = ["register"]
 
@@ -20,16 +23,28 @@ RolloutId = Annotated[str, typer.Argument(help="The rollout's id (from `rollout 
 
 
 Fleet = Annotated[str, typer.Argument(metavar="FLEET", help="The registry directory, or a fleet server's URL "
-                                      "(http://HOST:8470) to act through its API with an operator token.")]
-Token = Annotated[str | None, typer.Option("--token", envvar="EDGEML_TOKEN", help="Operator token for a "
-                                           "remote fleet server (or $EDGEML_TOKEN).")]
+                                      "(https://HOST:8470) to act through its API with an operator token "
+                                      "($EDGEML_TOKEN or --token-file).")]
 
 
-def _fleet(target: str, db_url: str | None, token: str | None) -> Any:
+@dataclass(frozen=True)
+class _Remote:
+    """How to reach a remote fleet (ignored for a registry directory)."""
+
+    token_file: Path | None = None
+    insecure: bool = False
+
+
+def _remote(token: str | None, token_file: Path | None, insecure: bool) -> _Remote:
+    refuse_secret_argument("--token", token, "$EDGEML_TOKEN or --token-file FILE")
+    return _Remote(token_file, insecure)
+
+
+def _fleet(target: str, db_url: str | None, remote: _Remote) -> Any:
     """The fleet to act on: the registry's database here, or a remote server's API (close it after use)."""
     from edgeml.fleet.operator_api import open_fleet
 
-    return open_fleet(target, db_url, token)
+    return open_fleet(target, db_url, token_file=remote.token_file, insecure=remote.insecure)
 
 
 def _thresholds(items: list[str] | None) -> dict[str, float]:
@@ -69,7 +84,9 @@ def rollout_start_command(
     threshold: Annotated[list[str] | None, typer.Option("--threshold", help="More agent health thresholds, "
                                                         "NAME=NUMBER (repeatable).")] = None,
     rollout_id: Annotated[str | None, typer.Option("--id", help="The rollout's id (default: a new one).")] = None,
-    token: Token = None,
+    token_file: TokenFile = None,
+    insecure: Insecure = False,
+    token: RemovedToken = None,
     db_url: DbUrl = None,
 ) -> None:
     """Plan a staged rollout; the controller (`edgeml fleet serve`) carries it out."""
@@ -93,7 +110,7 @@ def rollout_start_command(
         max_failure_rate=parse_fraction(max_failure_rate, "--max-failure-rate"), min_devices=min_devices,
         max_p99_regression=max_p99_regression, max_drift=max_drift, device_thresholds=_thresholds(threshold),
         max_error_rate=None if max_error_rate is None else parse_fraction(max_error_rate, "--max-error-rate"))
-    target = _fleet(fleet, db_url, token)
+    target = _fleet(fleet, db_url, _remote(token, token_file, insecure))
     try:
         rid = target.start(model, version, options, rollout_id)
         status = target.status(rid)[0]
@@ -109,11 +126,13 @@ def rollout_start_command(
 def rollout_status_command(
     fleet: Fleet,
     rollout_id: Annotated[str | None, typer.Argument(help="One rollout (default: all, newest first).")] = None,
-    token: Token = None,
+    token_file: TokenFile = None,
+    insecure: Insecure = False,
+    token: RemovedToken = None,
     db_url: DbUrl = None,
 ) -> None:
     """Show rollouts: state, and per wave how many devices are in each state."""
-    target = _fleet(fleet, db_url, token)
+    target = _fleet(fleet, db_url, _remote(token, token_file, insecure))
     try:
         rows = target.status(rollout_id)
     finally:
@@ -131,9 +150,9 @@ def rollout_status_command(
                            + (f"  revert: {d['revert_state']}" if d["revert_state"] else ""))
 
 
-def _rollout_action(fleet: str, rollout_id: str, action: str, db_url: str | None, token: str | None,
+def _rollout_action(fleet: str, rollout_id: str, action: str, db_url: str | None, remote: _Remote,
                     reason: str | None = None) -> None:
-    target = _fleet(fleet, db_url, token)
+    target = _fleet(fleet, db_url, remote)
     try:
         state = target.change(rollout_id, action, reason)
     finally:
@@ -142,26 +161,30 @@ def _rollout_action(fleet: str, rollout_id: str, action: str, db_url: str | None
 
 
 @rollout_app.command("pause")
-def rollout_pause_command(fleet: Fleet, rollout_id: RolloutId, token: Token = None, db_url: DbUrl = None) -> None:
+def rollout_pause_command(fleet: Fleet, rollout_id: RolloutId, token_file: TokenFile = None,
+                          insecure: Insecure = False, token: RemovedToken = None, db_url: DbUrl = None) -> None:
     """Pause a rollout: devices already updating finish; no further device is notified."""
-    _rollout_action(fleet, rollout_id, "pause", db_url, token)
+    _rollout_action(fleet, rollout_id, "pause", db_url, _remote(token, token_file, insecure))
 
 
 @rollout_app.command("resume")
-def rollout_resume_command(fleet: Fleet, rollout_id: RolloutId, token: Token = None, db_url: DbUrl = None) -> None:
+def rollout_resume_command(fleet: Fleet, rollout_id: RolloutId, token_file: TokenFile = None,
+                           insecure: Insecure = False, token: RemovedToken = None, db_url: DbUrl = None) -> None:
     """Resume a paused rollout where it stopped."""
-    _rollout_action(fleet, rollout_id, "resume", db_url, token)
+    _rollout_action(fleet, rollout_id, "resume", db_url, _remote(token, token_file, insecure))
 
 
 @rollout_app.command("abort")
 def rollout_abort_command(
     fleet: Fleet, rollout_id: RolloutId,
     reason: Annotated[str | None, typer.Option("--reason", help="Why (recorded in the audit log).")] = None,
-    token: Token = None,
+    token_file: TokenFile = None,
+    insecure: Insecure = False,
+    token: RemovedToken = None,
     db_url: DbUrl = None,
 ) -> None:
     """Abort a rollout: no further device is updated, and the updated ones go back to their previous version."""
-    _rollout_action(fleet, rollout_id, "abort", db_url, token, reason)
+    _rollout_action(fleet, rollout_id, "abort", db_url, _remote(token, token_file, insecure), reason)
 
 
 def rollback_command(
@@ -173,13 +196,15 @@ def rollback_command(
                                                 "(default: every target of that version).")] = None,
     wave_timeout: Annotated[str, typer.Option("--wave-timeout", help="Time a device may take.")] = "10m",
     probation: Annotated[str, typer.Option("--probation", help="Probation on each device.")] = "5m",
-    token: Token = None,
+    token_file: TokenFile = None,
+    insecure: Insecure = False,
+    token: RemovedToken = None,
     db_url: DbUrl = None,
 ) -> None:
     """Roll the selected devices back to an older version: a new single-wave rollout of it."""
     from edgeml.fleet.rollout_rules import parse_duration, parse_selection
 
-    target = _fleet(fleet, db_url, token)
+    target = _fleet(fleet, db_url, _remote(token, token_file, insecure))
     try:
         rid = target.rollback(model, to, select=parse_selection(select),
                               targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None,
@@ -195,13 +220,15 @@ def telemetry_command(
     device: Annotated[str, typer.Argument(help="The device id.")],
     limit: Annotated[int, typer.Option("--limit", min=1, max=10000, help="How many reports, newest first.")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON lines, every metric.")] = False,
-    token: Token = None,
+    token_file: TokenFile = None,
+    insecure: Insecure = False,
+    token: RemovedToken = None,
     db_url: DbUrl = None,
 ) -> None:
     """A device's latest telemetry reports: version, requests, errors, latency p50/p99 and drift."""
     import json
 
-    target = _fleet(fleet, db_url, token)
+    target = _fleet(fleet, db_url, _remote(token, token_file, insecure))
     try:
         rows = target.telemetry(device, limit)
     finally:

@@ -1,6 +1,6 @@
 """The fleet dashboard: a static page (``fleet/web/``) and the read-only JSON API it draws.
 
-:func:`add_dashboard_routes` adds to the fleet server's :class:`~edgeml.fleet.http_server.HttpServer`:
+:func:`dashboard_routes` are the fleet server's routes for it (:func:`~edgeml.fleet.http_server.fleet_app`):
 
 * ``GET /api/overview``: devices online/offline/revoked, versions installed per model, incompatible devices of
   each model's newest rollout, rollouts per state (:func:`~edgeml.fleet.fleet_views.fleet_overview`; the
@@ -12,10 +12,10 @@
 * ``GET /api/audit?limit=N``: the newest audit entries (default 50).
 * ``GET /`` and ``/dashboard/...``: the page itself (HTML, JS, CSS; no token needed, it holds no data).
 
-Every ``/api/`` route needs a viewer token (:func:`~edgeml.fleet.auth.authorized`: 401 without a valid one).
-A bad query (an unknown or repeated parameter, a value out of range) is a 400 ``{"error", "status"}``; a
-database that cannot be reached is a 503. Rollouts are served at ``/api/rollouts`` by
-:func:`~edgeml.fleet.rollouts.add_rollout_routes`, which the page reads too.
+Every ``/api/`` route needs a viewer token (401 without a valid one). A bad query (an unknown or repeated
+parameter, a value out of range) is a 400, a database that cannot be reached a 503, each as the listener's
+JSON error (:func:`~edgeml.fleet.http_server.error_response`). Rollouts are served at ``/api/rollouts`` by
+:func:`~edgeml.fleet.rollouts.rollout_routes`, which the page reads too.
 
 The page asks for a token (kept in the tab's ``sessionStorage``; ``/#token=...`` sets it and is then removed
 from the address bar), sends it as ``Authorization: Bearer``, and refreshes every few seconds. It sets its
@@ -25,11 +25,11 @@ text with ``textContent`` only, and a Content-Security-Policy forbids inline scr
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from edgeml.errors import ConfigError, RegistryError
+from edgeml.errors import ConfigError
 from edgeml.fleet.fleet_views import (
     DEFAULT_BUCKETS,
     DEFAULT_STALE_S,
@@ -38,9 +38,8 @@ from edgeml.fleet.fleet_views import (
     fleet_overview,
     telemetry_series,
 )
-from edgeml.fleet.http_server import Request, Response
 
-__all__ = ["WEB_DIR", "add_dashboard_routes", "parse_query"]
+__all__ = ["WEB_DIR", "dashboard_routes", "parse_query"]
 
 #: The page's files (installed as package data ``edgeml.fleet: web/*``).
 WEB_DIR = Path(__file__).resolve().parent / "web"
@@ -55,11 +54,11 @@ _PAGE_HEADERS = {
 }
 
 
-def parse_query(query: dict[str, list[str]], spec: dict[str, Callable[[str], Any]]) -> dict[str, Any]:
+def parse_query(query: Mapping[str, list[str]], spec: dict[str, Callable[[str], Any]]) -> dict[str, Any]:
     """The query parameters named in ``spec``, each converted by its function.
 
     Args:
-        query: The parsed query string (:attr:`Request.query`).
+        query: The parsed query string (:attr:`~edgeml.fleet.http_routes.ApiCall.query`).
         spec: Parameter name -> converter (``int``, ``float``, ``str``); absent parameters are left out.
 
     Raises:
@@ -86,76 +85,61 @@ def _finite(text: str) -> float:
     return value
 
 
-def _answer(work: Callable[[], Any]) -> Response:
-    """``work()`` as JSON; a ConfigError is the client's fault (400), a RegistryError the database's (503)."""
-    try:
-        return Response.json(work())
-    except ConfigError as exc:
-        return Response.json({"error": exc.message + (f" ({exc.hint})" if exc.hint else ""), "status": 400}, 400)
-    except RegistryError as exc:
-        return Response.json({"error": exc.message, "status": 503}, 503)
-
-
-def _page(web_dir: Path, name: str) -> Response:
-    path = web_dir / name
-    if not path.is_file():
-        return Response.text("not found", 404)
-    return Response(200, content_type=_FILES[name], headers=dict(_PAGE_HEADERS), file=path)
-
-
-def add_dashboard_routes(server: Any, db: Any, audit: Any, *, stale_after_s: float = DEFAULT_STALE_S,
-                         web_dir: Path | None = None, clock: Callable[[], dt.datetime] | None = None) -> None:
-    """Serve the dashboard and its JSON API on ``server`` (add before it starts).
+def dashboard_routes(db: Any, audit: Any, *, stale_after_s: float = DEFAULT_STALE_S, web_dir: Path | None = None,
+                     clock: Callable[[], dt.datetime] | None = None) -> list[Any]:
+    """The dashboard's page and JSON API (Starlette routes for :func:`~edgeml.fleet.http_server.build_app`).
 
     Args:
-        server: The fleet's :class:`~edgeml.fleet.http_server.HttpServer`.
         db: The registry's database (tokens, devices, telemetry, rollouts).
         audit: Its :class:`~edgeml.fleet.audit.AuditLog`.
         stale_after_s: Seconds of silence after which a device counts as offline.
         web_dir: Where the page's files are (default: :data:`WEB_DIR`).
         clock: The present, as an aware datetime (default: the system clock).
     """
-    from edgeml.fleet.auth import Role, authorized
+    from starlette.concurrency import run_in_threadpool
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from edgeml.fleet.auth import Role
+    from edgeml.fleet.http_routes import ApiCall, api_route, file_response
 
     web = Path(web_dir) if web_dir is not None else WEB_DIR
-    viewer = authorized(db, Role.VIEWER)
 
     def now() -> dt.datetime:
         return clock() if clock is not None else dt.datetime.now(dt.timezone.utc)
 
-    def overview(request: Request, who: Any) -> Response:
-        def work() -> Any:
-            parse_query(request.query, {})
-            return fleet_overview(db, now=now(), stale_after_s=stale_after_s)
+    def overview(call: ApiCall) -> Any:
+        parse_query(call.query, {})
+        return fleet_overview(db, now=now(), stale_after_s=stale_after_s)
 
-        return _answer(work)
+    def devices(call: ApiCall) -> Any:
+        parse_query(call.query, {})
+        return device_list(db, now=now(), stale_after_s=stale_after_s)
 
-    def devices(request: Request, who: Any) -> Response:
-        def work() -> Any:
-            parse_query(request.query, {})
-            return device_list(db, now=now(), stale_after_s=stale_after_s)
+    def telemetry(call: ApiCall) -> Any:
+        q = parse_query(call.query, {"metric": str, "by": str, "since": _finite, "model": str, "buckets": int})
+        if "metric" not in q:
+            raise ConfigError("the query parameter 'metric' is required",
+                              hint="latency_p50_ms, latency_p99_ms, error_rate or drift.score")
+        return telemetry_series(db, q["metric"], by=q.get("by", "version"), since_s=q.get("since", 3600.0),
+                                model=q.get("model"), buckets=q.get("buckets", DEFAULT_BUCKETS), now=now())
 
-        return _answer(work)
+    def audit_log(call: ApiCall) -> Any:
+        return audit_entries(audit, parse_query(call.query, {"limit": int}).get("limit", 50))
 
-    def telemetry(request: Request, who: Any) -> Response:
-        def work() -> Any:
-            q = parse_query(request.query, {"metric": str, "by": str, "since": _finite, "model": str,
-                                            "buckets": int})
-            if "metric" not in q:
-                raise ConfigError("the query parameter 'metric' is required",
-                                  hint="latency_p50_ms, latency_p99_ms, error_rate or drift.score")
-            return telemetry_series(db, q["metric"], by=q.get("by", "version"), since_s=q.get("since", 3600.0),
-                                    model=q.get("model"), buckets=q.get("buckets", DEFAULT_BUCKETS), now=now())
+    def page(name: str) -> Callable[[Request], Any]:
+        async def endpoint(request: Request) -> Response:
+            return await run_in_threadpool(file_response, web / name, _FILES[name], _PAGE_HEADERS)
 
-        return _answer(work)
+        return endpoint
 
-    def audit_log(request: Request, who: Any) -> Response:
-        return _answer(lambda: audit_entries(audit, parse_query(request.query, {"limit": int}).get("limit", 50)))
-
-    server.add_route("GET", r"/api/overview", viewer(overview))
-    server.add_route("GET", r"/api/devices", viewer(devices))
-    server.add_route("GET", r"/api/telemetry", viewer(telemetry))
-    server.add_route("GET", r"/api/audit", viewer(audit_log))
-    server.add_route("GET", r"/(?:dashboard/?)?", lambda request: _page(web, "index.html"))
-    server.add_route("GET", r"/dashboard/(?P<name>index\.html|app\.js|style\.css)",
-                     lambda request: _page(web, request.params["name"]))
+    viewer = {"db": db, "role": Role.VIEWER}
+    return [
+        api_route("/api/overview", overview, **viewer),
+        api_route("/api/devices", devices, **viewer),
+        api_route("/api/telemetry", telemetry, **viewer),
+        api_route("/api/audit", audit_log, **viewer),
+        *(Route(path, page("index.html"), methods=["GET"]) for path in ("/", "/dashboard", "/dashboard/")),
+        *(Route(f"/dashboard/{name}", page(name), methods=["GET"]) for name in _FILES),
+    ]

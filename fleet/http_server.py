@@ -1,231 +1,396 @@
-"""The fleet's HTTP server: the registry's ``repository/`` read-only, behind a tiny router.
+"""The fleet's HTTP listener: one Starlette app on uvicorn (h11), served from a background thread.
 
-:func:`repository_server` serves ``/metadata/...`` and ``/targets/...`` from ``DIR/repository`` so that a
-device (or any stock python-tuf ``ngclient.Updater``) can update over plain HTTP when MQTT distribution is
-not an option. Nothing here is trusted by the device: TUF verifies every byte against the signed metadata.
+* :func:`build_app` makes the app from routes (:mod:`~edgeml.fleet.http_routes` builds them): it adds the
+  request guard and :func:`error_response`, the one place where an exception becomes an HTTP status;
+  :func:`fleet_app` is the whole fleet's app (the JSON API, the dashboard, ``/metrics``, the repository).
+* :class:`HttpServer` runs an app: :meth:`~HttpServer.start` listens (port 0: a free one, then in
+  :attr:`~HttpServer.port`), :meth:`~HttpServer.stop` stops; a context manager too.
 
-:class:`HttpServer` is a :class:`~http.server.ThreadingHTTPServer` with a small router, so that later
-parts of the fleet server (the JSON API, ``/metrics``, the dashboard) are added to the same listener:
+What the listener guarantees, whatever the route (limits in :class:`HttpSettings`):
 
-* :meth:`HttpServer.add_route` maps a method and a path pattern (a regular expression matched against the
-  whole decoded path; named groups become :attr:`Request.params`) to a handler ``Request -> Response``;
-* :meth:`HttpServer.add_static` serves the files under a directory at a path prefix: GET and HEAD only,
-  exact ``Content-Length``, ``Content-Type`` from the file name, no directory listings, 404 for anything
-  that is not a regular file inside the directory (``..``, symlinks that point out).
+* no request desynchronisation: h11 parses each message by its ``Content-Length`` or chunked framing, and
+  a body that a route does not read (a 404, a 405, an early 401) is read and dropped, never parsed as the
+  next request; a body refused for its size or its slowness closes the connection;
+* a request with both ``Content-Length`` and ``Transfer-Encoding`` is refused with 400 and the connection
+  closed (a proxy could frame it differently);
+* a request path is percent-decoded once, as strict UTF-8; ``.`` and ``..`` segments, backslashes, NUL and
+  anything but a path starting with ``/`` are refused with 400 before any route sees them;
+* bounded work: at most ``max_connections`` connections (more get 503), route code runs on at most
+  ``threads`` threads, a body is limited to ``max_body_bytes`` while it is read;
+* timeouts: ``head_timeout_s`` for a request line and headers (a client that trickles them is cut off),
+  ``body_timeout_s`` for a body (408), ``keep_alive_s`` for an idle connection.
 
-Paths are percent-decoded once; a decoded path with a ``.`` or ``..`` segment, a backslash or a NUL is
-refused with 400 before any route sees it. Requests are logged at DEBUG only.
+Errors: a route raises the project's errors and :data:`STATUSES` maps them (a subclass before its parent):
+:class:`~edgeml.fleet.auth.AuthError` 401, ``ForbiddenError`` 403, :class:`~edgeml.errors.NotFoundError` 404,
+:class:`~edgeml.errors.ConflictError` 409, :class:`~edgeml.errors.ConfigError` (bad input) 400,
+:class:`~edgeml.errors.RegistryError` (the database) 503, anything else 500. The body is always JSON
+``{"error": message, "hint": hint or null, "status": code}``; a 503 and a 500 say only what happened, never
+the database's URL, a file path or an exception's text (those go to the server's log).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import mimetypes
-import os
-import re
-import shutil
+import socket
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote
+from urllib.parse import unquote_to_bytes
 
-from edgeml.errors import ConfigError, RegistryError
+from edgeml.errors import ConfigError, ConflictError, EdgeMLError, MissingExtraError, NotFoundError, RegistryError
+from edgeml.fleet.auth import AuthError, ForbiddenError
 
-__all__ = ["DEFAULT_PORT", "Handler", "HttpServer", "Request", "Response", "repository_server"]
+try:
+    import anyio
+    import h11
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import BaseRoute
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+except ImportError as exc:  # the fleet extra is not installed
+    raise MissingExtraError(exc.name or "starlette", "fleet") from exc
+
+__all__ = [
+    "DEFAULT_PORT",
+    "STATUSES",
+    "HttpServer",
+    "HttpSettings",
+    "RequestTimeoutError",
+    "RequestTooLargeError",
+    "build_app",
+    "error_response",
+    "fleet_app",
+    "json_response",
+    "repository_server",
+    "status_of",
+]
 
 _log = logging.getLogger(__name__)
 
 #: Default port of ``edgeml fleet serve``'s HTTP listener.
 DEFAULT_PORT = 8470
-_MAX_BODY = 1024 * 1024  # bytes a request body may have (the JSON API's requests are small)
-_IDLE_TIMEOUT_S = 30  # an idle keep-alive connection is closed after this many seconds
-_TYPES = {".json": "application/json", ".edgeml": "application/octet-stream"}
 
 
 @dataclass(frozen=True)
-class Request:
-    """One HTTP request, as a handler sees it.
+class HttpSettings:
+    """Limits of the HTTP listener.
 
     Attributes:
-        method: ``GET``, ``HEAD``, ``POST``...
-        path: The percent-decoded path, without the query.
-        params: The named groups of the route's pattern.
-        query: The query string, parsed (each name maps to its list of values).
-        headers: Request headers (names lower-cased).
-        body: The request body (empty for GET and HEAD).
+        max_body_bytes: Largest request body, counted while it is read (the API's requests are small).
+        max_connections: Connections served at once; a request on one more is answered 503.
+        threads: Threads that run route code (database queries, file reads) at once.
+        head_timeout_s: Seconds a client may take to send a request line and its headers.
+        body_timeout_s: Seconds a client may take to send a request body (then 408).
+        keep_alive_s: Seconds an idle keep-alive connection is kept open.
+        shutdown_s: Seconds :meth:`HttpServer.stop` lets requests in progress finish.
+        max_head_bytes: Largest request line plus headers.
     """
 
-    method: str
-    path: str
-    params: dict[str, str] = field(default_factory=dict)
-    query: dict[str, list[str]] = field(default_factory=dict)
-    headers: dict[str, str] = field(default_factory=dict)
-    body: bytes = b""
+    max_body_bytes: int = 1024 * 1024
+    max_connections: int = 256
+    threads: int = 16
+    head_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    keep_alive_s: int = 5
+    shutdown_s: int = 5
+    max_head_bytes: int = 16 * 1024
+
+    def __post_init__(self) -> None:
+        numbers = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        bad = sorted(name for name, value in numbers.items() if not value > 0)
+        if bad:
+            raise ConfigError(f"HTTP settings must be positive: {', '.join(bad)}")
 
 
-@dataclass(frozen=True)
-class Response:
-    """What a handler returns: a status, headers and either bytes or a file to stream.
+class RequestTooLargeError(EdgeMLError):
+    """A request body over :attr:`HttpSettings.max_body_bytes` (HTTP 413)."""
 
-    Attributes:
-        status: The HTTP status code.
-        body: The body (ignored when ``file`` is set).
-        content_type: The ``Content-Type`` header.
-        headers: More headers.
-        file: A file to stream as the body (its size is the ``Content-Length``).
+
+class RequestTimeoutError(EdgeMLError):
+    """A request body that did not arrive within :attr:`HttpSettings.body_timeout_s` (HTTP 408)."""
+
+
+#: The one table from errors to statuses; the first class that matches wins (subclasses first).
+STATUSES: tuple[tuple[type[BaseException], int], ...] = (
+    (ForbiddenError, 403),
+    (AuthError, 401),
+    (NotFoundError, 404),
+    (ConflictError, 409),
+    (RequestTooLargeError, 413),
+    (RequestTimeoutError, 408),
+    (ConfigError, 400),
+    (RegistryError, 503),
+)
+_UNAVAILABLE = ("the fleet's database is unavailable", "try again shortly; the fleet server's log says why")
+_INTERNAL = ("internal server error", "the fleet server's log has the details")
+
+
+class _JSON(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode()
+
+
+def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """``value`` as a JSON response."""
+    return _JSON(value, status, headers)
+
+
+def status_of(exc: BaseException) -> int:
+    """The HTTP status of ``exc``: Starlette's own (no route, wrong method), else from :data:`STATUSES`."""
+    if isinstance(exc, HTTPException):
+        return exc.status_code
+    return next((code for cls, code in STATUSES if isinstance(exc, cls)), 500)
+
+
+def error_response(exc: BaseException, method: str = "GET") -> Response:
+    """The JSON response for ``exc``: its :func:`status_of` and ``{"error", "hint", "status"}``.
+
+    Args:
+        exc: What a route (or the listener) raised.
+        method: The request's method (for a 405's message).
     """
-
-    status: int = 200
-    body: bytes = b""
-    content_type: str = "text/plain; charset=utf-8"
-    headers: dict[str, str] = field(default_factory=dict)
-    file: Path | None = None
-
-    @classmethod
-    def json(cls, value: Any, status: int = 200) -> Response:
-        """A JSON response."""
-        return cls(status, json.dumps(value, separators=(",", ":")).encode(), "application/json")
-
-    @classmethod
-    def text(cls, message: str, status: int = 200) -> Response:
-        """A plain-text response (one line and a newline)."""
-        return cls(status, f"{message}\n".encode())
-
-
-Handler = Callable[[Request], Response]
+    status, headers = status_of(exc), {}
+    if isinstance(exc, HTTPException):
+        message, hint = ("not found", None) if status == 404 else (f"{method} is not allowed here", None)
+        headers.update({k: v for k, v in (exc.headers or {}).items() if k.lower() == "allow"})
+    elif status == 503:
+        _log.warning("HTTP request failed on the database: %s", exc)
+        message, hint = _UNAVAILABLE
+    elif status == 500 or not isinstance(exc, EdgeMLError):
+        status, (message, hint) = 500, _INTERNAL
+    else:
+        message, hint = exc.message, exc.hint
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="edgeml"'
+    if status in (408, 413):
+        headers["Connection"] = "close"  # the rest of the body is not read: this connection is done
+    return json_response({"error": message, "hint": hint, "status": status}, status, headers)
 
 
-class _BadPath(Exception):
+async def _on_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, EdgeMLError) and status_of(exc) == 500:  # other exceptions: uvicorn logs them
+        _log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return error_response(exc, request.method)
+
+
+class _BadRequest(ConfigError):
     pass
 
 
-def _decode_path(target: str) -> tuple[str, dict[str, list[str]]]:
-    """``(decoded path, parsed query)`` of a request target; raises _BadPath for anything unsafe."""
-    raw, _, query = target.partition("?")
-    raw = raw.partition("#")[0]
-    if raw.startswith(("http://", "https://")):  # absolute form: keep only the path
-        raw = "/" + raw.split("/", 3)[3] if raw.count("/") >= 3 else "/"
-    if not raw.startswith("/"):
-        raise _BadPath("the path must start with /")
+def _decoded_path(raw: bytes) -> str:
+    """The request target's path, percent-decoded once; raises _BadRequest for anything unsafe."""
+    if not raw.startswith(b"/"):
+        raise _BadRequest("the request path must start with '/'", hint="send an origin-form target: GET /path")
     try:
-        path = unquote(raw, errors="strict")
-    except UnicodeDecodeError as exc:
-        raise _BadPath("the path is not UTF-8") from exc
+        path = unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        raise _BadRequest("the request path is not UTF-8") from None
     if "\0" in path or "\\" in path or any(seg in (".", "..") for seg in path.split("/")):
-        raise _BadPath("the path must not contain '.', '..', backslashes or NUL")
-    return path, parse_qs(query)
+        raise _BadRequest("the request path must not contain '.' or '..' segments, backslashes or NUL")
+    return path
 
 
-class _Static:
-    """Files under ``directory`` served at ``prefix`` (GET and HEAD)."""
+class _RequestGuard:
+    """ASGI middleware in front of every route: refuses an unsafe path, and a request framed two ways
+    (``Content-Length`` and ``Transfer-Encoding``: a proxy and this server could split it differently), with
+    400; gives the routes the path as :func:`_decoded_path` decoded it."""
 
-    def __init__(self, prefix: str, directory: Path, cache_control: str | None) -> None:
-        self.prefix = prefix
-        self.root = Path(directory).resolve()
-        self.cache_control = cache_control
+    def __init__(self, app: Any) -> None:
+        self.app = app
 
-    def __call__(self, request: Request) -> Response:
-        rel = request.path[len(self.prefix):]
-        if not rel or rel.endswith("/"):
-            return Response.text("not found", 404)  # no directory listings
-        path = (self.root / rel).resolve()
-        if not path.is_relative_to(self.root) or not path.is_file():  # a symlink pointing out, or no file
-            return Response.text("not found", 404)
-        ctype = _TYPES.get(path.suffix) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        headers = {"Cache-Control": self.cache_control} if self.cache_control else {}
-        return Response(200, content_type=ctype, headers=headers, file=path)
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            raw = scope.get("raw_path") or scope["path"].encode()
+            names = {name.lower() for name, _ in scope["headers"]}
+            try:
+                if b"content-length" in names and b"transfer-encoding" in names:
+                    raise _BadRequest("a request must not have both Content-Length and Transfer-Encoding")
+                scope = {**scope, "path": _decoded_path(raw.partition(b"?")[0])}
+            except _BadRequest as exc:
+                response = error_response(exc, scope["method"])
+                response.headers["Connection"] = "close"  # whatever follows on this connection is not trusted
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def build_app(routes: Sequence[BaseRoute], settings: HttpSettings | None = None) -> Starlette:
+    """A Starlette app serving ``routes`` behind the request guard and the error mapping.
+
+    Args:
+        routes: Starlette routes (e.g. from :func:`~edgeml.fleet.http_routes.api_route`).
+        settings: The listener's limits (routes read ``max_body_bytes`` and ``body_timeout_s`` from
+            ``app.state.http``).
+    """
+    from starlette.middleware import Middleware
+
+    settings = settings or HttpSettings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.threads
+        yield
+
+    app = Starlette(routes=list(routes), middleware=[Middleware(_RequestGuard)], lifespan=lifespan,
+                    exception_handlers={Exception: _on_error, HTTPException: _on_error, EdgeMLError: _on_error})
+    app.router.redirect_slashes = False  # a path is served as it is named, or not at all
+    app.state.http = settings
+    return app
+
+
+def fleet_app(registry_dir: Path, db: Any, audit: Any, *, ingest: Any = None, metrics_token: bool = False,
+              settings: HttpSettings | None = None, **dashboard: Any) -> Starlette:
+    """The fleet server's whole app: the JSON API, the dashboard, ``/metrics`` and the repository.
+
+    Args:
+        registry_dir: The registry directory (its ``repository/`` is served read-only).
+        db: The registry's database.
+        audit: Its audit log.
+        ingest: An ingest worker whose counters ``/metrics`` exports (None: none).
+        metrics_token: Require a viewer token on ``/metrics``.
+        settings: The listener's limits.
+        **dashboard: Options of :func:`~edgeml.fleet.dashboard.dashboard_routes` (``stale_after_s``, ``clock``).
+
+    Raises:
+        RegistryError: ``registry_dir`` is not a registry.
+    """
+    from edgeml.fleet.dashboard import dashboard_routes
+    from edgeml.fleet.http_routes import repository_routes
+    from edgeml.fleet.metrics import metrics_routes
+    from edgeml.fleet.operator_api import telemetry_routes
+    from edgeml.fleet.rollouts import rollout_routes
+
+    return build_app([*rollout_routes(db, audit), *dashboard_routes(db, audit, **dashboard), *telemetry_routes(db),
+                      *metrics_routes(db, ingest=ingest, require_token=metrics_token),
+                      *repository_routes(registry_dir)], settings)
+
+
+class _GuardedH11(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on each request's head (``head_timeout_s``).
+
+    uvicorn times out idle keep-alive connections but not a client that sends a request line and headers a
+    byte at a time; this closes a connection whose head is not complete in time.
+    """
+
+    head_timeout_s = HttpSettings.head_timeout_s
+    _head_timer: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_late)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        waiting = self.conn.their_state is h11.IDLE
+        if waiting and self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_late)
+        elif not waiting and self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        super().connection_lost(exc)
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            _log.debug("closing a connection whose request head took over %s s", self.head_timeout_s)
+            self.transport.close()
 
 
 class HttpServer:
-    """A threaded HTTP server with a small router.
+    """Serves a Starlette app with uvicorn from a background thread.
+
+    Example::
+
+        with HttpServer(build_app(routes), port=0) as http:
+            print(http.url)
 
     Args:
+        app: The ASGI app (:func:`build_app`, :func:`fleet_app`).
         host: Address to listen on.
         port: TCP port; 0 picks a free one (read it from :attr:`port` after :meth:`start`).
+        settings: Limits and timeouts (default: the app's, else :class:`HttpSettings`'s defaults).
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> None:
-        self.host = host
-        self.port = port
-        self._routes: list[tuple[str, re.Pattern[str], Handler]] = []
-        self._server: _QuietServer | None = None
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
+                 settings: HttpSettings | None = None) -> None:
+        self.app, self.host, self.port = app, host, port
+        state = getattr(app, "state", None)
+        self.settings = settings or getattr(state, "http", None) or HttpSettings()
+        self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
-    def add_route(self, method: str, pattern: str, handler: Handler) -> None:
-        """Answer ``method`` requests whose whole decoded path matches ``pattern`` with ``handler``.
-
-        Routes are tried in the order they were added. A GET route also answers HEAD (without the body).
-
-        Args:
-            method: The HTTP method, e.g. ``"GET"``.
-            pattern: A regular expression matched against the whole path; named groups become
-                :attr:`Request.params`.
-            handler: A function from :class:`Request` to :class:`Response`.
-
-        Raises:
-            ConfigError: ``pattern`` is not a valid regular expression.
-        """
+    def _listen(self) -> socket.socket:
         try:
-            compiled = re.compile(pattern)
-        except re.error as exc:
-            raise ConfigError(f"bad route pattern {pattern!r}: {exc}") from exc
-        self._routes.append((method.upper(), compiled, handler))
-
-    def add_static(self, prefix: str, directory: Path, cache_control: str | None = None) -> None:
-        """Serve the regular files under ``directory`` at ``prefix`` (GET and HEAD).
-
-        Args:
-            prefix: The URL prefix, starting and ending with ``/`` (e.g. ``"/targets/"``).
-            directory: The directory whose files are served (symlinks that point outside it are not).
-            cache_control: A ``Cache-Control`` header for these files (None: none).
-
-        Raises:
-            ConfigError: ``prefix`` does not start and end with ``/``.
-        """
-        if not (prefix.startswith("/") and prefix.endswith("/")):
-            raise ConfigError(f"a static prefix must start and end with '/', got {prefix!r}")
-        self.add_route("GET", re.escape(prefix) + ".*", _Static(prefix, directory, cache_control))
-
-    def dispatch(self, method: str, path: str) -> tuple[Handler | None, dict[str, str], list[str]]:
-        """``(handler, params, allowed methods)`` for a request; handler None if no route takes it."""
-        allowed: list[str] = []
-        for route_method, pattern, handler in self._routes:
-            match = pattern.fullmatch(path)
-            if match is None:
-                continue
-            if route_method == method or (method == "HEAD" and route_method == "GET"):
-                return handler, match.groupdict(), allowed
-            allowed.append(route_method)
-        return None, {}, allowed
+            family = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)[0][0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen for HTTP on {self.host}:{self.port}: {exc.strerror or exc}",
+                              hint="check --http-host") from exc
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.port))
+            sock.listen(128)
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(f"cannot listen for HTTP on {self.host}:{self.port}: {exc.strerror or exc}",
+                              hint="choose another --http-port (0 picks a free one), or --no-http") from exc
+        return sock
 
     def start(self) -> None:
         """Listen and serve from a background thread; :attr:`port` is then the real port.
 
         Raises:
-            ConfigError: The server cannot listen on ``host:port`` (e.g. the port is taken).
+            ConfigError: The server cannot listen on ``host:port`` (e.g. the port is taken), or did not start.
         """
-        handler = type("_BoundHandler", (_RequestHandler,), {"router": self})
-        try:
-            self._server = _QuietServer((self.host, self.port), handler)
-        except OSError as exc:
-            raise ConfigError(f"cannot listen for HTTP on {self.host}:{self.port}: {exc.strerror or exc}",
-                              hint="choose another --http-port (0 picks a free one), or --no-http") from exc
-        self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever, name="edgeml-http", daemon=True)
+        if self._server is not None:
+            return
+        sock = self._listen()
+        self.port = int(sock.getsockname()[1])
+        s = self.settings
+        protocol = type("_Http", (_GuardedH11,), {"head_timeout_s": s.head_timeout_s})
+        config = uvicorn.Config(self.app, http=protocol, ws="none", loop="asyncio", lifespan="on", log_config=None,
+                                access_log=False, server_header=False, proxy_headers=False,
+                                limit_concurrency=s.max_connections, timeout_keep_alive=s.keep_alive_s,
+                                timeout_graceful_shutdown=s.shutdown_s, h11_max_incomplete_event_size=s.max_head_bytes)
+        server = self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._run, args=(server, sock), name="edgeml-http", daemon=True)
         self._thread.start()
+        while not server.started and self._thread.is_alive():
+            self._thread.join(0.01)
+        if not server.started:
+            self._server = self._thread = None
+            sock.close()
+            raise ConfigError(f"the HTTP listener on {self.url} did not start", hint="see the log above")
+
+    @staticmethod
+    def _run(server: uvicorn.Server, sock: socket.socket) -> None:
+        try:
+            server.run(sockets=[sock])
+        except BaseException:  # SystemExit from a failed startup included: start() reports it
+            _log.exception("the HTTP listener stopped")
 
     def stop(self) -> None:
-        """Stop serving and close the listener (idempotent)."""
-        if self._server is None:
+        """Stop serving: requests in progress get ``shutdown_s`` to finish; then the listener is closed
+        (idempotent)."""
+        server, thread = self._server, self._thread
+        if server is None or thread is None:
             return
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join()
+        server.should_exit = True
+        thread.join(self.settings.shutdown_s + 5)
+        if thread.is_alive():
+            server.force_exit = True
+            thread.join()
         self._server = self._thread = None
 
     @property
@@ -242,109 +407,15 @@ class HttpServer:
         self.stop()
 
 
-class _QuietServer(ThreadingHTTPServer):
-    """Clients that hang up mid-response are routine: log at DEBUG instead of printing a traceback."""
+def repository_server(registry_dir: Path, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
+                      settings: HttpSettings | None = None) -> HttpServer:
+    """An :class:`HttpServer` serving only ``registry_dir/repository``'s ``metadata/`` and ``targets/``.
 
-    daemon_threads = True
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        _log.debug("connection from %s failed", client_address, exc_info=True)
-
-
-class _RequestHandler(BaseHTTPRequestHandler):
-    """Turns each request into a :class:`Request` for the router's handler."""
-
-    router: HttpServer
-    protocol_version = "HTTP/1.1"
-    server_version = "edgeml-fleet"
-    sys_version = ""
-    timeout = _IDLE_TIMEOUT_S
-
-    def _handle(self) -> None:
-        method = self.command
-        try:
-            path, query = _decode_path(self.path)
-        except _BadPath as exc:
-            self._send(Response.text(f"bad request: {exc}", 400))
-            return
-        handler, params, allowed = self.router.dispatch(method, path)
-        if handler is None:
-            if allowed:
-                self._send(Response(405, b"method not allowed\n", headers={"Allow": ", ".join(sorted(allowed))}))
-            else:
-                self._send(Response.text("not found", 404))
-            return
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if length < 0 or "Transfer-Encoding" in self.headers:
-            self.close_connection = True
-            self._send(Response.text("a request body needs a valid Content-Length", 411))
-            return
-        if length > _MAX_BODY:
-            self._send(Response.text(f"request body over {_MAX_BODY} bytes", 413))
-            self.close_connection = True
-            return
-        body = self.rfile.read(length) if length > 0 else b""
-        headers = {k.lower(): v for k, v in self.headers.items()}
-        try:
-            response = handler(Request(method, path, params, query, headers, body))
-        except Exception:  # a bug in a handler: log it, answer 500, keep serving
-            _log.exception("%s %s failed", method, path)
-            response = Response.text("internal server error", 500)
-        self._send(response)
-
-    def _send(self, response: Response) -> None:
-        fh = None
-        if response.file is not None:
-            try:
-                fh = response.file.open("rb")
-            except OSError:  # removed or unreadable since the handler looked
-                response = Response.text("not found", 404)
-        try:
-            length = os.fstat(fh.fileno()).st_size if fh is not None else len(response.body)
-            self.send_response(response.status)
-            self.send_header("Content-Type", response.content_type)
-            self.send_header("Content-Length", str(length))
-            for name, value in response.headers.items():
-                self.send_header(name, value)
-            self.end_headers()
-            if self.command == "HEAD":
-                return
-            if fh is not None:
-                shutil.copyfileobj(fh, self.wfile, 64 * 1024)
-            else:
-                self.wfile.write(response.body)
-        finally:
-            if fh is not None:
-                fh.close()
-
-    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = _handle
-
-    def log_message(self, format: str, *args: Any) -> None:
-        _log.debug("%s %s", self.address_string(), format % args)
-
-
-def repository_server(registry_dir: Path, host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> HttpServer:
-    """An :class:`HttpServer` serving ``registry_dir/repository``'s ``metadata/`` and ``targets/``.
-
-    Metadata is sent with ``Cache-Control: no-cache`` (``timestamp.json`` changes in place); targets are
-    immutable (their names start with their hash). Call :meth:`HttpServer.start` to listen.
-
-    Args:
-        registry_dir: The registry directory (the one ``edgeml fleet init`` created).
-        host: Address to listen on.
-        port: TCP port (0: a free one).
+    Call :meth:`HttpServer.start` to listen. See :func:`~edgeml.fleet.http_routes.repository_routes`.
 
     Raises:
         RegistryError: ``registry_dir`` has no ``repository/metadata`` directory.
     """
-    repository = Path(registry_dir) / "repository"
-    if not (repository / "metadata").is_dir():
-        raise RegistryError(f"{registry_dir} is not a registry: {repository / 'metadata'} is missing",
-                            hint="create one with `edgeml fleet init DIR`")
-    server = HttpServer(host, port)
-    server.add_static("/metadata/", repository / "metadata", cache_control="no-cache")
-    server.add_static("/targets/", repository / "targets")
-    return server
+    from edgeml.fleet.http_routes import repository_routes
+
+    return HttpServer(build_app(repository_routes(registry_dir), settings), host, port)

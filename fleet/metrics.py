@@ -1,7 +1,7 @@
 """Prometheus ``/metrics`` for the fleet server: devices, their latest telemetry, rollouts and ingestion.
 
-:func:`add_metrics_route` serves ``GET /metrics`` on an :class:`~edgeml.fleet.http_server.HttpServer` in the
-Prometheus text exposition format. A :class:`FleetCollector` on a private ``CollectorRegistry`` reads the
+:func:`metrics_routes` serves ``GET /metrics`` on the fleet's HTTP listener in the Prometheus text
+exposition format. A :class:`FleetCollector` on a private ``CollectorRegistry`` reads the
 registry database afresh on every scrape (nothing is cached between scrapes, no global registry is touched),
 so what Prometheus sees is what the database holds at that moment.
 
@@ -53,7 +53,7 @@ from edgeml.errors import RegistryError
 if TYPE_CHECKING:
     from edgeml.fleet.auth import Role
 
-__all__ = ["CONTENT_TYPE", "METRICS_PATH", "FleetCollector", "add_metrics_route", "render"]
+__all__ = ["CONTENT_TYPE", "METRICS_PATH", "FleetCollector", "metrics_routes", "render"]
 
 #: Where the route is served.
 METRICS_PATH = "/metrics"
@@ -356,16 +356,15 @@ def render(db: Any, ingest: Any = None) -> bytes:
     return bytes(generate_latest(registry))
 
 
-def add_metrics_route(server: Any, db: Any, *, ingest: Any = None, require_token: bool = False,
-                      token_role: Role | str = "viewer") -> None:
-    """Serve ``GET /metrics`` (Prometheus text format) on ``server``.
+def metrics_routes(db: Any, *, ingest: Any = None, require_token: bool = False,
+                   token_role: Role | str = "viewer") -> list[Any]:
+    """``GET /metrics`` (Prometheus text format), as a route for :func:`~edgeml.fleet.http_server.build_app`.
 
     By Prometheus convention the route needs no token (the fleet's listener is on 127.0.0.1 by default); with
     ``require_token`` it answers only a bearer token of ``token_role`` or higher (401 without one). A database
     failure is a 503, so that Prometheus marks the target down instead of recording zeros.
 
     Args:
-        server: An :class:`~edgeml.fleet.http_server.HttpServer` (before it starts).
         db: The registry's :class:`~edgeml.fleet.db.Database`.
         ingest: The server's :class:`~edgeml.fleet.ingest.IngestWorker`, whose counters to export (None: none).
         require_token: Ask for an operator token (``Authorization: Bearer ...``).
@@ -375,19 +374,14 @@ def add_metrics_route(server: Any, db: Any, *, ingest: Any = None, require_token
     Raises:
         ConfigError: ``token_role`` is not a role.
     """
-    from edgeml.fleet.auth import Role, authorized
-    from edgeml.fleet.http_server import Request, Response
+    from starlette.responses import Response
+
+    from edgeml.fleet.auth import Role
+    from edgeml.fleet.http_routes import ApiCall, api_route
 
     role = token_role if isinstance(token_role, Role) else Role.parse(token_role)  # checked even when unused
 
-    def metrics(request: Request, *_: Any) -> Response:
-        try:
-            body = render(db, ingest)
-        except RegistryError as exc:
-            return Response.text(f"metrics unavailable: {exc.message}", 503)
-        return Response(200, body, CONTENT_TYPE, {"Cache-Control": "no-store"})
+    def metrics(call: ApiCall) -> Response:
+        return Response(render(db, ingest), 200, {"Cache-Control": "no-store"}, CONTENT_TYPE)
 
-    if require_token:
-        server.add_route("GET", METRICS_PATH, authorized(db, role)(metrics))
-    else:
-        server.add_route("GET", METRICS_PATH, metrics)
+    return [api_route(METRICS_PATH, metrics, db=db, role=role if require_token else None)]

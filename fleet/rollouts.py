@@ -5,8 +5,8 @@ The rules live in :mod:`~edgeml.fleet.rollout_rules` (pure); the controller that
 
 * :func:`start_rollout`, :func:`rollback`, :func:`set_rollout_state` (pause, resume, abort) and
   :func:`rollout_status` read and write the database, each change audited in the same transaction.
-* :func:`add_rollout_routes` puts them on the fleet's HTTP API: reading needs a viewer token, every change an
-  operator token (:func:`~edgeml.fleet.auth.authorized`); the audit log names the token.
+* :func:`rollout_routes` puts them on the fleet's HTTP API: reading needs a viewer token, every change an
+  operator token (:func:`~edgeml.fleet.http_routes.api_route`); the audit log names the token.
 
 A rollout's state changes are compare-and-set, so a pause or an abort from the CLI between the controller's
 read and write is never lost.
@@ -15,20 +15,27 @@ read and write is never lost.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from edgeml.errors import EdgeMLError
+from edgeml.errors import ConfigError, ConflictError, NotFoundError
 from edgeml.fleet import rollout_rules as rules
 from edgeml.fleet.db import utcnow
 from edgeml.fleet.rollout_rules import RolloutError, RolloutOptions
 from edgeml.protocol import ProtocolError
 
-__all__ = ["RolloutStatus", "add_rollout_routes", "rollback", "rollout_status",
-           "set_rollout_state", "start_rollout"]
+__all__ = ["RolloutConflictError", "RolloutStatus", "UnknownRolloutError", "rollback", "rollout_routes",
+           "rollout_status", "set_rollout_state", "start_rollout"]
+
+
+class UnknownRolloutError(RolloutError, NotFoundError):
+    """No rollout has that id (HTTP 404)."""
+
+
+class RolloutConflictError(RolloutError, ConflictError):
+    """The rollout's state refuses the change: it is finished, changed meanwhile, or its id is taken (HTTP 409)."""
 
 
 def _ts(value: dt.datetime | None) -> float | None:
@@ -103,6 +110,9 @@ def start_rollout(db: Any, audit: Any, model: str, version: str, options: Rollou
         raise RolloutError(f"invalid rollout id {rollout_id!r}", hint=exc.hint) from exc
     now = utcnow()
     with audit.transaction() as conn:
+        rollouts = db.tables["rollouts"]
+        if conn.execute(db.sa.select(rollouts.c.id).where(rollouts.c.id == rollout_id)).first() is not None:
+            raise RolloutConflictError(f"a rollout with id {rollout_id!r} exists", hint="choose another --id")
         available = _published(db, conn, model, version)
         plan = rules.plan(rollout_id, model, version, _facts(db, conn),
                           options, {t: p["runtime"] for t, p in available.items()})
@@ -171,7 +181,8 @@ def set_rollout_state(db: Any, audit: Any, rollout_id: str, action: str, *, acto
     with audit.transaction() as conn:
         row = conn.execute(sa.select(t).where(t.c.id == rollout_id)).first()
         if row is None:
-            raise RolloutError(f"unknown rollout {rollout_id!r}", hint="list them with `edgeml fleet rollout status`")
+            raise UnknownRolloutError(f"unknown rollout {rollout_id!r}",
+                                      hint="list them with `edgeml fleet rollout status`")
         new = _transition(row, action, actor, reason)
         values: dict[str, Any] = {"state": new, "updated_at": utcnow()}
         if action == "resume" and row.wave_started_at is not None:
@@ -180,7 +191,7 @@ def set_rollout_state(db: Any, audit: Any, rollout_id: str, action: str, *, acto
             values["abort_reason"] = f"aborted by {actor}" + (f": {reason}" if reason else "")
         done = conn.execute(t.update().where((t.c.id == rollout_id) & (t.c.state == row.state)).values(**values))
         if done.rowcount != 1:
-            raise RolloutError(f"rollout {rollout_id} changed meanwhile; try again")
+            raise RolloutConflictError(f"rollout {rollout_id} changed meanwhile; try again")
         audit.append(actor, f"rollout.{action}", f"{row.model}:{row.version}",
                      {"rollout": rollout_id, "from": row.state, "to": new, "reason": reason}, conn=conn)
     return new
@@ -196,7 +207,7 @@ def _transition(row: Any, action: str, actor: str, reason: str | None) -> str:
         return "aborted"
     if action not in ("pause", "resume", "abort"):
         raise RolloutError(f"unknown rollout action {action!r} (pause, resume or abort)")
-    raise RolloutError(f"rollout {row.id} is {row.state}; it cannot be {action}d"
+    raise RolloutConflictError(f"rollout {row.id} is {row.state}; it cannot be {action}d"
                        if action != "abort" else f"rollout {row.id} is already {row.state}")
 
 
@@ -234,7 +245,7 @@ def rollout_status(db: Any, rollout_id: str | None = None) -> list[RolloutStatus
         query = sa.select(t).order_by(t.c.created_at.desc(), t.c.id)
         rows = conn.execute(query if rollout_id is None else query.where(t.c.id == rollout_id)).all()
         if rollout_id is not None and not rows:
-            raise RolloutError(f"unknown rollout {rollout_id!r}")
+            raise UnknownRolloutError(f"unknown rollout {rollout_id!r}")
         out = []
         for r in rows:
             devices = conn.execute(sa.select(rd).where(rd.c.rollout_id == r.id).order_by(rd.c.wave, rd.c.id)).all()
@@ -252,59 +263,84 @@ def _device_doc(d: Any) -> dict[str, Any]:
 # --- the HTTP API -------------------------------------------------------------------------------------------
 
 
-def add_rollout_routes(server: Any, db: Any, audit: Any) -> None:
-    """Serve rollouts on ``server`` (an :class:`~edgeml.fleet.http_server.HttpServer`).
+def _text(doc: Mapping[str, Any], name: str, *, required: bool = True) -> str | None:
+    value = doc.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"the request needs {name!r} as a non-empty string")
+    return value
+
+
+def _seconds(doc: Mapping[str, Any], name: str, default: float) -> float:
+    value = doc.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name!r} must be a number of seconds")
+    return float(value)
+
+
+def _options(doc: Mapping[str, Any]) -> RolloutOptions:
+    raw = doc.get("options")
+    if not isinstance(raw, dict):
+        raise ConfigError("the request needs 'options' as an object", hint="as RolloutOptions.to_dict names them")
+    try:
+        return RolloutOptions.from_dict(raw)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"bad rollout options: {exc}") from None
+
+
+def rollout_routes(db: Any, audit: Any) -> list[Any]:
+    """Rollouts on the fleet's HTTP API (Starlette routes for :func:`~edgeml.fleet.http_server.build_app`).
 
     ``GET /api/rollouts[/ID]`` (viewer); ``POST /api/rollouts`` with ``{"model", "version", "options",
     "id"?}`` (options as :meth:`RolloutOptions.to_dict` names them, durations in seconds),
     ``POST /api/rollouts/ID/pause|resume|abort`` with ``{"reason"?}``, and ``POST /api/rollback`` with
     ``{"model", "to", "select"?, "targets"?, "wave_timeout_s"?, "probation_s"?}`` (operator). Bad input is a
-    400 with ``{"error"}``.
+    400, an unknown rollout a 404, a change its state refuses a 409.
 
     Args:
-        server: The HTTP server (routes are added before it starts).
         db: The registry's database (tokens and rollouts).
         audit: Its audit log.
     """
-    from edgeml.fleet.auth import Role, authorized
-    from edgeml.fleet.http_server import Response
+    from edgeml.fleet.auth import Role
+    from edgeml.fleet.http_routes import ApiCall, api_route
 
-    def answer(work: Callable[[dict[str, Any]], Any], request: Any, status: int = 200) -> Any:
-        try:
-            doc = json.loads(request.body or b"{}")
-            if not isinstance(doc, dict):
-                raise ValueError("the request body must be a JSON object")
-            return Response.json(work(doc), status)
-        except RolloutError as exc:
-            code = 404 if exc.message.startswith("unknown rollout") else 400
-            return Response.json({"error": exc.message, "status": code}, code)
-        except (EdgeMLError, KeyError, TypeError, ValueError) as exc:
-            return Response.json({"error": f"bad request: {exc}", "status": 400}, 400)
+    def start(call: ApiCall) -> dict[str, str]:
+        rid = start_rollout(db, audit, str(_text(call.body, "model")), str(_text(call.body, "version")),
+                            _options(call.body), actor=call.actor, rollout_id=_text(call.body, "id", required=False))
+        return {"id": rid}
 
-    def start(request: Any, who: Any) -> Any:
-        return answer(lambda doc: {"id": start_rollout(db, audit, str(doc["model"]), str(doc["version"]),
-                                                       RolloutOptions.from_dict(doc["options"]), actor=who.actor,
-                                                       rollout_id=doc.get("id"))}, request, 201)
+    def change(action: str) -> Callable[[ApiCall], dict[str, str]]:
+        def run(call: ApiCall) -> dict[str, str]:
+            return {"state": set_rollout_state(db, audit, call.params["id"], action, actor=call.actor,
+                                               reason=_text(call.body, "reason", required=False))}
 
-    def change(request: Any, who: Any) -> Any:
-        return answer(lambda doc: {"state": set_rollout_state(db, audit, request.params["id"],
-                                                              request.params["action"], actor=who.actor,
-                                                              reason=doc.get("reason"))}, request)
+        run.__name__ = action
+        return run
 
-    def back(request: Any, who: Any) -> Any:
-        return answer(lambda doc: {"id": rollback(db, audit, str(doc["model"]), str(doc["to"]), actor=who.actor,
-                                                  select=doc.get("select"), targets=doc.get("targets"),
-                                                  wave_timeout_s=float(doc.get("wave_timeout_s") or 600.0),
-                                                  probation_s=float(doc.get("probation_s") or 300.0))},
-                      request, 201)
+    def back(call: ApiCall) -> dict[str, str]:
+        select, targets = call.body.get("select"), call.body.get("targets")
+        if select is not None and not (isinstance(select, dict)
+                                       and all(isinstance(v, str) for v in [*select, *select.values()])):
+            raise ConfigError("'select' must be an object of tag names to values (strings)")
+        if targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+            raise ConfigError("'targets' must be a list of target names")
+        return {"id": rollback(db, audit, str(_text(call.body, "model")), str(_text(call.body, "to")),
+                               actor=call.actor, select=select, targets=targets or None,
+                               wave_timeout_s=_seconds(call.body, "wave_timeout_s", 600.0),
+                               probation_s=_seconds(call.body, "probation_s", 300.0))}
 
-    def show(request: Any, who: Any) -> Any:
-        return answer(lambda doc: [vars(s) for s in rollout_status(db, request.params.get("id"))], request)
+    def show(call: ApiCall) -> list[dict[str, Any]]:
+        return [vars(s) for s in rollout_status(db, call.params.get("id"))]
 
-    rid = r"(?P<id>[a-z0-9][a-z0-9-]{0,63})"
-    server.add_route("GET", r"/api/rollouts", authorized(db, Role.VIEWER)(show))
-    server.add_route("GET", rf"/api/rollouts/{rid}", authorized(db, Role.VIEWER)(show))
-    server.add_route("POST", r"/api/rollouts", authorized(db, Role.OPERATOR)(start))
-    server.add_route("POST", rf"/api/rollouts/{rid}/(?P<action>pause|resume|abort)",
-                     authorized(db, Role.OPERATOR)(change))
-    server.add_route("POST", r"/api/rollback", authorized(db, Role.OPERATOR)(back))
+    viewer, operator = {"db": db, "role": Role.VIEWER}, {"db": db, "role": Role.OPERATOR}
+    return [
+        api_route("/api/rollouts", show, **viewer),
+        api_route("/api/rollouts", start, methods=["POST"], status=201, body=True, **operator),
+        api_route("/api/rollouts/{id}", show, **viewer),
+        *(api_route(f"/api/rollouts/{{id}}/{action}", change(action), methods=["POST"], body=True, **operator)
+          for action in ("pause", "resume", "abort")),
+        api_route("/api/rollback", back, methods=["POST"], status=201, body=True, **operator),
+    ]

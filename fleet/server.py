@@ -219,18 +219,11 @@ class FleetServer:
         return controller
 
     def _web(self) -> Any:
-        from edgeml.fleet.dashboard import add_dashboard_routes
-        from edgeml.fleet.http_server import repository_server
-        from edgeml.fleet.metrics import add_metrics_route
-        from edgeml.fleet.operator_api import add_telemetry_routes
-        from edgeml.fleet.rollouts import add_rollout_routes
+        from edgeml.fleet.http_server import HttpServer, fleet_app
 
         s = self.settings
-        http = repository_server(self.dir, s.http_host, s.http_port)
-        add_rollout_routes(http, self.db, self.audit)
-        add_dashboard_routes(http, self.db, self.audit)
-        add_telemetry_routes(http, self.db)
-        add_metrics_route(http, self.db, ingest=self.ingest, require_token=s.metrics_token)
+        app = fleet_app(self.dir, self.db, self.audit, ingest=self.ingest, metrics_token=s.metrics_token)
+        http = HttpServer(app, s.http_host, s.http_port)
         http.start()
         return http
 

@@ -1,10 +1,13 @@
 """Operator tokens on SQLite and on a real PostgreSQL: created once and stored as a hash, refused when
-missing, unknown or revoked (401) or when the role is too low (403), through a real HttpServer."""
+missing, unknown or revoked (401) or when the role is too low (403), through a real HTTP listener; the remote
+CLI's token from a file only its owner reads, or from the environment."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -21,15 +24,16 @@ from edgeml.fleet.auth import (
     Principal,
     Role,
     authenticate,
-    authorized,
     bearer_token,
     create_token,
     list_tokens,
-    remote_headers,
+    operator_token,
+    read_secret,
     require,
     revoke_token,
 )
-from edgeml.fleet.http_server import HttpServer, Request, Response
+from edgeml.fleet.http_routes import ApiCall, api_route
+from edgeml.fleet.http_server import HttpServer, build_app
 from edgeml.fleet.registry import init_registry
 from tests.conftest import RunCli
 
@@ -102,13 +106,45 @@ def test_bearer_token(headers: dict[str, str], token: str | None) -> None:
     assert bearer_token(headers) == token
 
 
-def test_remote_headers(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_operator_token_comes_from_a_file_or_the_environment(monkeypatch: pytest.MonkeyPatch,
+                                                                    tmp_path: Path) -> None:
     monkeypatch.delenv("EDGEML_TOKEN", raising=False)
-    with pytest.raises(AuthError, match="no operator token"):
-        remote_headers()
-    assert remote_headers("t1") == {"Authorization": "Bearer t1"}
+    with pytest.raises(AuthError, match="no operator token") as missing:
+        operator_token()
+    assert "--token-file" in str(missing.value)
     monkeypatch.setenv("EDGEML_TOKEN", "t2")
-    assert remote_headers() == {"Authorization": "Bearer t2"}
+    assert operator_token() == "t2"
+    token_file = tmp_path / "token"
+    token_file.write_text("t1\n")
+    token_file.chmod(0o600)
+    assert operator_token(token_file) == "t1"  # the file wins over the environment
+
+
+@pytest.mark.parametrize(("content", "mode", "message"), [
+    ("secret\n", 0o644, "others may read or change it (mode 644)"),
+    ("secret\n", 0o620, "others may read or change it (mode 620)"),
+    ("\n\n", 0o600, "is empty"),
+    (None, 0o600, "cannot read the operator token"),
+    ("dir", 0o700, "is not a regular file"),
+])
+def test_a_secret_file_must_be_the_owners_alone(tmp_path: Path, content: str | None, mode: int,
+                                                message: str) -> None:
+    path = tmp_path / "token"
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_text(content)
+    if path.exists():
+        os.chmod(path, mode)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        read_secret(path, "operator token")
+
+
+def test_a_secret_is_the_first_line_of_its_file(tmp_path: Path) -> None:
+    path = tmp_path / "password"
+    path.write_text("  s3cret \nignored\n")
+    path.chmod(0o400)
+    assert read_secret(path, "broker password") == "s3cret"
 
 
 @dataclass(frozen=True)
@@ -119,22 +155,23 @@ class Api:
 
 @pytest.fixture
 def api(log: AuditLog) -> Iterator[Api]:
-    """A real HttpServer: GET /api/status for viewers, POST /api/rollouts/NAME/abort for operators."""
+    """A real HTTP listener: GET /api/status for viewers, POST /api/rollouts/NAME/abort for operators."""
     tokens = {role.label: create_token(log.db, role.label, role) for role in Role}
     tokens["revoked"] = create_token(log.db, "former", Role.ADMIN)
     revoke_token(log.db, "former")
 
-    def status(request: Request, principal: Principal) -> Response:
-        return Response.json({"you": principal.name})
+    def status(call: ApiCall) -> dict[str, str]:
+        assert call.principal is not None
+        return {"you": call.principal.name}
 
-    def abort(request: Request, principal: Principal) -> Response:
-        log.append(principal.actor, "rollout.abort", request.params["name"], {})
-        return Response.json({"aborted": request.params["name"]})
+    def abort(call: ApiCall) -> dict[str, str]:
+        log.append(call.actor, "rollout.abort", call.params["name"], {})
+        return {"aborted": call.params["name"]}
 
-    server = HttpServer("127.0.0.1", 0)
-    server.add_route("GET", "/api/status", authorized(log.db, Role.VIEWER)(status))
-    server.add_route("POST", r"/api/rollouts/(?P<name>[^/]+)/abort", authorized(log.db, Role.OPERATOR)(abort))
-    with server:
+    app = build_app([api_route("/api/status", status, db=log.db, role=Role.VIEWER),
+                     api_route("/api/rollouts/{name}/abort", abort, methods=["POST"], body=True, db=log.db,
+                               role=Role.OPERATOR)])
+    with HttpServer(app, "127.0.0.1", 0) as server:
         yield Api(server.url, tokens)
 
 
@@ -150,6 +187,7 @@ def _call(api: Api, method: str, path: str, authorization: str | None) -> tuple[
 
 
 ABORT = "/api/rollouts/r1/abort"
+NO_TOKEN_HINT = "send 'Authorization: Bearer <token>' (edgeml fleet tokens create)"
 CASES = [  # (who, method, path, status, error message or None)
     ("none", "POST", ABORT, 401, "no operator token"),
     ("wrong", "POST", ABORT, 401, "unknown operator token"),
@@ -180,7 +218,8 @@ def test_http_routes_need_a_token_of_the_right_role(api: Api, log: AuditLog, who
     code, body, challenge = _call(api, method, path, _authorization(api, who))
     assert code == status
     if error is not None:
-        assert body == {"error": error, "status": status}
+        hint = NO_TOKEN_HINT if error == "no operator token" else None
+        assert body == {"error": error, "hint": hint, "status": status}
         assert challenge == ('Bearer realm="edgeml"' if status == 401 else None)
     aborted = [(e.actor, e.subject) for e in log.entries() if e.action == "rollout.abort"]
     assert aborted == ([(f"token:{who}", "r1")] if path == ABORT and status == 200 else [])

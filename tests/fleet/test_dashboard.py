@@ -3,8 +3,8 @@
 The store is filled the way the fleet fills it: devices through the real enrollment (and one revocation),
 their state and telemetry through :class:`TelemetryStore` with protocol messages, rollouts through
 ``start_rollout`` (one then progressed on its device rows, one aborted with a reason), tokens and audit
-entries through the real audit log. The server is built as ``edgeml fleet serve`` builds it:
-``repository_server`` + ``add_rollout_routes`` + ``add_dashboard_routes``.
+entries through the real audit log. The server is built as ``edgeml fleet serve`` builds it: ``fleet_app``
+on an ``HttpServer``.
 
 Fleet (NOW = when the store was filled; telemetry times are minutes before NOW):
 
@@ -27,6 +27,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from email.message import Message
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +37,12 @@ from edgeml.bundle import write_bundle
 from edgeml.fleet.audit import AuditLog, open_audit
 from edgeml.fleet.auth import Role, create_token, revoke_token
 from edgeml.fleet.broker import write_broker_config
-from edgeml.fleet.dashboard import add_dashboard_routes
 from edgeml.fleet.devices import enroll, revoke
 from edgeml.fleet.fleet_views import audit_entries, device_list, fleet_overview, telemetry_series
-from edgeml.fleet.http_server import HttpServer, repository_server
+from edgeml.fleet.http_server import HttpServer, fleet_app
 from edgeml.fleet.registry import init_registry
 from edgeml.fleet.rollout_rules import RolloutOptions
-from edgeml.fleet.rollouts import add_rollout_routes, rollout_status, set_rollout_state, start_rollout
+from edgeml.fleet.rollouts import rollout_status, set_rollout_state, start_rollout
 from edgeml.fleet.telemetry_store import TelemetryStore
 from edgeml.protocol import State, Telemetry
 from tests.conftest import REPO_ROOT, require_service
@@ -136,9 +136,7 @@ def populate(root: Path, url: str) -> Fleet:
 
 def serve(fleet: Fleet, **dashboard: Any) -> HttpServer:
     """The HTTP server as ``edgeml fleet serve`` builds it (on a free port), started."""
-    http = repository_server(fleet.root / "reg", "127.0.0.1", 0)
-    add_rollout_routes(http, fleet.db, fleet.audit)
-    add_dashboard_routes(http, fleet.db, fleet.audit, **dashboard)
+    http = HttpServer(fleet_app(fleet.root / "reg", fleet.db, fleet.audit, **dashboard), "127.0.0.1", 0)
     http.start()
     return http
 
@@ -163,14 +161,14 @@ def server(fleet: Fleet) -> Iterator[str]:
         http.stop()
 
 
-def get(url: str, token: str | None = None) -> tuple[int, dict[str, str], Any]:
-    """``(status, headers, body)`` of a GET; a JSON body is decoded."""
+def get(url: str, token: str | None = None) -> tuple[int, Message, Any]:
+    """``(status, headers, body)`` of a GET (header names in any case); a JSON body is decoded."""
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
-            status, headers, raw = response.status, dict(response.headers), response.read()
+            status, headers, raw = response.status, response.headers, response.read()
     except urllib.error.HTTPError as exc:
-        status, headers, raw = exc.code, dict(exc.headers), exc.read()
+        status, headers, raw = exc.code, exc.headers, exc.read()
     body = json.loads(raw) if headers.get("Content-Type") == "application/json" else raw.decode()
     return status, headers, body
 
@@ -277,7 +275,7 @@ def test_api_answers_the_store(fleet: Fleet, server: str) -> None:
 def test_api_needs_a_viewer_token(fleet: Fleet, server: str, path: str) -> None:
     for token in (None, "edgeml_not-a-token", fleet.revoked):
         status, headers, body = get(server + path, token)
-        assert status == 401 and body["status"] == 401 and body["error"]
+        assert status == 401 and body["status"] == 401 and body["error"] and "hint" in body
         assert headers["WWW-Authenticate"].startswith("Bearer")
     assert get(server + path, fleet.viewer)[0] == 200
 
@@ -301,8 +299,8 @@ def test_api_needs_a_viewer_token(fleet: Fleet, server: str, path: str) -> None:
 ])
 def test_api_refuses_bad_queries(fleet: Fleet, server: str, query: str, words: str) -> None:
     status, _, body = get(server + query, fleet.viewer)
-    assert status == 400 and body["status"] == 400
-    assert words in body["error"]
+    assert status == 400 and body["status"] == 400 and set(body) == {"error", "hint", "status"}
+    assert words in body["error"] + (body["hint"] or "")
 
 
 def test_page_is_served_without_a_token(fleet: Fleet, server: str) -> None:

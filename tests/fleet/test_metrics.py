@@ -1,6 +1,6 @@
 """``GET /metrics`` on SQLite and a real PostgreSQL: a signed registry with published versions, enrolled
-devices with reported state, stored telemetry and rollouts, scraped over real HTTP from the fleet's
-``HttpServer`` and parsed with prometheus_client's own parser; every value is checked against the store.
+devices with reported state, stored telemetry and rollouts, scraped over real HTTP from the fleet's HTTP
+listener and parsed with prometheus_client's own parser; every value is checked against the store.
 Ingest counters come from a real ``IngestWorker`` on a real Mosquitto. The Grafana dashboard is checked to use
 only names that a scrape exports, and the SQL statements per scrape are counted for 3 and for 50 devices.
 """
@@ -25,9 +25,9 @@ from edgeml.errors import ConfigError
 from edgeml.fleet.audit import AuditLog, open_audit
 from edgeml.fleet.auth import create_token
 from edgeml.fleet.db import Database
-from edgeml.fleet.http_server import HttpServer
+from edgeml.fleet.http_server import HttpServer, build_app
 from edgeml.fleet.ingest import REJECT_REASONS, IngestSettings, IngestWorker
-from edgeml.fleet.metrics import add_metrics_route
+from edgeml.fleet.metrics import metrics_routes
 from edgeml.fleet.registry import init_registry
 from edgeml.fleet.rollout_rules import RolloutOptions
 from edgeml.fleet.rollouts import rollout_status, set_rollout_state, start_rollout
@@ -70,8 +70,13 @@ class Fleet:
     db: Database
     audit: AuditLog
     store: TelemetryStore
-    http: HttpServer
     seqs: Counter[str]
+    http: HttpServer | None = None
+
+    def serve(self, **options: Any) -> None:
+        """Serve ``/metrics`` (:func:`metrics_routes` with ``options``) on a free port."""
+        self.http = HttpServer(build_app(metrics_routes(self.db, **options)), "127.0.0.1", 0)
+        self.http.start()
 
     def enroll(self, name: str, status: str | None, version: str | None, revoked: bool = False) -> None:
         with self.db.transaction() as conn:
@@ -88,6 +93,7 @@ class Fleet:
         assert self.store.insert_batch(rows) == len(rows)
 
     def scrape(self, headers: dict[str, str] | None = None) -> Samples:
+        assert self.http is not None
         with urllib.request.urlopen(urllib.request.Request(self.http.url + "/metrics", headers=headers or {}),
                                     timeout=30) as response:
             assert response.status == 200
@@ -114,17 +120,18 @@ def series(samples: Samples, name: str, key: str) -> dict[str, float]:
 
 @pytest.fixture
 def fleet(db_url: str, tmp_path: Path, make_bundle: MakeBundle) -> Iterator[Fleet]:
-    """A registry with digits 1.0.0 and 1.1.0 published, its database, audit log and an HTTP server (port 0)."""
+    """A registry with digits 1.0.0 and 1.1.0 published, its database and audit log (serve() starts /metrics)."""
     registry = init_registry(tmp_path / "reg", db_url=db_url)
     registry.publish(make_bundle("1.0.0"))
     registry.publish(make_bundle("1.1.0", payload=b"model-bytes-1.1"))
     db = registry.database()
     audit = open_audit(registry.dir, db=db)
-    http = HttpServer("127.0.0.1", 0)
+    fleet = Fleet(db, audit, TelemetryStore(db), Counter())
     try:
-        yield Fleet(db, audit, TelemetryStore(db), http, Counter())
+        yield fleet
     finally:
-        http.stop()
+        if fleet.http is not None:
+            fleet.http.stop()
         db.close()
 
 
@@ -149,8 +156,7 @@ def ts(at: Any) -> float:
 
 def test_a_scrape_reports_exactly_what_the_store_holds(fleet: Fleet) -> None:
     populate(fleet)
-    add_metrics_route(fleet.http, fleet.db)
-    fleet.http.start()
+    fleet.serve()
     m = fleet.scrape()
     summary = {s["device_id"]: s for s in fleet.store.devices_summary()}
 
@@ -223,8 +229,7 @@ def test_a_scrape_reports_exactly_what_the_store_holds(fleet: Fleet) -> None:
 
 def test_a_change_in_the_store_shows_in_the_next_scrape(fleet: Fleet) -> None:
     populate(fleet)
-    add_metrics_route(fleet.http, fleet.db)
-    fleet.http.start()
+    fleet.serve()
     before = fleet.scrape()
     fleet.send("cam-b", (100, 50, 9.0, 90.0, "1.1.0", 0.75))
     assert fleet.store.update_state("cam-b", State("cam-b", "offline", "digits", "1.1.0", capabilities=CAPS))
@@ -248,8 +253,7 @@ def test_a_change_in_the_store_shows_in_the_next_scrape(fleet: Fleet) -> None:
 
 def test_a_token_is_required_when_asked(fleet: Fleet) -> None:
     populate(fleet)
-    add_metrics_route(fleet.http, fleet.db, require_token=True)
-    fleet.http.start()
+    fleet.serve(require_token=True)
     with pytest.raises(urllib.error.HTTPError) as missing:
         fleet.scrape()
     assert missing.value.code == 401 and missing.value.headers["WWW-Authenticate"].startswith("Bearer")
@@ -263,9 +267,8 @@ def test_a_token_is_required_when_asked(fleet: Fleet) -> None:
 
 def test_an_operator_role_can_be_required(fleet: Fleet) -> None:
     with pytest.raises(ConfigError, match="unknown role 'root'"):
-        add_metrics_route(fleet.http, fleet.db, require_token=True, token_role="root")
-    add_metrics_route(fleet.http, fleet.db, require_token=True, token_role="operator")
-    fleet.http.start()
+        metrics_routes(fleet.db, require_token=True, token_role="root")
+    fleet.serve(require_token=True, token_role="operator")
     viewer = create_token(fleet.db, "grafana", "viewer")
     with pytest.raises(urllib.error.HTTPError) as low:
         fleet.scrape({"Authorization": f"Bearer {viewer}"})
@@ -276,11 +279,12 @@ def test_an_operator_role_can_be_required(fleet: Fleet) -> None:
 
 def test_a_database_failure_is_a_503(tmp_path: Path) -> None:
     db = Database(f"sqlite:///{tmp_path / 'missing' / 'fleet.db'}")  # its folder does not exist
-    with HttpServer("127.0.0.1", 0) as http:
-        add_metrics_route(http, db)
-        with pytest.raises(urllib.error.HTTPError) as failed:
-            urllib.request.urlopen(http.url + "/metrics", timeout=30)
-    assert failed.value.code == 503 and b"metrics unavailable" in failed.value.read()
+    with HttpServer(build_app(metrics_routes(db)), "127.0.0.1", 0) as http, \
+            pytest.raises(urllib.error.HTTPError) as failed:
+        urllib.request.urlopen(http.url + "/metrics", timeout=30)
+    assert failed.value.code == 503 and json.loads(failed.value.read()) == {
+        "error": "the fleet's database is unavailable", "hint": "try again shortly; the fleet server's log says why",
+        "status": 503}
 
 
 def test_malformed_telemetry_values_are_left_out(fleet: Fleet) -> None:
@@ -289,8 +293,7 @@ def test_malformed_telemetry_values_are_left_out(fleet: Fleet) -> None:
            "error_rate": None, "drift": {"score": "high"}, "model": "digits", "version": "1.0.0"}
     good = metrics_of(4, 1, 1.0, 2.0, "1.0.0", None)
     assert fleet.store.insert_batch([Telemetry("cam-x", 0, 1.0, good), Telemetry("cam-x", 1, 2.0, bad)]) == 2
-    add_metrics_route(fleet.http, fleet.db)
-    fleet.http.start()
+    fleet.serve()
     m = fleet.scrape()
     assert value(m, "edgeml_device_requests_total", device="cam-x") == 4  # only numbers are summed
     assert value(m, "edgeml_device_errors_total", device="cam-x") == 1
@@ -316,8 +319,7 @@ def ingesting(fleet: Fleet) -> Iterator[tuple[Fleet, IngestWorker, int]]:
     populate(fleet)
     with anonymous_mosquitto() as (port, _), \
             IngestWorker(fleet.db, "127.0.0.1", port, settings=IngestSettings(flush_ms=20)) as worker:
-        add_metrics_route(fleet.http, fleet.db, ingest=worker)
-        fleet.http.start()
+        fleet.serve(ingest=worker)
         yield fleet, worker, port
 
 
@@ -393,8 +395,7 @@ def test_statements_per_scrape_do_not_grow_with_the_devices(fleet: Fleet) -> Non
     statements: list[str] = []
     sa.event.listen(fleet.db.engine, "before_cursor_execute",
                     lambda conn, cursor, statement, *rest: statements.append(statement))
-    add_metrics_route(fleet.http, fleet.db)
-    fleet.http.start()
+    fleet.serve()
     fleet.scrape()  # the first use of the database checks its schema
 
     def count(n_devices: int) -> tuple[int, float]:

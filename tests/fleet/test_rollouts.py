@@ -37,13 +37,13 @@ from edgeml.edge_agent.capabilities import Capabilities, detect
 from edgeml.edge_agent.config import load_config
 from edgeml.fleet.audit import AuditLog, open_audit
 from edgeml.fleet.auth import Role, create_token
-from edgeml.fleet.http_server import HttpServer
+from edgeml.fleet.http_server import HttpServer, build_app
 from edgeml.fleet.registry import Registry, init_registry
 from edgeml.fleet.rollout_controller import RolloutController
 from edgeml.fleet.rollout_rules import RolloutError, RolloutOptions, order
 from edgeml.fleet.rollouts import (
-    add_rollout_routes,
     rollback,
+    rollout_routes,
     rollout_status,
     set_rollout_state,
     start_rollout,
@@ -489,9 +489,7 @@ def test_over_http_changes_need_an_operator_token_and_are_audited_with_it(fleet:
     viewer = create_token(fleet.db, f"viewer-{fleet.name}", Role.VIEWER)
     operator = create_token(fleet.db, f"carol-{fleet.name}", Role.OPERATOR)
     start = {"model": "digits", "version": GOOD, "options": _options(select={"site": site}).to_dict()}
-    server = HttpServer("127.0.0.1", 0)
-    add_rollout_routes(server, fleet.db, fleet.audit)
-    with server:
+    with HttpServer(build_app(rollout_routes(fleet.db, fleet.audit)), "127.0.0.1", 0) as server:
         assert _http(server.url, "POST", "/api/rollouts", None, start)[0] == 401
         assert _http(server.url, "POST", "/api/rollouts", viewer, start)[0] == 403
         status, doc = _http(server.url, "POST", "/api/rollouts", operator, start)
@@ -505,8 +503,11 @@ def test_over_http_changes_need_an_operator_token_and_are_audited_with_it(fleet:
         bad = {**start, "options": {**start["options"], "canary": 1.5}}
         assert _http(server.url, "POST", "/api/rollouts", operator, bad) == \
             (400, {"error": "--canary must be above 0 and at most 1 (percentages: above 0% to 100%), got 1.5",
-                   "status": 400})
+                   "hint": None, "status": 400})
         assert _http(server.url, "POST", "/api/rollouts/ro-none/pause", operator, {})[0] == 404
+        assert _http(server.url, "POST", f"/api/rollouts/{rid}/pause", operator, {})[0] == 409  # it is aborted
+        assert _http(server.url, "POST", "/api/rollouts", operator, {**start, "id": rid})[0] == 409  # id taken
+        assert _http(server.url, "POST", "/api/rollouts", operator, {**start, "options": "fast"})[0] == 400
     actor = f"token:carol-{fleet.name}"
     assert _audit(fleet, rid) == [(actor, "rollout.start"), (actor, "rollout.abort")]
 

@@ -3,7 +3,8 @@
 The command is started as a real process against a real TLS Mosquitto (the layout ``broker-config``
 writes, with the fleet and a device user): a device fetches and verifies a bundle over MQTT through it, a
 stock python-tuf ``ngclient.Updater`` does the same over its HTTP listener, and SIGTERM or Ctrl-C stops it
-with exit code 0. The HTTP server is also tested in-process: the router, HEAD, headers, and refused paths.
+with exit code 0. The repository's HTTP serving is also tested in-process: HEAD, headers, and refused paths
+(the listener itself: tests/fleet/test_http_server.py).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from edgeml.edge_agent.mqtt_fetcher import METADATA_URL, TARGETS_URL, MqttFetche
 from edgeml.edge_agent.tuf_client import TufClient
 from edgeml.errors import ConfigError, RegistryError
 from edgeml.fleet.broker import write_broker_config
-from edgeml.fleet.http_server import HttpServer, Request, Response, repository_server
+from edgeml.fleet.http_routes import static_route
+from edgeml.fleet.http_server import HttpServer, build_app, repository_server
 from edgeml.fleet.registry import Registry
 from tests.conftest import RunCli, require_service
 from tests.fleet.conftest import MakeBundle
@@ -124,16 +126,23 @@ def mqtt_device(port: int, broker_dir: Path, password: str) -> mqtt.Client:
     return client
 
 
-@pytest.mark.parametrize(("sig", "http"), [(signal.SIGTERM, True), (signal.SIGINT, True), (signal.SIGTERM, False)],
-                         ids=["sigterm", "ctrl-c", "sigterm-no-http"])
+@pytest.mark.parametrize(("sig", "http", "password_file"), [
+    (signal.SIGTERM, True, False), (signal.SIGINT, True, False), (signal.SIGTERM, False, True)],
+    ids=["sigterm", "ctrl-c", "sigterm-no-http-password-file"])
 def test_serve_answers_over_mqtt_and_http_and_stops_cleanly(
         tls_broker: tuple[int, Path, dict[str, str]], registry: Registry, make_bundle: MakeBundle,
-        tmp_path: Path, sig: signal.Signals, http: bool) -> None:
+        tmp_path: Path, sig: signal.Signals, http: bool, password_file: bool) -> None:
     port, broker_dir, creds = tls_broker
     published = registry.publish(make_bundle("1.0.0", payload=os.urandom(200_000)))
     args = [str(registry.dir), "--broker-host", "localhost", "--broker-port", str(port), "--username", "fleet",
             "--ca", str(broker_dir / "tls" / "ca.crt"), *(["--http-port", "0"] if http else ["--no-http"])]
-    serve = ServeProcess(args, {"EDGEML_BROKER_PASSWORD": creds["fleet"]}, tmp_path)
+    env = {"EDGEML_BROKER_PASSWORD": creds["fleet"]}
+    if password_file:  # the password from a file only its owner reads; the environment has none
+        (tmp_path / "fleet.password").write_text(creds["fleet"] + "\n")
+        (tmp_path / "fleet.password").chmod(0o600)
+        args += ["--password-file", str(tmp_path / "fleet.password")]
+        env = {"EDGEML_BROKER_PASSWORD": ""}
+    serve = ServeProcess(args, env, tmp_path)
     try:
         assert serve.next_line() == f"mqtt: serving {registry.dir / 'repository'} on mqtts://localhost:{port}"
         assert serve.next_line() == f"ingest: telemetry from mqtts://localhost:{port} into the database"
@@ -179,6 +188,21 @@ def test_serve_reports_bad_settings_in_one_line(registry: Registry, run_cli: Run
                      timeout=60)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "controller"])
+def test_a_password_on_the_command_line_is_refused(registry: Registry, run_cli: RunCli, tmp_path: Path,
+                                                   command: str) -> None:
+    result = run_cli("fleet", command, registry.dir, "--password", "hunter2-secret", timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--password is no longer accepted" in result.stderr and "$EDGEML_BROKER_PASSWORD" in result.stderr
+    assert "hunter2-secret" not in result.stderr + result.stdout
+    loose = tmp_path / "loose.password"
+    loose.write_text("hunter2-secret\n")
+    loose.chmod(0o644)
+    result = run_cli("fleet", command, registry.dir, "--password-file", loose, timeout=60)
+    assert result.returncode == 2 and f"chmod 600 {loose}" in result.stderr
+    assert "hunter2-secret" not in result.stderr + result.stdout
 
 
 def test_serve_refuses_a_directory_that_is_not_a_registry(tmp_path: Path, run_cli: RunCli) -> None:
@@ -266,63 +290,50 @@ def test_a_symlink_is_served_only_inside_its_directory(repo_http: HttpServer, re
     (registry.targets_dir / "alias").symlink_to(registry.dir / "repository" / link_to)
     got, _, body = request(repo_http, "GET", "/targets/alias")
     assert got == status
-    assert body == (b"\x00\x01" if status == 200 else b"not found\n")
+    assert body == (b"\x00\x01" if status == 200 else b'{"error":"not found","hint":null,"status":404}')
 
 
-def test_writes_to_the_repository_are_not_allowed(repo_http: HttpServer) -> None:
-    status, headers, _ = request(repo_http, "PUT", "/metadata/root.json")
-    assert (status, headers["allow"]) == (405, "GET")
+def test_writes_to_the_repository_are_not_allowed(repo_http: HttpServer, registry: Registry) -> None:
+    before = (registry.metadata_dir / "root.json").read_bytes()
+    for method in ("PUT", "POST", "DELETE"):
+        status, headers, body = request(repo_http, method, "/metadata/root.json")
+        assert (status, headers["allow"], json.loads(body)["status"]) == (405, "GET, HEAD", 405)
+    assert (registry.metadata_dir / "root.json").read_bytes() == before
 
 
-def test_routes_take_parameters_and_json(tmp_path: Path) -> None:
-    seen: list[Request] = []
+def test_a_file_replaced_while_served_is_sent_whole(repo_http: HttpServer, registry: Registry) -> None:
+    """The file is opened before its headers go out: a rename into place (how timestamp.json changes) never
+    gives a Content-Length of one version and the bytes of the other."""
+    timestamp = registry.metadata_dir / "timestamp.json"
+    versions = [timestamp.read_bytes(), b'{"signed": "a newer, longer timestamp"}' * 3]
+    stop = threading.Event()
 
-    def device(req: Request) -> Response:
-        seen.append(req)
-        return Response.json({"id": req.params["id"], "q": req.query.get("q", [])})
+    def swap() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            (registry.metadata_dir / "next.tmp").write_bytes(versions[i % 2])
+            (registry.metadata_dir / "next.tmp").rename(timestamp)
 
-    def boom(req: Request) -> Response:
-        raise RuntimeError("a bug")
-
-    def echo(req: Request) -> Response:
-        return Response(201, req.body[::-1], "application/octet-stream")
-
-    server = HttpServer(port=0)
-    server.add_route("GET", r"/api/devices/(?P<id>[a-z0-9-]+)", device)
-    server.add_route("POST", r"/api/boom", boom)
-    server.add_route("POST", r"/api/echo", echo)
-    (tmp_path / "static").mkdir()
-    (tmp_path / "static" / "index.html").write_text("<h1>fleet</h1>")
-    server.add_static("/ui/", tmp_path / "static")
-    with server:
-        assert request(server, "GET", "/api/devices/cam-7?q=a&q=b")[::2] == (200, b'{"id":"cam-7","q":["a","b"]}')
-        assert request(server, "GET", "/api/devices/Cam_7")[0] == 404
-        assert request(server, "POST", "/api/boom")[0] == 500
-        for body, chunked, expected in [(b"abc", False, (201, b"cba")), (iter([b"abc"]), True, (411, None))]:
-            conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
-            conn.request("POST", "/api/echo", body=body, encode_chunked=chunked)
-            resp = conn.getresponse()
-            assert resp.status == expected[0] and (expected[1] is None or resp.read() == expected[1])
-            conn.close()
-        status, headers, body = request(server, "GET", "/ui/index.html")
-        assert (status, headers["content-type"], body) == (200, "text/html", b"<h1>fleet</h1>")
-    assert [r.params for r in seen] == [{"id": "cam-7"}]
-    assert json.loads(Response.json({"a": 1}).body) == {"a": 1}
+    swapper = threading.Thread(target=swap)
+    swapper.start()
+    try:
+        bodies = [request(repo_http, "GET", "/metadata/timestamp.json")[2] for _ in range(100)]
+    finally:
+        stop.set()
+        swapper.join()
+    assert set(bodies) <= set(versions)
 
 
-@pytest.mark.parametrize(("prefix", "pattern"), [("metadata/", None), ("/metadata", None), (None, "(unclosed")])
-def test_bad_routes_are_config_errors(tmp_path: Path, prefix: str | None, pattern: str | None) -> None:
-    server = HttpServer(port=0)
-    with pytest.raises(ConfigError):
-        if prefix is not None:
-            server.add_static(prefix, tmp_path)
-        else:
-            server.add_route("GET", str(pattern), lambda r: Response())
+@pytest.mark.parametrize("prefix", ["metadata/", "/metadata"])
+def test_a_static_prefix_must_be_a_folder(tmp_path: Path, prefix: str) -> None:
+    with pytest.raises(ConfigError, match="must start and end with '/'"):
+        static_route(prefix, tmp_path)
 
 
 def test_a_taken_port_and_a_missing_registry_are_reported(repo_http: HttpServer, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=f"cannot listen for HTTP on 127.0.0.1:{repo_http.port}"):
-        HttpServer(port=repo_http.port).start()
+        HttpServer(build_app([]), port=repo_http.port).start()
     with pytest.raises(RegistryError, match="is not a registry"):
         repository_server(tmp_path)
     assert free_port() > 0
