@@ -25,8 +25,23 @@ many processes give one gapless chain.
 :meth:`AuditLog.verify` recomputes the chain and checks every signed head; the first problem is reported
 with its kind: ``"edit"`` (a row's content no longer matches its hash, or a signed head's hash),
 ``"deletion"`` (a gap in seq, or a row whose prev_hash is not its predecessor's hash), ``"truncation"``
-(a signed head names a seq beyond the last row) or ``"bad-signature"`` (a head that the audit key did not
-sign).
+(a signed head names a seq beyond the last row), ``"bad-signature"`` (a head that the audit key did not
+sign) or ``"uncovered"`` (entries after the last signed head, or a log with entries and no head at all).
+
+Coverage: whoever can write the database alone can append a row with a correctly chained hash, and can
+delete heads, but cannot sign. So the last entry must be covered by a valid signed head (in the database or
+the file), and a log with entries must have heads. Honest operation always leaves the log covered: every
+append signs its head in the same transaction as the row, and :meth:`AuditLog.sign_head` (the server's
+timer, ``audit_head_s``) only re-signs a head that is already covered. Neither :meth:`AuditLog.append` nor
+:meth:`AuditLog.sign_head` signs over an uncovered tail: they refuse (``RegistryError``), since a new head
+would launder the forged rows.
+
+Verifying while others append: :meth:`AuditLog.verify` reads the heads file first, then the entries and the
+database's heads in one read snapshot (a deferred ``BEGIN`` on SQLite in WAL mode, ``REPEATABLE READ`` on
+PostgreSQL). A line reaches the file only after its transaction committed, so every entry the file names is
+in the snapshot, and every entry in the snapshot has its database head there too: a concurrent append can
+neither look uncovered nor look truncated. The file can lag the database (a crash between the commit and the
+write), which verify accepts: the database's head covers those entries.
 """
 
 from __future__ import annotations
@@ -44,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeml.errors import ConfigError, MetadataError, StorageError
+from edgeml.errors import ConfigError, MetadataError, RegistryError, StorageError
 
 __all__ = [
     "ACTIONS",
@@ -263,7 +278,8 @@ class AuditReport:
 
     @property
     def kind(self) -> str | None:
-        """The first problem's kind: ``"edit"``, ``"deletion"``, ``"truncation"`` or ``"bad-signature"``."""
+        """The first problem's kind: ``"edit"``, ``"deletion"``, ``"truncation"``, ``"bad-signature"`` or
+        ``"uncovered"``."""
         return self.problems[0].kind if self.problems else None
 
     @property
@@ -333,6 +349,8 @@ class AuditLog:
         self._lock(conn)
         t, sa = self.db.tables["audit"], self.db.sa
         last = conn.execute(sa.select(t.c.seq, t.c.hash).order_by(t.c.seq.desc()).limit(1)).first()
+        if last is not None:
+            self._check_covered(conn, int(last[0]), str(last[1]))
         seq, prev = (int(last[0]) + 1, str(last[1])) if last is not None else (1, GENESIS)
         at = dt.datetime.now(dt.timezone.utc)
         digest = entry_hash(seq, at, actor, action, subject, doc, prev)
@@ -344,8 +362,11 @@ class AuditLog:
     def sign_head(self) -> SignedHead | None:
         """Sign the current head again (e.g. on a timer, to show when it was last seen); None: log empty.
 
+        Only a head that a valid signature already covers is signed again: a row appended outside edgeml stays
+        uncovered, for :meth:`verify` to report.
+
         Raises:
-            RegistryError: The database failed.
+            RegistryError: The database failed, or the last entry is covered by no signed head.
         """
         with self.transaction() as conn:
             self._lock(conn)
@@ -353,9 +374,26 @@ class AuditLog:
             last = conn.execute(sa.select(t.c.seq, t.c.hash).order_by(t.c.seq.desc()).limit(1)).first()
             if last is None:
                 return None
+            self._check_covered(conn, int(last[0]), str(last[1]))
             head = self._key().sign(int(last[0]), str(last[1]))
             self._store_head(conn, head)
         return head
+
+    def _check_covered(self, conn: Any, seq: int, hash_: str) -> None:
+        """Refuse to sign over ``(seq, hash_)``, the last row, unless the latest head signed it (under the lock).
+
+        Every append and re-signing stores its head in the row's transaction, so honestly the latest head always
+        covers the last row; a row inserted with write access to the database alone never is.
+        """
+        h, sa = self.db.tables["audit_heads"], self.db.sa
+        row = conn.execute(sa.select(h).order_by(h.c.id.desc()).limit(1)).mappings().first()
+        head = None if row is None else SignedHead(int(row["seq"]), row["hash"], _utc(row["signed_at"]),
+                                                   row["keyid"], row["signature"])
+        if head is None or (head.seq, head.hash) != (seq, hash_) or not self._key().check(head):
+            raise RegistryError(f"the audit log's last entry (seq {seq}) is covered by no signed head: it was "
+                                "written outside edgeml, or its head was deleted; refusing to sign over it",
+                                hint="run `edgeml fleet audit verify DIR`, and remove the entries it names once "
+                                     "they are understood")
 
     def flush_heads(self) -> None:
         """Append the heads signed in committed transactions to the heads file.
@@ -399,12 +437,15 @@ class AuditLog:
         Raises:
             RegistryError: The database failed.
         """
+        with self.db.transaction() as conn:
+            return self._entries(conn, limit)
+
+    def _entries(self, conn: Any, limit: int | None = None) -> list[AuditEntry]:
         t, sa = self.db.tables["audit"], self.db.sa
         query = sa.select(t).order_by(t.c.seq.desc() if limit else t.c.seq)
         if limit:
             query = query.limit(limit)
-        with self.db.transaction() as conn:
-            rows = conn.execute(query).mappings().all()
+        rows = conn.execute(query).mappings().all()
         entries = [AuditEntry(int(r["seq"]), _utc(r["at"]), r["actor"], r["action"], r["subject"], r["details"],
                               r["prev_hash"], r["hash"]) for r in rows]
         return sorted(entries, key=lambda e: e.seq)
@@ -416,10 +457,16 @@ class AuditLog:
             RegistryError: The database failed.
             StorageError: The heads file exists but cannot be read.
         """
-        t, sa = self.db.tables["audit_heads"], self.db.sa
+        in_file = self._file_heads()
         with self.db.transaction() as conn:
-            rows = conn.execute(sa.select(t).order_by(t.c.id)).mappings().all()
-        in_db = [SignedHead(int(r["seq"]), r["hash"], _utc(r["signed_at"]), r["keyid"], r["signature"]) for r in rows]
+            return self._db_heads(conn), in_file
+
+    def _db_heads(self, conn: Any) -> list[SignedHead]:
+        t, sa = self.db.tables["audit_heads"], self.db.sa
+        rows = conn.execute(sa.select(t).order_by(t.c.id)).mappings().all()
+        return [SignedHead(int(r["seq"]), r["hash"], _utc(r["signed_at"]), r["keyid"], r["signature"]) for r in rows]
+
+    def _file_heads(self) -> list[SignedHead | int]:
         in_file: list[SignedHead | int] = []
         if self.heads_file is not None:
             try:
@@ -431,20 +478,33 @@ class AuditLog:
                     in_file.append(SignedHead.from_line(line))
                 except (ValueError, KeyError, TypeError):
                     in_file.append(number)
-        return in_db, in_file
+        return in_file
 
     def verify(self) -> AuditReport:
         """Recompute the chain and check every signed head (see the module docstring for the kinds).
+
+        Safe while others append: the heads file is read first, then the entries and the database's heads in
+        one read snapshot (see the module docstring).
 
         Raises:
             RegistryError: The database failed.
             StorageError: The heads file cannot be read.
         """
-        entries = self.entries()
-        in_db, in_file = self.heads()
+        in_file = self._file_heads()  # first: a line is written only after its entry committed
+        with self.db.transaction() as conn:
+            self._snapshot(conn)
+            entries, in_db = self._entries(conn), self._db_heads(conn)
         if self.signer is None and not (entries or in_db or in_file):
             return AuditReport(0, 0, 0)
         return check_chain(entries, in_db, in_file, self._key())
+
+    @staticmethod
+    def _snapshot(conn: Any) -> None:
+        """Make ``conn``'s reads one consistent snapshot (the first statement of its transaction)."""
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        elif conn.dialect.name == "sqlite" and not conn.connection.dbapi_connection.in_transaction:
+            conn.exec_driver_sql("BEGIN")  # pysqlite begins only before writes; in WAL mode this is a snapshot
 
     def _key(self) -> HeadSigner:
         if self.signer is None:
@@ -477,6 +537,7 @@ def check_chain(entries: list[AuditEntry], in_db: list[SignedHead], in_file: lis
         expected, prev = e.seq + 1, e.hash
     last_seq = entries[-1].seq if entries else 0
     heads = [(h, "database") for h in in_db] + [(h, "heads file") for h in in_file]
+    covered = 0  # the highest seq a valid head signs, with the hash it has
     for head, where in heads:
         if isinstance(head, int):
             problems.append(Problem(last_seq, "bad-signature", f"{where} line {head} is not a signed head"))
@@ -492,10 +553,27 @@ def check_chain(entries: list[AuditEntry], in_db: list[SignedHead], in_file: lis
         elif by_seq[head.seq].hash != head.hash:
             problems.append(Problem(head.seq, "edit", f"seq {head.seq}'s hash differs from the {where}'s "
                                                       "signed head"))
-    order = {"edit": 0, "deletion": 1, "truncation": 2, "bad-signature": 3}
+        else:
+            covered = max(covered, head.seq)
+    if entries and covered < last_seq:
+        problems.append(_uncovered([e for e in entries if e.seq > covered], any_head=bool(heads)))
+    order = {"edit": 0, "deletion": 1, "truncation": 2, "bad-signature": 3, "uncovered": 4}
     first = {(p.seq, p.kind): p for p in reversed(problems)}  # one per (seq, kind): the first found
     return AuditReport(len(entries), last_seq, len(heads), tuple(sorted(first.values(),
                                                                         key=lambda p: (p.seq, order[p.kind]))))
+
+
+def _uncovered(tail: list[AuditEntry], *, any_head: bool) -> Problem:
+    """The problem of entries after the last valid signed head: how many, from which seq, since when."""
+    n, first = len(tail), tail[0]
+    what = f"{n} entr{'y' if n == 1 else 'ies'} (seq {first.seq}" + (f"..{tail[-1].seq}" if n > 1 else "") + (
+        f", appended since {_iso(first.at)})")
+    if not any_head:
+        return Problem(first.seq, "uncovered", f"the log has {what} and no signed head at all, in the database or "
+                                               "the heads file: the heads were deleted")
+    return Problem(first.seq, "uncovered", f"{what} {'is' if n == 1 else 'are'} covered by no signed head: written "
+                                           "outside edgeml (with write access to the database), or their heads "
+                                           "were deleted")
 
 
 def _checked(actor: str, action: str, subject: str, details: dict[str, Any] | None) -> dict[str, Any]:

@@ -329,12 +329,17 @@ def audit_ls_command(
 @audit_app.command("verify")
 def audit_verify_command(
     directory: Annotated[Path, typer.Argument(help="The registry directory.")],
+    heads: Annotated[Path | None, typer.Option("--heads", help="A copy of heads.log kept off the server, checked "
+                                               "instead of DIR/audit/heads.log.", exists=True, dir_okay=False)] = None,
     db_url: DbUrl = None,
 ) -> None:
-    """Recompute the hash chain and check every signed head; exit 1 if the log was tampered with."""
+    """Recompute the hash chain and check every signed head; exit 1 if the log was tampered with, or if no
+    signed head covers its last entries (appended outside edgeml, or their heads deleted)."""
     from edgeml.fleet.audit import open_audit
 
     log = open_audit(directory, db_url=db_url, create_key=False)
+    if heads is not None:
+        log.heads_file = heads
     try:
         report = log.verify()
     finally:

@@ -4,8 +4,10 @@ from several processes make one gapless chain, and ``edgeml fleet audit verify``
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -15,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from edgeml.errors import ConfigError, MetadataError
+from edgeml.errors import ConfigError, MetadataError, RegistryError
 from edgeml.fleet.audit import ACTIONS, GENESIS, AuditLog, HeadSigner, SignedHead, entry_hash, open_audit, record
 from edgeml.fleet.keys import generate
 from edgeml.fleet.registry import Registry, init_registry
@@ -101,6 +103,34 @@ def _truncate(log: AuditLog, seq: int) -> None:
     _sql(log, "DELETE FROM audit_heads WHERE seq >= :seq", seq=seq)
 
 
+def _forge_tail(log: AuditLog, count: int = 1) -> None:
+    """Someone with write access to the database alone appends ``count`` rows with raw SQL, each correctly
+    chained to the one before (they cannot sign a head)."""
+    last = log.entries()[-1]
+    seq, prev = last.seq, last.hash
+    for _ in range(count):
+        seq += 1
+        at = dt.datetime.now(dt.timezone.utc)
+        details = {"sha256": "ee" * 32}
+        digest = entry_hash(seq, at, "local:eve", "publish", "evil/6.6.6", details, prev)
+        stored_at: Any = at if log.db.engine.dialect.name != "sqlite" else at.strftime("%Y-%m-%d %H:%M:%S.%f")
+        _sql(log, "INSERT INTO audit (seq, at, actor, action, subject, details, prev_hash, hash) VALUES "
+                  "(:seq, :at, 'local:eve', 'publish', 'evil/6.6.6', :details, :prev, :hash)",
+             seq=seq, at=stored_at, details=json.dumps(details), prev=prev, hash=digest)
+        prev = digest
+
+
+def _delete_heads(log: AuditLog) -> None:
+    _sql(log, "DELETE FROM audit_heads")
+    assert log.heads_file is not None
+    log.heads_file.unlink()
+
+
+def _delete_heads_and_forge_tail(log: AuditLog) -> None:
+    _delete_heads(log)
+    _forge_tail(log)
+
+
 TAMPERING: list[tuple[str, Callable[[AuditLog], None], str, int]] = [
     ("edit details", lambda log: _sql(log, """UPDATE audit SET details = '{"i": 99}' WHERE seq = 3"""), "edit", 3),
     ("edit actor", lambda log: _sql(log, "UPDATE audit SET actor = 'local:eve' WHERE seq = 1"), "edit", 1),
@@ -110,6 +140,10 @@ TAMPERING: list[tuple[str, Callable[[AuditLog], None], str, int]] = [
     ("delete last rows and their heads", lambda log: _truncate(log, 4), "truncation", 4),
     ("forge a head in the database", lambda log: _forge_db_head(log, 2), "bad-signature", 2),
     ("forge a head in the file", lambda log: _forge_file_head(log, 4), "bad-signature", 4),
+    ("append a forged entry at the tail", _forge_tail, "uncovered", 6),
+    ("append three forged entries", lambda log: _forge_tail(log, 3), "uncovered", 6),
+    ("delete every signed head", _delete_heads, "uncovered", 1),
+    ("delete every head and forge a tail", _delete_heads_and_forge_tail, "uncovered", 1),
 ]
 
 
@@ -291,3 +325,160 @@ def test_fleet_actions_are_audited_with_their_actor(tmp_path: Path, monkeypatch:
     assert rows == [("ci:alice", "publish", "digits/1.0.0/onnx-fp32.edgeml"), ("ci:alice", "device.enroll", "cam-1"),
                     ("token:ops", "device.revoke", "cam-1"), ("ci:alice", "keys.rotate", "root")]
     assert log.verify().ok
+
+
+def test_a_forged_tail_is_named_with_how_many_entries_and_since_when(log: AuditLog) -> None:
+    _fill(log)
+    before = dt.datetime.now(dt.timezone.utc)
+    _forge_tail(log, 2)
+    report = log.verify()
+    assert (report.ok, report.kind, report.bad_seq, report.entries, report.last_seq, len(report.problems)) == (
+        False, "uncovered", 6, 7, 7, 1)
+    match = re.fullmatch(r"tampered: uncovered at seq 6: 2 entries \(seq 6\.\.7, appended since (\S+)\) are "
+                         r"covered by no signed head: written outside edgeml \(with write access to the database\), "
+                         r"or their heads were deleted", report.summary())
+    assert match is not None, report.summary()
+    assert before <= dt.datetime.fromisoformat(match.group(1)) <= dt.datetime.now(dt.timezone.utc)
+
+
+def test_a_log_whose_heads_were_all_deleted_fails(log: AuditLog) -> None:
+    _fill(log, 3)
+    _delete_heads(log)
+    report = log.verify()
+    assert (report.kind, report.bad_seq, report.heads_checked) == ("uncovered", 1, 0)
+    assert report.summary().startswith("tampered: uncovered at seq 1: the log has 3 entries (seq 1..3, appended "
+                                       "since ")
+    assert report.summary().endswith(") and no signed head at all, in the database or the heads file: the heads "
+                                     "were deleted")
+
+
+def test_no_head_is_ever_signed_over_a_forged_tail(log: AuditLog) -> None:
+    """An honest append or the server's timer must not launder a forged row by signing a head after it."""
+    _fill(log)
+    _forge_tail(log)
+    heads = log.heads()
+    refused = r"the audit log's last entry \(seq 6\) is covered by no signed head: it was written outside edgeml"
+    with pytest.raises(RegistryError, match=refused):
+        log.append("local:a", "publish", "digits/2.0.0")
+    with pytest.raises(RegistryError, match=refused):
+        log.sign_head()
+    assert [e.seq for e in log.entries()] == [1, 2, 3, 4, 5, 6]
+    assert log.heads() == heads
+    assert (log.verify().kind, log.verify().bad_seq) == ("uncovered", 6)
+
+
+def test_heads_in_either_place_cover_the_log(log: AuditLog) -> None:
+    """The file can lag the database (a crash between the commit and the write): the database's head covers;
+    and the file alone still anchors a log whose database heads were deleted."""
+    _fill(log, 3)
+    assert log.heads_file is not None
+    lines = log.heads_file.read_text()
+    log.heads_file.unlink()
+    assert log.verify().ok
+    log.append("local:a", "publish", "digits/2.0.0")
+    assert log.verify().ok and log.verify().heads_checked == 5  # 4 in the database, 1 in the new file
+    log.heads_file.write_text(lines + log.heads_file.read_text())
+    _sql(log, "DELETE FROM audit_heads")
+    report = log.verify()
+    assert (report.ok, report.heads_checked) == (True, 4)
+
+
+def test_an_honest_log_verifies_after_every_operation(log: AuditLog) -> None:
+    steps: list[Callable[[], object]] = [
+        lambda: log.append("local:a", "publish", "digits/1.0.0"),
+        lambda: log.sign_head(),
+        lambda: log.append("local:a", "rollout.start", "r-1", {"waves": [1, 10, 100]}),
+    ]
+    for step in steps:
+        step()
+        assert log.verify().ok, log.verify().summary()
+    with log.transaction() as conn:  # an action's own write and its entry, in one transaction
+        conn.execute(log.db.tables["models"].insert().values(name="digits"))
+        log.append("local:a", "publish", "digits/1.1.0", conn=conn)
+    assert log.verify().ok
+    with pytest.raises(RuntimeError), log.transaction() as conn:
+        log.append("local:a", "publish", "digits/1.2.0", conn=conn)
+        raise RuntimeError("the action failed")
+    assert log.verify().ok
+    with log.db.transaction() as conn:  # joined without transaction(): the file lags until flush_heads
+        log.append("local:a", "token.create", "alice", conn=conn)
+    assert log.verify().ok
+    log.flush_heads()
+    report = log.verify()
+    assert (report.ok, report.last_seq, report.heads_checked) == (True, 4, 10)
+
+
+_APPENDER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from edgeml.fleet.audit import open_audit
+    reg, url, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    log = open_audit(Path(reg), db_url=url)
+    while not (Path(reg) / "go").exists():
+        time.sleep(0.01)
+    for i in range(n):
+        log.append("local:w", "publish", f"m/{i}", {"i": i})
+        if i % 10 == 0:
+            log.sign_head()
+    log.db.close()
+""")
+
+
+def test_verify_while_another_process_appends_never_reports_a_problem(registry: Registry, db_url: str) -> None:
+    """Verify reads the heads file, then entries and database heads in one snapshot: a concurrent append
+    can look neither uncovered nor truncated."""
+    log = open_audit(registry.dir, db_url=db_url)
+    try:
+        log.append("local:a", "publish", "m/first")
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        proc = subprocess.Popen([sys.executable, "-c", _APPENDER, str(registry.dir), db_url, "60"],
+                                stderr=subprocess.PIPE, text=True, env=env)
+        (registry.dir / "go").touch()
+        reports = []
+        while proc.poll() is None:
+            reports.append(log.verify())
+        reports.append(log.verify())
+        assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+        assert [r.summary() for r in reports if not r.ok] == []
+        assert len(reports) > 2 and reports[-1].last_seq == 61
+    finally:
+        log.db.close()
+
+
+def test_cli_audit_verify_fails_on_a_forged_tail(registry: Registry, db_url: str, run_cli: RunCli) -> None:
+    env = {"EDGEML_FLEET_DB_URL": db_url}
+    for i in range(2):
+        record(registry.dir, "local:a", "publish", f"digits/1.{i}.0", db_url=db_url)
+    log = open_audit(registry.dir, db_url=db_url)
+    try:
+        _forge_tail(log)
+    finally:
+        log.db.close()
+    bad = run_cli("fleet", "audit", "verify", registry.dir, env=env)
+    assert bad.returncode == 1 and bad.stderr == ""
+    assert re.fullmatch(r"tampered: uncovered at seq 3: 1 entry \(seq 3, appended since \S+\) is covered by no "
+                        r"signed head: written outside edgeml \(with write access to the database\), or their heads "
+                        r"were deleted\n", bad.stdout), bad.stdout
+
+
+def test_cli_audit_verify_against_a_copy_of_the_heads_kept_off_the_server(registry: Registry, db_url: str,
+                                                                          run_cli: RunCli, tmp_path: Path) -> None:
+    """Whoever rewrites the database and the server's heads.log can cut the log's end unseen; the copy shipped
+    elsewhere still names the last seq."""
+    env = {"EDGEML_FLEET_DB_URL": db_url}
+    for i in range(4):
+        record(registry.dir, "local:a", "publish", f"digits/1.{i}.0", db_url=db_url)
+    shipped = tmp_path / "vault-heads.log"
+    shipped.write_bytes((registry.dir / "audit" / "heads.log").read_bytes())
+    log = open_audit(registry.dir, db_url=db_url)
+    try:
+        _truncate(log, 3)
+        assert log.heads_file is not None
+        log.heads_file.write_text("".join(log.heads_file.read_text().splitlines(keepends=True)[:2]))
+    finally:
+        log.db.close()
+    local = run_cli("fleet", "audit", "verify", registry.dir, env=env)
+    assert (local.returncode, local.stdout) == (0, "ok: 2 entries, last seq 2, 4 signed heads checked\n")
+    off = run_cli("fleet", "audit", "verify", registry.dir, "--heads", shipped, env=env)
+    assert (off.returncode, off.stdout) == (1, "tampered: truncation at seq 3: the heads file has a signed head at "
+                                               "seq 3, the log ends at seq 2\n")
