@@ -37,6 +37,7 @@ import socket
 import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -94,7 +95,7 @@ class HttpSettings:
     """
 
     max_body_bytes: int = 1024 * 1024
-    max_connections: int = 256
+    max_connections: int = 256  # uvicorn's limit_concurrency; its 503 is plain text
     threads: int = 16
     head_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
@@ -158,7 +159,8 @@ def error_response(exc: BaseException, method: str = "GET") -> Response:
     """
     status, headers = status_of(exc), {}
     if isinstance(exc, HTTPException):
-        message, hint = ("not found", None) if status == 404 else (f"{method} is not allowed here", None)
+        message = f"{method} is not allowed here" if status == 405 else HTTPStatus(status).phrase.lower()
+        hint = None
         headers.update({k: v for k, v in (exc.headers or {}).items() if k.lower() == "allow"})
     elif status == 503:
         _log.warning("HTTP request failed on the database: %s", exc)
