@@ -214,7 +214,8 @@ class Registry:
             BundleError: The bundle is malformed or its files do not match its manifest.
             TargetExistsError: A different file is already published under that name/version/target.
             MetadataError: The registry's metadata or keys are missing or damaged.
-            RegistryError: The database failed; the registry is unchanged.
+            RegistryError: The database failed, or the target's file would land outside
+                ``repository/targets/`` (:meth:`target_file`); the registry is unchanged.
         """
         from edgeml.bundle import Bundle
         from edgeml.fleet import tuf_repo
