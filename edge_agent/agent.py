@@ -12,12 +12,10 @@ One :class:`Agent` per device wires the pieces together:
 * Telemetry: per-request accounting (an observer of the model host), a drift monitor per model version,
   and a periodic report through the on-disk outbox.
 
-Events (JSON on ``edgeml/v1/devices/{id}/events``)::
-
-    {"type": "update", "id": command id, "rollout", "model", "version", "state", "event", "reason", "at"}
-    {"type": "update", "state": "incompatible" | "deferred" | "busy", "reason", ...}
-    {"type": "drift", "version", "window": DriftWindow.to_metrics()}
-    {"type": "rejected", "reason"}   {"type": "pong", "id"}
+Events (on ``edgeml/v1/devices/{id}/events``; the classes of :mod:`edgeml.protocol.events`):
+``update`` for every transition of an update (with its ``cause`` when it fails or rolls back) and for
+refusals (``incompatible``, ``deferred``, ``busy``), ``drift`` alerts, ``rejected`` commands, and the answers
+to ``ping``, ``rollback`` and ``capture``.
 """
 
 from __future__ import annotations
@@ -39,11 +37,13 @@ from edgeml.edge_agent.capabilities import Capabilities, detect
 from edgeml.edge_agent.config import AgentConfig
 from edgeml.edge_agent.device_messages import (
     ack_seq,
+    device_event,
     publish_event,
     publish_state,
     rollback_reason,
     set_last_will,
     state_message,
+    update_event,
     update_request,
 )
 from edgeml.edge_agent.host import SystemdNotifier, clock_synced
@@ -54,7 +54,19 @@ from edgeml.edge_agent.update.machine import UpdateMachine
 from edgeml.edge_agent.update.states import State
 from edgeml.edge_agent.update.store import UpdateRecord, UpdateRequest
 from edgeml.errors import ConfigError, EdgeMLError
-from edgeml.protocol import Command, ProtocolError, device_topic, parse, tcp_no_delay
+from edgeml.protocol import (
+    CaptureEvent,
+    Cause,
+    Command,
+    DeviceEvent,
+    PongEvent,
+    ProtocolError,
+    RejectedEvent,
+    RollbackEvent,
+    device_topic,
+    parse,
+    tcp_no_delay,
+)
 
 if TYPE_CHECKING:  # imported when the first update comes (python-tuf and its stack cost memory)
     from edgeml.edge_agent.mqtt_fetcher import MqttFetcher
@@ -276,9 +288,9 @@ class Agent:
                                 self.capabilities.to_dict(), bool(self._clock_check()))
         publish_state(self.client, message)
 
-    def event(self, kind: str, **fields: Any) -> None:
-        """Publish an event on the device's events topic (QoS 1; queued by paho while offline)."""
-        publish_event(self.client, self.device_id, kind, **fields)
+    def send_event(self, event: DeviceEvent | None) -> None:
+        """Publish an event on the device's events topic (QoS 1; queued by paho while offline); None: nothing."""
+        publish_event(self.client, event)
 
     def _on_command(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
@@ -300,37 +312,38 @@ class Agent:
                 return
             quiet, self._rejected_quiet, self._rejected_at = self._rejected_quiet, 0, now
         _log.warning("rejected a command: %s%s", reason, f" ({quiet} more since the last report)" if quiet else "")
-        self.event("rejected", reason=reason[:500], suppressed=quiet)
+        self.send_event(device_event(RejectedEvent, self.device_id, reason=reason[:500], suppressed=quiet))
 
     def handle(self, command: Command) -> None:
         """Act on one validated command (called on the MQTT thread; never blocks on an update)."""
         if command.type == "telemetry-ack":
             self.telemetry.on_ack(ack_seq(command))
         elif command.type == "ping":
-            self.event("pong", id=command.id)
+            self.send_event(device_event(PongEvent, self.device_id, id=command.id))
         elif command.type == "update":
             self._accept_update(command)
         elif command.type == "rollback":
-            self.event("rollback", id=command.id, accepted=self.machine.request_rollback(rollback_reason(command)))
+            accepted = self.machine.request_rollback(rollback_reason(command))
+            self.send_event(device_event(RollbackEvent, self.device_id, id=command.id, accepted=accepted))
         elif command.type == "capture":
-            self.event("capture", id=command.id, **self.telemetry.capture_summary())
+            summary = self.telemetry.capture_summary()
+            self.send_event(device_event(CaptureEvent, self.device_id, id=command.id, **summary))
 
     def _accept_update(self, command: Command) -> None:
         request = update_request(command)
         runtime = command.args.get("runtime")
         why = self.capabilities.incompatibility(runtime) if isinstance(runtime, dict) else None
         if why is not None:
-            self._update_event(request, "incompatible", reason=why)
+            self._update_event(request, "incompatible", why, Cause.INCOMPATIBLE)
             return
         if not self._clock_check():
             self._deferred.append((command, request))
-            self._update_event(request, "deferred", reason="clock unsynced")
+            self._update_event(request, "deferred", "clock unsynced", Cause.CLOCK)
             return
         self._updates.put((command, request))
 
-    def _update_event(self, request: UpdateRequest, state: str, **fields: Any) -> None:
-        self.event("update", id=request.id, rollout=request.rollout, model=request.model, version=request.version,
-                   target=request.target, state=state, **fields)
+    def _update_event(self, request: UpdateRequest, state: str, reason: str, cause: Cause) -> None:
+        self.send_event(update_event(self.device_id, request, state, reason=reason, cause=cause.value))
 
     # --- updates ---------------------------------------------------------------------------------------
 
@@ -367,7 +380,7 @@ class Agent:
                     self.machine.start(request)
             except ConfigError as exc:  # another update is in progress
                 if request is not None:
-                    self._update_event(request, "busy", reason=exc.message)
+                    self._update_event(request, "busy", exc.message, Cause.BUSY)
             except Exception:
                 _log.exception("the update worker failed")
             finally:
@@ -390,8 +403,8 @@ class Agent:
                 _log.warning("cannot listen to broadcast %s: %s", rollout, exc)
 
     def _on_transition(self, record: UpdateRecord, frm: State | None, event: str, to: State) -> None:
-        self.event("update", id=record.id, rollout=record.rollout, model=record.model, version=record.version,
-                   target=record.target, state=to.value, event=event, reason=record.reason)
+        self.send_event(update_event(self.device_id, record, to.value, event=event, reason=record.reason,
+                                 cause=record.cause))
         if to in (State.SWITCH, State.COMMITTED, State.ROLLED_BACK, State.FAILED):
             self._publish_state()
 

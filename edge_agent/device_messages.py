@@ -1,15 +1,16 @@
 """What a device says and understands over MQTT, in one place for the agent and the fleet simulator.
 
-:func:`state_message` and :func:`event_payload` build what a device publishes (:func:`publish_state`,
-:func:`publish_event` and :func:`set_last_will` send it on the right topic, QoS and retain flag);
-:func:`update_request`, :func:`ack_seq` and :func:`rollback_reason` read what a command asks. Both the real agent
+:func:`state_message` and :func:`update_event` build what a device publishes (:func:`publish_state`,
+:func:`publish_event` and :func:`set_last_will` send it on the right topic, QoS and retain flag); the
+events themselves are the typed classes of :mod:`edgeml.protocol.events`. :func:`update_request`,
+:func:`ack_seq` and :func:`rollback_reason` read what a command asks. Both the real agent
 (:mod:`edgeml.edge_agent.agent`) and the simulated devices (:mod:`edgeml.fleet.simulate`) use them, so a
 fleet tested against the simulator meets the same messages in the field.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import time
 from typing import Any
 
@@ -17,11 +18,14 @@ from edgeml.edge_agent.serving import LoadedModel
 from edgeml.edge_agent.update.health import Thresholds
 from edgeml.edge_agent.update.store import UpdateRequest
 from edgeml.errors import ConfigError
-from edgeml.protocol import Command, ProtocolError, device_topic
+from edgeml.protocol import Command, DeviceEvent, ProtocolError, UpdateArgs, UpdateEvent, device_topic
 from edgeml.protocol import State as StateMessage
 
-__all__ = ["ack_seq", "event_payload", "publish_event", "publish_state", "rollback_reason", "set_last_will",
-           "state_message", "update_request"]
+__all__ = ["ack_seq", "device_event", "publish_event", "publish_state", "rollback_reason", "set_last_will",
+           "state_message", "update_event", "update_request"]
+
+_log = logging.getLogger(__name__)
+_MAX_REASON = 1000  # characters of a reason an event carries (the protocol's limit)
 
 
 def state_message(device_id: str, status: str, active: LoadedModel | None, capabilities: dict[str, Any],
@@ -32,10 +36,30 @@ def state_message(device_id: str, status: str, active: LoadedModel | None, capab
                         capabilities=capabilities, clock_synced=clock_synced)
 
 
-def event_payload(device_id: str, kind: str, **fields: Any) -> bytes:
-    """An event for the device's ``events`` topic: ``{"type", "device_id", "at", ...fields}``."""
-    doc = {"type": kind, "device_id": device_id, "at": time.time(), **fields}
-    return json.dumps(doc, default=str).encode()
+def device_event(cls: type[DeviceEvent], device_id: str, **fields: Any) -> DeviceEvent | None:
+    """An event of ``cls`` happening now, or None (logged) when a field cannot travel (a report must never
+    stop what it reports on)."""
+    try:
+        return cls(device_id=device_id, at=time.time(), **fields)
+    except ProtocolError as exc:
+        _log.warning("cannot report a %s event: %s", cls.TYPE, exc)
+        return None
+
+
+def update_event(device_id: str, update: UpdateRequest | Any, state: str, *, event: str | None = None,
+                 reason: str | None = None, cause: str | None = None) -> UpdateEvent | None:
+    """The ``update`` event of ``update`` (an :class:`UpdateRequest` or an update record) now in ``state``.
+
+    Returns None (and logs why) when the update's own fields cannot travel, e.g. a version longer than the
+    protocol allows: a report must never stop the update it reports on.
+    """
+    try:
+        return UpdateEvent(device_id=device_id, at=time.time(), id=update.id or None, rollout=update.rollout,
+                           model=update.model, version=update.version, target=update.target, state=state,
+                           event=event, reason=reason[:_MAX_REASON] if reason else None, cause=cause)
+    except ProtocolError as exc:
+        _log.warning("cannot report update %s in state %s: %s", update.id, state, exc)
+        return None
 
 
 def publish_state(client: Any, message: StateMessage) -> None:
@@ -49,9 +73,16 @@ def set_last_will(client: Any, device_id: str, capabilities: dict[str, Any]) -> 
     client.will_set(device_topic(device_id, "state"), offline.to_bytes(), qos=1, retain=True)
 
 
-def publish_event(client: Any, device_id: str, kind: str, **fields: Any) -> None:
-    """Publish an event on the device's ``events`` topic (QoS 1: paho queues it while offline)."""
-    client.publish(device_topic(device_id, "events"), event_payload(device_id, kind, **fields), qos=1)
+def publish_event(client: Any, event: DeviceEvent | None) -> None:
+    """Publish an event on its device's ``events`` topic (QoS 1: paho queues it while offline); None: nothing."""
+    if event is None:
+        return
+    try:
+        payload = event.to_bytes()
+    except ProtocolError as exc:  # e.g. a drift window too large for one event: the report is dropped
+        _log.warning("cannot report a %s event: %s", event.type, exc)
+        return
+    client.publish(device_topic(event.device_id, "events"), payload, qos=1)
 
 
 def update_request(command: Command) -> UpdateRequest:
@@ -60,11 +91,10 @@ def update_request(command: Command) -> UpdateRequest:
     Raises:
         ProtocolError: A field is missing or malformed.
     """
-    args = command.args
+    args = UpdateArgs.from_command(command)
     try:
-        return UpdateRequest(str(args.get("model", "")), str(args.get("version", "")), str(args.get("target", "")),
-                             args.get("rollout"), Thresholds.from_dict(args.get("thresholds")),
-                             id=command.id).validated()
+        return UpdateRequest(args.model, args.version, args.target, args.rollout,
+                             Thresholds.from_dict(args.thresholds), id=command.id).validated()
     except (ConfigError, TypeError) as exc:
         raise ProtocolError(f"bad update command: {exc}") from exc
 

@@ -23,10 +23,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgeml.edge_agent.capture import CaptureStore
+from edgeml.edge_agent.device_messages import device_event
 from edgeml.edge_agent.drift import DriftMonitor, DriftWindow
 from edgeml.edge_agent.outbox import Outbox
 from edgeml.edge_agent.telemetry import Aggregator, SystemProbe, TelemetrySender
 from edgeml.errors import EdgeMLError
+from edgeml.protocol import DriftEvent
 from edgeml.refstats import ReferenceStats
 
 if TYPE_CHECKING:
@@ -102,7 +104,8 @@ class TelemetryLoop:
         for window in windows:
             self._windows[version] = window
             if window.alert:
-                self.agent.event("drift", version=version, window=window.to_metrics())
+                self.agent.send_event(device_event(DriftEvent, self.agent.device_id, version=version,
+                                               window=window.to_metrics()))
         if probs.ndim == 2 and len(self._captures) < _CAPTURE_QUEUE and not self._seen % _CAPTURE_EVERY:
             self._captures.append((first, probs))  # the store keeps the low-confidence ones, sampled
 

@@ -21,11 +21,13 @@ from edgeml.bundle import MANIFEST_NAME, Manifest
 from edgeml.edge_agent import serving
 from edgeml.edge_agent.device_messages import (
     ack_seq,
+    device_event,
     publish_event,
     publish_state,
     rollback_reason,
     set_last_will,
     state_message,
+    update_event,
     update_request,
 )
 from edgeml.edge_agent.mqtt_fetcher import METADATA_URL, TARGETS_URL, MqttFetcher
@@ -38,7 +40,18 @@ from edgeml.edge_agent.update.states import State
 from edgeml.edge_agent.update.store import UpdateRecord, UpdateRequest
 from edgeml.errors import ConfigError, EdgeMLError, RuntimeBackendError
 from edgeml.fleet.sim_knobs import DeviceProfile
-from edgeml.protocol import Command, ProtocolError, device_topic, parse
+from edgeml.protocol import (
+    CaptureEvent,
+    Cause,
+    Command,
+    DeviceEvent,
+    PongEvent,
+    ProtocolError,
+    RejectedEvent,
+    RollbackEvent,
+    device_topic,
+    parse,
+)
 
 if TYPE_CHECKING:
     from edgeml.fleet.simulate import Simulator
@@ -237,9 +250,9 @@ class SimDevice:
         message = state_message(self.device_id, status or self.status(), self.host.active, self.capabilities(), True)
         publish_state(self.client, message)
 
-    def event(self, kind: str, **fields: Any) -> None:
-        """Publish an event on the device's events topic."""
-        publish_event(self.client, self.device_id, kind, **fields)
+    def send_event(self, event: DeviceEvent | None) -> None:
+        """Publish an event on the device's events topic (None: nothing)."""
+        publish_event(self.client, event)
 
     # --- commands -----------------------------------------------------------------------------------------
 
@@ -249,10 +262,10 @@ class SimDevice:
             assert isinstance(command, Command)
             self.handle(command)
         except ProtocolError as exc:
-            self.event("rejected", reason=str(exc)[:500], suppressed=0)
+            self.send_event(device_event(RejectedEvent, self.device_id, reason=str(exc)[:500], suppressed=0))
         except Exception:
             _log.exception("%s: command handling failed", self.device_id)
-            self.event("rejected", reason="internal error", suppressed=0)
+            self.send_event(device_event(RejectedEvent, self.device_id, reason="internal error", suppressed=0))
 
     def handle(self, command: Command) -> None:
         """Act on one validated command, as the agent does (never blocks on an update).
@@ -263,20 +276,21 @@ class SimDevice:
         if command.type == "telemetry-ack":
             self.sender.on_ack(ack_seq(command))
         elif command.type == "ping":
-            self.event("pong", id=command.id)
+            self.send_event(device_event(PongEvent, self.device_id, id=command.id))
         elif command.type == "update":
             self._accept_update(command)
         elif command.type == "rollback":
-            self.event("rollback", id=command.id, accepted=self.machine.request_rollback(rollback_reason(command)))
+            accepted = self.machine.request_rollback(rollback_reason(command))
+            self.send_event(device_event(RollbackEvent, self.device_id, id=command.id, accepted=accepted))
         elif command.type == "capture":
-            self.event("capture", id=command.id, entries=0, bytes=0)
+            self.send_event(device_event(CaptureEvent, self.device_id, id=command.id, entries=0, bytes=0))
 
     def _accept_update(self, command: Command) -> None:
         request = update_request(command)
         runtime = command.args.get("runtime")
         why = self.profile.capabilities.incompatibility(runtime) if isinstance(runtime, dict) else None
         if why is not None:
-            self._update_event(request, "incompatible", reason=why)
+            self._update_event(request, "incompatible", why, Cause.INCOMPATIBLE)
             return
         with self._lock:
             self._pending.append((command, request))
@@ -285,9 +299,8 @@ class SimDevice:
             self.updating = True
         threading.Thread(target=self._update_worker, name=f"sim-update-{self.device_id}", daemon=True).start()
 
-    def _update_event(self, request: UpdateRequest, state: str, **fields: Any) -> None:
-        self.event("update", id=request.id, rollout=request.rollout, model=request.model, version=request.version,
-                   target=request.target, state=state, **fields)
+    def _update_event(self, request: UpdateRequest, state: str, reason: str, cause: Cause) -> None:
+        self.send_event(update_event(self.device_id, request, state, reason=reason, cause=cause.value))
 
     # --- updates ----------------------------------------------------------------------------------------
 
@@ -303,7 +316,7 @@ class SimDevice:
                 self._listen_broadcast(command)
                 self.machine.start(request)
             except ConfigError as exc:
-                self._update_event(request, "busy", reason=exc.message)
+                self._update_event(request, "busy", exc.message, Cause.BUSY)
             except _Stopped:  # the record resumes the update if this state directory is used again
                 break
             except Exception:
@@ -340,8 +353,10 @@ class SimDevice:
 
     def _on_transition(self, record: UpdateRecord, frm: State | None, event: str, to: State) -> None:
         doc = {"id": record.id, "rollout": record.rollout, "model": record.model, "version": record.version,
-               "target": record.target, "state": to.value, "event": event, "reason": record.reason}
-        self.event("update", **doc)
+               "target": record.target, "state": to.value, "event": event, "reason": record.reason,
+               "cause": record.cause}
+        self.send_event(update_event(self.device_id, record, to.value, event=event, reason=record.reason,
+                                 cause=record.cause))
         if to in (State.COMMITTED, State.ROLLED_BACK, State.FAILED):
             self.outcomes.append(doc)
         if to in (State.SWITCH, State.COMMITTED, State.ROLLED_BACK, State.FAILED):

@@ -1,7 +1,8 @@
 """The rules that decide whether a new model is healthy: pure functions, no I/O.
 
 * :class:`Thresholds`: the limits, from the rollout, with defaults.
-* :func:`judge`: a probation snapshot against the device's baseline -> the reason to roll back, or None.
+* :func:`judge`: a probation snapshot against the device's baseline -> a :class:`Verdict` (the cause and the
+  reason to roll back), or None.
 * :func:`compare_golden`: a smoke test's outputs against the bundle's golden vectors -> the reason to
   refuse, or None. Integer kernels differ between ARM and x86 by a few quantization steps (and so may
   flip the top-1 class of an input near a decision boundary), so int8 (and fp16) models are compared
@@ -13,13 +14,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from edgeml.errors import ConfigError
+from edgeml.protocol import Cause
 
-__all__ = ["Baseline", "HealthSnapshot", "Thresholds", "compare_golden", "judge", "mean_confidence"]
+__all__ = ["Baseline", "HealthSnapshot", "Thresholds", "Verdict", "compare_golden", "judge", "mean_confidence"]
 
 #: precision -> (factor on the manifest's atol/rtol, minimum top-1 agreement when the manifest says top1: true)
 _GOLDEN_SLACK: dict[str, tuple[float, float]] = {
@@ -115,31 +117,40 @@ class HealthSnapshot:
     crashes: int = 0
 
 
-def judge(snapshot: HealthSnapshot, baseline: Baseline, thresholds: Thresholds) -> str | None:
-    """The reason the model must roll back, or None while it looks healthy.
+class Verdict(NamedTuple):
+    """Why a model must go: the cause for the fleet's rules and the reason for people."""
+
+    cause: Cause
+    reason: str
+
+
+def judge(snapshot: HealthSnapshot, baseline: Baseline, thresholds: Thresholds) -> Verdict | None:
+    """Why the model must roll back, or None while it looks healthy.
 
     Crashes count at once; the error rate, latency, confidence and drift checks wait for
     ``thresholds.min_requests`` requests.
     """
     t = thresholds
     if snapshot.crashes >= max(t.max_crashes, 1):
-        return f"the agent died {snapshot.crashes} times during probation (limit {t.max_crashes})"
+        return Verdict(Cause.CRASH, f"the agent died {snapshot.crashes} times during probation "
+                                    f"(limit {t.max_crashes})")
     if snapshot.requests < max(t.min_requests, 1):
         return None
     rate = snapshot.errors / snapshot.requests
     if rate > t.max_error_rate:
-        return f"error rate {rate:.1%} over {snapshot.requests} requests exceeds {t.max_error_rate:.1%}"
+        return Verdict(Cause.ERROR_RATE, f"error rate {rate:.1%} over {snapshot.requests} requests exceeds "
+                                         f"{t.max_error_rate:.1%}")
     limit = baseline.p99_ms * t.p99_factor + t.p99_slack_ms
     if snapshot.p99_ms is not None and snapshot.p99_ms > limit:
-        return (f"p99 latency {snapshot.p99_ms:.2f} ms exceeds {limit:.2f} ms "
-                f"({t.p99_factor:g} x baseline {baseline.p99_ms:.2f} ms + {t.p99_slack_ms:g} ms)")
+        return Verdict(Cause.LATENCY, f"p99 latency {snapshot.p99_ms:.2f} ms exceeds {limit:.2f} ms "
+                                      f"({t.p99_factor:g} x baseline {baseline.p99_ms:.2f} ms + {t.p99_slack_ms:g} ms)")
     if snapshot.confidence is not None and baseline.confidence is not None:
         drop = baseline.confidence - snapshot.confidence
         if drop > t.max_confidence_drop:
-            return (f"mean confidence fell from {baseline.confidence:.3f} to {snapshot.confidence:.3f} "
-                    f"(drop {drop:.3f} > {t.max_confidence_drop:g})")
+            return Verdict(Cause.CONFIDENCE, f"mean confidence fell from {baseline.confidence:.3f} to "
+                                             f"{snapshot.confidence:.3f} (drop {drop:.3f} > {t.max_confidence_drop:g})")
     if snapshot.drift is not None and snapshot.drift > t.max_drift:
-        return f"drift score {snapshot.drift:.3f} exceeds {t.max_drift:g}"
+        return Verdict(Cause.DRIFT, f"drift score {snapshot.drift:.3f} exceeds {t.max_drift:g}")
     return None
 
 

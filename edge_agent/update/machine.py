@@ -15,6 +15,7 @@ from pathlib import Path
 
 from edgeml.edge_agent.serving import ModelHost, load_model
 from edgeml.errors import ConfigError
+from edgeml.protocol import Cause
 
 from .slots import Slots
 from .states import RESUME, TERMINAL, TRANSITIONS, Event, State
@@ -152,6 +153,7 @@ class UpdateMachine:
         if visits > self.max_visits and (state, Event.LOOP) in TRANSITIONS:
             record.reason = (f"loop guard: entered {state.value} {visits} times (the agent keeps stopping "
                              f"there); {record.reason or 'no other reason recorded'}")
+            record.cause = Cause.LOOP.value
             return Event.LOOP
         return None
 

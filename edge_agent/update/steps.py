@@ -23,8 +23,9 @@ from edgeml.edge_agent.runtimes.base import latency_ms
 from edgeml.edge_agent.serving import LoadedModel, ModelHost, load_model
 from edgeml.edge_agent.tuf_client import VerifiedBundle
 from edgeml.errors import EdgeMLError, UpdateVerificationError
+from edgeml.protocol import Cause
 
-from .health import Baseline, compare_golden, judge, mean_confidence
+from .health import Baseline, Verdict, compare_golden, judge, mean_confidence
 from .slots import SlotInfo, Slots
 from .states import Event, State
 from .store import RecordStore, UpdateRecord
@@ -93,8 +94,8 @@ class UpdateContext:
     def save(self) -> None:
         self.store.save(self.record)
 
-    def fail(self, reason: str) -> Event:
-        self.record.reason = reason
+    def fail(self, reason: str, cause: Cause) -> Event:
+        self.record.reason, self.record.cause = reason, cause.value
         return Event.FAIL
 
     def candidate_info(self) -> SlotInfo:
@@ -123,7 +124,7 @@ def notified(ctx: UpdateContext) -> Event:
     r = ctx.record
     active = ctx.slots.active()
     if active is not None and active.version == r.version:
-        return ctx.fail(f"version {r.version} is already serving")
+        return ctx.fail(f"version {r.version} is already serving", Cause.ALREADY_SERVING)
     r.active_slot = active.slot if active else None
     r.previous_version = active.version if active else None
     r.previous_manifest_sha256 = active.manifest_sha256 if active else None
@@ -139,9 +140,9 @@ def download(ctx: UpdateContext) -> Event:
     try:
         got = ctx.fetch(r.model, r.version, r.target)
     except UpdateVerificationError as exc:
-        return ctx.fail(f"verification failed ({exc.kind}): {exc.message}")
+        return ctx.fail(f"verification failed ({exc.kind}): {exc.message}", Cause.VERIFICATION)
     except EdgeMLError as exc:
-        return ctx.fail(f"download failed: {exc.message}")
+        return ctx.fail(f"download failed: {exc.message}", Cause.DOWNLOAD)
     _make_durable(got.path)  # before the record (persisted on entering VERIFY) says it is downloaded
     r.bundle_path, r.bundle_sha256 = str(got.path), got.sha256
     ctx.fetched = got
@@ -160,17 +161,18 @@ def verify(ctx: UpdateContext) -> Event:
     got = ctx.fetched
     checked = got is not None and got.checked and (str(got.path), got.sha256) == (r.bundle_path, r.bundle_sha256)
     if not checked and sha256_file(r.bundle_path) != r.bundle_sha256:
-        return ctx.fail("verification failed: the downloaded bundle differs from its signed sha256")
+        return ctx.fail("verification failed: the downloaded bundle differs from its signed sha256",
+                        Cause.VERIFICATION)
     try:
         with Bundle(r.bundle_path) as bundle:
             if not checked:
                 bundle.verify()
             m = bundle.manifest
     except EdgeMLError as exc:
-        return ctx.fail(f"verification failed: {exc.message}")
+        return ctx.fail(f"verification failed: {exc.message}", Cause.VERIFICATION)
     if (m.name, m.version, m.target) != (r.model, r.version, r.target):
         return ctx.fail(f"verification failed: the bundle is {m.name} {m.version} {m.target}, "
-                        f"not the {r.model} {r.version} {r.target} requested")
+                        f"not the {r.model} {r.version} {r.target} requested", Cause.VERIFICATION)
     return Event.OK
 
 
@@ -182,7 +184,7 @@ def stage(ctx: UpdateContext) -> Event:
     try:
         info = ctx.slots.stage(r.bundle_path, slot)
     except EdgeMLError as exc:
-        return ctx.fail(f"staging failed: {exc.message}")
+        return ctx.fail(f"staging failed: {exc.message}", Cause.STAGING)
     r.candidate_slot, r.manifest_sha256 = slot, info.manifest_sha256
     ctx.staged = info  # extracted with every hash checked; persisted on entering SMOKE_TEST
     return Event.OK
@@ -200,12 +202,12 @@ def smoke_test(ctx: UpdateContext) -> Event:
         actual = ctx.candidate.infer(inputs)
     except EdgeMLError as exc:
         ctx.drop_candidate()
-        return ctx.fail(f"smoke test: the model does not load or run: {exc.message}")
+        return ctx.fail(f"smoke test: the model does not load or run: {exc.message}", Cause.LOAD)
     golden = ctx.candidate.manifest.golden or {}
     reason = compare_golden(actual, expected, golden, str(ctx.candidate.manifest.runtime.get("precision", "fp32")))
     if reason is not None:
         ctx.drop_candidate()
-        return ctx.fail(f"smoke test: golden vectors: {reason}")
+        return ctx.fail(f"smoke test: golden vectors: {reason}", Cause.GOLDEN)
     ctx.record.baseline = _baseline(ctx, ctx.candidate, inputs, next(iter(actual.values())))
     return Event.OK  # the baseline is persisted on entering SWITCH
 
@@ -271,7 +273,7 @@ def switch(ctx: UpdateContext) -> Event:
                 ctx.slots.verify(info)
                 model = load_model(ctx.slots.path(info.slot), info.slot, threads=ctx.threads)
             except EdgeMLError as exc:
-                return ctx.fail(f"switch: the staged model no longer loads: {exc.message}")
+                return ctx.fail(f"switch: the staged model no longer loads: {exc.message}", Cause.LOAD)
         ctx.slots.set_active(info)
         ctx.host.reset_stats(r.version)
         ctx.host.swap(model, keep_previous=True)
@@ -298,11 +300,12 @@ def probation(ctx: UpdateContext) -> Event:
     while True:
         drift = ctx.drift(r.version) if ctx.drift is not None else None
         snap = replace(ctx.host.stats(r.version).snapshot(), crashes=r.crashes, drift=drift)
-        reason = judge(snap, baseline, limits)
-        if reason is None and ctx.interrupt is not None:
-            reason = ctx.interrupt()
-        if reason is not None:
-            return ctx.fail(f"probation: {reason}")
+        verdict = judge(snap, baseline, limits)
+        if verdict is None and ctx.interrupt is not None:
+            asked = ctx.interrupt()
+            verdict = Verdict(Cause.FLEET, asked) if asked is not None else None
+        if verdict is not None:
+            return ctx.fail(f"probation: {verdict.reason}", verdict.cause)
         elapsed = ctx.clock.time() - r.probation_started
         if elapsed >= limits.probation_s and (snap.requests >= limits.min_requests
                                               or elapsed >= limits.max_probation_s):
@@ -314,7 +317,7 @@ def commit(ctx: UpdateContext) -> Event:
     """Keep the new model: release the previous runtime and the download."""
     ctx.host.release_previous()
     ctx.drop_download()
-    ctx.record.reason = None
+    ctx.record.reason = ctx.record.cause = None
     return Event.OK
 
 

@@ -77,6 +77,7 @@ class UpdateRecord:
         bundle_path, bundle_sha256: The verified download and its signed hash.
         manifest_sha256: sha256 of the staged slot's manifest.json.
         reason: Why the update failed or rolled back (None while fine / on commit).
+        cause: The same as a :class:`~edgeml.protocol.Cause` value, for the fleet's rules.
         visits: state value -> times entered (the loop guard reads it).
         crashes: Times the agent died while the new model was serving (probation crash counter).
         probation_started: Wall-clock time probation began (survives a reboot; monotonic time does not).
@@ -99,6 +100,7 @@ class UpdateRecord:
     bundle_sha256: str | None = None
     manifest_sha256: str | None = None
     reason: str | None = None
+    cause: str | None = None
     visits: dict[str, int] = field(default_factory=dict)
     crashes: int = 0
     probation_started: float | None = None

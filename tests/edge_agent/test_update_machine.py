@@ -26,6 +26,7 @@ from edgeml.edge_agent.update.machine import UpdateMachine
 from edgeml.edge_agent.update.states import State
 from edgeml.edge_agent.update.store import UpdateRecord, UpdateRequest
 from edgeml.errors import ConfigError, EdgeMLError, UpdateVerificationError
+from edgeml.protocol import Cause
 from tests.edge_agent.conftest import BROKEN, GOOD, SLOW, SOFT, UNLOADABLE, DigitsBundles
 
 LIMITS = Thresholds(probation_s=1.0, min_requests=10, max_probation_s=5.0, smoke_latency_budget_s=0.02)
@@ -141,29 +142,34 @@ def _drifting(rig: Rig) -> None:
 
 
 CHAINS = [
-    # (case, version, arrange, chain after "notified", reason fragment or None)
-    ("good update", GOOD, None, [*FULL, "commit", "committed"], None),
-    ("same version", "1.0.0", None, ["notified", "failed"], "1.0.0 is already serving"),
-    ("tuf refuses", GOOD, _refused, ["notified", "download", "abort", "failed"], "verification failed (rollback)"),
+    # (case, version, arrange, chain after "notified", reason fragment or None, the cause the fleet reads)
+    ("good update", GOOD, None, [*FULL, "commit", "committed"], None, None),
+    ("same version", "1.0.0", None, ["notified", "failed"], "1.0.0 is already serving", Cause.ALREADY_SERVING),
+    ("tuf refuses", GOOD, _refused, ["notified", "download", "abort", "failed"], "verification failed (rollback)",
+     Cause.VERIFICATION),
     ("tampered download", GOOD, _tampered, ["notified", "download", "verify", "abort", "failed"],
-     "differs from its signed sha256"),
-    ("golden vectors fail", BROKEN, None, [*PRE, "abort", "failed"], "smoke test: golden vectors"),
-    ("does not load", UNLOADABLE, None, [*PRE, "abort", "failed"], "does not load or run"),
-    ("too slow", SLOW, None, [*FULL, "rollback", "rolled_back"], "probation: p99 latency"),
-    ("confidence collapses", SOFT, None, [*FULL, "rollback", "rolled_back"], "probation: mean confidence fell"),
-    ("errors on live data", GOOD, _bad_requests, [*FULL, "rollback", "rolled_back"], "probation: error rate"),
-    ("drift", GOOD, _drifting, [*FULL, "rollback", "rolled_back"], "probation: drift score 0.900"),
+     "differs from its signed sha256", Cause.VERIFICATION),
+    ("golden vectors fail", BROKEN, None, [*PRE, "abort", "failed"], "smoke test: golden vectors", Cause.GOLDEN),
+    ("does not load", UNLOADABLE, None, [*PRE, "abort", "failed"], "does not load or run", Cause.LOAD),
+    ("too slow", SLOW, None, [*FULL, "rollback", "rolled_back"], "probation: p99 latency", Cause.LATENCY),
+    ("confidence collapses", SOFT, None, [*FULL, "rollback", "rolled_back"], "probation: mean confidence fell",
+     Cause.CONFIDENCE),
+    ("errors on live data", GOOD, _bad_requests, [*FULL, "rollback", "rolled_back"], "probation: error rate",
+     Cause.ERROR_RATE),
+    ("drift", GOOD, _drifting, [*FULL, "rollback", "rolled_back"], "probation: drift score 0.900", Cause.DRIFT),
 ]
 
 
-@pytest.mark.parametrize(("case", "version", "arrange", "chain", "reason"), CHAINS, ids=[c[0] for c in CHAINS])
+@pytest.mark.parametrize(("case", "version", "arrange", "chain", "reason", "cause"), CHAINS,
+                         ids=[c[0] for c in CHAINS])
 def test_chain_of_states(rig: Rig, case: str, version: str, arrange: Callable[[Rig], None] | None,
-                         chain: list[str], reason: str | None) -> None:
+                         chain: list[str], reason: str | None, cause: Cause | None) -> None:
     if arrange is not None:
         arrange(rig)
     record = rig.update(version)
     assert record.chain() == chain
     assert record.reason is None if reason is None else reason in (record.reason or ""), record.reason
+    assert record.cause == (cause.value if cause else None)
     serving = version if record.state == "committed" else "1.0.0"
     assert rig.host.active is not None and rig.host.active.version == serving
     assert rig.host.previous is None  # committed or rolled back: the other runtime is released
@@ -181,11 +187,11 @@ def test_rollback_is_a_pointer_swap(rig: Rig, monkeypatch: pytest.MonkeyPatch, c
     failed_at: list[float] = []
     real_judge = steps.judge
 
-    def judge(*args: Any) -> str | None:
-        reason = real_judge(*args)
-        if reason is not None and not failed_at:
+    def judge(*args: Any) -> Any:
+        verdict = real_judge(*args)
+        if verdict is not None and not failed_at:
             failed_at.append(time.perf_counter())
-        return reason
+        return verdict
 
     monkeypatch.setattr(steps, "judge", judge)
     old = rig.host.active
@@ -263,6 +269,7 @@ def test_loop_guard_gives_up_on_a_state_the_agent_keeps_dying_in(
             continue
     assert record is not None and record.chain() == chain
     assert record.reason is not None and f"loop guard: entered {dies_in.value} 4 times" in record.reason
+    assert record.cause == Cause.LOOP.value
     assert machine.host.active is not None and machine.host.active.version == serving
     machine.host.close()
 

@@ -14,6 +14,7 @@ from edgeml.edge_agent.update.states import RESUME, TERMINAL, TRANSITIONS, Event
 from edgeml.edge_agent.update.steps import STEPS
 from edgeml.edge_agent.update.store import RecordStore, UpdateRecord, UpdateRequest
 from edgeml.errors import BundleIntegrityError, ConfigError, StorageError
+from edgeml.protocol import Cause
 from tests.edge_agent.conftest import GOOD, DigitsBundles
 
 PRE_SWITCH = {State.NOTIFIED, State.DOWNLOAD, State.VERIFY, State.STAGE, State.SMOKE_TEST}
@@ -73,23 +74,29 @@ def test_resume_map_covers_every_state_and_never_skips_verification() -> None:
 T = Thresholds(min_requests=10)
 B = Baseline(p99_ms=2.0, confidence=0.9)
 JUDGE = [
-    # (snapshot, reason fragment or None)
-    (HealthSnapshot(requests=100, errors=1, p99_ms=3.0, confidence=0.85, drift=0.1), None),
-    (HealthSnapshot(requests=9, errors=9, p99_ms=500.0, confidence=0.0), None),  # too few requests to judge
-    (HealthSnapshot(crashes=2), "the agent died 2 times during probation (limit 2)"),
-    (HealthSnapshot(requests=100, errors=6, p99_ms=3.0), "error rate 6.0% over 100 requests exceeds 5.0%"),
-    (HealthSnapshot(requests=100, p99_ms=11.01), "p99 latency 11.01 ms exceeds 11.00 ms (3 x baseline 2.00 ms + 5 ms)"),
-    (HealthSnapshot(requests=100, p99_ms=11.0), None),
-    (HealthSnapshot(requests=100, p99_ms=1.0, confidence=0.6), "mean confidence fell from 0.900 to 0.600"),
-    (HealthSnapshot(requests=100, p99_ms=1.0, confidence=0.66), None),
-    (HealthSnapshot(requests=100, p99_ms=1.0, drift=0.7), "drift score 0.700 exceeds 0.5"),
+    # (snapshot, cause, reason fragment) or None where the model is healthy
+    (HealthSnapshot(requests=100, errors=1, p99_ms=3.0, confidence=0.85, drift=0.1), None, None),
+    (HealthSnapshot(requests=9, errors=9, p99_ms=500.0, confidence=0.0), None, None),  # too few requests to judge
+    (HealthSnapshot(crashes=2), Cause.CRASH, "the agent died 2 times during probation (limit 2)"),
+    (HealthSnapshot(requests=100, errors=6, p99_ms=3.0), Cause.ERROR_RATE,
+     "error rate 6.0% over 100 requests exceeds 5.0%"),
+    (HealthSnapshot(requests=100, p99_ms=11.01), Cause.LATENCY,
+     "p99 latency 11.01 ms exceeds 11.00 ms (3 x baseline 2.00 ms + 5 ms)"),
+    (HealthSnapshot(requests=100, p99_ms=11.0), None, None),
+    (HealthSnapshot(requests=100, p99_ms=1.0, confidence=0.6), Cause.CONFIDENCE,
+     "mean confidence fell from 0.900 to 0.600"),
+    (HealthSnapshot(requests=100, p99_ms=1.0, confidence=0.66), None, None),
+    (HealthSnapshot(requests=100, p99_ms=1.0, drift=0.7), Cause.DRIFT, "drift score 0.700 exceeds 0.5"),
 ]
 
 
-@pytest.mark.parametrize(("snapshot", "reason"), JUDGE)
-def test_judge(snapshot: HealthSnapshot, reason: str | None) -> None:
+@pytest.mark.parametrize(("snapshot", "cause", "reason"), JUDGE)
+def test_judge(snapshot: HealthSnapshot, cause: Cause | None, reason: str | None) -> None:
     got = judge(snapshot, B, T)
-    assert got is None if reason is None else reason in (got or ""), got
+    if cause is None:
+        assert got is None
+    else:
+        assert got is not None and got.cause is cause and reason in got.reason, got
 
 
 def test_judge_without_a_confidence_baseline_skips_that_check() -> None:

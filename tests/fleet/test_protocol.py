@@ -1,4 +1,4 @@
-"""The MQTT protocol: topics, message round trips and rejection of bad input, ACL generation."""
+"""The MQTT protocol: topics, message round trips and rejection of bad input, each device's permissions."""
 
 from __future__ import annotations
 
@@ -13,18 +13,27 @@ from hypothesis import strategies as st
 from edgeml.errors import EdgeMLError
 from edgeml.protocol import (
     MAX_BYTES,
+    CaptureEvent,
+    Cause,
     Command,
     DistInfo,
+    DriftEvent,
     Message,
+    PongEvent,
     ProtocolError,
+    RejectedEvent,
     Reply,
     Request,
+    RollbackEvent,
     State,
     Telemetry,
+    UpdateArgs,
+    UpdateEvent,
     acl_for_device,
     device_topic,
     dist_topic,
-    mosquitto_acl,
+    fleet_client_id,
+    is_device_id,
     parse,
     parse_device_topic,
     validate_device_id,
@@ -43,6 +52,14 @@ MESSAGES: list[tuple[str, Message]] = [
     ("state", State(device_id="cam-1", status="idle")),
     ("command", Command(id="a-7", type="telemetry-ack", args={"seq": 41})),
     ("dist", DistInfo(path="targets/digits/1.0.0/ab12.onnx-int8.edgeml", size=1_000_000, chunk=262_144)),
+    ("event", UpdateEvent(device_id="cam-1", at=1.7e9, id="c-1", rollout="r-1", model="digits", version="1.2.0",
+                          target="onnx-int8", state="rolled_back", event="fail", reason="probation: p99 ...",
+                          cause=Cause.LATENCY.value)),
+    ("event", DriftEvent(device_id="cam-1", at=1.7e9, version="1.2.0", window={"score": 0.7, "flagged": True})),
+    ("event", RejectedEvent(device_id="cam-1", at=1.7e9, reason="bad command", suppressed=3)),
+    ("event", PongEvent(device_id="cam-1", at=1.7e9, id="p-1")),
+    ("event", RollbackEvent(device_id="cam-1", at=1.7e9, id="c-9", accepted=True)),
+    ("event", CaptureEvent(device_id="cam-1", at=1.7e9, id="c-3", entries=12, bytes=4096)),
 ]
 
 
@@ -50,6 +67,7 @@ MESSAGES: list[tuple[str, Message]] = [
 def test_round_trip(kind: str, message: Message) -> None:
     data = message.to_bytes()
     assert parse(kind, data) == message
+    assert type(parse(kind, data)) is type(message)
     assert json.loads(data)["schema"] == f"edgeml.{kind}/1"
 
 
@@ -73,12 +91,34 @@ def _doc(kind: str) -> dict[str, Any]:
     ("request", {"reply_to": "elsewhere"}, "reply_to"),
     ("reply", {"ok": False, "error": None}, "'error' is required"),
     ("reply", {"ok": 1}, "'ok' must be bool"),
-    ("telemetry", {"seq": -1}, "'seq' must be >= 0"),
+    ("telemetry", {"seq": -1}, "'seq' must be within"),
     ("telemetry", {"seq": True}, "'seq' must be int"),
     ("telemetry", {"seq": 1.5}, "'seq' must be int"),
     ("telemetry", {"device_id": "Cam_1"}, "invalid device id"),
     ("state", {"clock_synced": "yes"}, "'clock_synced' must be bool"),
     ("state", {"status": ""}, "'status' must not be empty"),
+    ("state", {"status": "Running Fine"}, "'status' must be a lowercase word"),
+    ("state", {"slot": "c"}, "'slot' must be"),
+    ("state", {"model": "../x"}, "'model' must be"),
+    ("state", {"capabilities": {f"k{i}": i for i in range(65)}}, "more than 64"),
+    ("telemetry", {"seq": 2**63}, "64-bit range"),
+    ("telemetry", {"seq": 2**63 - 1, "metrics": {"x": 10**19}}, "64-bit range"),
+    ("telemetry", {"sent_at": -5.0}, "'sent_at' must be within"),
+    ("telemetry", {"metrics": {f"m{i}": i for i in range(257)}}, "more than 256 metrics"),
+    ("command", {"id": "a b"}, "'id' must be a token"),
+    ("command", {"id": "x" * 65}, "'id' must be a token"),
+    ("request", {"method": "GET /"}, "'method' must be a lowercase word"),
+    ("request", {"correlation_id": "#"}, "'correlation_id' must be a token"),
+    ("event", {"type": "gossip"}, "unknown type"),
+    ("event", {"type": "drift"}, "unknown fields|required"),
+    ("event", {"state": "exploded"}, "unknown update state"),
+    ("event", {"cause": "the p99 was bad"}, "unknown cause"),
+    ("event", {"reason": "x" * 1001}, "longer than 1000"),
+    ("event", {"device_id": "Cam 2"}, "invalid device id"),
+    ("event", {"at": float("1e300")}, "'at' must be within"),
+    ("event", {"rollout": "../r"}, "invalid device id"),
+    ("event", {"model": "M!"}, "'model' must be"),
+    ("event", {"schema": None}, "unsupported schema"),
 ])
 def test_invalid_fields_rejected(kind: str, change: dict[str, Any], match: str) -> None:
     with pytest.raises(ProtocolError, match=match):
@@ -89,7 +129,7 @@ def test_invalid_fields_rejected(kind: str, change: dict[str, Any], match: str) 
 def test_missing_field_rejected(kind: str) -> None:
     doc = _doc(kind)
     required = {"command": "id", "request": "method", "reply": "ok", "telemetry": "seq", "state": "status",
-                "dist": "size"}
+                "dist": "size", "event": "state"}
     del doc[required[kind]]
     with pytest.raises(ProtocolError):
         parse(kind, json.dumps(doc).encode())
@@ -160,21 +200,47 @@ def test_dist_topic() -> None:
 
 def test_acl_for_device() -> None:
     assert acl_for_device("cam-1") == [
-        ("write", "edgeml/v1/devices/cam-1/state"), ("write", "edgeml/v1/devices/cam-1/telemetry"),
-        ("write", "edgeml/v1/devices/cam-1/events"), ("write", "edgeml/v1/devices/cam-1/requests"),
-        ("read", "edgeml/v1/devices/cam-1/commands"), ("read", "edgeml/v1/devices/cam-1/replies"),
-        ("read", "edgeml/v1/dist/#"),
+        ("publish", "edgeml/v1/devices/cam-1/state"), ("publish", "edgeml/v1/devices/cam-1/telemetry"),
+        ("publish", "edgeml/v1/devices/cam-1/events"), ("publish", "edgeml/v1/devices/cam-1/requests"),
+        ("subscribe", "edgeml/v1/devices/cam-1/commands"), ("receive", "edgeml/v1/devices/cam-1/commands"),
+        ("subscribe", "edgeml/v1/devices/cam-1/replies"), ("receive", "edgeml/v1/devices/cam-1/replies"),
+        ("subscribe", "edgeml/v1/dist/#"), ("receive", "edgeml/v1/dist/#"),
     ]
+    assert not any(topic.startswith("$") or "+" in topic for _, topic in acl_for_device("cam-1"))
 
 
-def test_mosquitto_acl() -> None:
-    text = mosquitto_acl(["cam-1", "cam-2"], fleet_user="fleet")
-    blocks = [b.splitlines() for b in text.split("\n\n")[1:]]
-    assert blocks[0] == ["user fleet", "topic readwrite edgeml/v1/#"]
-    assert blocks[2][0] == "user cam-2" and len(blocks[2]) == 8
-    assert all("cam-1" not in line for line in blocks[2])
-    with pytest.raises(ProtocolError):
-        mosquitto_acl(["fleet"])
+@pytest.mark.parametrize("role", ["rollouts", "ingest", "dist", "admin"])
+def test_fleet_client_ids_are_never_device_ids(role: str) -> None:
+    assert not is_device_id(fleet_client_id(role)) and not is_device_id(fleet_client_id(role, unique=False))
+    assert fleet_client_id(role) != fleet_client_id(role)  # unique per process
+
+
+def _update(**args: Any) -> Command:
+    return Command(id="c-1", type="update", args={"model": "digits", "version": "1.2.0", "target": "onnx", **args})
+
+
+def test_update_args() -> None:
+    args = UpdateArgs.from_command(_update(rollout="r-1", thresholds={"max_error_rate": 0.1},
+                                           broadcast={"rollout": "r-1", "path": "targets/x"}))
+    assert (args.model, args.version, args.target, args.rollout) == ("digits", "1.2.0", "onnx", "r-1")
+    assert UpdateArgs.from_command(Command(id="c-1", type="update", args=args.to_dict())) == args
+
+
+@pytest.mark.parametrize(("args", "match"), [
+    ({"model": "../../etc"}, "'model' must be"),
+    ({"target": "onnx/../../x"}, "'target' must be"),
+    ({"version": 3}, "'version' must be a string"),
+    ({"rollout": "R 1"}, "invalid device id"),
+    ({"thresholds": {"max_error_rate": "high"}}, "must be a number"),
+    ({"thresholds": {"Bad Key": 1}}, "thresholds"),
+    ({"broadcast": {"rollout": "r-1"}}, "'broadcast' must be"),
+    ({"format_disk": True}, "unknown arguments"),
+])
+def test_update_args_rejected(args: dict[str, Any], match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        UpdateArgs.from_command(_update(**args))
+    with pytest.raises(ProtocolError, match="'model' is required|argument 'model'"):
+        UpdateArgs.from_command(Command(id="c-1", type="update", args={"version": "1.0.0", "target": "onnx"}))
 
 
 @settings(max_examples=300, deadline=None)

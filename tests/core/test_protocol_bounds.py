@@ -1,0 +1,121 @@
+"""Bounded JSON (edgeml.protocol.codec): what a device can send past the size limit, and the fast path's proof.
+
+Every payload is bound-checked; most are decided from their bytes alone (``_needs_walk``). These tests check
+that the shortcut never lets through what the exact check (``check_json``) refuses, on generated JSON
+built to hit every bound (long digit runs, large exponents, \\u escapes, deep nesting).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgeml.protocol import MAX_DEPTH, ProtocolError, Telemetry, check_json, parse
+from edgeml.protocol.codec import _needs_walk, decode_object
+
+
+def _telemetry(metrics: Any) -> bytes:
+    return json.dumps({"schema": "edgeml.telemetry/1", "device_id": "cam-1", "seq": 1, "sent_at": 1.0,
+                       "metrics": metrics}).encode()
+
+
+def _nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize(("payload", "match"), [
+    (_telemetry({"x": 2**63}), "64-bit range"),
+    (_telemetry({"x": -(2**63) - 1}), "64-bit range"),
+    (_telemetry({"x": int("9" * 400)}), "64-bit range"),
+    (b'{"schema":"edgeml.telemetry/1","device_id":"cam-1","seq":1,"sent_at":1,"metrics":{"x":1e999}}', "finite"),
+    (b'{"schema":"edgeml.telemetry/1","device_id":"cam-1","seq":1,"sent_at":1,"metrics":{"x":-1E+400}}', "finite"),
+    (b'{"schema":"edgeml.telemetry/1","device_id":"cam-1","seq":1,"sent_at":1,"metrics":{"x":NaN}}', "not valid"),
+    (b'{"schema":"edgeml.telemetry/1","device_id":"cam-1","seq":1,"sent_at":1,"metrics":{"x":Infinity}}',
+     "not valid"),
+    (_telemetry({"x": "a\u0000b"}), "NUL"),
+    (_telemetry({"a\u0000": 1}), "NUL"),
+    (b'{"schema":"edgeml.telemetry/1","device_id":"cam-1","seq":1,"sent_at":1,"metrics":{"x":"\\ud800"}}',
+     "surrogates"),
+    (b'{"schema":"edgeml.telemetry/1","device_id":"cam-1","seq":1,"sent_at":1,"metrics":{"x":"\xed\xa0\x80"}}',
+     "not valid UTF-8"),
+    (_telemetry(_nested(MAX_DEPTH)), "deeper than"),
+    (b'{"a":' * 5000 + b"1" + b"}" * 5000, "not valid|exceeds"),
+    (_telemetry({"x": [[[[[[[[[[[1]]]]]]]]]]]}), "deeper than"),
+])
+def test_out_of_bounds_refused(payload: bytes, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        parse("telemetry", payload)
+
+
+@pytest.mark.parametrize("metrics", [
+    {"x": 2**63 - 1, "y": -(2**63), "z": 1e308, "w": -1.5e-300},
+    {"drift": {"top_features": [{"name": "f", "ks": 0.1}] * 3, "drivers": ["f"]}},
+    {"unit": "°C", "emoji": "\U0001f600"},  # escaped as \\u by json.dumps (a valid surrogate pair)
+    _nested(MAX_DEPTH - 2),
+])
+def test_in_bounds_accepted(metrics: Any) -> None:
+    message = parse("telemetry", _telemetry(metrics))
+    assert isinstance(message, Telemetry) and message.metrics == metrics
+
+
+def test_largest_sequence_number_round_trips() -> None:
+    message = Telemetry("cam-1", 2**63 - 1, 1.0, {})
+    assert parse("telemetry", message.to_bytes()) == message
+
+
+_SCALAR = (st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
+           | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=6)
+           | st.sampled_from(["\x00", "\ud800", "ok", 10**18, -(10**19), 2**63, 1e300, 1e-320]))
+_VALUE = st.recursive(_SCALAR, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=3), c, max_size=3),
+                      max_leaves=30)
+
+
+def _exact_ok(value: Any) -> bool:
+    try:
+        check_json(value)
+    except ProtocolError:
+        return False
+    return True
+
+
+@settings(max_examples=600, deadline=None)
+@given(value=_VALUE, exponent=st.booleans())
+def test_fast_path_never_passes_what_the_exact_check_refuses(value: Any, exponent: bool) -> None:
+    try:
+        text = json.dumps({"v": value}, ensure_ascii=exponent)  # both spellings of non-ASCII text
+    except ValueError:
+        return
+    payload = text.encode("utf-8", "surrogatepass")
+    try:
+        decoded = json.loads(payload.decode("utf-8"))  # strict, as decode_object (json.loads(bytes) is lenient)
+    except (UnicodeDecodeError, ValueError):
+        return  # raw surrogates are not UTF-8: the decoder refuses them before any bound
+    if not _needs_walk(payload):
+        assert _exact_ok(decoded), payload[:200]
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=_VALUE)
+def test_decode_object_agrees_with_the_exact_check(value: Any) -> None:
+    payload = json.dumps({"v": value}).encode()
+    if len(payload) > 60_000:
+        return
+    try:
+        decode_object("telemetry", payload)
+        accepted = True
+    except ProtocolError:
+        accepted = False
+    assert accepted == _exact_ok(json.loads(payload))
+
+
+def test_events_have_a_size_limit_before_decoding() -> None:
+    huge = b'{"schema":"edgeml.event/1","type":"update","pad":"' + b"x" * (5 * 1024 * 1024) + b'"}'
+    with pytest.raises(ProtocolError, match="exceeds the limit of 16384"):
+        parse("event", huge)
