@@ -98,11 +98,14 @@ def broker_config_command(
     )] = None,
     hostname: Annotated[str, typer.Option("--hostname", help="Name devices connect to.")] = "localhost",
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TLS listener port.")] = 8883,
+    bind: Annotated[str | None, typer.Option("--bind", help="IP address the listener binds (default: all).")] = None,
+    plugin: Annotated[Path | None, typer.Option("--plugin", help="Path of mosquitto_dynamic_security.so on the "
+                                                "broker's host (default: found on this machine).")] = None,
     cafile: Annotated[Path | None, typer.Option("--cafile", help="Existing CA certificate (PEM).")] = None,
     certfile: Annotated[Path | None, typer.Option("--certfile", help="Existing server certificate.")] = None,
     keyfile: Annotated[Path | None, typer.Option("--keyfile", help="Existing server key.")] = None,
 ) -> None:
-    """Write a TLS-only Mosquitto config with per-device passwords and ACL (self-signed CA unless given)."""
+    """Write a TLS-only Mosquitto config: each device bound to its own client id and topics (dynamic security)."""
     from edgeml.errors import ConfigError
     from edgeml.fleet.broker import TlsFiles, write_broker_config
 
@@ -110,10 +113,13 @@ def broker_config_command(
     if given and len(given) != 3:
         raise ConfigError("--cafile, --certfile and --keyfile go together", hint="give all three or none")
     tls = TlsFiles(cafile, certfile, keyfile) if cafile and certfile and keyfile else None
-    creds = write_broker_config(out_dir, device or [], hostname=hostname, port=port, tls=tls)
-    typer.echo(f"wrote {out_dir / 'mosquitto.conf'} ({len(creds) - 1} devices, TLS port {port})")
+    creds = write_broker_config(out_dir, device or [], hostname=hostname, port=port, bind=bind, tls=tls,
+                                plugin=plugin)
+    typer.echo(f"wrote {out_dir / 'mosquitto.conf'} ({len(creds) - 2} devices, TLS port {port}"
+               + (f" on {bind}" if bind else "") + ")")
     typer.echo(f"credentials in {out_dir / 'credentials'} (0600): hand each file to its device only; "
-               f"the files mosquitto reads must belong to its user: chown -R mosquitto: {out_dir}", err=True)
+               f"the broker must own its files (it rewrites dynamic-security.json): chown -R mosquitto: {out_dir}",
+               err=True)
 
 
 def _tls_context(ca: Path | None) -> Any:
@@ -208,7 +214,7 @@ def serve_command(
                                           "run every role in one process then).")] = False,
     metrics_token: Annotated[bool, typer.Option("--metrics-token", help="Require a viewer token on /metrics.")
                              ] = False,
-    client_id: ClientId = "edgeml-rollouts",
+    client_id: ClientId = "edgeml.rollouts",
     tick: Tick = 1.0,
     db_url: DbUrl = None,
 ) -> None:
@@ -229,7 +235,31 @@ def serve_command(
 
 
 BrokerDir = Annotated[Path, typer.Option("--broker-dir", help="The broker directory (from broker-config).")]
-FleetUser = Annotated[str, typer.Option("--fleet-user", help="The fleet server's broker user.")]
+Offline = Annotated[bool, typer.Option("--offline", help="The broker is stopped: rewrite its dynamic-security.json "
+                                       "instead of changing the running broker.")]
+ControlUrl = Annotated[str | None, typer.Option(
+    "--control", help="Reach the running broker as its admin at mqtts://HOST:PORT (or mqtt:// on loopback) "
+    "(default: the host and port in BROKER_DIR/credentials/fleet-admin.json).")]
+
+
+def _control(broker_dir: Path, offline: bool, url: str | None) -> Any:
+    """The running broker's control, or None with --offline."""
+    from urllib.parse import urlsplit
+
+    from edgeml.errors import ConfigError
+    from edgeml.fleet.broker_control import BrokerControl
+
+    if offline:
+        return None
+    if url is None:
+        return BrokerControl.from_broker_dir(broker_dir)
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname or not parts.port:
+        raise ConfigError(f"bad --control {url!r}", hint="use mqtts://HOST:PORT")
+    if parts.scheme == "mqtt" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+        raise ConfigError("--control over plain mqtt:// is for a broker on this machine only", hint="use mqtts://")
+    return BrokerControl.from_broker_dir(broker_dir, host=parts.hostname, port=parts.port,
+                                         tls=parts.scheme == "mqtts")
 
 
 @devices_app.command("enroll")
@@ -241,10 +271,11 @@ def devices_enroll_command(
     broker_host: Annotated[str, typer.Option("--broker-host", help="Host the device connects to.")] = "localhost",
     broker_port: Annotated[int | None, typer.Option("--broker-port", min=1, max=65535,
                                                     help="Its TLS port (default: the broker's listener).")] = None,
-    fleet_user: FleetUser = "fleet",
+    offline: Offline = False,
+    control: ControlUrl = None,
     db_url: DbUrl = None,
 ) -> None:
-    """Enroll a device: record it, add it to the broker's passwd and ACL, write its bootstrap file."""
+    """Enroll a device: record it, add it to the broker (its own client id and topics), write its bootstrap file."""
     from edgeml.errors import ConfigError
     from edgeml.fleet.devices import enroll
 
@@ -255,9 +286,10 @@ def devices_enroll_command(
             raise ConfigError(f"bad --tag {item!r}", hint="use KEY=VALUE")
         tags[key] = value
     path = enroll(directory, name, broker_dir, tags=tags, broker_host=broker_host, broker_port=broker_port,
-                  fleet_user=fleet_user, db_url=db_url)
+                  control=_control(broker_dir, offline, control), db_url=db_url)
     typer.echo(f"enrolled {name}; bootstrap file {path} (0600): hand it to the device only")
-    typer.echo("a running broker reloads its passwd/ACL on SIGHUP (kill -HUP PID)", err=True)
+    if offline:
+        typer.echo("the broker reads the new device when it starts", err=True)
 
 
 @devices_app.command("ls")
@@ -284,17 +316,16 @@ def devices_revoke_command(
     directory: Annotated[Path, typer.Argument(help="The registry directory.")],
     name: Annotated[str, typer.Argument(help="The device id to revoke.")],
     broker_dir: BrokerDir,
-    broker_pid: Annotated[int | None, typer.Option("--broker-pid", help="Send SIGHUP to this broker process "
-                                                   "so that it reloads now.")] = None,
-    fleet_user: FleetUser = "fleet",
+    offline: Offline = False,
+    control: ControlUrl = None,
     db_url: DbUrl = None,
 ) -> None:
-    """Revoke a device: remove it from the broker's passwd and ACL (and reload the broker with --broker-pid)."""
+    """Revoke a device: the fleet ignores it, and the broker disables its login (disconnecting it now)."""
     from edgeml.fleet.devices import revoke
 
-    revoke(directory, name, broker_dir, broker_pid=broker_pid, fleet_user=fleet_user, db_url=db_url)
-    typer.echo(f"revoked {name}" + ("; broker reloaded" if broker_pid else
-                                    "; reload the broker (kill -HUP PID) for it to take effect"))
+    revoke(directory, name, broker_dir, control=_control(broker_dir, offline, control), db_url=db_url)
+    typer.echo(f"revoked {name}" + ("; the broker disables it when it starts" if offline else
+                                    "; the broker disconnected it and refuses it from now on"))
 
 
 # --- the audit log and operator tokens (edgeml.fleet.audit, edgeml.fleet.auth) ---
@@ -493,7 +524,7 @@ def controller_command(
     password_file: BrokerPasswordFile = None,
     password: RemovedPassword = None,
     ca: BrokerCa = None,
-    client_id: ClientId = "edgeml-rollouts",
+    client_id: ClientId = "edgeml.rollouts",
     tick: Tick = 1.0,
     broadcast: Annotated[bool, typer.Option("--broadcast/--no-broadcast", help="Broadcast each rollout's files "
                                             "once over MQTT (else devices fetch them with get requests).")] = True,

@@ -1,13 +1,17 @@
-"""Device enrollment: identities in the registry database, broker passwd/ACL regenerated from them.
+"""Device enrollment: identities in the registry database and in the broker's dynamic-security plugin.
 
-:func:`enroll` records a device (id, tags, password hash), rewrites ``BROKER_DIR/passwd`` and ``acl`` from the
-database's non-revoked devices plus the fleet user (whose existing hash is kept), and writes the device's
-bootstrap file ``BROKER_DIR/credentials/NAME.bootstrap.json`` (0600): broker host/port, CA certificate,
-user name/password and the registry's trusted TUF root. :func:`revoke` marks a device revoked, rewrites both
-files without it and optionally sends SIGHUP to the broker, which makes Mosquitto reload them.
+:func:`enroll` records a device (id, tags, password hash) and adds it to the broker, and writes the
+device's bootstrap file ``BROKER_DIR/credentials/NAME.bootstrap.json`` (0600): broker host/port, CA
+certificate, user name/password and the registry's trusted TUF root. :func:`revoke` marks a device revoked
+and disables it on the broker, which disconnects it at once if it is connected.
+
+The broker is changed either live, through a :class:`~edgeml.fleet.broker_control.BrokerControl` (the
+broker runs; the change and the database commit together, or neither happens), or, with ``control=None``,
+by rewriting ``BROKER_DIR/dynamic-security.json`` from the database (the broker is stopped and reads it
+when it starts): :mod:`~edgeml.fleet.broker_control`.
 
 Devices listed in the broker directory by ``broker-config --device`` but never enrolled are not in the
-database, so the first regeneration drops them: enroll every device.
+database, so the first offline rewrite drops them: enroll every device.
 """
 
 from __future__ import annotations
@@ -18,17 +22,18 @@ import json
 import os
 import re
 import secrets
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgeml.errors import ConfigError, RegistryError
 from edgeml.fleet.audit import local_actor, open_audit
+from edgeml.fleet.broker import RESERVED_USERS
+from edgeml.fleet.broker_control import BrokerControl, sync_file
 from edgeml.fsutil import atomic_write_bytes
-from edgeml.protocol import ProtocolError, mosquitto_acl, validate_device_id
+from edgeml.protocol import ProtocolError, validate_device_id
 
-__all__ = ["DeviceRecord", "enroll", "list_devices", "regenerate_broker_files", "revoke"]
+__all__ = ["DeviceRecord", "enroll", "list_devices", "revoke", "sync_broker_file"]
 
 
 @dataclass(frozen=True)
@@ -49,52 +54,26 @@ def _registry(registry_dir: Path, db_url: str | None) -> Any:
     return Registry(registry_dir, db_url=db_url)
 
 
-def _fleet_hash(broker_dir: Path, fleet_user: str) -> str:
-    try:
-        lines = (broker_dir / "passwd").read_text().splitlines()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {broker_dir / 'passwd'}: {exc.strerror}",
-                          hint="create the broker directory with `edgeml fleet broker-config`") from exc
-    for line in lines:
-        user, _, hashed = line.partition(":")
-        if user == fleet_user and hashed:
-            return hashed
-    raise ConfigError(f"{broker_dir / 'passwd'} has no fleet user {fleet_user!r}", hint="check --fleet-user")
+def _devices(db: Any, conn: Any) -> dict[str, tuple[str, bool]]:
+    t = db.tables["devices"]
+    rows = conn.execute(db.sa.select(t.c.device_id, t.c.password_hash, t.c.revoked))
+    return {name: (hashed, bool(revoked)) for name, hashed, revoked in rows if hashed}
 
 
-def _write_like(path: Path, data: bytes, mode: int) -> None:
-    """Atomically replace ``path``, keeping its owner (the broker's user) and setting ``mode``."""
-    try:
-        old = path.stat()
-    except FileNotFoundError:
-        old = None
-    atomic_write_bytes(path, data)
-    os.chmod(path, mode)
-    if old is not None and (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()) and os.geteuid() == 0:
-        os.chown(path, old.st_uid, old.st_gid)
-
-
-def regenerate_broker_files(broker_dir: Path, devices: dict[str, str], *, fleet_user: str = "fleet") -> None:
-    """Rewrite ``passwd`` and ``acl`` in ``broker_dir`` for ``{device id: password hash}`` plus the fleet user.
+def sync_broker_file(registry_dir: Path, broker_dir: Path, *, db_url: str | None = None) -> None:
+    """Rewrite a stopped broker's ``dynamic-security.json`` from the registry's devices (revoked ones disabled).
 
     Raises:
-        ConfigError: The broker directory has no passwd entry for ``fleet_user``, or an id is invalid.
+        ConfigError: The broker directory has no dynamic-security file.
     """
-    fleet_hash = _fleet_hash(broker_dir, fleet_user)
+    registry = _registry(registry_dir, db_url)
+    db = registry.database()
     try:
-        acl = mosquitto_acl(sorted(devices), fleet_user=fleet_user)
-    except ProtocolError as exc:
-        raise ConfigError(exc.message, hint=exc.hint) from exc
-    entries = {fleet_user: fleet_hash, **devices}
-    passwd = "".join(f"{user}:{hashed}\n" for user, hashed in sorted(entries.items()))
-    _write_like(broker_dir / "passwd", passwd.encode(), 0o640)
-    _write_like(broker_dir / "acl", acl.encode(), 0o644)
-
-
-def _active(db: Any, conn: Any) -> dict[str, str]:
-    t = db.tables["devices"]
-    rows = conn.execute(db.sa.select(t.c.device_id, t.c.password_hash).where(t.c.revoked == db.sa.false()))
-    return {name: hashed for name, hashed in rows if hashed}
+        with db.transaction() as conn:
+            devices = _devices(db, conn)
+    finally:
+        db.close()
+    sync_file(Path(broker_dir), devices)
 
 
 def _listener_port(broker_dir: Path) -> int:
@@ -106,12 +85,23 @@ def _listener_port(broker_dir: Path) -> int:
 
 
 def enroll(registry_dir: Path, name: str, broker_dir: Path, *, tags: dict[str, str] | None = None,
-           broker_host: str = "localhost", broker_port: int | None = None, fleet_user: str = "fleet",
+           broker_host: str = "localhost", broker_port: int | None = None, control: BrokerControl | None = None,
            db_url: str | None = None, actor: str | None = None) -> Path:
     """Enroll device ``name``; returns the path of its bootstrap file (0600, hand it to the device only).
 
+    Args:
+        registry_dir: The registry.
+        name: The new device id (its broker user name and client id).
+        broker_dir: The broker directory (``edgeml fleet broker-config``).
+        tags: Labels for rollouts to select by.
+        broker_host: The host the device connects to (written to its bootstrap file).
+        broker_port: Its port (default: the broker's listener).
+        control: The running broker to add it to (None: rewrite the stopped broker's file).
+        db_url: The registry database (default: the registry's).
+        actor: Who enrolls it, for the audit log.
+
     Raises:
-        ConfigError: The id is invalid or equals the fleet user, or the broker directory is incomplete.
+        ConfigError: The id is invalid or reserved, the broker directory is incomplete, or the broker refused.
         RegistryError: A device of that name is already enrolled (revoked or not).
     """
     from edgeml.fleet.broker import hash_password
@@ -120,8 +110,8 @@ def enroll(registry_dir: Path, name: str, broker_dir: Path, *, tags: dict[str, s
         validate_device_id(name)
     except ProtocolError as exc:
         raise ConfigError(exc.message, hint=exc.hint) from exc
-    if name == fleet_user:
-        raise ConfigError(f"{name!r} is the fleet user's name; choose another device id")
+    if name in RESERVED_USERS:
+        raise ConfigError(f"{name!r} is one of the fleet's own broker users; choose another device id")
     broker_dir = Path(broker_dir)
     registry = _registry(registry_dir, db_url)
     try:
@@ -141,7 +131,10 @@ def enroll(registry_dir: Path, name: str, broker_dir: Path, *, tags: dict[str, s
                                     hint="device ids are never reused; choose another name")
             conn.execute(t.insert().values(device_id=name, tags=dict(tags or {}), password_hash=hash_password(password),
                                            revoked=False, created_at=dt.datetime.now(dt.timezone.utc)))
-            regenerate_broker_files(broker_dir, _active(db, conn), fleet_user=fleet_user)
+            if control is not None:
+                control.add_device(name, password)  # the broker refused: nothing is committed
+            else:
+                sync_file(broker_dir, _devices(db, conn))
             log.append(actor or local_actor(), "device.enroll", name, {"tags": dict(tags or {})}, conn=conn)
             doc = {"device_id": name, "username": name, "password": password, "host": broker_host,
                    "port": broker_port or _listener_port(broker_dir), "ca_pem": ca_pem,
@@ -154,13 +147,17 @@ def enroll(registry_dir: Path, name: str, broker_dir: Path, *, tags: dict[str, s
     return bootstrap
 
 
-def revoke(registry_dir: Path, name: str, broker_dir: Path, *, broker_pid: int | None = None,
-           fleet_user: str = "fleet", db_url: str | None = None, actor: str | None = None) -> None:
-    """Revoke device ``name``: its broker login is removed; with ``broker_pid`` the broker reloads now.
+def revoke(registry_dir: Path, name: str, broker_dir: Path, *, control: BrokerControl | None = None,
+           db_url: str | None = None, actor: str | None = None) -> None:
+    """Revoke device ``name``: the fleet ignores it from now on, and the broker disables its login.
+
+    The registry is changed first (every fleet process then refuses the device's messages within seconds),
+    then the broker: live through ``control`` (the device is disconnected at once), or, without it, in the
+    stopped broker's file. Revoking a revoked device again retries the broker.
 
     Raises:
         RegistryError: No device of that name is enrolled.
-        ConfigError: The broker process cannot be signalled.
+        ConfigError: The broker could not be told (the device is revoked in the registry all the same).
     """
     registry = _registry(registry_dir, db_url)
     db = registry.database()
@@ -172,16 +169,20 @@ def revoke(registry_dir: Path, name: str, broker_dir: Path, *, broker_pid: int |
                 raise RegistryError(f"no device {name!r} is enrolled",
                                     hint="list them with `edgeml fleet devices ls DIR`")
             conn.execute(t.update().where(t.c.device_id == name).values(revoked=True))
-            regenerate_broker_files(Path(broker_dir), _active(db, conn), fleet_user=fleet_user)
             log.append(actor or local_actor(), "device.revoke", name, {}, conn=conn)
+        with db.transaction() as conn:
+            devices = _devices(db, conn)
     finally:
         db.close()
-    if broker_pid is not None:
-        try:
-            os.kill(broker_pid, signal.SIGHUP)
-        except OSError as exc:
-            raise ConfigError(f"device {name!r} is revoked, but the broker (pid {broker_pid}) could not be told "
-                              f"to reload: {exc.strerror}", hint="send it SIGHUP or restart it") from exc
+    try:
+        if control is not None:
+            control.disable_device(name)
+        else:
+            sync_file(Path(broker_dir), devices)
+    except ConfigError as exc:
+        raise ConfigError(f"device {name!r} is revoked in the registry (the fleet ignores it), but the broker "
+                          f"was not changed: {exc.message}", hint="run the revocation again once the broker can "
+                          "be reached (or with --offline while it is stopped)") from exc
 
 
 def list_devices(registry_dir: Path, *, db_url: str | None = None) -> list[DeviceRecord]:

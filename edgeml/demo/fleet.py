@@ -3,7 +3,7 @@
 :class:`DemoFleet` sets up (or reuses, on a second run) everything under the demo's work directory:
 
 * ``registry/``: the signed TUF registry and its SQLite database (``edgeml fleet init``);
-* ``broker/``: a Mosquitto layout with TLS, passwords and the per-device ACL (``edgeml fleet broker-config``),
+* ``broker/``: a Mosquitto layout with TLS and per-device identities (``edgeml fleet broker-config``),
   the devices enrolled in it (``edgeml fleet devices enroll``); Mosquitto runs from a fresh copy of it in a
   temporary directory (it may drop to the ``mosquitto`` user, which must be able to read it). Where Mosquitto
   is not installed, the embedded in-process broker (amqtt, MQTT 3.1.1, anonymous, plain TCP) stands in;
@@ -165,18 +165,16 @@ class DemoFleet:
             self.log(f"embedded broker (amqtt) on mqtt://127.0.0.1:{self.broker_port}"
                      + (" (Mosquitto is not installed)" if self.broker == "auto" else ""))
             return
-        from edgeml.fleet.broker import mosquitto_conf
+        from edgeml.fleet.broker import DYNSEC_FILE, mosquitto_conf
 
         self.broker_port = free_port(18883)
         tmp = Path(tempfile.mkdtemp(prefix="edgeml-demo-broker-"))
         tmp.chmod(0o755)  # as root, Mosquitto drops to user mosquitto, which must read these files
         self._broker_tmp = tmp
-        for name in ("passwd", "acl"):
-            shutil.copy2(self.broker_dir / name, tmp / name)
+        shutil.copy2(self.broker_dir / DYNSEC_FILE, tmp / DYNSEC_FILE)  # the broker rewrites its copy
         shutil.copytree(self.broker_dir / "tls", tmp / "tls")
         (tmp / "data").mkdir()
-        conf = mosquitto_conf(tmp, port=self.broker_port).replace(f"listener {self.broker_port}",
-                                                                   f"listener {self.broker_port} 127.0.0.1")
+        conf = mosquitto_conf(tmp, port=self.broker_port, bind="127.0.0.1")
         (tmp / "mosquitto.conf").write_text(conf)
         if os.geteuid() == 0:
             try:
@@ -208,7 +206,7 @@ class DemoFleet:
                                  username=creds["username"] if self.tls else None,
                                  password=creds["password"] if self.tls else None, tls=tls,
                                  http_port=free_port(self.http_port), mqtt5=self.tls, shared=False, tick_s=0.5,
-                                 client_id="edgeml-demo-controller")
+                                 client_id="edgeml.demo-controller")
         self.server = FleetServer(self.registry_dir, settings, log=lambda line: self.log(f"fleet server {line}"))
         self.server.start()
         return str(self.server.http.url)

@@ -10,7 +10,6 @@ import stat
 import subprocess
 import tempfile
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,16 @@ import pytest
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edgeml.errors import ConfigError
-from edgeml.fleet.broker import hash_password, mosquitto_conf, verify_password, write_broker_config
-from edgeml.protocol import Telemetry, device_topic
+from edgeml.fleet.broker import (
+    DYNSEC_FILE,
+    MESSAGE_SIZE_LIMIT,
+    dynsec_config,
+    hash_password,
+    mosquitto_conf,
+    verify_password,
+    write_broker_config,
+)
+from edgeml.protocol import Telemetry, device_topic, fleet_client_id
 from tests.conftest import require_service
 from tests.fleet.mosquitto import MOSQUITTO, run_mosquitto
 
@@ -50,25 +57,46 @@ def test_hash_password_matches_mosquitto_passwd(tmp_path: Path) -> None:
 
 
 def test_config_layout(tmp_path: Path) -> None:
-    creds = write_broker_config(tmp_path / "b", DEVICES, hostname="mqtt.example.com", port=8883)
+    creds = write_broker_config(tmp_path / "b", DEVICES, hostname="mqtt.example.com", port=8883, bind="10.0.0.5",
+                                plugin=Path("/opt/dynsec.so"))
     out = tmp_path / "b"
     conf = (out / "mosquitto.conf").read_text().splitlines()
-    for line in ["allow_anonymous false", "persistence true", "listener 8883", f"password_file {out}/passwd",
-                 f"acl_file {out}/acl", f"keyfile {out}/tls/server.key"]:
+    for line in ["allow_anonymous false", "persistence true", "listener 8883 10.0.0.5", "plugin /opt/dynsec.so",
+                 f"plugin_opt_config_file {out}/{DYNSEC_FILE}", f"keyfile {out}/tls/server.key",
+                 f"message_size_limit {MESSAGE_SIZE_LIMIT}"]:
         assert line in conf
     assert sum(line.startswith("listener") for line in conf) == 1  # TLS only: no plain listener
-    assert set(creds) == {"fleet", *DEVICES} and len(set(creds.values())) == 3
+    assert not any(line.startswith(("password_file", "acl_file")) for line in conf)
+    assert set(creds) == {"fleet", "fleet-admin", *DEVICES} and len(set(creds.values())) == 4
     for user, password in creds.items():
         cred_file = out / "credentials" / f"{user}.json"
         assert stat.S_IMODE(cred_file.stat().st_mode) == 0o600
         assert json.loads(cred_file.read_text())["password"] == password
-    hashes = dict(line.split(":", 1) for line in (out / "passwd").read_text().splitlines())
-    assert all(verify_password(hashes[u], p) for u, p in creds.items())
-    assert stat.S_IMODE((out / "tls" / "server.key").stat().st_mode) == 0o600
-    assert "user cam-b\ntopic write edgeml/v1/devices/cam-b/state" in (out / "acl").read_text()
+    for private in (out / "tls" / "server.key", out / DYNSEC_FILE, out / "credentials", out / "data"):
+        assert stat.S_IMODE(private.stat().st_mode) & 0o077 == 0, private
+    doc = json.loads((out / DYNSEC_FILE).read_text())
+    clients = {c["username"]: c for c in doc["clients"]}
+    assert clients["cam-b"]["clientid"] == "cam-b" and "clientid" not in clients["fleet"]
+    assert doc["defaultACLAccess"] == {"publishClientSend": False, "publishClientReceive": False,
+                                       "subscribe": False, "unsubscribe": True}
+    cam_b = next(r for r in doc["roles"] if r["rolename"] == "edgeml-device-cam-b")["acls"]
+    assert {(a["acltype"], a["topic"]) for a in cam_b} >= {("publishClientSend", "edgeml/v1/devices/cam-b/state"),
+                                                           ("subscribeLiteral", "edgeml/v1/devices/cam-b/commands"),
+                                                           ("subscribePattern", "edgeml/v1/dist/#")}
+    assert not any("cam-a" in a["topic"] or a["topic"].startswith("$") for a in cam_b)
 
 
-@pytest.mark.parametrize("devices", [("cam-a", "cam-a"), ("fleet",), ("Bad_Id",)])
+def test_dynsec_hashes_verify() -> None:
+    doc = dynsec_config(hash_password("f"), hash_password("a"), {"cam-1": hash_password("secret")})
+    cam = next(c for c in doc["clients"] if c["username"] == "cam-1")
+    import base64
+    import hashlib
+
+    digest = hashlib.pbkdf2_hmac("sha512", b"secret", base64.b64decode(cam["salt"]), cam["iterations"])
+    assert base64.b64encode(digest).decode() == cam["password"]
+
+
+@pytest.mark.parametrize("devices", [("cam-a", "cam-a"), ("fleet",), ("fleet-admin",), ("Bad_Id",)])
 def test_config_rejects_bad_devices(tmp_path: Path, devices: tuple[str, ...]) -> None:
     with pytest.raises(ConfigError):
         write_broker_config(tmp_path / "b", devices)
@@ -81,7 +109,8 @@ def test_config_refuses_existing_dir(tmp_path: Path) -> None:
 
 
 def test_conf_uses_base_dir() -> None:
-    assert "acl_file /etc/mosquitto/edgeml/acl" in mosquitto_conf(Path("/etc/mosquitto/edgeml"), port=1234)
+    conf = mosquitto_conf(Path("/etc/mosquitto/edgeml"), port=1234)
+    assert f"plugin_opt_config_file /etc/mosquitto/edgeml/{DYNSEC_FILE}" in conf and "listener 1234\n" in conf
 
 
 # --- a real broker ----------------------------------------------------------------------------------------------
@@ -112,9 +141,11 @@ def broker() -> Iterator[Broker]:
 class Probe:
     """A paho MQTT v5 client over TLS with blocking helpers."""
 
-    def __init__(self, broker: Broker, user: str | None, password: str | None = None) -> None:
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"t-{uuid.uuid4().hex[:8]}",
-                                  protocol=mqtt.MQTTv5)
+    def __init__(self, broker: Broker, user: str | None, password: str | None = None,
+                 client_id: str | None = None) -> None:
+        if client_id is None:  # a device's client id is its name (the broker insists); fleet processes have a '.'
+            client_id = fleet_client_id("test") if user in (None, "fleet", "fleet-admin", "intruder") else user
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         self.client.tls_set(ca_certs=str(broker.ca))
         if user is not None:
             self.client.username_pw_set(user, password if password is not None else broker.creds[user])
@@ -187,12 +218,12 @@ def test_device_publishes_own_telemetry_to_fleet(connect: Any) -> None:
 
 def test_device_cannot_read_other_devices_commands(connect: Any) -> None:
     fleet, cam_a = connect("fleet"), connect("cam-a")
-    # Mosquitto's acl_file does not refuse SUBSCRIBE (2.0.11 grants it, eclipse/mosquitto#803); it applies
-    # the read ACL on delivery. What matters, and what is asserted, is that nothing reaches cam-a.
-    cam_a.subscribe(device_topic("cam-b", "commands"))
-    cam_a.subscribe("edgeml/v1/devices/+/commands")
+    for topic in (device_topic("cam-b", "commands"), "edgeml/v1/devices/+/commands", "#", "edgeml/v1/#",
+                  "$share/ingest/edgeml/v1/devices/+/telemetry", "$share/x/edgeml/v1/devices/cam-a/commands"):
+        assert cam_a.subscribe(topic).value == 0x87, topic  # the broker refuses the subscription itself
     assert not cam_a.subscribe(device_topic("cam-a", "commands")).is_failure
-    assert fleet.publish(device_topic("cam-b", "commands"), b'{"x":1}').value == 0
+    assert not cam_a.subscribe("edgeml/v1/dist/r-1/0123456789abcdef/#").is_failure
+    assert fleet.publish(device_topic("cam-b", "commands"), b'{"x":1}').value == 0x10  # no matching subscribers
     with pytest.raises(queue.Empty):
         cam_a.messages.get(timeout=QUIET)
     assert fleet.publish(device_topic("cam-a", "commands"), b'{"x":2}').value == 0  # its own arrive
@@ -223,3 +254,17 @@ def test_plain_tcp_gets_no_connack(broker: Broker) -> None:
         except (TimeoutError, ConnectionResetError):
             reply = b""
     assert not reply.startswith(b"\x20"), reply  # no CONNACK over plain TCP
+
+
+@pytest.mark.parametrize("client_id", ["cam-b", "edgeml.rollouts", "edgeml.ingest.0123", "", "x"])
+def test_a_device_connects_only_with_its_own_client_id(broker: Broker, client_id: str) -> None:
+    rc = Probe(broker, "cam-a", client_id=client_id).connect()
+    assert rc.is_failure and rc.value == 0x87, rc
+
+
+def test_oversized_messages_do_not_reach_the_fleet(connect: Any) -> None:
+    fleet, cam_a = connect("fleet"), connect("cam-a")
+    assert not fleet.subscribe(device_topic("cam-a", "events")).is_failure
+    cam_a.client.publish(device_topic("cam-a", "events"), b"x" * (MESSAGE_SIZE_LIMIT + 1), qos=1)
+    with pytest.raises(queue.Empty):
+        fleet.messages.get(timeout=QUIET)
