@@ -168,7 +168,7 @@ def _rollout(registry: Any, port: int, root: bytes, devices: int, processes: int
                                  wave_timeout_s=600.0, device_thresholds={"min_requests": 0,
                                                                           "smoke_latency_budget_s": 0.0})
         with RolloutController(db, "127.0.0.1", port, dist=RemoteDistribution(calls), tick_s=tick_s,
-                               client_id="bench-rollouts", audit=audit) as controller:
+                               client_id="bench.rollouts", audit=audit) as controller:
             deadline = time.monotonic() + 60
             while len(controller.states) < devices and time.monotonic() < deadline:
                 time.sleep(0.1)  # the retained states: the controller knows who is online

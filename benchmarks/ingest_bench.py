@@ -161,6 +161,19 @@ def _scaled(ctx: Any, workers: int, port: int, db_url: str, total: int, go: Any,
             proc.join(30)
 
 
+def _enroll(db_url: str, names: list[str]) -> None:
+    """What enrollment writes: one ``devices`` row per device."""
+    from edgeml.fleet.db import Database
+
+    db = Database(db_url)
+    try:
+        db.create()
+        with db.transaction() as conn:
+            conn.execute(db.tables["devices"].insert(), [{"device_id": n, "revoked": False} for n in names])
+    finally:
+        db.close()
+
+
 def measure(devices: int, messages: int, db_url: str | None, workers: int = 2) -> dict[str, Any]:
     """Both phases against one broker and the same publisher connections; returns the measurements.
 
@@ -175,6 +188,7 @@ def measure(devices: int, messages: int, db_url: str | None, workers: int = 2) -
         url = db_url or f"sqlite:///{root / 'fleet.db'}"
         run_id = uuid.uuid4().hex[:6]
         names = [f"bench-{run_id}-{i}" for i in range(devices)]
+        _enroll(url, names)  # the worker stores only enrolled devices' telemetry (not timed)
         total = devices * messages
         ctx = mp.get_context("spawn")
         ready, done = ctx.Event(), ctx.Queue()

@@ -26,7 +26,7 @@ from typing import Any, overload
 from edgeml._deps import require
 from edgeml.errors import RegistryError
 
-__all__ = ["ENV_DB_URL", "MIGRATIONS", "SCHEMA_VERSION", "Database", "as_utc", "resolve_url", "utcnow"]
+__all__ = ["ENV_DB_URL", "MIGRATIONS", "SCHEMA_VERSION", "Database", "as_utc", "is_outage", "resolve_url", "utcnow"]
 
 ENV_DB_URL = "EDGEML_FLEET_DB_URL"
 _PG_LOCK_KEY = 0x6564676D6C  # pg_advisory_xact_lock key of schema upgrades ("edgml")
@@ -50,6 +50,24 @@ def as_utc(value: dt.datetime | None) -> dt.datetime | None:
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=dt.timezone.utc)
     return value
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) says the database is away rather than that it refused the data:
+    refused or lost connections, a locked SQLite file, a pool or statement timeout. Worth retrying later; any
+    other failure is about what was written (a constraint, a value the column or ``jsonb`` cannot hold)."""
+    from sqlalchemy import exc as sa_exc
+
+    outage = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError, sa_exc.TimeoutError,
+              ConnectionError, TimeoutError)
+    seen: BaseException | None = exc
+    for _ in range(8):  # RegistryError from a SQLAlchemy error from a driver error
+        if seen is None:
+            return False
+        if isinstance(seen, outage):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def resolve_url(registry_dir: Path, url: str | None) -> str:
@@ -139,7 +157,8 @@ def _tables(sa: Any) -> tuple[Any, dict[str, Any]]:
             sa.Column("command_id", sa.String(64)), sa.Column("state", sa.String(16), nullable=False),
             sa.Column("reason", sa.String(1024)), sa.Column("notified_at", sa.DateTime(timezone=True)),
             sa.Column("finished_at", sa.DateTime(timezone=True)), sa.Column("revert_id", sa.String(64)),
-            sa.Column("revert_state", sa.String(16)), sa.UniqueConstraint("rollout_id", "device_id"),
+            sa.Column("revert_state", sa.String(16)), sa.Column("cause", sa.String(32)),
+            sa.UniqueConstraint("rollout_id", "device_id"),
             sa.Index("rollout_devices_state", "rollout_id", "state")),
     }
     return meta, t
@@ -185,6 +204,8 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[Any, Any, dict[str, Any]], None]], .
      _steps(_add_missing_columns("devices", ("status", "capabilities")),
             _create_missing_tables("telemetry", "audit", "audit_heads", "tokens"))),
     (4, "rollouts, rollout_devices (staged rollouts)", _create_missing_tables("rollouts", "rollout_devices")),
+    (5, "rollout_devices: cause (why a device's update failed, as the agent's Cause)",
+     _add_missing_columns("rollout_devices", ("cause",))),
 )
 #: The version of the schema ``_tables`` defines.
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -20,6 +20,12 @@ Several services may share the load: with ``share_group`` they subscribe to the 
 shared subscription (``$share/{group}/...``, MQTT 5, which Mosquitto also grants to 3.1.1 clients), and the
 broker hands each request to one of them. Nothing here verifies anything: the device checks every byte
 against the signed TUF metadata.
+
+Requests are untrusted: each is parsed into a typed :class:`~edgeml.protocol.Request`, its ``reply_to``
+must be the replies topic of the device it came from, the device must be admitted by the ``roster``
+(enrolled, not revoked), and each device may send at most ``max_requests_per_s`` requests a second (a
+burst of twice that); anything else is dropped unanswered and counted in :attr:`rejected`. A request
+that fails in any other way is logged and dropped; the service keeps serving the others.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from edgeml.protocol import (
     Request,
     dist_chunk_topic,
     dist_info_topic,
+    fleet_client_id,
     parse,
     parse_device_topic,
     tcp_no_delay,
@@ -85,19 +92,27 @@ class DistributionService:
             several services split the requests between them (None: a plain subscription).
         mqtt5: Speak MQTT 5 (reason codes; needed by brokers that grant shared subscriptions only to
             MQTT 5 clients) instead of 3.1.1.
+        roster: Which devices may be served (:class:`~edgeml.fleet.device_roster.DeviceRoster`; None: any
+            device the broker lets publish, for tests and benchmarks without a registry database).
+        max_requests_per_s: Most requests a second one device is answered (twice that in a burst).
     """
 
     def __init__(self, registry_dir: Path, broker_host: str, broker_port: int, username: str | None = None,
                  password: str | None = None, tls: ssl.SSLContext | None = None,
-                 chunk_delay_s: float = 0.0, share_group: str | None = None, mqtt5: bool = False) -> None:
+                 chunk_delay_s: float = 0.0, share_group: str | None = None, mqtt5: bool = False,
+                 roster: Any = None, max_requests_per_s: float = 400.0) -> None:
         self.chunk_delay_s = chunk_delay_s
+        self.roster = roster
+        self.max_requests_per_s = max_requests_per_s
+        self._buckets: dict[str, tuple[float, float]] = {}  # device -> (tokens, time.monotonic() of the last)
+        self.rejected: dict[str, int] = {}  # why -> requests dropped unanswered
         self.repository = Path(registry_dir).resolve() / "repository"
         self.broker_host = broker_host
         self.broker_port = broker_port
         self.requests_filter = f"$share/{share_group}/{REQUESTS_FILTER}" if share_group else REQUESTS_FILTER
         self._subscribed = threading.Event()
         self._cache: OrderedDict[tuple[Path, int, int], bytes] = OrderedDict()
-        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgeml-dist-{id(self):x}",
+        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=fleet_client_id("dist"),
                                    protocol=mqtt.MQTTv5 if mqtt5 else mqtt.MQTTv311)
         if username is not None:
             self._client.username_pw_set(username, password)
@@ -151,17 +166,50 @@ class DistributionService:
         else:
             _log.error("broker refused the subscription to %s: %s", self.requests_filter, reasons)
 
+    def _drop(self, why: str, topic: str, detail: str) -> None:
+        self.rejected[why] = self.rejected.get(why, 0) + 1
+        _log.debug("dropped a request on %s (%s): %s", topic[:120], why, detail[:200])
+
+    def _admitted(self, device_id: str) -> bool:
+        """Whether the device may be served now: within its rate, and (with a roster) enrolled, unrevoked."""
+        now = time.monotonic()
+        rate = self.max_requests_per_s
+        tokens, last = self._buckets.get(device_id, (2 * rate, now))
+        tokens = min(2 * rate, tokens + (now - last) * rate)
+        if tokens < 1:
+            self._buckets[device_id] = (tokens, now)
+            return False
+        self._buckets[device_id] = (tokens - 1, now)
+        if len(self._buckets) > 100_000:
+            self._buckets.clear()
+        return True
+
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:  # paho's network thread: nothing a device sends may escape and stop it
+            self._serve(client, msg)
+        except Exception as exc:
+            _log.exception("a request on %r failed", msg.topic[:120])
+            self._drop("internal", msg.topic, repr(exc))
+
+    def _serve(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
         try:
             device_id, _ = parse_device_topic(msg.topic)
             request = parse("request", bytes(msg.payload))
         except ProtocolError as exc:
-            _log.warning("ignored a malformed request on %s: %s", msg.topic, exc)
+            self._drop("malformed", msg.topic, exc.message)
             return
         assert isinstance(request, Request)
         if parse_device_topic(request.reply_to)[0] != device_id:
-            _log.warning("ignored a request from %s asking for replies on %s", device_id, request.reply_to)
+            self._drop("device-mismatch", msg.topic, f"replies asked on {request.reply_to}")
             return
+        if not self._admitted(device_id):
+            self._drop("rate", msg.topic, f"over {self.max_requests_per_s:g} requests a second")
+            return
+        if self.roster is not None:
+            why = self.roster.refusal(device_id)
+            if why is not None:
+                self._drop(why, msg.topic, "not an enrolled, unrevoked device")
+                return
         if self.chunk_delay_s > 0:
             time.sleep(self.chunk_delay_s)
         reply = self.answer(request)

@@ -26,16 +26,20 @@ subscription but never to a shared one, and the current state of every device *i
 or the first ingest worker). A retained state replayed on (re)subscribing updates the device's status but
 not its ``last_seen``.
 
-Devices: the broker's ACL is what authenticates a device (it may publish only on its own topics), so the
-topic's device id must equal the payload's. Telemetry and state of a revoked device are rejected (its
-connection may outlive the revocation until the broker reloads). Telemetry of a device that is not
-enrolled is stored when ``accept_unknown`` is on (the default: a development broker without enrollment),
-rejected otherwise; its state is never recorded (see :mod:`~edgeml.fleet.telemetry_store`).
+Devices: the broker authenticates a device and lets it publish only on its own topics, so the topic's
+device id must equal the payload's, and the device must be enrolled and not revoked
+(:class:`~edgeml.fleet.device_roster.DeviceRoster`). Telemetry of a device that is not enrolled is stored
+only with ``accept_unknown`` on (a development broker without enrollment); its state never is (see
+:mod:`~edgeml.fleet.telemetry_store`).
 
-Bad input is never fatal: every message that is not stored is counted in ``rejected`` by reason
-(:data:`REJECT_REASONS`) and acknowledged to the broker so that it is not redelivered. A database failure
-keeps the batch and retries it (counted in ``store_errors``) while the broker holds back further messages
-(at most ``receive_maximum`` unacknowledged per worker under MQTT 5).
+Bad input is never fatal and never blocks other devices: every message is checked against the protocol's
+bounds before it is queued (:func:`check_message`); every message that is not stored is counted in
+``rejected`` by reason (:data:`REJECT_REASONS`) and acknowledged to the broker so that it is not
+redelivered. A batch the database refuses is retried row by row: a row the database refuses on its own
+is set aside (counted as ``poison``, logged at most once a minute per device) and the others are stored.
+A database that is away (connection refused, locked, timed out) keeps the batch and retries it (counted in
+``store_errors``) while the broker holds back further messages (at most ``receive_maximum``
+unacknowledged per worker under MQTT 5). Every batch commits within ``flush_ms`` of its first row.
 """
 
 from __future__ import annotations
@@ -56,7 +60,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgeml.errors import ConfigError, EdgeMLError
-from edgeml.fleet.db import Database
+from edgeml.fleet.db import Database, is_outage
+from edgeml.fleet.device_roster import DeviceRoster
 from edgeml.fleet.telemetry_store import TelemetryStore
 from edgeml.protocol import (
     MAX_BYTES,
@@ -66,6 +71,7 @@ from edgeml.protocol import (
     State,
     Telemetry,
     device_topic,
+    fleet_client_id,
     parse,
     parse_device_topic,
 )
@@ -78,7 +84,9 @@ _log = logging.getLogger(__name__)
 TELEMETRY_FILTER = f"{PREFIX}devices/+/telemetry"
 STATE_FILTER = f"{PREFIX}devices/+/state"
 #: Why a message was not stored (the keys of ``stats()["rejected"]``).
-REJECT_REASONS = ("topic", "oversized", "malformed", "device-mismatch", "revoked", "unknown-device", "internal")
+REJECT_REASONS = ("topic", "oversized", "malformed", "device-mismatch", "revoked", "unknown-device", "poison",
+                  "internal")
+_LOG_EVERY_S = 60.0  # a device's rejected messages are logged at most once per this many seconds
 _STOP = object()
 
 
@@ -89,7 +97,7 @@ class IngestSettings:
     batch_size: int = 500  # rows per database transaction, at most
     flush_ms: float = 50.0  # longest wait, in milliseconds, between a row's arrival and its commit
     state: bool = True  # subscribe to devices' state (turn on in one process of a scale-out deployment)
-    accept_unknown: bool = True  # store telemetry of devices that are not enrolled
+    accept_unknown: bool = False  # store telemetry of devices that are not enrolled (development brokers only)
     enrolled_refresh_s: float = 10.0  # how often the list of enrolled / revoked devices is re-read
     receive_maximum: int = 2000  # MQTT 5: most messages the broker sends before the worker acknowledges
     session_expiry_s: int = 3600  # MQTT 5: how long the broker keeps a named worker's session while it is away
@@ -182,7 +190,7 @@ class IngestWorker:
         self.telemetry_filter = f"$share/{share_group}/{TELEMETRY_FILTER}" if share_group else TELEMETRY_FILTER
         self._mqtt5, self._persistent = mqtt5, client_id is not None
         self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
-                                   client_id=client_id or f"edgeml-ingest-{uuid.uuid4().hex[:12]}",
+                                   client_id=client_id or fleet_client_id("ingest"),
                                    protocol=mqtt.MQTTv5 if mqtt5 else mqtt.MQTTv311,
                                    clean_session=None if mqtt5 else not self._persistent, manual_ack=True)
         if username is not None:
@@ -209,8 +217,9 @@ class IngestWorker:
         # acknowledge (their contiguous high read then) once their ack interval has passed
         self._ack_owed: dict[str, bool] = {}
         self._next_ack = float("inf")  # time.monotonic() when the first of them is due
-        self._enrolled: dict[str, bool] = {}
-        self._enrolled_at = float("-inf")
+        self.roster = DeviceRoster(self.store.db, accept_unknown=self.settings.accept_unknown,
+                                   refresh_s=self.settings.enrolled_refresh_s)
+        self._logged_at: dict[str, float] = {}  # device -> when one of its rejections was last logged
         self._stopping = threading.Event()
         self._writer: threading.Thread | None = None
 
@@ -291,10 +300,18 @@ class IngestWorker:
         with self._lock:
             self._counts.update(deltas)
 
-    def _reject(self, reason: str, token: tuple[int, int, int] | None, detail: str) -> None:
-        _log.debug("ingest: rejected (%s): %s", reason, detail)
+    def _reject(self, reason: str, token: tuple[int, int, int] | None, detail: str, source: str = "") -> None:
+        """Count (and acknowledge to the broker) a message not stored; log it at most once a minute per source."""
+        now = time.monotonic()
         with self._lock:
             self._rejected[reason] += 1
+            loud = now - self._logged_at.get(source, float("-inf")) >= _LOG_EVERY_S
+            if loud:
+                if len(self._logged_at) > 100_000:  # bounded: sources are topics an attacker can vary
+                    self._logged_at.clear()
+                self._logged_at[source] = now
+        if loud:
+            _log.warning("ingest: not stored (%s) from %s: %s", reason, source or "?", detail[:300])
         if token is not None:
             self._puback(token)
 
@@ -332,11 +349,11 @@ class IngestWorker:
             message = check_message(msg.topic, bytes(msg.payload))
         except RejectedMessage as exc:
             self._count(received=int(msg.topic.endswith("/telemetry")), states=int(msg.topic.endswith("/state")))
-            self._reject(exc.reason, token, exc.message)
+            self._reject(exc.reason, token, exc.message, msg.topic[:120])
             return
         except Exception as exc:  # a bug here must not stop the network thread
-            _log.exception("ingest: unexpected failure on a message from %r", msg.topic)
-            self._reject("internal", token, repr(exc))
+            _log.exception("ingest: unexpected failure on a message from %r", msg.topic[:120])
+            self._reject("internal", token, repr(exc), msg.topic[:120])
             return
         with self._lock:
             self._counts["received" if isinstance(message, Telemetry) else "states"] += 1
@@ -371,6 +388,8 @@ class IngestWorker:
                     batch.append(item)
                     deadline = time.monotonic() + flush_s
             stop = self._take_queued(batch) or stop
+            if batch and deadline == float("inf"):  # rows taken after a timeout: the batch's clock starts now
+                deadline = time.monotonic() + flush_s
             if batch and (stop or len(batch) >= size or time.monotonic() >= deadline):
                 for start in range(0, len(batch), size):
                     self._flush(batch[start:start + size])
@@ -389,9 +408,10 @@ class IngestWorker:
             batch.append(item)
 
     def _flush(self, batch: list[_Item]) -> None:
-        """Store ``batch``; on failure wait and retry (once more only when stopping)."""
+        """Store ``batch``. A database that is away: wait and retry (once more only when stopping). A batch the
+        database refuses for its content: row by row, setting aside each row it refuses on its own."""
         delay = 0.1
-        while True:
+        while batch:
             try:
                 self._flush_once(batch)
                 return
@@ -401,10 +421,26 @@ class IngestWorker:
                     _log.warning("ingest: storing a batch of %d failed: %s", len(batch), exc)
                 else:
                     _log.exception("ingest: storing a batch of %d failed", len(batch))
+                if not is_outage(exc):
+                    batch = self._row_by_row(batch)
+                    if not batch:
+                        return
                 if self._stopping.is_set():
                     return  # not acknowledged: the broker (named session) or the device sends these again
                 self._stopping.wait(delay)
                 delay = min(delay * 2, self.settings.retry_max_s)
+
+    def _row_by_row(self, batch: list[_Item]) -> list[_Item]:
+        """Store each row of a refused batch alone; set aside the rows refused for their content. Returns the
+        rows still to store (from the first that failed because the database went away)."""
+        for i, item in enumerate(batch):
+            try:
+                self._flush_once([item])
+            except Exception as exc:
+                if is_outage(exc):
+                    return batch[i:]
+                self._reject("poison", item.token, f"the database refused it: {exc}", item.message.device_id)
+        return []
 
     def _flush_once(self, batch: list[_Item]) -> None:
         keep = self._admit(batch)
@@ -422,19 +458,15 @@ class IngestWorker:
 
     def _admit(self, batch: list[_Item]) -> list[_Item]:
         """The items whose device may report; the others are rejected (revoked, or unknown when so set)."""
-        names = {i.message.device_id for i in batch}
-        now = time.monotonic()
-        stale = now - self._enrolled_at > self.settings.enrolled_refresh_s
-        if stale or (not names <= self._enrolled.keys() and now - self._enrolled_at > 1.0):
-            self._enrolled, self._enrolled_at = self.store.enrolled(), now
+        refused = self.roster.refusals(i.message.device_id for i in batch)
         keep = []
         for item in batch:
             device_id = item.message.device_id
-            revoked = self._enrolled.get(device_id)
-            if revoked:
-                self._reject("revoked", item.token, device_id)
-            elif revoked is None and (isinstance(item.message, State) or not self.settings.accept_unknown):
-                self._reject("unknown-device", item.token, device_id)  # a state needs an enrolled device's row
+            why = refused.get(device_id)
+            if why is None and isinstance(item.message, State) and self.roster.accept_unknown:
+                why = self.roster.refusals((device_id,), enrolled_only=True).get(device_id)  # a state needs a row
+            if why is not None:
+                self._reject(why, item.token, "not an enrolled, unrevoked device", device_id)
             else:
                 keep.append(item)
         return keep

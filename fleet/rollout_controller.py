@@ -11,14 +11,22 @@ broker acknowledged the command (QoS 1), then ``notified``; a controller that st
 is persistent (a fixed client id), so the devices' events published while it was down are delivered when it
 comes back. Run one controller per fleet.
 
-Model signals used: the agents' rollback reasons (``p99``, ``error rate``, ``drift``), the drift score of
-their ``drift`` events for the new version, and what their telemetry says while they run it (p99 against the
-previous version, error rate, drift score: :mod:`~edgeml.fleet.rollout_signals`), read every ``signals_s``.
+Model signals used: the causes of the agents' rollbacks (``latency``, ``error_rate``, ``drift``), the drift
+score of their ``drift`` events for the new version, and what their telemetry says while they run it (p99
+against the previous version, error rate, drift score: :mod:`~edgeml.fleet.rollout_signals`), read every
+``signals_s``.
+
+What devices send is untrusted: every event and state is parsed into its typed message
+(:mod:`edgeml.protocol`), must name the device whose topic it came on, and must come from an enrolled,
+unrevoked device (:class:`~edgeml.fleet.device_roster.DeviceRoster`); anything else is counted in
+``rejected`` and dropped. Each message is handled on its own (one that fails is logged and dropped, the
+others are applied), each rollout is stepped on its own, and a device that sends more than
+``max_messages_per_tick`` messages between two ticks has the excess dropped, so that no device can stall
+the decisions of every rollout.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import ssl
@@ -32,11 +40,23 @@ import paho.mqtt.client as mqtt
 
 from edgeml.errors import EdgeMLError
 from edgeml.fleet import rollout_rules as rules
-from edgeml.fleet.db import utcnow
+from edgeml.fleet.db import is_outage, utcnow
+from edgeml.fleet.device_roster import DeviceRoster
 from edgeml.fleet.rollout_rules import DeviceRow, DeviceSignals, RolloutError, RolloutOptions, RolloutView
 from edgeml.fleet.rollout_signals import Judged, telemetry_signals
 from edgeml.fleet.rollouts import _at, _published, _ts
-from edgeml.protocol import PREFIX, Command, ProtocolError, State, device_topic, parse, parse_device_topic
+from edgeml.protocol import (
+    PREFIX,
+    Command,
+    DriftEvent,
+    ProtocolError,
+    State,
+    UpdateEvent,
+    device_topic,
+    fleet_client_id,
+    parse,
+    parse_device_topic,
+)
 
 __all__ = ["CONTROLLER_ACTOR", "RolloutController"]
 
@@ -44,6 +64,10 @@ _log = logging.getLogger(__name__)
 _RESULTS = {"committed", "rolled_back", "failed", "incompatible", "busy"}
 #: The audit log's actor of what the controller decides by itself (an abort on failures or model signals).
 CONTROLLER_ACTOR = "system:rollout-controller"
+#: The controller's MQTT client id: stable (its persistent session keeps the events while it is away), and
+#: outside the device id alphabet, so that no device can take it.
+CONTROLLER_CLIENT_ID = fleet_client_id("rollouts", unique=False)
+_LOG_EVERY_S = 60.0  # a device's dropped messages are logged at most once per this many seconds
 
 
 class _Changed(Exception):
@@ -62,25 +86,35 @@ class RolloutController:
         username: Broker user (the fleet user).
         password: Its password.
         tls: SSL context for a TLS listener (None: plain TCP).
-        client_id: The MQTT client id; keep it stable across restarts (the session keeps events meanwhile).
+        client_id: The MQTT client id; keep it stable across restarts (the session keeps events meanwhile), and
+            outside the device id alphabet (see :func:`~edgeml.protocol.fleet_client_id`).
         record_states: Write the devices' reported states (status, capabilities, installed) to the ``devices``
             table, which plans read (turn it off where an ingest worker with state on does it).
         tick_s: Seconds between ticks.
         signals_s: Seconds between reads of the telemetry signals of a rollout with model thresholds.
         audit: The audit log, where the controller's own aborts are appended (actor :data:`CONTROLLER_ACTOR`).
         clock: Unix time source.
+        accept_unknown: Take events and states from devices that are not enrolled (development brokers only).
+        max_messages_per_tick: Most messages kept from one device between two ticks (the rest are dropped).
     """
 
     def __init__(self, db: Any, broker_host: str, broker_port: int, *, dist: Any = None, username: str | None = None,
                  password: str | None = None, tls: ssl.SSLContext | None = None,
-                 client_id: str = "edgeml-rollouts", record_states: bool = True, tick_s: float = 1.0,
-                 signals_s: float = 5.0, audit: Any = None, clock: Callable[[], float] = time.time) -> None:
+                 client_id: str = CONTROLLER_CLIENT_ID, record_states: bool = True, tick_s: float = 1.0,
+                 signals_s: float = 5.0, audit: Any = None, clock: Callable[[], float] = time.time,
+                 accept_unknown: bool = False, max_messages_per_tick: int = 1000) -> None:
         from edgeml.fleet.telemetry_store import TelemetryStore
 
         self.db, self.dist, self.tick_s, self.signals_s, self.clock = db, dist, tick_s, signals_s, clock
         self.audit = audit
         self._telemetry: dict[str, tuple[float, dict[str, DeviceSignals]]] = {}  # rollout -> (read at, signals)
         self._store = TelemetryStore(db) if record_states else None
+        self.roster = DeviceRoster(db, accept_unknown=accept_unknown)
+        self.max_messages_per_tick = max_messages_per_tick
+        self._budget: dict[str, int] = {}  # device -> messages kept since the last tick (network thread only)
+        self._dropped: dict[str, int] = {}  # device -> messages over budget since the last tick
+        self.rejected: dict[str, int] = {}  # why -> messages not applied (malformed, device-mismatch, ...)
+        self._logged_at: dict[str, float] = {}
         self.broker = (broker_host, broker_port)
         self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
         if username is not None:
@@ -91,12 +125,12 @@ class RolloutController:
         self._inbox: queue.SimpleQueue[tuple[str, bytes, bool]] = queue.SimpleQueue()
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = lambda *a: self._subscribed.set()
-        self._client.on_message = lambda c, u, msg: self._inbox.put((msg.topic, bytes(msg.payload), msg.retain))
+        self._client.on_message = self._on_message
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.states: dict[str, State] = {}
         self._drift: dict[tuple[str, str], float] = {}
-        self._events: list[tuple[str, dict[str, Any]]] = []  # update events received, not yet recorded
+        self._events: list[UpdateEvent] = []  # update events received, not yet recorded
         self._states_seen: list[tuple[State, bool]] = []  # states received, not yet recorded
         self._targets: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
 
@@ -136,6 +170,17 @@ class RolloutController:
         if not reason.is_failure:
             client.subscribe([(f"{PREFIX}devices/+/events", 1), (f"{PREFIX}devices/+/state", 1)])
 
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        """Queue a message for the next tick, unless its device is over its budget (network thread)."""
+        parts = msg.topic.split("/", 4)
+        device = parts[3] if len(parts) == 5 else ""
+        used = self._budget.get(device, 0)
+        if used >= self.max_messages_per_tick:
+            self._dropped[device] = self._dropped.get(device, 0) + 1
+            return
+        self._budget[device] = used + 1
+        self._inbox.put((msg.topic, bytes(msg.payload), msg.retain))
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
@@ -147,58 +192,134 @@ class RolloutController:
     # --- one tick -------------------------------------------------------------------------------------------
 
     def tick(self) -> None:
-        """Apply the events received, then decide, record and send for each rollout with work left."""
+        """Apply the events received, then decide, record and send for each rollout with work left (a rollout
+        whose step fails is logged and tried again next tick; the others go on)."""
         self._apply_inbox()
         for rollout_id in self._rollouts_with_work():
-            self._step(rollout_id)
+            try:
+                self._step(rollout_id)
+            except Exception:
+                _log.exception("rollout %s: this tick's step failed; trying again next tick", rollout_id)
+
+    def _refuse(self, why: str, device: str, detail: str) -> None:
+        """Count a message not applied; log it at most once a minute per device."""
+        self.rejected[why] = self.rejected.get(why, 0) + 1
+        now = time.monotonic()
+        if now - self._logged_at.get(device, float("-inf")) >= _LOG_EVERY_S:
+            if len(self._logged_at) > 100_000:
+                self._logged_at.clear()
+            self._logged_at[device] = now
+            _log.warning("rollouts: dropped a message from %s (%s): %s", device[:64] or "?", why, detail[:300])
 
     def _apply_inbox(self) -> None:
-        """Record the states and update events received; kept for the next tick if the database fails."""
-        events, states = self._events, self._states_seen
+        """Record the states and update events received; kept for the next tick if the database is away."""
+        self._budget.clear()  # a new tick: every device may send max_messages_per_tick again
+        dropped, self._dropped = self._dropped, {}
+        for device, count in dropped.items():
+            self._refuse("flood", device, f"{count} messages over {self.max_messages_per_tick} between two ticks")
+        received: list[tuple[str, State | UpdateEvent | DriftEvent, bool]] = []
         while not self._inbox.empty():
             topic, payload, retained = self._inbox.get_nowait()
             try:
-                device_id, channel = parse_device_topic(topic)
-                if channel == "state":
-                    if payload:
-                        state = parse("state", payload)
-                        assert isinstance(state, State)
-                        self.states[device_id] = state
-                        states.append((state, not retained))
-                    continue
-                doc = json.loads(payload)
-            except (ProtocolError, ValueError) as exc:
-                _log.warning("ignored a message on %s: %s", topic, exc)
+                message = self._check(topic, payload)
+            except ProtocolError as exc:
+                self._refuse("malformed", topic.split("/")[3] if topic.count("/") == 4 else "", exc.message)
                 continue
-            if isinstance(doc, dict) and doc.get("type") == "drift" and isinstance(doc.get("window"), dict):
-                score = doc["window"].get("score")
-                if isinstance(score, (int, float)):
-                    self._drift[(device_id, str(doc.get("version")))] = float(score)
-            elif isinstance(doc, dict) and doc.get("type") == "update" and isinstance(doc.get("rollout"), str):
-                events.append((device_id, doc))
-        if states and self._store is not None:
-            self._store.store_batch([], states)
-        states.clear()
-        if events:
-            with self.db.transaction() as conn:
-                for device_id, doc in events:
-                    self._apply_event(conn, device_id, doc)
-            events.clear()
+            except Exception as exc:  # a bug must not cost the other messages
+                _log.exception("rollouts: a message on %r failed", topic[:120])
+                self._refuse("internal", "", repr(exc))
+                continue
+            if message is not None:
+                received.append((message.device_id, message, retained))
+        refused = self.roster.refusals({device for device, _, _ in received})
+        for device, message, retained in received:
+            if device in refused:
+                self._refuse(refused[device], device, "not an enrolled, unrevoked device")
+            elif isinstance(message, State):
+                self.states[device] = message
+                self._states_seen.append((message, not retained))
+            elif isinstance(message, DriftEvent):
+                if message.score is not None:
+                    self._drift[(device, message.version)] = message.score
+            elif message.rollout is not None and message.state in _RESULTS:
+                self._events.append(message)
+        self._record_states()
+        self._record_events()
 
-    def _apply_event(self, conn: Any, device_id: str, doc: dict[str, Any]) -> None:
-        state, reason = doc.get("state"), str(doc.get("reason") or "")[:1000] or None
-        if state not in _RESULTS:  # progress events (download, verify, ...) change nothing here
+    def _check(self, topic: str, payload: bytes) -> State | UpdateEvent | DriftEvent | None:
+        """The typed message on ``topic`` (None: nothing the controller uses).
+
+        Raises:
+            ProtocolError: Not a device topic, not a valid message, or it names another device.
+        """
+        device_id, channel = parse_device_topic(topic)
+        if channel == "state":
+            if not payload:
+                return None  # a cleared retained state
+            message = parse("state", payload)
+        elif channel == "events":
+            message = parse("event", payload)
+            if not isinstance(message, (UpdateEvent, DriftEvent)):
+                return None  # pong, rejected, ... : nothing for the rules
+        else:
+            raise ProtocolError(f"not a state or events topic: {topic[:120]!r}")
+        if message.device_id != device_id:
+            raise ProtocolError(f"a {channel} message of {message.device_id!r} on {device_id!r}'s topic")
+        return message
+
+    def _record_states(self) -> None:
+        states = self._states_seen
+        if states and self._store is not None:
+            try:
+                self._store.store_batch([], states)
+            except Exception as exc:
+                if is_outage(exc):
+                    raise  # kept for the next tick
+                _log.warning("rollouts: recording %d states failed (%s); recording them one by one", len(states), exc)
+                for one in states:
+                    try:
+                        self._store.store_batch([], [one])
+                    except Exception as single:
+                        if is_outage(single):
+                            raise
+                        self._refuse("poison", one[0].device_id, f"the database refused its state: {single}")
+        states.clear()
+
+    def _record_events(self) -> None:
+        events = self._events
+        if not events:
             return
+        try:
+            with self.db.transaction() as conn:
+                for event in events:
+                    self._apply_event(conn, event)
+        except Exception as exc:
+            if is_outage(exc):
+                raise  # kept for the next tick
+            for event in events:  # one by one: a poison event costs only itself
+                try:
+                    with self.db.transaction() as conn:
+                        self._apply_event(conn, event)
+                except Exception as single:
+                    if is_outage(single):
+                        raise
+                    self._refuse("poison", event.device_id, f"the database refused its event: {single}")
+        events.clear()
+
+    def _apply_event(self, conn: Any, event: UpdateEvent) -> None:
+        """Record an update result on the device's row of its rollout (matched by the command id)."""
+        state, reason = event.state, event.reason
         rd, sa = self.db.tables["rollout_devices"], self.db.sa
-        row = conn.execute(sa.select(rd).where((rd.c.rollout_id == doc["rollout"]) &
-                                               (rd.c.device_id == device_id))).first()
+        row = conn.execute(sa.select(rd).where((rd.c.rollout_id == event.rollout) &
+                                               (rd.c.device_id == event.device_id))).first()
         if row is None:
             return
-        if doc.get("id") == row.command_id and row.state in rules.IN_FLIGHT | {"timed_out"}:
+        if event.id == row.command_id and row.state in rules.IN_FLIGHT | {"timed_out"}:
             new = "failed" if state == "busy" else state
             reason = f"busy: {reason}" if state == "busy" else reason
-            conn.execute(rd.update().where(rd.c.id == row.id).values(state=new, reason=reason, finished_at=utcnow()))
-        elif doc.get("id") == row.revert_id and row.revert_state == "revert-sent":
+            conn.execute(rd.update().where(rd.c.id == row.id).values(
+                state=new, reason=reason, cause=None if state == "committed" else event.cause, finished_at=utcnow()))
+        elif event.id == row.revert_id and row.revert_state == "revert-sent":
             conn.execute(rd.update().where(rd.c.id == row.id).values(
                 revert_state="reverted" if state == "committed" else "revert-failed"))
 
@@ -218,8 +339,8 @@ class RolloutController:
         row = conn.execute(sa.select(t).where(t.c.id == rollout_id)).one()
         view = RolloutView(row.id, row.state, row.current_wave, _ts(row.wave_started_at),
                            RolloutOptions.from_dict(row.options))
-        devices = [DeviceRow(d.device_id, d.wave, d.state, d.reason, _ts(d.notified_at), d.previous, d.revert_state)
-                   for d in conn.execute(sa.select(rd).where(rd.c.rollout_id == rollout_id))]
+        devices = [DeviceRow(d.device_id, d.wave, d.state, d.reason, _ts(d.notified_at), d.previous, d.revert_state,
+                             d.cause) for d in conn.execute(sa.select(rd).where(rd.c.rollout_id == rollout_id))]
         return row, view, devices
 
     def _step(self, rollout_id: str) -> None:
@@ -275,12 +396,13 @@ class RolloutController:
             for a in actions:
                 if isinstance(a, rules.TimeOut):
                     conn.execute(rd.update().where(where & rd.c.device_id.in_(a.device_ids)).values(
-                        state="timed_out", reason="no result within the wave timeout", finished_at=_at(now)))
+                        state="timed_out", reason="no result within the wave timeout", cause=None,
+                        finished_at=_at(now)))
                 elif isinstance(a, rules.NotifyDevices):
                     for device_id in a.device_ids:
                         conn.execute(rd.update().where(where & (rd.c.device_id == device_id)).values(
                             state="notifying", command_id=uuid.uuid4().hex[:16], notified_at=_at(now),
-                            finished_at=None, reason=None))
+                            finished_at=None, reason=None, cause=None))
                 elif isinstance(a, rules.TellRollback):
                     conn.execute(rd.update().where(where & rd.c.device_id.in_(a.device_ids)).values(
                         revert_state=a.how, revert_id=uuid.uuid4().hex[:16]))

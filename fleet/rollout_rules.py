@@ -33,10 +33,13 @@ Model signals, each judged on the devices of the waves so far once as many of th
 of the per-device values must not exceed the limit.
 
 * p99 regression: a device's new-version p99 over its previous-version p99 (:class:`DeviceSignals`, from
-  telemetry when the controller has it); a device that rolled back with ``p99`` in its reason counts as an
+  telemetry when the controller has it); a device that rolled back with cause ``latency`` counts as an
   infinite regression (the agent's own judge found it too slow; its limit is ``max_p99_regression``).
-* error rate: the device's error rate; a rollback whose reason names the ``error rate`` counts as infinite.
-* drift: the device's drift score (its ``drift`` events); a rollback for ``drift`` counts as infinite.
+* error rate: the device's error rate; a rollback with cause ``error_rate`` counts as infinite.
+* drift: the device's drift score (its ``drift`` events); a rollback with cause ``drift`` counts as infinite.
+
+The cause is the agent's :class:`~edgeml.protocol.Cause`, stored with the device's row; the reason text is
+for people and is never read by a rule.
 
 Rollout states: ``pending`` (created, files not broadcast yet), ``canary``, ``wave-N``, ``paused``,
 ``completed``, ``aborted``. After an abort, devices still updating are told to roll back and devices that
@@ -61,6 +64,7 @@ from edgeml.fleet.rollout_options import (
     parse_fraction,
     parse_selection,
 )
+from edgeml.protocol import Cause
 
 __all__ = [
     "FAILURES",
@@ -257,6 +261,7 @@ class DeviceRow:
     notified_at: float | None = None
     previous: str | None = None
     revert_state: str | None = None  # None, rollback, rollback-sent, revert, revert-sent, reverted, revert-failed
+    cause: str | None = None  # the agent's Cause of a failure or rollback (edgeml.protocol.Cause values)
 
 
 @dataclass(frozen=True)
@@ -361,7 +366,7 @@ def _with_timeouts(rollout: RolloutView, devices: Sequence[DeviceRow], wave: int
         since = d.notified_at if d.state in IN_FLIGHT else started if d.state == "pending" and offline else None
         if d.wave <= wave and since is not None and now - since > limit:
             d = DeviceRow(d.device_id, d.wave, "timed_out", "no result within the wave timeout", d.notified_at,
-                          d.previous, d.revert_state)
+                          d.previous, d.revert_state, None)
             late.append(d.device_id)
         rows.append(d)
     return rows, tuple(late)
@@ -378,12 +383,12 @@ def _abort_reason(rows: Sequence[DeviceRow], wave: int, options: RolloutOptions,
     sofar = [d for d in rows if d.wave <= wave]
     size = sum(1 for d in sofar if d.wave == wave and d.state != "incompatible")
     needed = max(1, min(options.min_devices, size))
-    for name, limit, word, attr in (("p99 regression", options.max_p99_regression, "p99", "p99_ratio"),
-                                    ("error rate", options.max_error_rate, "error rate", "error_rate"),
-                                    ("drift", options.max_drift, "drift", "drift")):
+    for name, limit, cause, attr in (("p99 regression", options.max_p99_regression, Cause.LATENCY, "p99_ratio"),
+                                     ("error rate", options.max_error_rate, Cause.ERROR_RATE, "error_rate"),
+                                     ("drift", options.max_drift, Cause.DRIFT, "drift")):
         if limit is None:
             continue
-        values = _signal_values(sofar, signals, word, attr)
+        values = _signal_values(sofar, signals, cause, attr)
         if len(values) >= needed and statistics.median(values) > limit:
             shown = "every device rolled back for it" if math.isinf(statistics.median(values)) \
                 else f"median {statistics.median(values):.3g}"
@@ -396,13 +401,13 @@ def _abort_reason(rows: Sequence[DeviceRow], wave: int, options: RolloutOptions,
     return None
 
 
-def _signal_values(rows: Sequence[DeviceRow], signals: Mapping[str, DeviceSignals], word: str,
+def _signal_values(rows: Sequence[DeviceRow], signals: Mapping[str, DeviceSignals], cause: Cause,
                    attr: str) -> list[float]:
-    """One value per device that has one: measured, or infinite when it rolled back for this reason."""
+    """One value per device that has one: measured, or infinite when it rolled back for this cause."""
     values = []
     for d in rows:
         measured = getattr(signals.get(d.device_id, DeviceSignals()), attr)
-        if d.state == "rolled_back" and word in (d.reason or "").lower():
+        if d.state == "rolled_back" and d.cause == cause.value:
             values.append(math.inf)
         elif measured is not None and d.state in ("notified", "committed", "rolled_back"):
             values.append(float(measured))

@@ -58,7 +58,8 @@ class ServeSettings:
         shared: Use shared subscriptions for distribution and ingest (None: when not every role is here).
         mqtt5: Speak MQTT 5 to the broker where a part can (False for an MQTT 3.1.1-only broker).
         tick_s: Seconds between the controller's decisions.
-        client_id: The controller's MQTT client id (keep it across restarts: its session holds the events).
+        client_id: The controller's MQTT client id (keep it across restarts: its session holds the events; keep a
+            ``.`` in it, which no device id has, so that no device can take it).
         metrics_token: Require a viewer token on ``/metrics`` too.
         audit_head_s: Seconds between signatures of the audit log's head by the controller.
         broadcast: Whether the controller broadcasts each rollout's files (False: devices fetch them with get
@@ -77,12 +78,17 @@ class ServeSettings:
     shared: bool | None = None
     mqtt5: bool = True
     tick_s: float = 1.0
-    client_id: str = "edgeml-rollouts"
+    client_id: str = "edgeml.rollouts"
     metrics_token: bool = False
     audit_head_s: float = 3600.0
     broadcast: bool = True
 
     def __post_init__(self) -> None:
+        from edgeml.protocol import is_device_id
+
+        if is_device_id(self.client_id):
+            raise ConfigError(f"the controller's client id {self.client_id!r} is a valid device id, so a device "
+                              "could take it", hint="put a '.' in it, e.g. edgeml.rollouts")
         unknown = sorted(set(self.roles) - set(ROLES))
         if unknown or not self.roles:
             raise ConfigError(f"unknown or no roles {unknown or []}: choose among {', '.join(ROLES)}",
@@ -185,9 +191,11 @@ class FleetServer:
         from edgeml.fleet.distribution import DistributionService
 
         s = self.settings
+        from edgeml.fleet.device_roster import DeviceRoster
+
         dist = DistributionService(self.dir, s.broker_host, s.broker_port, username=s.username, password=s.password,
                                    tls=s.tls, share_group="edgeml-dist" if s.is_shared else None,
-                                   mqtt5=s.mqtt5 and s.is_shared)
+                                   mqtt5=s.mqtt5 and s.is_shared, roster=DeviceRoster(self.db))
         try:
             dist.start()
         except (OSError, TimeoutError) as exc:

@@ -73,7 +73,7 @@ def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
                                  broker_port=port, http_port=0, db_url=url, shared=True)
         with FleetServer(registry.dir, settings) as server:
             fleet = Fleet(url, registry, port, server.db, server.audit, server,
-                          client_id=f"e2e-controller-{uuid.uuid4().hex[:6]}")
+                          client_id=f"e2e.controller-{uuid.uuid4().hex[:6]}")
             fleet.start_controller(root)
             try:
                 yield fleet

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -85,9 +86,13 @@ def broker_port() -> Iterator[int]:
 
 
 def enroll(db: Database, *names: str, revoked: bool = False) -> None:
+    """Rows in the devices table (those already there are left as they are)."""
+    t = db.tables["devices"]
     with db.transaction() as conn:
+        present = set(conn.execute(sa.select(t.c.device_id)).scalars())
         for name in names:
-            conn.execute(db.tables["devices"].insert().values(device_id=name, revoked=revoked))
+            if name not in present:
+                conn.execute(t.insert().values(device_id=name, revoked=revoked))
 
 
 def tel(device_id: str, seq: int, **metrics: Any) -> Telemetry:
@@ -345,10 +350,12 @@ class Device:
 
 
 @pytest.fixture
-def devices() -> Iterator[Callable[..., list[Device]]]:
+def devices(db: Database) -> Iterator[Callable[..., list[Device]]]:
+    """Devices enrolled in the registry (the worker refuses the others) and connected to the broker."""
     made: list[Device] = []
 
     def make(port: int, *names: str, resend_after_s: float | None = None) -> list[Device]:
+        enroll(db, *names)
         made.extend(Device(name, port, resend_after_s) for name in names)
         return made[-len(names):]
 
@@ -535,3 +542,74 @@ def test_nothing_is_lost_or_duplicated_across_a_broker_restart(url: str, db: Dat
     assert row_count(db) == 3 * n == stats["stored"]
     assert stats["connects"] == 2  # the worker was there before and after the restart
     assert [d.acked() for d in fleet] == [n - 1] * 3
+
+
+# --- poison rows and batch deadlines ------------------------------------------------------------------------
+
+
+def _refuse_rows_marked_poison(db: Database) -> None:
+    """A real database refusal for one row's content: a trigger that fails inserts whose metrics say poison."""
+    with db.transaction() as conn:
+        if conn.dialect.name == "sqlite":
+            conn.exec_driver_sql(
+                "CREATE TRIGGER refuse_poison BEFORE INSERT ON telemetry WHEN NEW.metrics LIKE '%poison%' "
+                "BEGIN SELECT RAISE(ABORT, 'poison row'); END")
+        else:
+            conn.exec_driver_sql(
+                "CREATE FUNCTION refuse_poison() RETURNS trigger AS $$ BEGIN "
+                "IF position('poison' in NEW.metrics::text) > 0 THEN "
+                "RAISE EXCEPTION 'poison row' USING ERRCODE = '22023'; "
+                "END IF; RETURN NEW; END $$ LANGUAGE plpgsql")
+            conn.exec_driver_sql("CREATE TRIGGER refuse_poison BEFORE INSERT ON telemetry FOR EACH ROW "
+                                 "EXECUTE FUNCTION refuse_poison()")
+
+
+def test_a_row_the_database_refuses_is_set_aside_and_the_rest_of_its_batch_is_stored(
+        url: str, db: Database, broker_port: int, devices: Callable[..., list[Device]]) -> None:
+    _refuse_rows_marked_poison(db)
+    settings = IngestSettings(flush_ms=300, batch_size=500, reconnect_min_s=0.1, reconnect_max_s=0.5)
+    with IngestWorker(url, "127.0.0.1", broker_port, settings=settings) as worker:
+        honest, bad = devices(broker_port, "cam-1", "cam-bad")
+        honest.send(20)
+        bad.client.publish(device_topic("cam-bad", "telemetry"), tel("cam-bad", 0, x="poison").to_bytes(), qos=1)
+        bad.client.publish(device_topic("cam-bad", "telemetry"), tel("cam-bad", 1).to_bytes(), qos=1)
+        honest.send(20)  # the same batches (300 ms each) as the poison row
+        wait_for(honest.drained, what="every honest entry stored and acknowledged")
+        wait_for(lambda: worker.stats()["rejected"].get("poison") == 1, what="the poison row counted")
+        stats = worker.stats()
+    assert stored_seqs(db, "cam-1") == list(range(40))
+    assert stored_seqs(db, "cam-bad") == [1]  # its other row was stored; only the refused one was set aside
+    assert stats["store_errors"] >= 1 and stats["rejected"] == {"poison": 1}
+
+
+def test_a_batch_filled_after_a_queue_timeout_still_commits_in_time(url: str, db: Database, broker_port: int,
+                                                                      devices: Callable[..., list[Device]]) -> None:
+    """The writer's wait for the queue times out (acks were due) just as a message arrives: the batch it then
+    takes must still get its deadline, not wait for the next full batch."""
+    settings = IngestSettings(flush_ms=20, batch_size=500, ack_interval_s=0.3)
+    worker = IngestWorker(url, "127.0.0.1", broker_port, settings=settings)
+    raced: list[int] = []
+    device_box: list[Device] = []
+
+    class RacingQueue(queue.Queue):  # type: ignore[type-arg]
+        """The writer's queue; its timed wait ends with Empty just as a message is put in."""
+
+        def get(self, block: bool = True, timeout: float | None = None) -> Any:
+            try:
+                return super().get(block, timeout)
+            except queue.Empty:
+                if timeout is not None and device_box and not raced:
+                    raced.append(1)
+                    device_box[0].send(1)
+                    wait_for(lambda: self.qsize() > 0, timeout=10, what="the racing message queued")
+                raise
+
+    worker._queue = RacingQueue()
+    with worker:
+        [device] = devices(broker_port, "cam-1")
+        device.send(1)
+        wait_for(lambda: device.acked() == 0, what="the first row acknowledged (the next ack waits 0.3 s)")
+        device_box.append(device)
+        device.send(1)  # stored at once; its ack is owed in 0.3 s, so the writer's next wait is a timed one
+        wait_for(lambda: raced, timeout=10, what="the writer's timed wait")
+        wait_for(lambda: stored_seqs(db, "cam-1") == [0, 1, 2], timeout=10, what="the row that came in the race")

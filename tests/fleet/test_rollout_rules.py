@@ -169,13 +169,15 @@ def view(state: str = "canary", wave: int = 0, started: float | None = NOW - 10,
 
 
 def rows(*spec: tuple[str, int, str] | tuple[str, int, str, str]) -> list[DeviceRow]:
-    """(device, wave, state[, reason]); notified devices were notified 5 s ago."""
+    """(device, wave, state[, cause]); notified devices were notified 5 s ago. The reason text names no signal:
+    the rules must read the cause, never the words."""
     out = []
     for item in spec:
         device, wave, state = item[:3]
-        reason = item[3] if len(item) > 3 else None  # type: ignore[misc]
+        cause = item[3] if len(item) > 3 else None  # type: ignore[misc]
         notified = NOW - 5 if state not in ("pending", "incompatible") else None
-        out.append(DeviceRow(device, wave, state, reason, notified, "1.0.0"))
+        reason = "the agent said no" if cause else None
+        out.append(DeviceRow(device, wave, state, reason, notified, "1.0.0", None, cause))
     return out
 
 
@@ -222,11 +224,11 @@ CASES: list[tuple[str, RolloutView, list[DeviceRow], frozenset[str], list[Action
                                                        ("c", 0, "committed"), ("x", 0, "incompatible"),
                                                        ("y", 0, "incompatible")), ALL_ON, [AdvanceWave(1)]),
     ("p99-rollbacks-abort-on-the-signal", view(max_p99_regression=1.5, max_failure_rate=1.0), rows(
-        ("a", 0, "rolled_back", "p99 latency 40 ms exceeds 3 ms"), ("b", 0, "rolled_back", "p99 latency ..."),
-        ("c", 0, "rolled_back", "p99 latency ..."), ("d", 1, "pending")), ALL_ON,
+        ("a", 0, "rolled_back", "latency"), ("b", 0, "rolled_back", "latency"),
+        ("c", 0, "rolled_back", "latency"), ("d", 1, "pending")), ALL_ON,
      [AbortRollout("p99 regression past 1.5 on 3 devices (every device rolled back for it)")]),
     ("p99-without-a-limit-is-only-a-failure", view(max_failure_rate=1.0), rows(
-        ("a", 0, "rolled_back", "p99 latency"), ("b", 0, "committed"), ("c", 0, "committed")), ALL_ON,
+        ("a", 0, "rolled_back", "latency"), ("b", 0, "committed"), ("c", 0, "committed")), ALL_ON,
      [AdvanceWave(1)]),
     ("paused-does-nothing", view("paused"), rows(("a", 0, "pending")), ALL_ON, []),
     ("completed-catches-up-late-devices", view("completed", 2), [
@@ -303,3 +305,17 @@ def test_no_device_beyond_the_canary_is_ever_notified_while_it_runs() -> None:
         check_invariant(rollout, devices, actions)
         if any(isinstance(a, AdvanceWave) for a in actions):
             assert all(s in ("committed", "incompatible") for s in canary), canary
+
+
+@pytest.mark.parametrize(("cause", "reason", "aborts_on"), [
+    ("latency", "too slow on this device", "p99 regression"),
+    ("error_rate", "requests failed", "error rate"),
+    ("drift", "inputs moved", "drift"),
+    ("confidence", "p99 latency, error rate and drift all mentioned", None),  # words alone count for nothing
+    (None, "p99 latency 40 ms exceeds 3 ms", None),
+])
+def test_signals_read_the_cause_never_the_reason(cause: str | None, reason: str, aborts_on: str | None) -> None:
+    rollout = view(max_p99_regression=1.5, max_error_rate=0.1, max_drift=0.5, max_failure_rate=1.0)
+    devices = [DeviceRow(d, 0, "rolled_back", reason, NOW - 1, "1.0.0", None, cause) for d in "abc"]
+    aborts = [a.reason for a in decide(rollout, devices, NOW, ALL_ON, {}) if isinstance(a, AbortRollout)]
+    assert [r.split(" past ")[0] for r in aborts] == ([aborts_on] if aborts_on else [])

@@ -189,13 +189,14 @@ def make_devices(fleet: Fleet, tmp_path: Path, request: pytest.FixtureRequest) -
                 caps = Capabilities({**caps.runtimes, "onnxruntime": "1.99.0"}, caps.arch, providers=caps.providers)
             config = load_config(write_agent_config(tmp_path / device_id, device_id, fleet.port, root))
             agents[device_id] = Agent(config, capabilities=caps)
-            agents[device_id].start()
+        _record_devices(fleet, agents, tags or {"site": prefix})  # enrolled before they speak, as in the field
+        for agent in agents.values():
+            agent.start()
         devices = Devices(agents, recorder, (tags or {"site": prefix})["site"])
         made.append(devices)
         with ThreadPoolExecutor(n) as pool:
             ends = list(pool.map(lambda d: _first_install(fleet, d), ids))
         assert [e["state"] for e in ends] == ["committed"] * n, ends
-        _record_devices(fleet, agents, tags or {"site": prefix})
         recorder.clear()
         return devices
 
@@ -226,7 +227,7 @@ def _record_devices(fleet: Fleet, agents: dict[str, Agent], tags: dict[str, str]
 @pytest.fixture
 def controller(fleet: Fleet) -> Iterator[RolloutController]:
     with RolloutController(fleet.db, "127.0.0.1", fleet.port, dist=fleet.dist, tick_s=0.2,
-                           client_id=f"rollouts-{uuid.uuid4().hex[:8]}") as running:
+                           client_id=f"rollouts.{uuid.uuid4().hex[:8]}") as running:
         yield running
 
 
@@ -354,7 +355,7 @@ def _traffic(agent: Agent, inputs: np.ndarray, stop: threading.Event) -> None:
 def test_a_controller_killed_mid_rollout_continues_from_the_store(fleet: Fleet, make_devices: MakeDevices) -> None:
     devices = make_devices(4)
     rid = start_rollout(fleet.db, fleet.audit, "digits", GOOD, _options(select={"site": devices.site}), actor=ACTOR)
-    client_id = f"rollouts-{uuid.uuid4().hex[:8]}"
+    client_id = f"rollouts.{uuid.uuid4().hex[:8]}"
     command = [sys.executable, "-m", "edgeml.cli", "fleet", "controller", str(fleet.registry.dir), "--broker-host",
                "127.0.0.1", "--broker-port", str(fleet.port), "--db-url", fleet.url, "--tick", "0.2",
                "--client-id", client_id, "--no-broadcast"]
@@ -392,7 +393,7 @@ def test_a_decision_written_but_not_sent_is_sent_after_a_restart_with_its_comman
             state="notifying", command_id="c0ffee", notified_at=dt.datetime.now(dt.timezone.utc)))
     recorder = Recorder(fleet.port)
     try:
-        with RolloutController(fleet.db, "127.0.0.1", fleet.port, tick_s=0.2, client_id=f"outbox-{fleet.name}"):
+        with RolloutController(fleet.db, "127.0.0.1", fleet.port, tick_s=0.2, client_id=f"outbox.{fleet.name}"):
             deadline = time.monotonic() + 30
             while rollout_status(fleet.db, rid)[0].devices[0]["state"] != "notified":
                 assert time.monotonic() < deadline

@@ -134,6 +134,12 @@ def test_serve_answers_over_mqtt_and_http_and_stops_cleanly(
         tmp_path: Path, sig: signal.Signals, http: bool, password_file: bool) -> None:
     port, broker_dir, creds = tls_broker
     published = registry.publish(make_bundle("1.0.0", payload=os.urandom(200_000)))
+    db = registry.database()  # the device is in the broker's config; the fleet serves it once it is enrolled
+    with db.transaction() as conn:
+        if conn.execute(db.sa.select(db.tables["devices"].c.id).where(
+                db.tables["devices"].c.device_id == DEVICE)).first() is None:
+            conn.execute(db.tables["devices"].insert().values(device_id=DEVICE, revoked=False))
+    db.close()
     args = [str(registry.dir), "--broker-host", "localhost", "--broker-port", str(port), "--username", "fleet",
             "--ca", str(broker_dir / "tls" / "ca.crt"), *(["--http-port", "0"] if http else ["--no-http"])]
     env = {"EDGEML_BROKER_PASSWORD": creds["fleet"]}

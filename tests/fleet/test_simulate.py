@@ -11,59 +11,21 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from edgeml.bundle import Manifest, TensorSpec, write_bundle
 from edgeml.fleet.distribution import DistributionService
 from edgeml.fleet.registry import Registry, init_registry
 from edgeml.fleet.simulate import PI, STANDIN_LABEL, Knobs, Simulator, parse_tags
 from tests.edge_agent.harness import Operator, distribution, plain_broker
+from tests.fleet.tiny import tiny_bundle as _bundle
 
 CHAIN = ["notified", "download", "verify", "stage", "smoke_test", "switch", "probation", "commit", "committed"]
 #: Short probation, enough synthetic requests to judge, slack for a shared 2-core machine.
 FAST = {"probation_s": 0.5, "min_requests": 10, "max_probation_s": 20.0, "p99_factor": 3.0, "p99_slack_ms": 8.0,
         "smoke_latency_budget_s": 0.05}
-GOLDEN = 8
-
-
-def _model(scale: float) -> bytes:
-    """A real ONNX model: (batch, 4) -> (batch, 2) logits, a MatMul with fixed weights times ``scale``."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    w = (np.arange(8, dtype=np.float32).reshape(4, 2) - 3.5) * scale
-    graph = helper.make_graph([helper.make_node("MatMul", ["input", "w"], ["output"])], "tiny",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])],
-                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 2])],
-                              [numpy_helper.from_array(w, "w")])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
-
-
-def _bundle(out: Path, version: str, scale: float) -> Path:
-    import onnxruntime as ort
-
-    src = out / f"src-{version}"
-    src.mkdir(parents=True)
-    (src / "model.onnx").write_bytes(_model(scale))
-    (src / "pad.bin").write_bytes(np.random.default_rng(1).bytes(300_000))  # two broadcast chunks
-    x = np.random.default_rng(0).standard_normal((GOLDEN, 4)).astype(np.float32)
-    y = ort.InferenceSession(str(src / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
-    np.savez(src / "golden.npz", **{"in:input": x, "out:output": y})
-    manifest = Manifest(
-        name="tiny", version=version, target="onnx",
-        runtime={"name": "onnxruntime", "min_version": "1.17", "precision": "fp32", "build": None},
-        model={"file": "model.onnx", "format": "onnx"}, inputs=(TensorSpec("input", ("batch", 4), "float32"),),
-        outputs=(TensorSpec("output", ("batch", 2), "float32"),),
-        golden={"file": "golden.npz", "count": GOLDEN, "atol": 1e-4, "rtol": 0.0, "top1": True},
-        created="2026-01-01T00:00:00+00:00")
-    dest = out / manifest.filename
-    write_bundle(dest, manifest, {"model.onnx": src / "model.onnx", "golden.npz": src / "golden.npz",
-                                  "pad.bin": src / "pad.bin"})
-    return dest
 
 
 @dataclass
