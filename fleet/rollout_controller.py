@@ -309,9 +309,10 @@ class RolloutController:
     def _apply_event(self, conn: Any, event: UpdateEvent) -> None:
         """Record an update result on the device's row of its rollout (matched by the command id)."""
         state, reason = event.state, event.reason
-        rd, sa = self.db.tables["rollout_devices"], self.db.sa
+        rd, d, sa = self.db.tables["rollout_devices"], self.db.tables["devices"], self.db.sa
+        revoked = sa.exists().where((d.c.device_id == event.device_id) & (d.c.revoked == sa.true()))
         row = conn.execute(sa.select(rd).where((rd.c.rollout_id == event.rollout) &
-                                               (rd.c.device_id == event.device_id))).first()
+                                               (rd.c.device_id == event.device_id) & ~revoked)).first()
         if row is None:
             return
         if event.id == row.command_id and row.state in rules.IN_FLIGHT | {"timed_out"}:

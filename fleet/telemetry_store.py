@@ -213,7 +213,9 @@ class TelemetryStore:
                                   "installed": {state.model: state.version} if state.model else {}}
         if seen is not None:
             values["last_seen"] = seen
-        result = conn.execute(d.update().where(d.c.device_id == state.device_id).values(**values))
+        # revoked in the same statement: a revocation counts from its commit, whatever a consumer's cache says
+        result = conn.execute(d.update().where((d.c.device_id == state.device_id) & (d.c.revoked == self.sa.false()))
+                              .values(**values))
         return bool(result.rowcount)
 
     def update_state(self, device_id: str, state: State, *, seen: bool = True) -> bool:
@@ -225,7 +227,7 @@ class TelemetryStore:
             seen: Also set ``last_seen`` to now.
 
         Returns:
-            Whether the device is enrolled (unknown devices are not recorded).
+            Whether the device is enrolled and not revoked (other devices' states are not recorded).
 
         Raises:
             ConfigError: ``state`` is another device's.
