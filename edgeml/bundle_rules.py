@@ -241,21 +241,35 @@ def check_reference(value: Any, field: str, files: Mapping[str, Any], depth: int
 
 def check_golden(value: Any, files: Mapping[str, Any], depth: int) -> dict[str, Any] | None:
     """The ``golden`` block (or None): its file listed, count an integer, atol/rtol finite and >= 0, top1 a
-    bool or an agreement in [0, 1]."""
+    bool or an agreement in [0, 1]; the same for each entry of ``outputs`` (output name -> its own tolerances),
+    when present."""
     golden = check_reference(value, "golden", files, depth, optional=True)
     if golden is None:
         return None
     if "count" in golden:
         _integer(golden["count"], "golden.count", 0, _MAX_COUNT)
-    for key in ("atol", "rtol"):
-        tol = golden.get(key, 0)
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf:
-            raise BundleError(f"manifest field golden.{key} must be a finite number >= 0, got {shown(tol)}")
-    top1 = golden.get("top1", False)
-    if not isinstance(top1, bool) and not (isinstance(top1, (int, float)) and 0 <= top1 <= 1):
-        raise BundleError(f"manifest field golden.top1 must be true, false or an agreement from 0 to 1, got "
-                          f"{shown(top1)}")
+    _check_tolerances(golden, "golden")
+    outputs = golden.get("outputs")
+    if outputs is not None:
+        if not isinstance(outputs, Mapping) or len(outputs) > _MAX_TENSORS:
+            raise BundleError(f"manifest field golden.outputs must be an object of at most {_MAX_TENSORS} outputs, "
+                              f"got {shown(outputs)}")
+        for name, spec in outputs.items():
+            if not isinstance(spec, Mapping):
+                raise BundleError(f"manifest field golden.outputs[{shown(name)}] must be an object, got {shown(spec)}")
+            _check_tolerances(spec, f"golden.outputs[{shown(name)}]")
     return golden
+
+
+def _check_tolerances(block: Mapping[str, Any], field: str) -> None:
+    for key in ("atol", "rtol"):
+        tol = block.get(key, 0)
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf:
+            raise BundleError(f"manifest field {field}.{key} must be a finite number >= 0, got {shown(tol)}")
+    top1 = block.get("top1", False)
+    if not isinstance(top1, bool) and not (isinstance(top1, (int, float)) and 0 <= top1 <= 1):
+        raise BundleError(f"manifest field {field}.top1 must be true, false or an agreement from 0 to 1, got "
+                          f"{shown(top1)}")
 
 
 def check_tensor_list(value: Any, field: str) -> list[Any]:

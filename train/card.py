@@ -62,7 +62,7 @@ def onnx_outputs(path: Path, x: np.ndarray) -> np.ndarray:
 
 
 def write_refstats(path: Path, x_val: np.ndarray, outputs: np.ndarray) -> None:
-    """Reference statistics (edgeml.refstats/1) of the validation inputs and the exported model's outputs."""
+    """Reference statistics (edgeml.refstats/2) of the validation inputs and the exported model's outputs."""
     atomic_write_bytes(path, compute_reference_stats({"input": x_val}, outputs).to_json())
 
 

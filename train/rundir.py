@@ -9,7 +9,7 @@ Layout (``schema = "edgeml.run/1"``)::
       metrics.jsonl          one line per epoch
       checkpoints/epoch-NNNN.pt   model, optimiser, schedule and RNG states after each epoch
       model.pt               final state dict          model.onnx   the exported model (dynamic batch)
-      refstats.json          reference statistics (edgeml.refstats/1) of the validation data
+      refstats.json          reference statistics (edgeml.refstats/2) of the validation data
       model_card.md / model_card.json   overall, per-class and per-slice metrics
       data/calib.npz, data/val.npz, data/test.npz   arrays for `edgeml compile` (input, labels)
 

@@ -102,6 +102,11 @@ BAD_FIELDS = [
     pytest.param(_nested("golden", {"count": -1}), r"golden\.count must be an integer from 0", id="golden-count"),
     pytest.param(_nested("golden", {"top1": "yes"}), r"golden\.top1 must be true, false or an agreement",
                  id="golden-top1"),
+    pytest.param(_nested("golden", {"outputs": {"prob": {"atol": -1e-3}}}),
+                 r"golden\.outputs\['prob'\]\.atol must be a finite number >= 0", id="golden-output-atol"),
+    pytest.param(_nested("golden", {"outputs": {"prob": 0.1}}), r"golden\.outputs\['prob'\] must be an object",
+                 id="golden-output-not-object"),
+    pytest.param(_nested("golden", {"outputs": [0.1]}), r"golden\.outputs must be an object", id="golden-outputs-list"),
     pytest.param(_nested("metrics", {"deep": _deep(40)}), "nests arrays or objects deeper than 32 levels",
                  id="metrics-too-deep"),
     # the files block: hashes, sizes and member paths

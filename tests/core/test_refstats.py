@@ -16,6 +16,7 @@ from edgeml.refstats import (
     RefStatsError,
     compute_reference_stats,
     feature_matrix,
+    output_matrix,
     to_probabilities,
 )
 
@@ -138,8 +139,76 @@ def test_json_round_trip_is_exact() -> None:
     again = ReferenceStats.from_json(stats.to_json())
     assert again == stats
     assert again.to_json() == stats.to_json()
-    assert json.loads(stats.to_json())["schema"] == SCHEMA == "edgeml.refstats/1"
+    assert json.loads(stats.to_json())["schema"] == SCHEMA == "edgeml.refstats/2"
     assert ReferenceStats.from_json(stats.to_json().decode()) == stats
+    assert list(again.outputs) == ["output"] and again.outputs == stats.outputs
+
+
+#: A document as edgeml wrote it before output sketches (edgeml.refstats/1), byte for byte.
+_V1_DOCUMENT = """{
+ "extra": {},
+ "features": {"x": [{"bin_edges": [0.0, 9.0, 18.0], "counts": [5, 5], "max": 18.0, "mean": 9.0, "min": 0.0,
+   "n": 10, "name": "f0", "std": 5.744562646538029}]},
+ "n_samples": 10,
+ "predictions": {"class_counts": [4, 3, 3], "confidence_edges": [0.0, 0.5, 1.0], "confidence_counts": [6, 4],
+   "mean_confidence": 0.45},
+ "schema": "edgeml.refstats/1"
+}"""
+
+
+def test_a_version_1_document_still_reads_without_output_sketches() -> None:
+    old = ReferenceStats.from_json(_V1_DOCUMENT)
+    assert old.schema == "edgeml.refstats/1" and old.outputs == {} and old.n_samples == 10
+    (f,) = old.features["x"]
+    assert (f.name, f.counts, f.bin_edges, f.mean) == ("f0", [5, 5], [0.0, 9.0, 18.0], 9.0)
+    assert old.predictions is not None and old.predictions.class_counts == [4, 3, 3]
+    again = ReferenceStats.from_json(old.to_json())  # written back as it was: still /1, no outputs key
+    assert again == old and "outputs" not in json.loads(old.to_json())
+    assert json.loads(old.to_json()) == json.loads(_V1_DOCUMENT)
+
+
+def test_every_output_gets_a_sketch_whatever_the_model_computes() -> None:
+    rng = np.random.default_rng(4)
+    heatmap = rng.uniform(0, 1, (50, 1, 6, 8))  # a detector's probability map
+    boxes = rng.normal(10, 2, (50, 3))  # a regressor: three values per sample
+    stats = compute_reference_stats({"image": _images(n=50)}, {"prob": heatmap, "boxes": boxes})
+    assert list(stats.outputs) == ["prob", "boxes"]
+    assert [f.name for f in stats.outputs["prob"]] == ["mean", "std", "min", "max"]
+    assert [f.name for f in stats.outputs["boxes"]] == ["f0", "f1", "f2", "mean", "std", "min", "max"]
+    flat = heatmap.reshape(50, -1)
+    mean, std, lo, hi = stats.outputs["prob"]
+    assert mean.mean == pytest.approx(flat.mean(1).mean()) and std.mean == pytest.approx(flat.std(1).mean())
+    assert lo.max == pytest.approx(flat.min(1).max()) and hi.min == pytest.approx(flat.max(1).min())
+    assert stats.outputs["boxes"][1].mean == pytest.approx(boxes[:, 1].mean())
+    assert all(sum(f.counts) == 50 for fl in stats.outputs.values() for f in fl)
+    # the first output is not a class-score vector here (rank 4): no prediction statistics
+    assert stats.predictions is None
+
+
+@pytest.mark.parametrize(
+    ("shape", "names"),
+    [((7,), ["value"]), ((7, 1), ["value"]), ((7, 2), ["f0", "f1", "mean", "std", "min", "max"]),
+     ((7, 40), ["mean", "std", "min", "max"]), ((7, 1, 4, 4), ["mean", "std", "min", "max"])],
+    ids=["scalar", "one-column", "regressor", "wide-scores", "map"],
+)
+def test_output_matrix_reduces_each_output_kind(shape: tuple[int, ...], names: list[str]) -> None:
+    x = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    rows, got = output_matrix(x)
+    assert got == names and rows.shape == (7, len(names))
+    flat = x.reshape(7, -1).astype(np.float64)
+    if "max" in names:
+        np.testing.assert_allclose(rows[:, names.index("max")], flat.max(1))
+        np.testing.assert_allclose(rows[:, names.index("std")], flat.std(1))
+
+
+def test_a_constant_output_feature_gets_a_narrow_band_that_a_scaled_output_leaves() -> None:
+    probs = _softmax(np.random.default_rng(5).normal(0, 2, (80, 100)))  # each row sums to one: mean is 0.01
+    stats = compute_reference_stats({"x": np.zeros((80, 1))}, {"probs": probs})
+    mean = stats.outputs["probs"][0]
+    assert mean.name == "mean" and mean.counts == [0, 80, 0]
+    lo, inner_lo, inner_hi, hi = mean.bin_edges
+    assert inner_lo == pytest.approx(0.0095) and inner_hi == pytest.approx(0.0105) and lo < inner_lo < hi
+    assert not inner_lo <= 0.1 * 0.01 < inner_hi  # the mean of outputs scaled by 0.1 falls outside the band
 
 
 def _doc(**changes: Any) -> dict[str, Any]:
@@ -166,7 +235,7 @@ def _without_feature_field(key: str) -> dict[str, Any]:
     [
         pytest.param(b"{not json", "not valid JSON", id="not-json"),
         pytest.param(json.dumps([1, 2]), "unsupported reference statistics schema None", id="not-an-object"),
-        pytest.param(json.dumps(_doc(schema="edgeml.refstats/2")), "schema 'edgeml.refstats/2'", id="future-schema"),
+        pytest.param(json.dumps(_doc(schema="edgeml.refstats/3")), "schema 'edgeml.refstats/3'", id="future-schema"),
         pytest.param(json.dumps({k: v for k, v in _doc().items() if k != "schema"}), "schema None", id="no-schema"),
         pytest.param(json.dumps({k: v for k, v in _doc().items() if k != "features"}), "malformed",
                      id="no-features"),
@@ -177,6 +246,8 @@ def _without_feature_field(key: str) -> dict[str, Any]:
                      id="edges-counts-mismatch"),
         pytest.param(json.dumps(_doc(predictions={"class_counts": [1]})), "malformed", id="predictions-malformed"),
         pytest.param(json.dumps(_doc(n_samples="many")), "malformed", id="n-samples-not-int"),
+        pytest.param(json.dumps(_doc(outputs={"y": [{"name": "mean"}]})), "malformed", id="output-sketch-malformed"),
+        pytest.param(json.dumps(_doc(outputs={"y": 3})), "malformed", id="outputs-not-lists"),
     ],
 )
 def test_malformed_documents_are_refused(raw: bytes | str, message: str) -> None:
