@@ -19,7 +19,7 @@ import paho.mqtt.client as mqtt
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.fleet.mosquitto: the test broker
 
 from edgeml.bundle import Manifest, TensorSpec, write_bundle
-from edgeml.fleet.distribution import DistributionService
+from edgeml.fleet.registry.distribution import DistributionService
 
 __all__ = ["BROKER_CONF", "RemoteDistribution", "cpu_s", "golden_bundle", "pids_running", "raw_receivers", "rss_mib",
            "service_process", "write_broker_conf"]
@@ -79,7 +79,7 @@ def service_process(registry_dir: str, port: int, stop: Any, calls: Any = None) 
 
 class RemoteDistribution:
     """``broadcast`` and ``unbroadcast`` of a :class:`DistributionService` run by :func:`service_process` in
-    another process (what :class:`~edgeml.fleet.rollout_controller.RolloutController` calls on its ``dist``), so that
+    another process (what :class:`~edgeml.fleet.rollouts.controller.RolloutController` calls on its ``dist``), so that
     the process of the controller does not also answer the devices' get requests."""
 
     def __init__(self, calls: Any) -> None:
@@ -140,7 +140,7 @@ def raw_receivers(names: list[str], port: int, topic: str, size: int, ready: Any
     """A process of raw receivers (the fan-out base): one connection per name, all on one network thread,
     each subscribed to ``topic`` at QoS 1 counting bytes; after ``go`` puts the time the last of them held
     ``size`` bytes on ``results``."""
-    from edgeml.fleet.mqtt_pool import ClientPool
+    from edgeml.fleet.sim.mqtt_pool import ClientPool
 
     pool = ClientPool()
     pool.start()

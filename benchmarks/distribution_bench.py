@@ -43,9 +43,9 @@ from benchmarks._common import publish_raw
 from edgeml.bundle import Manifest, TensorSpec, write_bundle
 from edgeml.edge_agent.mqtt_fetcher import METADATA_URL, TARGETS_URL, MqttFetcher
 from edgeml.edge_agent.tuf_client import TufClient
-from edgeml.fleet.distribution import BROADCAST_CHUNK, DistributionService
-from edgeml.fleet.mqtt_pool import ClientPool
-from edgeml.fleet.registry import init_registry
+from edgeml.fleet.registry.distribution import BROADCAST_CHUNK, DistributionService
+from edgeml.fleet.registry.repository import init_registry
+from edgeml.fleet.sim.mqtt_pool import ClientPool
 from tests.fleet.mosquitto import run_mosquitto
 
 RAW_TOPIC = "bench/raw"

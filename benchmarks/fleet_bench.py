@@ -1,10 +1,10 @@
 """Fleet benchmark: a single-wave rollout to 1,000 simulated devices, and telemetry ingestion, in one run.
 
 Part 1, the rollout, on the real path: a signed registry with a ~1 MB bundle published, the devices enrolled
-in its database (tags, capabilities), :func:`edgeml.fleet.rollouts.start_rollout` with one wave (canary
-100%, probation 0), and a :class:`~edgeml.fleet.rollout_controller.RolloutController` whose
-:class:`~edgeml.fleet.distribution.DistributionService` broadcasts the bundle once (a second service in a
-helper process shares the get requests). The devices are :class:`edgeml.fleet.simulate.Simulator` devices
+in its database (tags, capabilities), :func:`edgeml.fleet.rollouts.store.start_rollout` with one wave (canary
+100%, probation 0), and a :class:`~edgeml.fleet.rollouts.controller.RolloutController` whose
+:class:`~edgeml.fleet.registry.distribution.DistributionService` broadcasts the bundle once (a second service in a
+helper process shares the get requests). The devices are :class:`edgeml.fleet.sim.simulator.Simulator` devices
 (stand-in runtime, fixed latency): each refreshes its own TUF metadata over MQTT, takes the bundle from the
 broadcast, verifies it, stages it into its inactive slot, smoke-tests the golden vectors, switches and
 commits. Timed from ``start_rollout`` until the store (``rollout_devices``) says every device committed.
@@ -12,7 +12,7 @@ The base, in the same run and against the same broker: a raw Mosquitto fan-out o
 publisher, the same chunk size, QoS 1) to as many plain connections, timed until each holds every byte.
 
 Part 2, ingestion: :mod:`benchmarks.ingest_bench` in the same run (its own broker): an
-:class:`~edgeml.fleet.ingest.IngestWorker` storing and acknowledging telemetry against a raw paho QoS 1
+:class:`~edgeml.fleet.telemetry.ingest.IngestWorker` storing and acknowledging telemetry against a raw paho QoS 1
 subscriber that only counts; SQLite by default, ``--db-url`` for PostgreSQL.
 
 Usage:  python benchmarks/fleet_bench.py [--devices 1000] [--processes 2] [--db-url URL]
@@ -47,13 +47,13 @@ from benchmarks._common import (
     service_process,
     write_broker_conf,
 )
-from edgeml.fleet.audit import open_audit
-from edgeml.fleet.distribution import BROADCAST_CHUNK
-from edgeml.fleet.registry import init_registry
-from edgeml.fleet.rollout_controller import RolloutController
-from edgeml.fleet.rollout_rules import RolloutOptions
-from edgeml.fleet.rollouts import start_rollout
-from edgeml.fleet.simulate import Knobs, Simulator
+from edgeml.fleet.audit.log import open_audit
+from edgeml.fleet.registry.distribution import BROADCAST_CHUNK
+from edgeml.fleet.registry.repository import init_registry
+from edgeml.fleet.rollouts.controller import RolloutController
+from edgeml.fleet.rollouts.rules import RolloutOptions
+from edgeml.fleet.rollouts.store import start_rollout
+from edgeml.fleet.sim.simulator import Knobs, Simulator
 from tests.fleet.mosquitto import run_mosquitto
 
 GOAL_S_1000 = 15.0

@@ -6,7 +6,7 @@ against the same Mosquitto and the same publisher connections:
 
 1. raw (the base): a plain paho subscriber (QoS 1) that only counts messages; timed from the go signal to
    the last message received.
-2. ingest: an :class:`~edgeml.fleet.ingest.IngestWorker` (shared subscription, MQTT 5, batches into the
+2. ingest: an :class:`~edgeml.fleet.telemetry.ingest.IngestWorker` (shared subscription, MQTT 5, batches into the
    store, telemetry-ack commands after each commit, PUBACK after commit); timed from the go signal to the
    last row committed (``stats()["stored"]`` polled every 10 ms).
 
@@ -34,8 +34,8 @@ import paho.mqtt.client as mqtt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.fleet.mosquitto: the test broker
 
-from edgeml.fleet.ingest import TELEMETRY_FILTER, IngestWorker
-from edgeml.fleet.mqtt_pool import ClientPool
+from edgeml.fleet.sim.mqtt_pool import ClientPool
+from edgeml.fleet.telemetry.ingest import TELEMETRY_FILTER, IngestWorker
 from edgeml.protocol import Telemetry, device_topic
 from tests.fleet.mosquitto import run_mosquitto
 
@@ -163,7 +163,7 @@ def _scaled(ctx: Any, workers: int, port: int, db_url: str, total: int, go: Any,
 
 def _enroll(db_url: str, names: list[str]) -> None:
     """What enrollment writes: one ``devices`` row per device."""
-    from edgeml.fleet.db import Database
+    from edgeml.fleet.store.db import Database
 
     db = Database(db_url)
     try:

@@ -2,7 +2,7 @@
 
 Real Mosquitto, a real signed registry, the distribution service broadcasting the bundle once (retained),
 (one instance here, one in a helper process, sharing the get requests) and
-:class:`edgeml.fleet.simulate.Simulator` devices with the stand-in runtime (fixed latency): each device
+:class:`edgeml.fleet.sim.simulator.Simulator` devices with the stand-in runtime (fixed latency): each device
 refreshes its own TUF metadata over MQTT, takes the bundle from the broadcast, verifies it (signed hash,
 member hashes, manifest), stages it into its inactive slot, smoke-tests the golden vectors, switches and
 commits (probation 0). A small operator client sends the update commands and counts ``committed`` events.
@@ -35,9 +35,9 @@ import paho.mqtt.client as mqtt
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.fleet.mosquitto: the test broker
 
 from benchmarks._common import golden_bundle, rss_mib, service_process, write_broker_conf
-from edgeml.fleet.distribution import DistributionService
-from edgeml.fleet.registry import init_registry
-from edgeml.fleet.simulate import Knobs, Simulator
+from edgeml.fleet.registry.distribution import DistributionService
+from edgeml.fleet.registry.repository import init_registry
+from edgeml.fleet.sim.simulator import Knobs, Simulator
 from edgeml.protocol import PREFIX, Command, device_topic
 from tests.fleet.mosquitto import run_mosquitto
 

@@ -4,7 +4,7 @@
 :func:`publish_event` and :func:`set_last_will` send it on the right topic, QoS and retain flag); the
 events themselves are the typed classes of :mod:`edgeml.protocol.events`. :func:`update_request`,
 :func:`ack_seq` and :func:`rollback_reason` read what a command asks. Both the real agent
-(:mod:`edgeml.edge_agent.agent`) and the simulated devices (:mod:`edgeml.fleet.simulate`) use them, so a
+(:mod:`edgeml.edge_agent.agent`) and the simulated devices (:mod:`edgeml.fleet.sim.simulator`) use them, so a
 fleet tested against the simulator meets the same messages in the field.
 """
 

@@ -25,7 +25,7 @@ The tree::
     │   └── TargetExistsError       a different file is already published under that name/version/target
     ├── UpdateVerificationError     a device refused an update that failed TUF verification (carries kind)
     ├── ProtocolError               an MQTT topic or message breaks the protocol (edgeml.protocol)
-    ├── AuthError                   a fleet API request without a valid operator token, 401 (edgeml.fleet.auth)
+    ├── AuthError                   a fleet API request without a valid operator token, 401 (edgeml.fleet.web.auth)
     │   └── ForbiddenError          a token whose role is too low for the action, 403
     ├── NotFoundError               something asked for by name does not exist (HTTP 404)
     ├── ConflictError               a change that the current state refuses: exists already, changed meanwhile (409)

@@ -32,7 +32,7 @@ def init_command(
     db_url: DbUrl = None,
 ) -> None:
     """Create a registry: TUF metadata, online keys, offline root keys and the database."""
-    from edgeml.fleet.registry import init_registry
+    from edgeml.fleet.registry.repository import init_registry
 
     init_registry(directory, root_keys=root_keys, root_threshold=root_threshold, db_url=db_url)
     typer.echo(f"created registry {directory} (serve {directory / 'repository'} to devices)")
@@ -48,7 +48,7 @@ def publish_command(
     db_url: DbUrl = None,
 ) -> None:
     """Verify a bundle and publish it as a signed TUF target."""
-    from edgeml.fleet.registry import Registry
+    from edgeml.fleet.registry.repository import Registry
 
     result = Registry(directory, db_url=db_url).publish(bundle, channel=channel)
     state = "published" if result.changed else "already published (unchanged)"
@@ -63,7 +63,7 @@ def timestamp_command(
     """Re-sign the timestamp (run it periodically, more often than its validity)."""
     from datetime import timedelta
 
-    from edgeml.fleet.registry import Registry
+    from edgeml.fleet.registry.repository import Registry
 
     version = Registry(directory).refresh_timestamp(timedelta(hours=hours))
     typer.echo(f"timestamp v{version}, valid {hours:g} h")
@@ -81,7 +81,7 @@ def rotate_command(
 ) -> None:
     """Replace the root keys: the new root is signed by the old and the new keys (audited)."""
     from edgeml.errors import ConfigError
-    from edgeml.fleet.registry import Registry
+    from edgeml.fleet.registry.repository import Registry
 
     if role != "root":
         raise ConfigError(f"rotating {role!r} keys is not supported yet; only 'root' is")
@@ -107,7 +107,7 @@ def broker_config_command(
 ) -> None:
     """Write a TLS-only Mosquitto config: each device bound to its own client id and topics (dynamic security)."""
     from edgeml.errors import ConfigError
-    from edgeml.fleet.broker import TlsFiles, write_broker_config
+    from edgeml.fleet.devices.broker import TlsFiles, write_broker_config
 
     given = [p for p in (cafile, certfile, keyfile) if p is not None]
     if given and len(given) != 3:
@@ -139,17 +139,9 @@ def _tls_context(ca: Path | None) -> Any:
 
 def _until_stopped() -> None:
     """Block until SIGTERM or SIGINT (Ctrl-C)."""
-    import signal
-    import threading
+    from edgeml.process import wait_for_signal
 
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        while not stop.wait(1.0):
-            pass
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    wait_for_signal()
 
 
 Role = Annotated[list[str] | None, typer.Option("--role", help="Run only this part (repeatable): dist, ingest, "
@@ -170,7 +162,7 @@ def _broker_password(given: str | None, password_file: Path | None) -> str | Non
     """The broker password: from ``--password-file``, else ``$EDGEML_BROKER_PASSWORD``, else None."""
     import os
 
-    from edgeml.fleet.auth import read_secret
+    from edgeml.fleet.web.auth import read_secret
 
     refuse_secret_argument("--password", given, "$EDGEML_BROKER_PASSWORD or --password-file FILE")
     if password_file is not None:
@@ -247,7 +239,7 @@ def _control(broker_dir: Path, offline: bool, url: str | None) -> Any:
     from urllib.parse import urlsplit
 
     from edgeml.errors import ConfigError
-    from edgeml.fleet.broker_control import BrokerControl
+    from edgeml.fleet.devices.broker_control import BrokerControl
 
     if offline:
         return None
@@ -277,7 +269,7 @@ def devices_enroll_command(
 ) -> None:
     """Enroll a device: record it, add it to the broker (its own client id and topics), write its bootstrap file."""
     from edgeml.errors import ConfigError
-    from edgeml.fleet.devices import enroll
+    from edgeml.fleet.devices.enrollment import enroll
 
     tags: dict[str, str] = {}
     for item in tag or []:
@@ -298,7 +290,7 @@ def devices_ls_command(
     db_url: DbUrl = None,
 ) -> None:
     """List the enrolled devices."""
-    from edgeml.fleet.devices import list_devices
+    from edgeml.fleet.devices.enrollment import list_devices
 
     rows = [("NAME", "TAGS", "ENROLLED", "REVOKED", "LAST SEEN", "INSTALLED")]
     for d in list_devices(directory, db_url=db_url):
@@ -321,14 +313,14 @@ def devices_revoke_command(
     db_url: DbUrl = None,
 ) -> None:
     """Revoke a device: the fleet ignores it, and the broker disables its login (disconnecting it now)."""
-    from edgeml.fleet.devices import revoke
+    from edgeml.fleet.devices.enrollment import revoke
 
     revoke(directory, name, broker_dir, control=_control(broker_dir, offline, control), db_url=db_url)
     typer.echo(f"revoked {name}" + ("; the broker disables it when it starts" if offline else
                                     "; the broker disconnected it and refuses it from now on"))
 
 
-# --- the audit log and operator tokens (edgeml.fleet.audit, edgeml.fleet.auth) ---
+# --- the audit log and operator tokens (edgeml.fleet.audit.log, edgeml.fleet.web.auth) ---
 
 audit_app = typer.Typer(name="audit", help="Read and verify the fleet's signed audit log.", no_args_is_help=True)
 fleet_app.add_typer(audit_app)
@@ -346,7 +338,7 @@ def audit_ls_command(
     """List the audit log's entries, oldest first."""
     import json
 
-    from edgeml.fleet.audit import open_audit
+    from edgeml.fleet.audit.log import open_audit
 
     log = open_audit(directory, db_url=db_url, create_key=False)
     try:
@@ -366,7 +358,7 @@ def audit_verify_command(
 ) -> None:
     """Recompute the hash chain and check every signed head; exit 1 if the log was tampered with, or if no
     signed head covers its last entries (appended outside edgeml, or their heads deleted)."""
-    from edgeml.fleet.audit import open_audit
+    from edgeml.fleet.audit.log import open_audit
 
     log = open_audit(directory, db_url=db_url, create_key=False)
     if heads is not None:
@@ -381,7 +373,7 @@ def audit_verify_command(
 
 
 def _tokens_db(directory: Path, db_url: str | None) -> Any:
-    from edgeml.fleet.registry import Registry
+    from edgeml.fleet.registry.repository import Registry
 
     return Registry(directory, db_url=db_url).database()
 
@@ -394,8 +386,8 @@ def tokens_create_command(
     db_url: DbUrl = None,
 ) -> None:
     """Create an operator token and print it (only this once: it is stored as a hash)."""
-    from edgeml.fleet.audit import local_actor, open_audit
-    from edgeml.fleet.auth import Role, create_token
+    from edgeml.fleet.audit.log import local_actor, open_audit
+    from edgeml.fleet.web.auth import Role, create_token
 
     parsed = Role.parse(role)
     log = open_audit(directory, db_url=db_url)
@@ -413,7 +405,7 @@ def tokens_ls_command(
     db_url: DbUrl = None,
 ) -> None:
     """List the operator tokens (names and roles; the tokens themselves are not stored)."""
-    from edgeml.fleet.auth import list_tokens
+    from edgeml.fleet.web.auth import list_tokens
 
     db = _tokens_db(directory, db_url)
     try:
@@ -436,8 +428,8 @@ def tokens_revoke_command(
     db_url: DbUrl = None,
 ) -> None:
     """Revoke an operator token: requests with it are refused from now on."""
-    from edgeml.fleet.audit import local_actor, open_audit
-    from edgeml.fleet.auth import revoke_token
+    from edgeml.fleet.audit.log import local_actor, open_audit
+    from edgeml.fleet.web.auth import revoke_token
 
     log = open_audit(directory, db_url=db_url)
     try:
@@ -447,7 +439,7 @@ def tokens_revoke_command(
     typer.echo(f"revoked token {name!r}")
 
 
-# --- the fleet simulator (edgeml.fleet.simulate) ---
+# --- the fleet simulator (edgeml.fleet.sim.simulator) ---
 
 
 @fleet_app.command("simulate")
@@ -487,7 +479,7 @@ def simulate_command(
     import threading
 
     from edgeml.errors import ConfigError
-    from edgeml.fleet.simulate import Knobs, Simulator, parse_tags
+    from edgeml.fleet.sim.simulator import Knobs, Simulator, parse_tags
 
     root_file = registry / "repository" / "metadata" / "1.root.json"
     if not root_file.is_file():
@@ -513,7 +505,7 @@ def simulate_command(
     typer.echo(f"telemetry {summary['telemetry_sent']} reports sent; runtime: {summary['runtime']}")
 
 
-# --- staged rollouts (edgeml.fleet.rollouts, edgeml.fleet.rollout_rules) ---
+# --- staged rollouts (edgeml.fleet.rollouts.store, edgeml.fleet.rollouts.rules) ---
 
 @fleet_app.command("controller")
 def controller_command(

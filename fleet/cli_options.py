@@ -2,7 +2,7 @@
 
 Secrets (operator tokens, the broker password) are never option values: every local user can read a
 process's arguments. They come from the environment or from a file only their owner can read
-(:func:`~edgeml.fleet.auth.read_secret`). The old ``--token`` and ``--password`` options are kept, hidden,
+(:func:`~edgeml.fleet.web.auth.read_secret`). The old ``--token`` and ``--password`` options are kept, hidden,
 only to say so (:func:`refuse_secret_argument`).
 """
 

@@ -48,7 +48,7 @@ def _fleet(target: str, db_url: str | None, remote: _Remote) -> Any:
 
 
 def _thresholds(items: list[str] | None) -> dict[str, float]:
-    from edgeml.fleet.rollout_rules import RolloutError
+    from edgeml.fleet.rollouts.rules import RolloutError
 
     out: dict[str, float] = {}
     for item in items or []:
@@ -90,7 +90,7 @@ def rollout_start_command(
     db_url: DbUrl = None,
 ) -> None:
     """Plan a staged rollout; the controller (`edgeml fleet serve`) carries it out."""
-    from edgeml.fleet.rollout_rules import (
+    from edgeml.fleet.rollouts.rules import (
         RolloutError,
         RolloutOptions,
         parse_duration,
@@ -202,7 +202,7 @@ def rollback_command(
     db_url: DbUrl = None,
 ) -> None:
     """Roll the selected devices back to an older version: a new single-wave rollout of it."""
-    from edgeml.fleet.rollout_rules import parse_duration, parse_selection
+    from edgeml.fleet.rollouts.rules import parse_duration, parse_selection
 
     target = _fleet(fleet, db_url, _remote(token, token_file, insecure))
     try:

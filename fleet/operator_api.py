@@ -12,7 +12,7 @@ The remote client guards its token: it never follows a redirect (a redirect woul
 whatever host the server names; it is reported, with its ``Location``, as an error), it refuses plain
 ``http://`` to a host that is not this machine unless told ``insecure``, and it reads at most
 :data:`MAX_RESPONSE_BYTES` of an answer. The token itself comes from ``--token-file`` or ``$EDGEML_TOKEN``
-(:func:`~edgeml.fleet.auth.operator_token`), never from the command line.
+(:func:`~edgeml.fleet.web.auth.operator_token`), never from the command line.
 
 Both offer the same methods and raise the same errors, so the CLI does not care which one it has.
 :func:`telemetry_routes` is the server side of :meth:`RemoteFleet.telemetry`.
@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from edgeml.errors import ConfigError, ConflictError, EdgeMLError, NotFoundError, RegistryError
-from edgeml.fleet.rollout_rules import RolloutOptions
-from edgeml.fleet.rollouts import RolloutStatus
+from edgeml.fleet.rollouts.rules import RolloutOptions
+from edgeml.fleet.rollouts.store import RolloutStatus
 
 __all__ = ["MAX_RESPONSE_BYTES", "LocalFleet", "RemoteFleet", "open_fleet", "telemetry_routes"]
 
@@ -51,35 +51,35 @@ class LocalFleet:
     """
 
     def __init__(self, directory: Path, db_url: str | None = None) -> None:
-        from edgeml.fleet.audit import local_actor, open_audit
+        from edgeml.fleet.audit.log import local_actor, open_audit
 
         self.log = open_audit(directory, db_url=db_url)
         self.db, self.actor = self.log.db, local_actor()
 
     def start(self, model: str, version: str, options: RolloutOptions, rollout_id: str | None = None) -> str:
-        from edgeml.fleet.rollouts import start_rollout
+        from edgeml.fleet.rollouts.store import start_rollout
 
         return start_rollout(self.db, self.log, model, version, options, actor=self.actor, rollout_id=rollout_id)
 
     def status(self, rollout_id: str | None = None) -> list[RolloutStatus]:
-        from edgeml.fleet.rollouts import rollout_status
+        from edgeml.fleet.rollouts.store import rollout_status
 
         return rollout_status(self.db, rollout_id)
 
     def change(self, rollout_id: str, action: str, reason: str | None = None) -> str:
-        from edgeml.fleet.rollouts import set_rollout_state
+        from edgeml.fleet.rollouts.store import set_rollout_state
 
         return set_rollout_state(self.db, self.log, rollout_id, action, actor=self.actor, reason=reason)
 
     def rollback(self, model: str, to: str, *, select: dict[str, str], targets: Sequence[str] | None,
                  wave_timeout_s: float, probation_s: float) -> str:
-        from edgeml.fleet.rollouts import rollback
+        from edgeml.fleet.rollouts.store import rollback
 
         return rollback(self.db, self.log, model, to, actor=self.actor, select=select, targets=targets,
                         wave_timeout_s=wave_timeout_s, probation_s=probation_s)
 
     def telemetry(self, device_id: str, limit: int) -> list[dict[str, Any]]:
-        from edgeml.fleet.telemetry_store import TelemetryStore
+        from edgeml.fleet.telemetry.store import TelemetryStore
 
         return [_jsonable(r) for r in TelemetryStore(self.db).latest(device_id, limit)]
 
@@ -137,7 +137,7 @@ class RemoteFleet:
 
     Args:
         url: The server's base URL, e.g. ``https://fleet.example:8470``.
-        token: An operator token (:func:`~edgeml.fleet.auth.operator_token` finds the user's).
+        token: An operator token (:func:`~edgeml.fleet.web.auth.operator_token` finds the user's).
         insecure: Allow plain ``http://`` to a host other than this machine.
 
     Raises:
@@ -171,7 +171,7 @@ class RemoteFleet:
 
     def _refused(self, exc: urllib.error.HTTPError) -> EdgeMLError:
         """The project's error for an error status of the server."""
-        from edgeml.fleet.auth import AuthError, ForbiddenError
+        from edgeml.fleet.web.auth import AuthError, ForbiddenError
 
         with exc:
             if 300 <= exc.code < 400:
@@ -233,7 +233,7 @@ def open_fleet(target: str, db_url: str | None = None, *, token_file: Path | Non
         RegistryError: ``target`` is not a registry directory.
     """
     if target.startswith(("http://", "https://")):
-        from edgeml.fleet.auth import operator_token
+        from edgeml.fleet.web.auth import operator_token
 
         return RemoteFleet(target, operator_token(token_file), insecure=insecure)
     return LocalFleet(Path(target), db_url)
@@ -245,10 +245,10 @@ def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
 
 def telemetry_routes(db: Any) -> list[Any]:
     """``GET /api/devices/ID/telemetry?limit=N`` (viewer): a device's newest telemetry rows, newest first."""
-    from edgeml.fleet.auth import Role
-    from edgeml.fleet.dashboard import parse_query
-    from edgeml.fleet.http_routes import ApiCall, api_route
-    from edgeml.fleet.telemetry_store import TelemetryStore
+    from edgeml.fleet.telemetry.store import TelemetryStore
+    from edgeml.fleet.web.auth import Role
+    from edgeml.fleet.web.dashboard import parse_query
+    from edgeml.fleet.web.routes import ApiCall, api_route
 
     store = TelemetryStore(db)
 

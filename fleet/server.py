@@ -2,12 +2,12 @@
 
 Roles (:data:`ROLES`), each a part that already exists on its own:
 
-* ``dist``: the :class:`~edgeml.fleet.distribution.DistributionService`, answering devices' get requests
+* ``dist``: the :class:`~edgeml.fleet.registry.distribution.DistributionService`, answering devices' get requests
   for metadata and targets over MQTT;
-* ``controller``: the :class:`~edgeml.fleet.rollout_controller.RolloutController` (one per fleet: it is the only
+* ``controller``: the :class:`~edgeml.fleet.rollouts.controller.RolloutController` (one per fleet: it is the only
   writer of rollout decisions), which also broadcasts each rollout's files through a distribution service
   (its own when ``dist`` runs elsewhere) and signs the audit log's head every ``audit_head_s``;
-* ``ingest``: an :class:`~edgeml.fleet.ingest.IngestWorker` storing telemetry and states (add processes
+* ``ingest``: an :class:`~edgeml.fleet.telemetry.ingest.IngestWorker` storing telemetry and states (add processes
   with only this role to scale ingestion out);
 * ``web``: the HTTP listener: the repository (read-only, the devices' HTTP fallback), the JSON API (rollouts,
   fleet views, audit), the dashboard at ``/`` and Prometheus metrics at ``/metrics``.
@@ -142,7 +142,7 @@ class FleetServer:
             raise
 
     def _start(self) -> None:
-        from edgeml.fleet.registry import Registry
+        from edgeml.fleet.registry.repository import Registry
 
         s, roles = self.settings, self.settings.roles
         self.db = Registry(self.dir, db_url=s.db_url).database()  # checks DIR is a registry first
@@ -169,7 +169,7 @@ class FleetServer:
     def _audit_log(self) -> Any:
         """The audit log; its signing key is created only for an empty log (a second host must have the first
         host's ``keys/audit.pem``: a key of its own would sign heads that ``audit verify`` rejects)."""
-        from edgeml.fleet.audit import open_audit
+        from edgeml.fleet.audit.log import open_audit
 
         key = self.dir / "keys" / "audit.pem"
         if not key.exists():
@@ -188,10 +188,10 @@ class FleetServer:
                            f"{exc}", hint="is the broker running, and are --broker-host/--broker-port/--ca right?")
 
     def _distribution(self) -> Any:
-        from edgeml.fleet.distribution import DistributionService
+        from edgeml.fleet.registry.distribution import DistributionService
 
         s = self.settings
-        from edgeml.fleet.device_roster import DeviceRoster
+        from edgeml.fleet.devices.roster import DeviceRoster
 
         dist = DistributionService(self.dir, s.broker_host, s.broker_port, username=s.username, password=s.password,
                                    tls=s.tls, share_group="edgeml-dist" if s.is_shared else None,
@@ -203,7 +203,7 @@ class FleetServer:
         return dist
 
     def _ingest(self) -> Any:
-        from edgeml.fleet.ingest import IngestSettings, IngestWorker
+        from edgeml.fleet.telemetry.ingest import IngestSettings, IngestWorker
 
         s = self.settings
         worker = IngestWorker(self.db, s.broker_host, s.broker_port, username=s.username, password=s.password,
@@ -214,7 +214,7 @@ class FleetServer:
 
     def _controller(self) -> Any:
         from edgeml.errors import EdgeMLError
-        from edgeml.fleet.rollout_controller import RolloutController
+        from edgeml.fleet.rollouts.controller import RolloutController
 
         s = self.settings
         controller = RolloutController(self.db, s.broker_host, s.broker_port, dist=self.dist, username=s.username,
@@ -227,7 +227,7 @@ class FleetServer:
         return controller
 
     def _web(self) -> Any:
-        from edgeml.fleet.http_server import HttpServer, fleet_app
+        from edgeml.fleet.web.server import HttpServer, fleet_app
 
         s = self.settings
         app = fleet_app(self.dir, self.db, self.audit, ingest=self.ingest, metrics_token=s.metrics_token)

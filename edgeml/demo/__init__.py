@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from edgeml.errors import EdgeMLError
+from edgeml.process import sigterm_interrupts
 
 __all__ = ["DEMO_TARGETS", "DemoFailed", "run_demo"]
 
@@ -145,7 +146,7 @@ def run_demo(workdir: Path, *, ci: bool = False, budget_s: float = 900.0, http_p
                V2: _compile(_broken_copy(model, workdir / "digits-v2-broken.onnx"), V2, workdir, targets)}
     with np.load(workdir / "val.npz") as val:
         inputs = val["input"]
-    with DemoFleet(workdir, http_port=http_port, broker=broker) as fleet:
+    with sigterm_interrupts(), DemoFleet(workdir, http_port=http_port, broker=broker) as fleet:
         registry = fleet.registry()
         for paths in bundles.values():
             for path in paths:
@@ -167,7 +168,7 @@ def run_demo(workdir: Path, *, ci: bool = False, budget_s: float = 900.0, http_p
                 try:
                     while True:
                         time.sleep(1.0)
-                except KeyboardInterrupt:
+                except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (sigterm_interrupts)
                     print("\nstopping the agents, the fleet server and the broker…")
         finally:
             traffic.stop()

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from edgeml.errors import ConfigError
+from edgeml.process import start_child, stop_child
 
 __all__ = ["AGENTS", "DemoAgent", "DemoFleet", "Traffic", "free_port"]
 
@@ -124,7 +125,7 @@ class DemoFleet:
 
     def registry(self) -> Any:
         """The registry, created on the first run."""
-        from edgeml.fleet.registry import Registry, init_registry
+        from edgeml.fleet.registry.repository import Registry, init_registry
 
         if (self.registry_dir / "registry.json").is_file():
             return Registry(self.registry_dir)
@@ -133,8 +134,8 @@ class DemoFleet:
 
     def enroll(self) -> None:
         """Write the broker layout and enroll the devices (once; a second run reuses them)."""
-        from edgeml.fleet.broker import write_broker_config
-        from edgeml.fleet.devices import enroll
+        from edgeml.fleet.devices.broker import write_broker_config
+        from edgeml.fleet.devices.enrollment import enroll
 
         if not self.broker_dir.exists():
             write_broker_config(self.broker_dir, [], hostname="localhost", port=8883)
@@ -157,7 +158,7 @@ class DemoFleet:
         if binary is None and self.broker == "mosquitto":
             raise ConfigError("Mosquitto is not installed", hint="apt-get install mosquitto, or --broker embedded")
         if binary is None:
-            from edgeml.fleet.embedded_broker import EmbeddedBroker
+            from edgeml.fleet.devices.embedded_broker import EmbeddedBroker
 
             self._broker = EmbeddedBroker("127.0.0.1", 0)
             self._broker.start()
@@ -165,7 +166,7 @@ class DemoFleet:
             self.log(f"embedded broker (amqtt) on mqtt://127.0.0.1:{self.broker_port}"
                      + (" (Mosquitto is not installed)" if self.broker == "auto" else ""))
             return
-        from edgeml.fleet.broker import DYNSEC_FILE, mosquitto_conf
+        from edgeml.fleet.devices.broker import DYNSEC_FILE, mosquitto_conf
 
         self.broker_port = free_port(18883)
         tmp = Path(tempfile.mkdtemp(prefix="edgeml-demo-broker-"))
@@ -186,8 +187,8 @@ class DemoFleet:
         logfile = (self.workdir / "logs" / "mosquitto.log")
         logfile.parent.mkdir(parents=True, exist_ok=True)
         with logfile.open("ab") as out:
-            self._broker = subprocess.Popen([binary, "-c", str(tmp / "mosquitto.conf")], stdout=out,
-                                            stderr=subprocess.STDOUT)
+            self._broker = start_child([binary, "-c", str(tmp / "mosquitto.conf")], stdout=out,
+                                       stderr=subprocess.STDOUT)
         _wait_port(self.broker_port, 10.0, lambda: self._broker.poll() is None, logfile)
         self.broker_kind = "Mosquitto (TLS, passwords, per-device ACL)"
         self.log(f"Mosquitto on mqtts://localhost:{self.broker_port} (TLS, passwords, per-device ACL)")
@@ -225,7 +226,7 @@ class DemoFleet:
                 f"tls = {'true' if self.tls else 'false'}", f'runtimes = ["{agent.runtime}"]', ""]))
             logfile = self.workdir / "logs" / f"{agent.name}.log"
             with logfile.open("ab") as out:
-                agent.process = subprocess.Popen(
+                agent.process = start_child(
                     [sys.executable, "-m", "edgeml.cli", "agent", "run", "--config", str(agent.config)],
                     stdout=out, stderr=subprocess.STDOUT, cwd=agent.home)
         for agent in self.agents:
@@ -236,27 +237,22 @@ class DemoFleet:
     # --- tear-down --------------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Stop the agents (SIGTERM, then SIGKILL), the server and the broker (idempotent)."""
+        """Stop the agents (SIGTERM, then SIGKILL), then the server, then the broker they all talk to (idempotent).
+
+        The agents and Mosquitto run in sessions of their own (:func:`~edgeml.process.start_child`), so that
+        Ctrl-C reaches only the demo, which stops them in this order.
+        """
         for agent in self.agents:
             if agent.process is not None and agent.process.poll() is None:
                 agent.process.terminate()
         for agent in self.agents:
-            if agent.process is not None:
-                try:
-                    agent.process.wait(15)
-                except subprocess.TimeoutExpired:
-                    agent.process.kill()
-                    agent.process.wait()
-                agent.process = None
+            stop_child(agent.process, timeout=5)
+            agent.process = None
         if self.server is not None:
             self.server.stop()
             self.server = None
         if isinstance(self._broker, subprocess.Popen):
-            self._broker.terminate()
-            try:
-                self._broker.wait(10)
-            except subprocess.TimeoutExpired:
-                self._broker.kill()
+            stop_child(self._broker, timeout=5)
         elif self._broker is not None:
             self._broker.stop()
         self._broker = None

@@ -32,9 +32,9 @@ def _recorded(fleet: DemoFleet) -> bool:
 
 
 def _rollout(fleet: DemoFleet, version: str, targets: tuple[str, ...], **options: Any) -> str:
-    from edgeml.fleet.audit import local_actor
-    from edgeml.fleet.rollout_rules import RolloutOptions
-    from edgeml.fleet.rollouts import start_rollout
+    from edgeml.fleet.audit.log import local_actor
+    from edgeml.fleet.rollouts.rules import RolloutOptions
+    from edgeml.fleet.rollouts.store import start_rollout
 
     opts = RolloutOptions(targets=targets, select={"site": SITE}, wave_timeout_s=120.0, max_failure_rate=0.1,
                           device_thresholds=THRESHOLDS, **options)
@@ -46,7 +46,7 @@ def _rollout(fleet: DemoFleet, version: str, targets: tuple[str, ...], **options
 
 
 def _status(fleet: DemoFleet, rid: str) -> Any:
-    from edgeml.fleet.rollouts import rollout_status
+    from edgeml.fleet.rollouts.store import rollout_status
 
     return rollout_status(fleet.server.db, rid)[0]
 
@@ -77,8 +77,8 @@ def tell_the_story(fleet: DemoFleet, traffic: Traffic, clock: Any, url: str,
                    targets: tuple[str, ...]) -> dict[str, Any]:
     """v1 in waves, broken v2 aborted and rolled back, drift injected; returns the summary."""
     from edgeml.demo import V1, V2, DemoFailed
-    from edgeml.fleet.audit import local_actor
-    from edgeml.fleet.auth import create_token
+    from edgeml.fleet.audit.log import local_actor
+    from edgeml.fleet.web.auth import create_token
 
     token = create_token(fleet.server.db, f"demo-viewer-{int(time.time())}", "viewer", audit=fleet.server.audit,
                          actor=local_actor())

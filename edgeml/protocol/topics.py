@@ -156,7 +156,7 @@ def is_reply_topic(topic: object) -> bool:
 
 def acl_for_device(device_id: str) -> list[tuple[str, str]]:
     """The broker permissions of one device as ``(access, topic filter)`` pairs, the policy every broker
-    configuration is generated from (:mod:`edgeml.fleet.broker`; docs/security.md for other brokers).
+    configuration is generated from (:mod:`edgeml.fleet.devices.broker`; docs/security.md for other brokers).
 
     Access is ``publish`` (the device may send to that topic), ``subscribe`` (it may subscribe with exactly
     that filter, or, for a filter ending in ``#``, any filter under it) or ``receive`` (the broker may deliver

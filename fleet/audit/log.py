@@ -201,7 +201,7 @@ class HeadSigner:
             MetadataError: The key file is missing (and not ``create``) or unreadable.
             StorageError: It cannot be created.
         """
-        from edgeml.fleet import keys
+        from edgeml.fleet.registry import keys
 
         path = Path(registry_dir) / "keys" / "audit.pem"
         if create and not path.exists():
@@ -300,7 +300,7 @@ class AuditLog:
     """The audit log in ``db``, its heads signed by ``signer`` and appended to ``heads_file``.
 
     Args:
-        db: The registry's :class:`~edgeml.fleet.db.Database`.
+        db: The registry's :class:`~edgeml.fleet.store.db.Database`.
         signer: The :class:`HeadSigner` of the audit key (None: no key yet; the log can be read, and
             verified while it is empty, but not appended to).
         heads_file: The append-only file of signed heads (None: heads go to the database only, and a
@@ -594,14 +594,14 @@ def _checked(actor: str, action: str, subject: str, details: dict[str, Any] | No
 def open_audit(registry_dir: Path, *, db_url: str | None = None, create_key: bool = True, db: Any = None) -> AuditLog:
     """The audit log of the registry in ``registry_dir``: its database, ``keys/audit.pem``, ``audit/heads.log``.
 
-    Close it with ``log.db.close()``; pass ``db`` to use a :class:`~edgeml.fleet.db.Database` already open
+    Close it with ``log.db.close()``; pass ``db`` to use a :class:`~edgeml.fleet.store.db.Database` already open
     (e.g. to append inside a transaction of it, with :meth:`AuditLog.transaction`).
 
     Raises:
         RegistryError: ``registry_dir`` is not a registry.
         MetadataError: The audit key is unreadable.
     """
-    from edgeml.fleet.registry import Registry
+    from edgeml.fleet.registry.repository import Registry
 
     registry = Registry(registry_dir, db_url=db_url)
     exists = (registry.dir / "keys" / "audit.pem").exists()
@@ -619,7 +619,8 @@ def record(registry_dir: Path, actor: str, action: str, subject: str, details: d
         action: One of :data:`ACTIONS`.
         subject: What it was done to.
         details: JSON-serializable facts about it.
-        db_url: The registry database's URL (default: as :class:`~edgeml.fleet.registry.Registry` resolves it).
+        db_url: The registry database's URL (default: as
+            :class:`~edgeml.fleet.registry.repository.Registry` resolves it).
 
     Raises:
         ConfigError: An unknown action or details that are not JSON.

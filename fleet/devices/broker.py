@@ -22,7 +22,7 @@ Identities (Mosquitto's dynamic-security plugin, which ships with Mosquitto 2):
   subscriptions there; its processes use client ids with a ``.``, which no device id has;
 * the broker admin (``fleet-admin``) may only use the plugin's control topic, through which enrollment
   adds devices and revocation disables them (disconnecting a connected one at once):
-  :mod:`~edgeml.fleet.broker_control`.
+  :mod:`~edgeml.fleet.devices.broker_control`.
 
 The defaults deny everything not granted. :func:`dynsec_config` and :func:`mosquitto_conf` do no I/O and
 are tested without a broker; ``tests/security/`` runs the attacks against a real Mosquitto.
@@ -298,7 +298,7 @@ def write_broker_config(out_dir: Path, devices: Sequence[str], *, hostname: str 
     Args:
         out_dir: Where to write; must not exist yet (credentials are never overwritten).
         devices: Device ids (their broker user names and client ids); prefer enrolling them
-            (:func:`edgeml.fleet.devices.enroll`), which keeps the registry in step.
+            (:func:`edgeml.fleet.devices.enrollment.enroll`), which keeps the registry in step.
         hostname: Name devices connect to (the generated server certificate's subject).
         port: TLS listener port.
         bind: Address the listener binds (None: every address).

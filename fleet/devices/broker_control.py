@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeml.errors import ConfigError
-from edgeml.fleet.broker import ADMIN_USER, DYNSEC_FILE, RESERVED_USERS, device_client, device_role
+from edgeml.fleet.devices.broker import ADMIN_USER, DYNSEC_FILE, RESERVED_USERS, device_client, device_role
 from edgeml.fsutil import atomic_write_bytes
 from edgeml.protocol import fleet_client_id
 

@@ -5,10 +5,10 @@ device's bootstrap file ``BROKER_DIR/credentials/NAME.bootstrap.json`` (0600): b
 certificate, user name/password and the registry's trusted TUF root. :func:`revoke` marks a device revoked
 and disables it on the broker, which disconnects it at once if it is connected.
 
-The broker is changed either live, through a :class:`~edgeml.fleet.broker_control.BrokerControl` (the
+The broker is changed either live, through a :class:`~edgeml.fleet.devices.broker_control.BrokerControl` (the
 broker runs; the change and the database commit together, or neither happens), or, with ``control=None``,
 by rewriting ``BROKER_DIR/dynamic-security.json`` from the database (the broker is stopped and reads it
-when it starts): :mod:`~edgeml.fleet.broker_control`.
+when it starts): :mod:`~edgeml.fleet.devices.broker_control`.
 
 Devices listed in the broker directory by ``broker-config --device`` but never enrolled are not in the
 database, so the first offline rewrite drops them: enroll every device.
@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from edgeml.errors import ConfigError, RegistryError
-from edgeml.fleet.audit import local_actor, open_audit
-from edgeml.fleet.broker import RESERVED_USERS
-from edgeml.fleet.broker_control import BrokerControl, sync_file
+from edgeml.fleet.audit.log import local_actor, open_audit
+from edgeml.fleet.devices.broker import RESERVED_USERS
+from edgeml.fleet.devices.broker_control import BrokerControl, sync_file
 from edgeml.fsutil import atomic_write_bytes
 from edgeml.protocol import ProtocolError, validate_device_id
 
@@ -49,7 +49,7 @@ class DeviceRecord:
 
 
 def _registry(registry_dir: Path, db_url: str | None) -> Any:
-    from edgeml.fleet.registry import Registry
+    from edgeml.fleet.registry.repository import Registry
 
     return Registry(registry_dir, db_url=db_url)
 
@@ -104,7 +104,7 @@ def enroll(registry_dir: Path, name: str, broker_dir: Path, *, tags: dict[str, s
         ConfigError: The id is invalid or reserved, the broker directory is incomplete, or the broker refused.
         RegistryError: A device of that name is already enrolled (revoked or not).
     """
-    from edgeml.fleet.broker import hash_password
+    from edgeml.fleet.devices.broker import hash_password
 
     try:
         validate_device_id(name)

@@ -28,7 +28,7 @@ class DeviceRoster:
     """The enrolled devices and whether each is revoked, cached from the registry database.
 
     Args:
-        db: The registry database (:class:`~edgeml.fleet.db.Database`).
+        db: The registry database (:class:`~edgeml.fleet.store.db.Database`).
         accept_unknown: Admit devices that are not enrolled (a development broker without enrollment);
             revoked devices are refused either way.
         refresh_s: Seconds between reads of the ``devices`` table.

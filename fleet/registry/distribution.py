@@ -92,7 +92,7 @@ class DistributionService:
             several services split the requests between them (None: a plain subscription).
         mqtt5: Speak MQTT 5 (reason codes; needed by brokers that grant shared subscriptions only to
             MQTT 5 clients) instead of 3.1.1.
-        roster: Which devices may be served (:class:`~edgeml.fleet.device_roster.DeviceRoster`; None: any
+        roster: Which devices may be served (:class:`~edgeml.fleet.devices.roster.DeviceRoster`; None: any
             device the broker lets publish, for tests and benchmarks without a registry database).
         max_requests_per_s: Most requests a second one device is answered (twice that in a burst).
     """
@@ -111,6 +111,7 @@ class DistributionService:
         self.broker_port = broker_port
         self.requests_filter = f"$share/{share_group}/{REQUESTS_FILTER}" if share_group else REQUESTS_FILTER
         self._subscribed = threading.Event()
+        self._stopping = threading.Event()
         self._cache: OrderedDict[tuple[Path, int, int], bytes] = OrderedDict()
         self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=fleet_client_id("dist"),
                                    protocol=mqtt.MQTTv5 if mqtt5 else mqtt.MQTTv311)
@@ -140,7 +141,8 @@ class DistributionService:
                                f"within {timeout} s")
 
     def stop(self) -> None:
-        """Disconnect and stop the background thread."""
+        """Disconnect and stop the background thread (a broadcast waiting for the broker gives up)."""
+        self._stopping.set()
         self._client.disconnect()
         self._client.loop_stop()
 
@@ -296,10 +298,8 @@ class DistributionService:
             pending.append(self._client.publish(dist_info_topic(rollout_id, rel), info.to_bytes(), qos=1,
                                                 retain=True))
             infos.append(info)
-        for message in pending:
-            message.wait_for_publish(max(0.0, deadline - time.monotonic()))
-            if not message.is_published():
-                raise TimeoutError(f"the broker did not acknowledge the broadcast of {rollout_id} in {timeout} s")
+        if not self._acknowledged(pending, deadline):
+            raise TimeoutError(f"the broker did not acknowledge the broadcast of {rollout_id} in {timeout} s")
         return infos
 
     def unbroadcast(self, rollout_id: str, infos: list[DistInfo], timeout: float = 30.0) -> None:
@@ -310,8 +310,20 @@ class DistributionService:
             for index in range(info.count):
                 pending.append(self._client.publish(dist_chunk_topic(rollout_id, info.path, index), b"", qos=1,
                                                     retain=True))
+        self._acknowledged(pending, time.monotonic() + timeout)
+
+    def _acknowledged(self, pending: list[Any], deadline: float) -> bool:
+        """Wait until the broker acknowledged every message (QoS 1), the deadline passes, the connection drops or
+        the service stops; whether all were acknowledged."""
         for message in pending:
-            message.wait_for_publish(timeout)
+            while not message.is_published():
+                if time.monotonic() >= deadline or self._stopping.is_set() or not self._client.is_connected():
+                    return False
+                try:
+                    message.wait_for_publish(0.2)
+                except (RuntimeError, ValueError):  # the message could not be queued: the connection is gone
+                    return False
+        return True
 
     def _broadcast_file(self, rel: str, chunk: int) -> tuple[Path, DistInfo]:
         if not rel.startswith("targets/"):

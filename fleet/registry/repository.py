@@ -14,7 +14,7 @@ Layout of a registry ``DIR``::
         targets/<name>/<version>/<sha256>.<target>.edgeml
     DIR/registry.db                the SQLite database (unless --db-url / EDGEML_FLEET_DB_URL)
 
-The TUF rules live in :mod:`edgeml.fleet.tuf_repo`; this module reads, locks and writes. Files are written
+The TUF rules live in :mod:`edgeml.fleet.registry.tuf_repo`; this module reads, locks and writes. Files are written
 atomically in dependency order (target, targets, snapshot, then timestamp last), so a client reading
 during a publish sees either the old or the new registry.
 
@@ -24,7 +24,7 @@ signed, :meth:`Registry.target_file` checks the target path's parts and resolves
 to a place inside ``DIR/repository/targets/``, and refuses with :class:`~edgeml.errors.RegistryError`
 otherwise. Secrets are readable by their owner only: ``keys/`` and ``offline-keys/`` are 0700 and their
 files 0600 (also ``retired/`` after a root rotation), and the SQLite database (with its ``-wal`` and
-``-shm``) is created 0600 (:mod:`edgeml.fleet.db`).
+``-shm``) is created 0600 (:mod:`edgeml.fleet.store.db`).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def init_registry(directory: Path, *, root_keys: int = 1, root_threshold: int = 
         MetadataError: The threshold does not fit the number of root keys.
     """
     require("tuf", "fleet")
-    from edgeml.fleet import keys, tuf_repo
+    from edgeml.fleet.registry import keys, tuf_repo
 
     if directory.exists() and any(directory.iterdir()):
         raise RegistryError(f"{directory} is not empty; a registry is created in a new directory")
@@ -111,7 +111,7 @@ def init_registry(directory: Path, *, root_keys: int = 1, root_threshold: int = 
 
 
 def _write_roles(metadata_dir: Path, roles: dict[str, Any], changed: tuple[str, ...]) -> None:
-    from edgeml.fleet.tuf_repo import serialize
+    from edgeml.fleet.registry.tuf_repo import serialize
 
     for role in ("root", "targets", "snapshot", "timestamp"):  # dependency order: timestamp last
         if role not in changed:
@@ -147,8 +147,8 @@ class Registry:
             raise RegistryError(f"{self.dir}: unsupported registry schema {marker!r} (expected {SCHEMA})")
 
     def database(self) -> Any:
-        """The registry's :class:`~edgeml.fleet.db.Database`."""
-        from edgeml.fleet.db import Database, resolve_url
+        """The registry's :class:`~edgeml.fleet.store.db.Database`."""
+        from edgeml.fleet.store.db import Database, resolve_url
 
         return Database(resolve_url(self.dir, self._db_url))
 
@@ -193,8 +193,8 @@ class Registry:
         Raises:
             MetadataError: A key file is missing or unreadable.
         """
-        from edgeml.fleet.keys import load_signer
-        from edgeml.fleet.tuf_repo import ONLINE_ROLES
+        from edgeml.fleet.registry.keys import load_signer
+        from edgeml.fleet.registry.tuf_repo import ONLINE_ROLES
 
         return {role: load_signer(self.dir / "keys" / f"{role}.pem") for role in ONLINE_ROLES}
 
@@ -218,7 +218,7 @@ class Registry:
                 ``repository/targets/`` (:meth:`target_file`); the registry is unchanged.
         """
         from edgeml.bundle import Bundle
-        from edgeml.fleet import tuf_repo
+        from edgeml.fleet.registry import tuf_repo
 
         with Bundle(bundle) as b:  # the user's file: errors name it
             b.verify()
@@ -242,13 +242,13 @@ class Registry:
             RegistryError: The path has an unsafe part (``..``, ``.``, empty, a backslash or control
                 character), or resolves outside the targets directory (through a link).
         """
-        from edgeml.fleet.tuf_repo import hashed_target_path
+        from edgeml.fleet.registry.tuf_repo import hashed_target_path
 
         return _inside(self.targets_dir, hashed_target_path(path, sha256))
 
     def _commit(self, staged: Path, stored: Path, roles: dict[str, Any], target: Any, channel: str | None,
                 actor: str | None) -> None:
-        from edgeml.fleet.audit import local_actor, open_audit
+        from edgeml.fleet.audit.log import local_actor, open_audit
 
         custom = target.custom
         fields = {"name": custom["name"], "version": custom["version"], "target": custom["target"],
@@ -276,7 +276,7 @@ class Registry:
 
         Run it more often than the timestamp validity (a day by default) so that devices keep updating.
         """
-        from edgeml.fleet import tuf_repo
+        from edgeml.fleet.registry import tuf_repo
 
         with self.locked():
             signer = self.online_signers()["timestamp"]
@@ -294,8 +294,8 @@ class Registry:
         Raises:
             MetadataError: The offline keys are missing or too few.
         """
-        from edgeml.fleet import keys, tuf_repo
-        from edgeml.fleet.audit import local_actor, record
+        from edgeml.fleet.audit.log import local_actor, record
+        from edgeml.fleet.registry import keys, tuf_repo
 
         with self.locked():
             old = keys.load_root_signers(offline_keys)

@@ -1,6 +1,6 @@
 """The registry's TUF rules, with no I/O: build, change and sign the four top-level roles in memory.
 
-The registry (:mod:`edgeml.fleet.registry`) reads the metadata and keys, calls these functions under its
+The registry (:mod:`edgeml.fleet.registry.repository`) reads the metadata and keys, calls these functions under its
 lock, and writes the results. Every change here bumps the version of each role it touches and re-signs it,
 so a client that saw version N never accepts N or lower again (rollback), and every role carries an
 expiry (freeze). Snapshot records the length and sha256 of ``targets.json`` and timestamp those of
@@ -11,7 +11,7 @@ expiry (freeze). Snapshot records the length and sha256 of ``targets.json`` and 
 A target path becomes a file path on the registry and on every device, so :func:`add_target` signs only
 paths of normalised relative parts (:func:`check_target_path`): no ``..``, ``.`` or empty part, no
 backslash, NUL or control character. The registry also resolves the file under ``repository/targets/``
-before writing it (:meth:`edgeml.fleet.registry.Registry.target_file`).
+before writing it (:meth:`edgeml.fleet.registry.repository.Registry.target_file`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The rollout controller: carries out every rollout in the database over MQTT, one tick at a time.
 
 :class:`RolloutController` subscribes to every device's ``events`` and ``state``, and on each tick applies
-the devices' ``update`` events to the store, asks :func:`~edgeml.fleet.rollout_rules.decide` what to do for
+the devices' ``update`` events to the store, asks :func:`~edgeml.fleet.rollouts.rules.decide` what to do for
 each rollout with work left, writes the decision, and only then sends the commands. Its own aborts are
 appended to the audit log in the same transaction (actor :data:`CONTROLLER_ACTOR`).
 
@@ -13,12 +13,12 @@ comes back. Run one controller per fleet.
 
 Model signals used: the causes of the agents' rollbacks (``latency``, ``error_rate``, ``drift``), the drift
 score of their ``drift`` events for the new version, and what their telemetry says while they run it (p99
-against the previous version, error rate, drift score: :mod:`~edgeml.fleet.rollout_signals`), read every
+against the previous version, error rate, drift score: :mod:`~edgeml.fleet.rollouts.signals`), read every
 ``signals_s``.
 
 What devices send is untrusted: every event and state is parsed into its typed message
 (:mod:`edgeml.protocol`), must name the device whose topic it came on, and must come from an enrolled,
-unrevoked device (:class:`~edgeml.fleet.device_roster.DeviceRoster`); anything else is counted in
+unrevoked device (:class:`~edgeml.fleet.devices.roster.DeviceRoster`); anything else is counted in
 ``rejected`` and dropped. Each message is handled on its own (one that fails is logged and dropped, the
 others are applied), each rollout is stepped on its own, and a device that sends more than
 ``max_messages_per_tick`` messages between two ticks has the excess dropped, so that no device can stall
@@ -39,12 +39,25 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from edgeml.errors import EdgeMLError
-from edgeml.fleet import rollout_rules as rules
-from edgeml.fleet.db import is_outage, utcnow
-from edgeml.fleet.device_roster import DeviceRoster
-from edgeml.fleet.rollout_rules import DeviceRow, DeviceSignals, RolloutError, RolloutOptions, RolloutView
-from edgeml.fleet.rollout_signals import Judged, telemetry_signals
-from edgeml.fleet.rollouts import _at, _published, _ts
+from edgeml.fleet.devices.roster import DeviceRoster
+from edgeml.fleet.rollouts import rules
+from edgeml.fleet.rollouts.rules import DeviceRow, DeviceSignals, RolloutError, RolloutOptions, RolloutView
+from edgeml.fleet.rollouts.signals import Judged, telemetry_signals
+from edgeml.fleet.rollouts.states import (
+    REVERT_TO_SEND,
+    REVERT_TRANSITIONS,
+    ROW_TRANSITIONS,
+    TERMINAL_PHASES,
+    Phase,
+    RevertEvent,
+    RevertState,
+    RowEvent,
+    RowState,
+    phase_of,
+    work_clause,
+)
+from edgeml.fleet.rollouts.store import _at, _published, _ts
+from edgeml.fleet.store.db import is_outage, utcnow
 from edgeml.protocol import (
     PREFIX,
     Command,
@@ -61,13 +74,17 @@ from edgeml.protocol import (
 __all__ = ["CONTROLLER_ACTOR", "RolloutController"]
 
 _log = logging.getLogger(__name__)
-_RESULTS = {"committed", "rolled_back", "failed", "incompatible", "busy"}
+_RESULTS = frozenset({"committed", "rolled_back", "failed", "incompatible", "busy"})  # update events that are results
 #: The audit log's actor of what the controller decides by itself (an abort on failures or model signals).
 CONTROLLER_ACTOR = "system:rollout-controller"
 #: The controller's MQTT client id: stable (its persistent session keeps the events while it is away), and
 #: outside the device id alphabet, so that no device can take it.
 CONTROLLER_CLIENT_ID = fleet_client_id("rollouts", unique=False)
 _LOG_EVERY_S = 60.0  # a device's dropped messages are logged at most once per this many seconds
+
+
+def _values(states: frozenset[Any]) -> list[str]:
+    return sorted(s.value for s in states)
 
 
 class _Changed(Exception):
@@ -81,7 +98,7 @@ class RolloutController:
         db: The registry's database.
         broker_host: The broker's host.
         broker_port: Its port.
-        dist: A started :class:`~edgeml.fleet.distribution.DistributionService` to broadcast each rollout's
+        dist: A started :class:`~edgeml.fleet.registry.distribution.DistributionService` to broadcast each rollout's
             files once (None: devices fetch them with get requests).
         username: Broker user (the fleet user).
         password: Its password.
@@ -103,7 +120,7 @@ class RolloutController:
                  client_id: str = CONTROLLER_CLIENT_ID, record_states: bool = True, tick_s: float = 1.0,
                  signals_s: float = 5.0, audit: Any = None, clock: Callable[[], float] = time.time,
                  accept_unknown: bool = False, max_messages_per_tick: int = 1000) -> None:
-        from edgeml.fleet.telemetry_store import TelemetryStore
+        from edgeml.fleet.telemetry.store import TelemetryStore
 
         self.db, self.dist, self.tick_s, self.signals_s, self.clock = db, dist, tick_s, signals_s, clock
         self.audit = audit
@@ -315,23 +332,24 @@ class RolloutController:
                                                (rd.c.device_id == event.device_id) & ~revoked)).first()
         if row is None:
             return
-        if event.id == row.command_id and row.state in rules.IN_FLIGHT | {"timed_out"}:
-            new = "failed" if state == "busy" else state
-            reason = f"busy: {reason}" if state == "busy" else reason
+        result = RowEvent(state)  # _RESULTS: committed, rolled_back, failed, incompatible, busy
+        moved = ROW_TRANSITIONS.get((RowState(row.state), result))
+        if event.id == row.command_id and moved is not None:
+            reason = f"busy: {reason}" if result is RowEvent.BUSY else reason
             conn.execute(rd.update().where(rd.c.id == row.id).values(
-                state=new, reason=reason, cause=None if state == "committed" else event.cause, finished_at=utcnow()))
-        elif event.id == row.revert_id and row.revert_state == "revert-sent":
+                state=moved.value, reason=reason, cause=None if moved is RowState.COMMITTED else event.cause,
+                finished_at=utcnow()))
+        elif event.id == row.revert_id and row.revert_state == RevertState.REVERT_SENT.value:
+            how = RevertEvent.COMMITTED if result is RowEvent.COMMITTED else RevertEvent.OTHER_RESULT
             conn.execute(rd.update().where(rd.c.id == row.id).values(
-                revert_state="reverted" if state == "committed" else "revert-failed"))
+                revert_state=REVERT_TRANSITIONS[(RevertState.REVERT_SENT, how)].value))
 
     def _rollouts_with_work(self) -> list[str]:
+        """The rollouts with a row :func:`~edgeml.fleet.rollouts.states.has_work` holds for, as one query
+        (tests/fleet/test_rollout_states.py checks the two agree on every combination)."""
         t, rd, sa = self.db.tables["rollouts"], self.db.tables["rollout_devices"], self.db.sa
-        waiting = (rd.c.state.in_(sorted(rules.IN_FLIGHT)) | rd.c.revert_state.in_(("rollback", "revert"))
-                   | ((t.c.state == "aborted") & (rd.c.state == "committed") & rd.c.previous.isnot(None)
-                      & (rd.c.revert_state.is_(None) | (rd.c.revert_state == "rollback-sent")))
-                   | ((t.c.state == "completed") & (rd.c.state == "timed_out") & rd.c.notified_at.is_(None)))
         query = (sa.select(t.c.id).select_from(t.outerjoin(rd, rd.c.rollout_id == t.c.id))
-                 .where(t.c.state.notin_(("completed", "aborted")) | waiting).distinct())
+                 .where(work_clause(sa, t, rd)).distinct())
         with self.db.transaction() as conn:
             return sorted(conn.execute(query).scalars())
 
@@ -365,9 +383,10 @@ class RolloutController:
         wanted = (options.max_p99_regression, options.max_error_rate, options.max_drift) != (None, None, None)
         cached = self._telemetry.get(row.id)
         stale = cached is None or now - cached[0] >= self.signals_s
-        if wanted and stale and row.state not in ("completed", "aborted"):
+        if wanted and stale and phase_of(row.state) not in TERMINAL_PHASES:
             judged = [Judged(d.device_id, d.previous, _at(d.notified_at)) for d in devices
-                      if d.notified_at is not None and d.state in ("notified", "committed", "rolled_back")]
+                      if d.notified_at is not None and d.state in (RowState.NOTIFIED, RowState.COMMITTED,
+                                                                     RowState.ROLLED_BACK)]
             cached = (now, telemetry_signals(self.db, row.version, judged, row.created_at) if judged else {})
             self._telemetry[row.id] = cached
         measured = cached[1] if cached else {}
@@ -397,22 +416,22 @@ class RolloutController:
             for a in actions:
                 if isinstance(a, rules.TimeOut):
                     conn.execute(rd.update().where(where & rd.c.device_id.in_(a.device_ids)).values(
-                        state="timed_out", reason="no result within the wave timeout", cause=None,
+                        state=RowState.TIMED_OUT.value, reason="no result within the wave timeout", cause=None,
                         finished_at=_at(now)))
                 elif isinstance(a, rules.NotifyDevices):
                     for device_id in a.device_ids:
                         conn.execute(rd.update().where(where & (rd.c.device_id == device_id)).values(
-                            state="notifying", command_id=uuid.uuid4().hex[:16], notified_at=_at(now),
+                            state=RowState.NOTIFYING.value, command_id=uuid.uuid4().hex[:16], notified_at=_at(now),
                             finished_at=None, reason=None, cause=None))
                 elif isinstance(a, rules.TellRollback):
                     conn.execute(rd.update().where(where & rd.c.device_id.in_(a.device_ids)).values(
-                        revert_state=a.how, revert_id=uuid.uuid4().hex[:16]))
+                        revert_state=a.how.value, revert_id=uuid.uuid4().hex[:16]))
                 elif isinstance(a, rules.AbortRollout):
-                    values.update(state="aborted", abort_reason=a.reason)
+                    values.update(state=Phase.ABORTED.value, abort_reason=a.reason)
                 elif isinstance(a, rules.AdvanceWave):
                     values.update(state=rules.wave_state(a.wave), current_wave=a.wave, wave_started_at=_at(now))
                 elif isinstance(a, rules.CompleteRollout):
-                    values.update(state="completed")
+                    values.update(state=Phase.COMPLETED.value)
             done = conn.execute(t.update().where((t.c.id == row.id) & (t.c.state == row.state)
                                                  & (t.c.current_wave == row.current_wave)).values(**values))
             if done.rowcount != 1:
@@ -461,18 +480,21 @@ class RolloutController:
         with self.db.transaction() as conn:
             row = conn.execute(sa.select(t).where(t.c.id == rollout_id)).one()
             todo = conn.execute(sa.select(rd).where(rd.c.rollout_id == rollout_id).where(
-                (rd.c.state == "notifying") | rd.c.revert_state.in_(("rollback", "revert")))).all()
+                (rd.c.state == RowState.NOTIFYING.value) | rd.c.revert_state.in_(_values(REVERT_TO_SEND)))).all()
         options = RolloutOptions.from_dict(row.options)
         sent: list[tuple[Any, Any, dict[str, Any], Any]] = []  # (row, match, values after, publish info)
         for d in todo:  # publish them all first, then wait for the broker once (QoS 1 acknowledgements)
-            if d.revert_state in ("rollback", "revert"):
-                command, after = self._undo_command(row, d, options), {"revert_state": f"{d.revert_state}-sent"}
-                match = rd.c.revert_state == d.revert_state
+            if d.revert_state in REVERT_TO_SEND:
+                undo = RevertState(d.revert_state)
+                command = self._undo_command(row, d, options)
+                after = {"revert_state": REVERT_TRANSITIONS[(undo, RevertEvent.SENT)].value}
+                match = rd.c.revert_state == undo.value
             else:
-                command, after, match = self._update_command(row, d, options), {"state": "notified"}, \
-                    rd.c.state == "notifying"
-            if command is None:
-                sent.append((d, match, {"revert_state": "revert-failed"}, None))
+                command, match = self._update_command(row, d, options), rd.c.state == RowState.NOTIFYING.value
+                after = {"state": ROW_TRANSITIONS[(RowState.NOTIFYING, RowEvent.SENT)].value}
+            if command is None:  # no target of its previous version fits it any more
+                sent.append((d, match, {"revert_state": REVERT_TRANSITIONS[(RevertState.REVERT,
+                                                                            RevertEvent.NO_TARGET)].value}, None))
                 continue
             info = self._client.publish(device_topic(d.device_id, "commands"), command.to_bytes(), qos=1)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
@@ -482,8 +504,9 @@ class RolloutController:
         done = []
         for d, match, after, info in sent:
             if info is not None:
-                try:
-                    info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+                try:  # in slices, so that stop() is not kept waiting by a broker that went away
+                    while not info.is_published() and time.monotonic() < deadline and not self._stop.is_set():
+                        info.wait_for_publish(0.2)
                 except (RuntimeError, ValueError):  # the connection dropped meanwhile
                     continue
                 if not info.is_published():
@@ -505,7 +528,7 @@ class RolloutController:
     def _undo_command(self, row: Any, d: Any, options: RolloutOptions) -> Command | None:
         """``rollback`` for a device still updating; an update back to its previous version for one that
         committed (None: no target of that version fits the device any more)."""
-        if d.revert_state == "rollback":
+        if d.revert_state == RevertState.ROLLBACK.value:
             return Command(id=d.revert_id, type="rollback", args={"reason": f"rollout {row.id} was aborted"},
                            issued_at=self.clock())
         try:

@@ -2,7 +2,7 @@
 
 :class:`RolloutOptions` says how a rollout proceeds (targets, selection, canary, waves, timeouts, probation) and
 when it aborts (failure rate, p99 regression, error rate, drift); ``parse_*`` read the CLI's forms
-(``5%``, ``10m``, ``site=lab,kind=cam``). :mod:`~edgeml.fleet.rollout_rules` uses them; both are pure.
+(``5%``, ``10m``, ``site=lab,kind=cam``). :mod:`~edgeml.fleet.rollouts.rules` uses them; both are pure.
 """
 
 from __future__ import annotations

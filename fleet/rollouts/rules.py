@@ -3,7 +3,7 @@
 A rollout moves one model version onto the devices a tag selection names, in waves:
 
 Options (:class:`RolloutOptions`, the ``parse_*`` helpers and :class:`RolloutError`) live in
-:mod:`~edgeml.fleet.rollout_options` and are re-exported here.
+:mod:`~edgeml.fleet.rollouts.options` and are re-exported here.
 
 * :func:`plan` orders the selected devices by a hash of (rollout id, device id), so the canary differs between
   rollouts but is reproducible, picks each device's target (the first of ``targets`` that the version has and
@@ -11,18 +11,9 @@ Options (:class:`RolloutOptions`, the ``parse_*`` helpers and :class:`RolloutErr
   (wave 0: ``max(ceil(canary x n), min_devices)`` devices) and the waves (cumulative fractions of ``n``, the
   devices that can run a target).
 * :func:`decide` looks at the rollout and its device rows at one moment and returns the :class:`Action`\\ s to
-  take. The controller (:mod:`~edgeml.fleet.rollout_controller`) writes them to the database, then sends the commands.
+  take. The controller (:mod:`~edgeml.fleet.rollouts.controller`) writes them to the database, then sends the commands.
 
-Device row states::
-
-    pending      selected, not notified yet (its wave has not started, or it is offline: it waits)
-    notifying    an update command was decided; it is sent (again, after a restart) until the broker has it
-    notified     the broker has the command; the device is updating
-    committed    the device runs the new version (also: it already did when the rollout started)
-    rolled_back  the device switched, then its probation failed and it went back by itself
-    failed       the update stopped before the switch (download, verification, smoke test) or the device was busy
-    incompatible no target fits the device (decided here, or reported by the device)
-    timed_out    no result within ``wave_timeout_s`` of its notification (or of its wave's start, if offline)
+Device row states, rollout phases and the undo states, with their transitions: :mod:`~edgeml.fleet.rollouts.states`.
 
 Failure rate: ``(rolled_back + failed + timed_out) / (committed + rolled_back + failed + timed_out)`` over the
 devices of the waves so far; incompatible devices do not count; a timeout counts as a failure (a device that
@@ -57,12 +48,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgeml.edge_agent.capabilities import Capabilities
-from edgeml.fleet.rollout_options import (
+from edgeml.fleet.rollouts.options import (
     RolloutError,
     RolloutOptions,
     parse_duration,
     parse_fraction,
     parse_selection,
+)
+from edgeml.fleet.rollouts.states import (
+    FAILURES,
+    FINISHED,
+    IN_FLIGHT,
+    TERMINAL,
+    Phase,
+    RevertState,
+    RowState,
+    phase_of,
+    stored_state,
 )
 from edgeml.protocol import Cause
 
@@ -95,10 +97,6 @@ __all__ = [
     "wave_state",
 ]
 
-IN_FLIGHT = frozenset({"notifying", "notified"})
-FINISHED = frozenset({"committed", "rolled_back", "failed", "timed_out"})
-FAILURES = frozenset({"rolled_back", "failed", "timed_out"})
-TERMINAL = FINISHED | {"incompatible"}
 # --- planning -----------------------------------------------------------------------------------------------
 
 
@@ -128,7 +126,7 @@ class Assignment:
     device_id: str
     wave: int
     target: str | None
-    state: str  # pending, incompatible, or committed (already runs the version)
+    state: RowState  # pending, incompatible, or committed (already runs the version)
     reason: str | None = None
     previous: str | None = None  # the version it ran before (to go back to on abort)
 
@@ -217,12 +215,12 @@ def plan(rollout_id: str, model: str, version: str, devices: Sequence[DeviceFact
         wave = next(k for k, end in enumerate(ends) if i < end)
         previous = selected[device_id].installed.get(model)
         if previous == version:
-            out.append(Assignment(device_id, wave, chosen[device_id][0], "committed", f"already runs {version}"))
+            out.append(Assignment(device_id, wave, chosen[device_id][0], RowState.COMMITTED, f"already runs {version}"))
         else:
-            out.append(Assignment(device_id, wave, chosen[device_id][0], "pending", None, previous))
+            out.append(Assignment(device_id, wave, chosen[device_id][0], RowState.PENDING, None, previous))
     last = len(ends) - 1
     for device_id in order(rollout_id, set(selected) - set(fit)):
-        out.append(Assignment(device_id, last, None, "incompatible", chosen[device_id][1][:1000]))
+        out.append(Assignment(device_id, last, None, RowState.INCOMPATIBLE, chosen[device_id][1][:1000]))
     return out
 
 
@@ -231,7 +229,7 @@ def plan(rollout_id: str, model: str, version: str, devices: Sequence[DeviceFact
 
 def wave_state(wave: int) -> str:
     """The rollout state while ``wave`` runs: ``canary`` for wave 0, else ``wave-N``."""
-    return "canary" if wave == 0 else f"wave-{wave}"
+    return stored_state(Phase.WAVE, wave)
 
 
 @dataclass(frozen=True)
@@ -252,16 +250,20 @@ class RolloutView:
 
 @dataclass(frozen=True)
 class DeviceRow:
-    """One device's row of a rollout as :func:`decide` sees it."""
+    """One device's row of a rollout as :func:`decide` sees it (states as stored are accepted and converted)."""
 
     device_id: str
     wave: int
-    state: str
+    state: RowState
     reason: str | None = None
     notified_at: float | None = None
     previous: str | None = None
-    revert_state: str | None = None  # None, rollback, rollback-sent, revert, revert-sent, reverted, revert-failed
+    revert_state: RevertState = RevertState.NONE
     cause: str | None = None  # the agent's Cause of a failure or rollback (edgeml.protocol.Cause values)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "state", RowState(self.state))
+        object.__setattr__(self, "revert_state", RevertState(self.revert_state or RevertState.NONE))
 
 
 @dataclass(frozen=True)
@@ -298,7 +300,7 @@ class AbortRollout:
 class TellRollback:
     """Undo the update on these devices: ``rollback`` (still updating) or ``revert`` (committed: update back)."""
 
-    how: str
+    how: RevertState
     device_ids: tuple[str, ...]
 
 
@@ -331,17 +333,18 @@ def decide(rollout: RolloutView, devices: Sequence[DeviceRow], now: float, onlin
     Returns:
         The actions, in the order to apply them.
     """
-    if rollout.state == "pending":
+    phase = phase_of(rollout.state)
+    if phase is Phase.PENDING:
         return [AdvanceWave(0)]
-    if rollout.state == "aborted":  # undo; devices that never answer end as timed out, the waiting ones stay
+    if phase is Phase.ABORTED:  # undo; devices that never answer end as timed out, the waiting ones stay
         rows, timed_out = _with_timeouts(rollout, devices, rollout.last_wave, now, offline=False)
         return ([TimeOut(timed_out)] if timed_out else []) + _undo(rows)
-    if rollout.state == "paused":
+    if phase is Phase.PAUSED:
         return []
-    wave = rollout.last_wave if rollout.state == "completed" else rollout.current_wave
+    wave = rollout.last_wave if phase is Phase.COMPLETED else rollout.current_wave
     rows, timed_out = _with_timeouts(rollout, devices, wave, now)
     actions: list[Action] = [TimeOut(timed_out)] if timed_out else []
-    if rollout.state == "completed":  # late devices catch up; nothing else changes
+    if phase is Phase.COMPLETED:  # late devices catch up; nothing else changes
         late = _to_notify(rows, wave, online)
         return actions + ([NotifyDevices(late)] if late else [])
     reason = _abort_reason(rows, wave, rollout.options, signals or {})
@@ -363,9 +366,9 @@ def _with_timeouts(rollout: RolloutView, devices: Sequence[DeviceRow], wave: int
     started = rollout.wave_started_at if rollout.wave_started_at is not None else now
     rows, late = [], []
     for d in devices:
-        since = d.notified_at if d.state in IN_FLIGHT else started if d.state == "pending" and offline else None
+        since = d.notified_at if d.state in IN_FLIGHT else started if d.state is RowState.PENDING and offline else None
         if d.wave <= wave and since is not None and now - since > limit:
-            d = DeviceRow(d.device_id, d.wave, "timed_out", "no result within the wave timeout", d.notified_at,
+            d = DeviceRow(d.device_id, d.wave, RowState.TIMED_OUT, "no result within the wave timeout", d.notified_at,
                           d.previous, d.revert_state, None)
             late.append(d.device_id)
         rows.append(d)
@@ -375,13 +378,13 @@ def _with_timeouts(rollout: RolloutView, devices: Sequence[DeviceRow], wave: int
 def _to_notify(rows: Sequence[DeviceRow], wave: int, online: Set[str]) -> tuple[str, ...]:
     """Online devices of the waves so far that wait: pending, or timed out while offline (never notified)."""
     return tuple(d.device_id for d in rows if d.wave <= wave and d.device_id in online
-                 and (d.state == "pending" or (d.state == "timed_out" and d.notified_at is None)))
+                 and (d.state is RowState.PENDING or (d.state is RowState.TIMED_OUT and d.notified_at is None)))
 
 
 def _abort_reason(rows: Sequence[DeviceRow], wave: int, options: RolloutOptions,
                   signals: Mapping[str, DeviceSignals]) -> str | None:
     sofar = [d for d in rows if d.wave <= wave]
-    size = sum(1 for d in sofar if d.wave == wave and d.state != "incompatible")
+    size = sum(1 for d in sofar if d.wave == wave and d.state is not RowState.INCOMPATIBLE)
     needed = max(1, min(options.min_devices, size))
     for name, limit, cause, attr in (("p99 regression", options.max_p99_regression, Cause.LATENCY, "p99_ratio"),
                                      ("error rate", options.max_error_rate, Cause.ERROR_RATE, "error_rate"),
@@ -407,21 +410,21 @@ def _signal_values(rows: Sequence[DeviceRow], signals: Mapping[str, DeviceSignal
     values = []
     for d in rows:
         measured = getattr(signals.get(d.device_id, DeviceSignals()), attr)
-        if d.state == "rolled_back" and d.cause == cause.value:
+        if d.state is RowState.ROLLED_BACK and d.cause == cause.value:
             values.append(math.inf)
-        elif measured is not None and d.state in ("notified", "committed", "rolled_back"):
+        elif measured is not None and d.state in (RowState.NOTIFIED, RowState.COMMITTED, RowState.ROLLED_BACK):
             values.append(float(measured))
     return values
 
 
 def _undo(rows: Sequence[DeviceRow]) -> list[Action]:
     """After an abort: roll back the devices still updating, update back the ones that committed."""
-    rollback = tuple(d.device_id for d in rows if d.state in IN_FLIGHT and d.revert_state is None)
-    revert = tuple(d.device_id for d in rows if d.state == "committed" and d.previous is not None
-                   and d.revert_state in (None, "rollback-sent"))
+    rollback = tuple(d.device_id for d in rows if d.state in IN_FLIGHT and d.revert_state is RevertState.NONE)
+    revert = tuple(d.device_id for d in rows if d.state is RowState.COMMITTED and d.previous is not None
+                   and d.revert_state in (RevertState.NONE, RevertState.ROLLBACK_SENT))
     actions: list[Action] = []
     if rollback:
-        actions.append(TellRollback("rollback", rollback))
+        actions.append(TellRollback(RevertState.ROLLBACK, rollback))
     if revert:
-        actions.append(TellRollback("revert", revert))
+        actions.append(TellRollback(RevertState.REVERT, revert))
     return actions

@@ -24,8 +24,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from edgeml.fleet.db import as_utc
-from edgeml.fleet.rollout_rules import DeviceSignals
+from edgeml.fleet.rollouts.rules import DeviceSignals
+from edgeml.fleet.store.db import as_utc
 
 __all__ = ["CHUNK", "Judged", "telemetry_signals"]
 

@@ -1,12 +1,12 @@
 """Staged rollouts: the store (``rollouts`` and ``rollout_devices``) and its HTTP API.
 
-The rules live in :mod:`~edgeml.fleet.rollout_rules` (pure); the controller that carries rollouts out is
-:mod:`~edgeml.fleet.rollout_controller`. This module holds what operators do:
+The rules live in :mod:`~edgeml.fleet.rollouts.rules` (pure); the controller that carries rollouts out is
+:mod:`~edgeml.fleet.rollouts.controller`. This module holds what operators do:
 
 * :func:`start_rollout`, :func:`rollback`, :func:`set_rollout_state` (pause, resume, abort) and
   :func:`rollout_status` read and write the database, each change audited in the same transaction.
 * :func:`rollout_routes` puts them on the fleet's HTTP API: reading needs a viewer token, every change an
-  operator token (:func:`~edgeml.fleet.http_routes.api_route`); the audit log names the token.
+  operator token (:func:`~edgeml.fleet.web.routes.api_route`); the audit log names the token.
 
 A rollout's state changes are compare-and-set, so a pause or an abort from the CLI between the controller's
 read and write is never lost.
@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgeml.errors import ConfigError, ConflictError, NotFoundError
-from edgeml.fleet import rollout_rules as rules
-from edgeml.fleet.db import utcnow
-from edgeml.fleet.rollout_rules import RolloutError, RolloutOptions
+from edgeml.fleet.rollouts import rules
+from edgeml.fleet.rollouts.rules import RolloutError, RolloutOptions
+from edgeml.fleet.rollouts.states import ROLLOUT_TRANSITIONS, Phase, RolloutEvent, phase_of, resumed, stored_state
+from edgeml.fleet.store.db import utcnow
 from edgeml.protocol import ProtocolError
 
 __all__ = ["RolloutConflictError", "RolloutStatus", "UnknownRolloutError", "rollback", "rollout_routes",
@@ -63,7 +64,7 @@ def _published(db: Any, conn: Any, model: str, version: str) -> dict[str, dict[s
     if model_id is None:
         known = sorted(conn.execute(sa.select(m.c.name)).scalars())
         raise RolloutError(f"unknown model {model!r}", hint=f"published models: {', '.join(known) or 'none'}")
-    from edgeml.fleet.tuf_repo import hashed_target_path
+    from edgeml.fleet.registry.tuf_repo import hashed_target_path
 
     rows = conn.execute(sa.select(v.c.version, v.c.target, v.c.runtime, v.c.tuf_path, v.c.sha256)
                         .where(v.c.model_id == model_id).order_by(v.c.targets_version, v.c.id)).all()
@@ -88,8 +89,8 @@ def start_rollout(db: Any, audit: Any, model: str, version: str, options: Rollou
     """Plan a rollout and store it (the controller starts it); returns its id.
 
     Args:
-        db: The registry's :class:`~edgeml.fleet.db.Database`.
-        audit: Its :class:`~edgeml.fleet.audit.AuditLog` (the start is appended in the same transaction).
+        db: The registry's :class:`~edgeml.fleet.store.db.Database`.
+        audit: Its :class:`~edgeml.fleet.audit.log.AuditLog` (the start is appended in the same transaction).
         model: The model's name.
         version: The version to roll out.
         options: How (validated when built).
@@ -117,11 +118,11 @@ def start_rollout(db: Any, audit: Any, model: str, version: str, options: Rollou
         plan = rules.plan(rollout_id, model, version, _facts(db, conn),
                           options, {t: p["runtime"] for t, p in available.items()})
         conn.execute(db.tables["rollouts"].insert().values(
-            id=rollout_id, kind=kind, model=model, version=version, options=options.to_dict(), state="pending",
-            current_wave=0, created_by=actor, created_at=now, updated_at=now))
+            id=rollout_id, kind=kind, model=model, version=version, options=options.to_dict(),
+            state=Phase.PENDING.value, current_wave=0, created_by=actor, created_at=now, updated_at=now))
         conn.execute(db.tables["rollout_devices"].insert(), [
             {"rollout_id": rollout_id, "device_id": a.device_id, "wave": a.wave, "target": a.target,
-             "previous": a.previous, "state": a.state, "reason": a.reason} for a in plan])
+             "previous": a.previous, "state": a.state.value, "reason": a.reason} for a in plan])
         counts = [sum(1 for a in plan if a.wave == w and a.state != "incompatible")
                   for w in range(len(options.waves) + 1)]
         audit.append(actor, "rollback" if kind == "rollback" else "rollout.start", f"{model}:{version}",
@@ -187,7 +188,7 @@ def set_rollout_state(db: Any, audit: Any, rollout_id: str, action: str, *, acto
         values: dict[str, Any] = {"state": new, "updated_at": utcnow()}
         if action == "resume" and row.wave_started_at is not None:
             values["wave_started_at"] = values["updated_at"]  # offline devices get the whole wave timeout again
-        if new == "aborted":
+        if new == Phase.ABORTED.value:
             values["abort_reason"] = f"aborted by {actor}" + (f": {reason}" if reason else "")
         done = conn.execute(t.update().where((t.c.id == rollout_id) & (t.c.state == row.state)).values(**values))
         if done.rowcount != 1:
@@ -198,17 +199,21 @@ def set_rollout_state(db: Any, audit: Any, rollout_id: str, action: str, *, acto
 
 
 def _transition(row: Any, action: str, actor: str, reason: str | None) -> str:
-    running = row.state in ("pending", "canary") or row.state.startswith("wave-")
-    if action == "pause" and running:
-        return "paused"
-    if action == "resume" and row.state == "paused":
-        return "pending" if row.wave_started_at is None else rules.wave_state(row.current_wave)
-    if action == "abort" and row.state not in ("completed", "aborted"):
-        return "aborted"
-    if action not in ("pause", "resume", "abort"):
+    """The stored state after ``action``, by the lifecycle table (:data:`~.states.ROLLOUT_TRANSITIONS`)."""
+    try:
+        event = RolloutEvent(action)
+    except ValueError:
+        event = None
+    if event not in (RolloutEvent.PAUSE, RolloutEvent.RESUME, RolloutEvent.ABORT):
         raise RolloutError(f"unknown rollout action {action!r} (pause, resume or abort)")
-    raise RolloutConflictError(f"rollout {row.id} is {row.state}; it cannot be {action}d"
-                       if action != "abort" else f"rollout {row.id} is already {row.state}")
+    phase = phase_of(row.state)
+    if event is RolloutEvent.RESUME and phase is Phase.PAUSED:
+        return resumed(row.wave_started_at is not None, row.current_wave)
+    after = ROLLOUT_TRANSITIONS.get((phase, event))
+    if after is None:
+        raise RolloutConflictError(f"rollout {row.id} is {row.state}; it cannot be {action}d"
+                                   if event is not RolloutEvent.ABORT else f"rollout {row.id} is already {row.state}")
+    return stored_state(after, row.current_wave)
 
 
 @dataclass(frozen=True)
@@ -292,7 +297,7 @@ def _options(doc: Mapping[str, Any]) -> RolloutOptions:
 
 
 def rollout_routes(db: Any, audit: Any) -> list[Any]:
-    """Rollouts on the fleet's HTTP API (Starlette routes for :func:`~edgeml.fleet.http_server.build_app`).
+    """Rollouts on the fleet's HTTP API (Starlette routes for :func:`~edgeml.fleet.web.server.build_app`).
 
     ``GET /api/rollouts[/ID]`` (viewer); ``POST /api/rollouts`` with ``{"model", "version", "options",
     "id"?}`` (options as :meth:`RolloutOptions.to_dict` names them, durations in seconds),
@@ -304,8 +309,8 @@ def rollout_routes(db: Any, audit: Any) -> list[Any]:
         db: The registry's database (tokens and rollouts).
         audit: Its audit log.
     """
-    from edgeml.fleet.auth import Role
-    from edgeml.fleet.http_routes import ApiCall, api_route
+    from edgeml.fleet.web.auth import Role
+    from edgeml.fleet.web.routes import ApiCall, api_route
 
     def start(call: ApiCall) -> dict[str, str]:
         rid = start_rollout(db, audit, str(_text(call.body, "model")), str(_text(call.body, "version")),

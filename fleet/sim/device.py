@@ -1,5 +1,5 @@
 """One simulated device (:class:`SimDevice`) and the stand-in runtime (:class:`SimRuntime`) of the fleet
-simulator; :mod:`edgeml.fleet.simulate` runs many of them and says what differs from the real agent."""
+simulator; :mod:`edgeml.fleet.sim.simulator` runs many of them and says what differs from the real agent."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from edgeml.edge_agent.update.machine import UpdateMachine
 from edgeml.edge_agent.update.states import State
 from edgeml.edge_agent.update.store import UpdateRecord, UpdateRequest
 from edgeml.errors import ConfigError, EdgeMLError, RuntimeBackendError
-from edgeml.fleet.sim_knobs import DeviceProfile
+from edgeml.fleet.sim.knobs import DeviceProfile
 from edgeml.protocol import (
     CaptureEvent,
     Cause,
@@ -54,12 +54,12 @@ from edgeml.protocol import (
 )
 
 if TYPE_CHECKING:
-    from edgeml.fleet.simulate import Simulator
+    from edgeml.fleet.sim.simulator import Simulator
 
 __all__ = ["SimDevice", "SimRuntime"]
 
 _log = logging.getLogger(__name__)
-RUNTIMES.setdefault("sim", "edgeml.fleet.sim_device:SimRuntime")  # bundles may name the stand-in directly
+RUNTIMES.setdefault("sim", "edgeml.fleet.sim.device:SimRuntime")  # bundles may name the stand-in directly
 
 
 class SimRuntime(Runtime):

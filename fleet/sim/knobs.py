@@ -1,5 +1,5 @@
 """The fleet simulator's settings: :class:`Knobs` (how the simulated fleet behaves), each device's
-:class:`DeviceProfile`, and the capabilities it presents (see :mod:`edgeml.fleet.simulate`)."""
+:class:`DeviceProfile`, and the capabilities it presents (see :mod:`edgeml.fleet.sim.simulator`)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """A fleet simulator: N lightweight devices in one process (or a few), each speaking the real device protocol.
 
 Every simulated device is its own MQTT connection (all of a process's connections driven by one
-:class:`~edgeml.fleet.mqtt_pool.ClientPool` thread) with its own state directory, TUF metadata, telemetry
+:class:`~edgeml.fleet.sim.mqtt_pool.ClientPool` thread) with its own state directory, TUF metadata, telemetry
 outbox and update record, and it answers commands as :class:`~edgeml.edge_agent.agent.Agent` does: a
 retained ``State`` (with a last will ``offline``), ``update`` commands run through the real
 :class:`~edgeml.edge_agent.update.machine.UpdateMachine` (download over :class:`MqttFetcher` with the
@@ -49,8 +49,8 @@ from typing import Any
 
 from edgeml.edge_agent import serving
 from edgeml.errors import ConfigError, EdgeMLError
-from edgeml.fleet.sim_device import SimDevice, SimRuntime, _Clock, _open_runtime
-from edgeml.fleet.sim_knobs import JETSON, PI, REAL_LABEL, STANDIN_LABEL, DeviceProfile, Knobs, parse_tags
+from edgeml.fleet.sim.device import SimDevice, SimRuntime, _Clock, _open_runtime
+from edgeml.fleet.sim.knobs import JETSON, PI, REAL_LABEL, STANDIN_LABEL, DeviceProfile, Knobs, parse_tags
 from edgeml.protocol import ProtocolError, device_topic
 
 __all__ = ["JETSON", "PI", "REAL_LABEL", "STANDIN_LABEL", "DeviceProfile", "Knobs", "SimDevice", "SimRuntime",
@@ -129,7 +129,7 @@ class Simulator:
         if self.processes > 1:
             self._start_children(timeout)
             return
-        from edgeml.fleet.mqtt_pool import ClientPool
+        from edgeml.fleet.sim.mqtt_pool import ClientPool
 
         serving.open_runtime = _open_runtime  # routes only this simulator's slots
         self._pool = ClientPool()

@@ -138,7 +138,7 @@ def _tables(sa: Any) -> tuple[Any, dict[str, Any]]:
             sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
             sa.Column("revoked", sa.Boolean, nullable=False, server_default=sa.false()),
             sa.Column("last_used_at", sa.DateTime(timezone=True))),
-        # staged rollouts (edgeml.fleet.rollouts): the whole controller state, so that it survives a restart
+        # staged rollouts (edgeml.fleet.rollouts.store): the whole controller state, so that it survives a restart
         "rollouts": sa.Table(
             "rollouts", meta, sa.Column("id", sa.String(64), primary_key=True),
             sa.Column("kind", sa.String(16), nullable=False), sa.Column("model", sa.String(64), nullable=False),
@@ -217,7 +217,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     "decided, then sent" needs), and a writer waits up to 30 s for another instead of failing at once. WAL needs
     a local filesystem: put a registry shared over NFS on PostgreSQL instead."""
     cursor = dbapi_connection.cursor()
-    for pragma in ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=30000"):
+    # the wait first: switching the journal mode takes a lock too (under load it failed at once without it)
+    for pragma in ("busy_timeout=30000", "journal_mode=WAL", "synchronous=FULL"):
         cursor.execute(f"PRAGMA {pragma}")
     cursor.close()
 

@@ -2,7 +2,7 @@
 
 An :class:`IngestWorker` subscribes to every device's ``telemetry`` (QoS 1) and, by default, ``state``
 topic, checks each message (:func:`check_message`), and hands it to a writer thread that stores batches
-(:class:`~edgeml.fleet.telemetry_store.TelemetryStore`, flushed every ``batch_size`` rows or
+(:class:`~edgeml.fleet.telemetry.store.TelemetryStore`, flushed every ``batch_size`` rows or
 ``flush_ms``), so the MQTT network thread never waits on the database. After a batch commits, the worker
 sends each of its devices a ``telemetry-ack`` :class:`~edgeml.protocol.Command` carrying the device's
 contiguous high (every seq up to it is stored): the device may then drop those entries from its outbox.
@@ -28,9 +28,9 @@ not its ``last_seen``.
 
 Devices: the broker authenticates a device and lets it publish only on its own topics, so the topic's
 device id must equal the payload's, and the device must be enrolled and not revoked
-(:class:`~edgeml.fleet.device_roster.DeviceRoster`). Telemetry of a device that is not enrolled is stored
+(:class:`~edgeml.fleet.devices.roster.DeviceRoster`). Telemetry of a device that is not enrolled is stored
 only with ``accept_unknown`` on (a development broker without enrollment); its state never is (see
-:mod:`~edgeml.fleet.telemetry_store`).
+:mod:`~edgeml.fleet.telemetry.store`).
 
 Bad input is never fatal and never blocks other devices: every message is checked against the protocol's
 bounds before it is queued (:func:`check_message`); every message that is not stored is counted in
@@ -60,9 +60,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgeml.errors import ConfigError, EdgeMLError
-from edgeml.fleet.db import Database, is_outage
-from edgeml.fleet.device_roster import DeviceRoster
-from edgeml.fleet.telemetry_store import TelemetryStore
+from edgeml.fleet.devices.roster import DeviceRoster
+from edgeml.fleet.store.db import Database, is_outage
+from edgeml.fleet.telemetry.store import TelemetryStore
 from edgeml.protocol import (
     MAX_BYTES,
     PREFIX,
@@ -162,7 +162,7 @@ class IngestWorker:
     """Stores devices' telemetry and state from the broker; see the module docstring.
 
     Args:
-        db: The registry database (a :class:`~edgeml.fleet.db.Database` or its URL).
+        db: The registry database (a :class:`~edgeml.fleet.store.db.Database` or its URL).
         broker_host: The broker's host name.
         broker_port: The broker's port.
         username: Broker user (the fleet user), if the broker requires one.

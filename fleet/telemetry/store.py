@@ -1,6 +1,6 @@
 """The fleet's telemetry store: devices' telemetry rows and current state in the registry database.
 
-One row per ``(device_id, seq)`` in the ``telemetry`` table (:mod:`edgeml.fleet.db`); a row that is already
+One row per ``(device_id, seq)`` in the ``telemetry`` table (:mod:`edgeml.fleet.store.db`); a row that is already
 stored is dropped on insert (``INSERT ... ON CONFLICT DO NOTHING`` through the SQLite and PostgreSQL
 dialects' own insert constructs), so that a device may resend anything it was not sure of.
 
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgeml.errors import ConfigError, RegistryError
-from edgeml.fleet.db import Database, as_utc, utcnow
+from edgeml.fleet.store.db import Database, as_utc, utcnow
 from edgeml.protocol import State, Telemetry
 
 __all__ = ["BatchResult", "TelemetryStore"]
@@ -70,7 +70,7 @@ class TelemetryStore:
     """Telemetry rows and device state in the registry database (SQLite or PostgreSQL).
 
     Args:
-        db: A :class:`~edgeml.fleet.db.Database`, or a database URL to open one (its schema is created or
+        db: A :class:`~edgeml.fleet.store.db.Database`, or a database URL to open one (its schema is created or
             upgraded to the current version).
         last_seen_s: Telemetry moves a device's ``last_seen`` at most once per this many seconds (0: with
             every batch); a device reporting many times a second then costs one row update a second.

@@ -5,7 +5,7 @@ the ``tokens`` table keeps only its sha256, with a unique name and a :class:`Rol
 ``viewer`` reads, ``operator`` also acts on the fleet (rollouts: start, pause, abort; rollbacks), ``admin``
 also manages keys, devices and tokens. A request sends ``Authorization: Bearer <token>``; :func:`authorize`
 names who sent it or raises :class:`AuthError` (401: missing, unknown or revoked) or :class:`ForbiddenError`
-(403: a role too low), which the HTTP listener turns into JSON (:mod:`~edgeml.fleet.http_server`).
+(403: a role too low), which the HTTP listener turns into JSON (:mod:`~edgeml.fleet.web.server`).
 
 The remote CLI reads its token with :func:`operator_token`: from a file only its owner can read
 (``--token-file``), else from ``$EDGEML_TOKEN``; never from a command-line argument, which every local user
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeml.errors import ConfigError, EdgeMLError, RegistryError
-from edgeml.fleet.db import utcnow
+from edgeml.fleet.store.db import as_utc, utcnow
 
 __all__ = [
     "ENV_TOKEN",
@@ -122,10 +122,10 @@ def create_token(db: Any, name: str, role: Role | str, *, audit: Any = None, act
     """Create a token called ``name`` with ``role``; returns the token, which is stored only as a hash.
 
     Args:
-        db: The registry's :class:`~edgeml.fleet.db.Database`.
+        db: The registry's :class:`~edgeml.fleet.store.db.Database`.
         name: A unique name (letters, digits, ``.``, ``_``, ``-``; up to 64).
         role: A :class:`Role` or its name.
-        audit: An :class:`~edgeml.fleet.audit.AuditLog` to record ``token.create`` in, in the same transaction.
+        audit: An :class:`~edgeml.fleet.audit.log.AuditLog` to record ``token.create`` in, in the same transaction.
         actor: Who creates it (for the audit log).
 
     Raises:
@@ -151,9 +151,9 @@ def revoke_token(db: Any, name: str, *, audit: Any = None, actor: str | None = N
     """Revoke the token called ``name``: it is refused from now on.
 
     Args:
-        db: The registry's :class:`~edgeml.fleet.db.Database`.
+        db: The registry's :class:`~edgeml.fleet.store.db.Database`.
         name: The token's name.
-        audit: An :class:`~edgeml.fleet.audit.AuditLog` to record ``token.revoke`` in, in the same transaction.
+        audit: An :class:`~edgeml.fleet.audit.log.AuditLog` to record ``token.revoke`` in, in the same transaction.
         actor: Who revokes it (for the audit log).
 
     Raises:
@@ -184,8 +184,12 @@ def list_tokens(db: Any) -> list[TokenRecord]:
             for r in rows]
 
 
+#: How often a token's use is written (``last_used_at``): reading the API must not mean writing the database.
+USE_RECORDED_EVERY = dt.timedelta(minutes=1)
+
+
 def authenticate(db: Any, token: str | None) -> Principal:
-    """Who holds ``token``; records when it was last used.
+    """Who holds ``token``; records when it was last used (at most once per :data:`USE_RECORDED_EVERY`).
 
     Raises:
         AuthError: The token is missing, unknown or revoked.
@@ -196,13 +200,17 @@ def authenticate(db: Any, token: str | None) -> Principal:
     digest = _hash(token)
     t = db.tables["tokens"]
     with db.transaction() as conn:
-        row = conn.execute(db.sa.select(t.c.name, t.c.role, t.c.token_hash, t.c.revoked)
+        row = conn.execute(db.sa.select(t.c.name, t.c.role, t.c.token_hash, t.c.revoked, t.c.last_used_at)
                            .where(t.c.token_hash == digest)).first()
         if row is None or not hmac.compare_digest(str(row.token_hash), digest):
             raise AuthError("unknown operator token")
         if row.revoked:
             raise AuthError(f"operator token {row.name!r} is revoked")
-        conn.execute(t.update().where(t.c.token_hash == digest).values(last_used_at=utcnow()))
+        now = utcnow()
+        last = as_utc(row.last_used_at)
+        if last is None or now - last >= USE_RECORDED_EVERY:  # not a write per request (8 per dashboard refresh)
+            conn.execute(t.update().where((t.c.token_hash == digest) & (
+                t.c.last_used_at.is_(None) | (t.c.last_used_at < now - USE_RECORDED_EVERY))).values(last_used_at=now))
     return Principal(str(row.name), Role.parse(row.role))
 
 

@@ -1,10 +1,10 @@
 """The fleet dashboard: a static page (``fleet/web/``) and the read-only JSON API it draws.
 
-:func:`dashboard_routes` are the fleet server's routes for it (:func:`~edgeml.fleet.http_server.fleet_app`):
+:func:`dashboard_routes` are the fleet server's routes for it (:func:`~edgeml.fleet.web.server.fleet_app`):
 
 * ``GET /api/overview``: devices online/offline/revoked, versions installed per model, incompatible devices of
-  each model's newest rollout, rollouts per state (:func:`~edgeml.fleet.fleet_views.fleet_overview`; the
-  online rule is in :mod:`~edgeml.fleet.fleet_views`).
+  each model's newest rollout, rollouts per state (:func:`~edgeml.fleet.web.views.fleet_overview`; the
+  online rule is in :mod:`~edgeml.fleet.web.views`).
 * ``GET /api/devices``: every enrolled device with its tags, status and latest telemetry numbers.
 * ``GET /api/telemetry?metric=M&by=version|device&since=SECONDS&model=NAME&buckets=N``: one metric
   (``latency_p50_ms``, ``latency_p99_ms``, ``error_rate``, ``drift.score``) bucketed over the window, one
@@ -14,8 +14,8 @@
 
 Every ``/api/`` route needs a viewer token (401 without a valid one). A bad query (an unknown or repeated
 parameter, a value out of range) is a 400, a database that cannot be reached a 503, each as the listener's
-JSON error (:func:`~edgeml.fleet.http_server.error_response`). Rollouts are served at ``/api/rollouts`` by
-:func:`~edgeml.fleet.rollouts.rollout_routes`, which the page reads too.
+JSON error (:func:`~edgeml.fleet.web.server.error_response`). Rollouts are served at ``/api/rollouts`` by
+:func:`~edgeml.fleet.rollouts.store.rollout_routes`, which the page reads too.
 
 The page asks for a token (kept in the tab's ``sessionStorage``; ``/#token=...`` sets it and is then removed
 from the address bar), sends it as ``Authorization: Bearer``, and refreshes every few seconds. It sets its
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeml.errors import ConfigError
-from edgeml.fleet.fleet_views import (
+from edgeml.fleet.web.views import (
     DEFAULT_BUCKETS,
     DEFAULT_STALE_S,
     audit_entries,
@@ -42,7 +42,7 @@ from edgeml.fleet.fleet_views import (
 __all__ = ["WEB_DIR", "dashboard_routes", "parse_query"]
 
 #: The page's files (installed as package data ``edgeml.fleet: web/*``).
-WEB_DIR = Path(__file__).resolve().parent / "web"
+WEB_DIR = Path(__file__).resolve().parent / "static"
 _FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
           "style.css": "text/css; charset=utf-8"}
 _PAGE_HEADERS = {
@@ -58,7 +58,7 @@ def parse_query(query: Mapping[str, list[str]], spec: dict[str, Callable[[str], 
     """The query parameters named in ``spec``, each converted by its function.
 
     Args:
-        query: The parsed query string (:attr:`~edgeml.fleet.http_routes.ApiCall.query`).
+        query: The parsed query string (:attr:`~edgeml.fleet.web.routes.ApiCall.query`).
         spec: Parameter name -> converter (``int``, ``float``, ``str``); absent parameters are left out.
 
     Raises:
@@ -87,11 +87,11 @@ def _finite(text: str) -> float:
 
 def dashboard_routes(db: Any, audit: Any, *, stale_after_s: float = DEFAULT_STALE_S, web_dir: Path | None = None,
                      clock: Callable[[], dt.datetime] | None = None) -> list[Any]:
-    """The dashboard's page and JSON API (Starlette routes for :func:`~edgeml.fleet.http_server.build_app`).
+    """The dashboard's page and JSON API (Starlette routes for :func:`~edgeml.fleet.web.server.build_app`).
 
     Args:
         db: The registry's database (tokens, devices, telemetry, rollouts).
-        audit: Its :class:`~edgeml.fleet.audit.AuditLog`.
+        audit: Its :class:`~edgeml.fleet.audit.log.AuditLog`.
         stale_after_s: Seconds of silence after which a device counts as offline.
         web_dir: Where the page's files are (default: :data:`WEB_DIR`).
         clock: The present, as an aware datetime (default: the system clock).
@@ -101,8 +101,8 @@ def dashboard_routes(db: Any, audit: Any, *, stale_after_s: float = DEFAULT_STAL
     from starlette.responses import Response
     from starlette.routing import Route
 
-    from edgeml.fleet.auth import Role
-    from edgeml.fleet.http_routes import ApiCall, api_route, file_response
+    from edgeml.fleet.web.auth import Role
+    from edgeml.fleet.web.routes import ApiCall, api_route, file_response
 
     web = Path(web_dir) if web_dir is not None else WEB_DIR
 

@@ -32,7 +32,7 @@ Exported series (all prefixed ``edgeml_``; units in the names, ratios as 0..1):
 state}``
 ``rollouts{state}``, ``rollouts_aborted_total``    rollouts by state; how many were aborted
 ``telemetry_rows``, ``telemetry_last_received_.`` rows stored; when the newest arrived
-``ingest_*_total``, ``ingest_rejected_total{       an :class:`~edgeml.fleet.ingest.IngestWorker`'s counters,
+``ingest_*_total``, ``ingest_rejected_total{       an :class:`~edgeml.fleet.telemetry.ingest.IngestWorker`'s counters,
 reason}``, ``ingest_queued``                       when one is given
 =================================================  ===========================================================
 
@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 from edgeml.errors import RegistryError
 
 if TYPE_CHECKING:
-    from edgeml.fleet.auth import Role
+    from edgeml.fleet.web.auth import Role
 
 __all__ = ["CONTENT_TYPE", "METRICS_PATH", "FleetCollector", "metrics_routes", "render"]
 
@@ -294,7 +294,7 @@ _INGEST_COUNTERS = {
 def _ingest_families(stats: Mapping[str, Any]) -> Iterator[Any]:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-    from edgeml.fleet.ingest import REJECT_REASONS
+    from edgeml.fleet.telemetry.ingest import REJECT_REASONS
 
     for name, text in _INGEST_COUNTERS.items():
         yield CounterMetricFamily(f"edgeml_ingest_{name}", text, value=int(stats.get(name, 0)))
@@ -311,8 +311,8 @@ class FleetCollector:
     """A Prometheus collector that reads the fleet's database on every :meth:`collect`.
 
     Args:
-        db: The registry's :class:`~edgeml.fleet.db.Database`.
-        ingest: An :class:`~edgeml.fleet.ingest.IngestWorker` (anything with its ``stats()``) whose counters
+        db: The registry's :class:`~edgeml.fleet.store.db.Database`.
+        ingest: An :class:`~edgeml.fleet.telemetry.ingest.IngestWorker` (anything with its ``stats()``) whose counters
             to export, or None.
     """
 
@@ -358,17 +358,18 @@ def render(db: Any, ingest: Any = None) -> bytes:
 
 def metrics_routes(db: Any, *, ingest: Any = None, require_token: bool = False,
                    token_role: Role | str = "viewer") -> list[Any]:
-    """``GET /metrics`` (Prometheus text format), as a route for :func:`~edgeml.fleet.http_server.build_app`.
+    """``GET /metrics`` (Prometheus text format), as a route for :func:`~edgeml.fleet.web.server.build_app`.
 
     By Prometheus convention the route needs no token (the fleet's listener is on 127.0.0.1 by default); with
     ``require_token`` it answers only a bearer token of ``token_role`` or higher (401 without one). A database
     failure is a 503, so that Prometheus marks the target down instead of recording zeros.
 
     Args:
-        db: The registry's :class:`~edgeml.fleet.db.Database`.
-        ingest: The server's :class:`~edgeml.fleet.ingest.IngestWorker`, whose counters to export (None: none).
+        db: The registry's :class:`~edgeml.fleet.store.db.Database`.
+        ingest: The server's :class:`~edgeml.fleet.telemetry.ingest.IngestWorker`, whose counters to export
+            (None: none).
         require_token: Ask for an operator token (``Authorization: Bearer ...``).
-        token_role: The lowest role allowed with ``require_token``: a :class:`~edgeml.fleet.auth.Role` or its
+        token_role: The lowest role allowed with ``require_token``: a :class:`~edgeml.fleet.web.auth.Role` or its
             name.
 
     Raises:
@@ -376,8 +377,8 @@ def metrics_routes(db: Any, *, ingest: Any = None, require_token: bool = False,
     """
     from starlette.responses import Response
 
-    from edgeml.fleet.auth import Role
-    from edgeml.fleet.http_routes import ApiCall, api_route
+    from edgeml.fleet.web.auth import Role
+    from edgeml.fleet.web.routes import ApiCall, api_route
 
     role = token_role if isinstance(token_role, Role) else Role.parse(token_role)  # checked even when unused
 

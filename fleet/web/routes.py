@@ -1,10 +1,10 @@
-"""Routes for the fleet's HTTP listener (:mod:`~edgeml.fleet.http_server`): the JSON API's and static files.
+"""Routes for the fleet's HTTP listener (:mod:`~edgeml.fleet.web.server`): the JSON API's and static files.
 
 * :func:`api_route`: a JSON route. Each request is parsed at the edge into an :class:`ApiCall` (path
   parameters, query, the JSON body read within the listener's limits, the caller's
-  :class:`~edgeml.fleet.auth.Principal` when the route needs a role); the handler runs on the listener's
+  :class:`~edgeml.fleet.web.auth.Principal` when the route needs a role); the handler runs on the listener's
   thread pool and returns what to send as JSON, or raises the project's errors (mapped to statuses by
-  :func:`~edgeml.fleet.http_server.error_response`).
+  :func:`~edgeml.fleet.web.server.error_response`).
 * :func:`static_route` and :func:`file_response`: regular files, GET and HEAD, exact ``Content-Length``,
   ``Content-Type`` from the name, no directory listings, 404 for anything that is not a regular file inside
   the directory (a symlink pointing out included). A file is opened before its headers are sent, so a file
@@ -32,8 +32,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from edgeml.errors import ConfigError, NotFoundError, RegistryError
-from edgeml.fleet.auth import Principal, Role, authorize
-from edgeml.fleet.http_server import HttpSettings, RequestTimeoutError, RequestTooLargeError, json_response
+from edgeml.fleet.web.auth import Principal, Role, authorize
+from edgeml.fleet.web.server import HttpSettings, RequestTimeoutError, RequestTooLargeError, json_response
 
 __all__ = ["ApiCall", "api_route", "file_response", "read_body", "repository_routes", "static_route"]
 
@@ -124,7 +124,7 @@ def api_route(path: str, handler: Callable[[ApiCall], Any], *, methods: Sequence
     The token is checked first (when ``role`` is set), then the body is read (when ``body``), then
     ``handler`` runs on the listener's thread pool. What it returns is sent as JSON with ``status`` (a
     Starlette ``Response`` is sent as it is); what it raises is mapped by
-    :func:`~edgeml.fleet.http_server.error_response`.
+    :func:`~edgeml.fleet.web.server.error_response`.
 
     Args:
         path: The Starlette path, e.g. ``"/api/rollouts/{id}"``.

@@ -1,6 +1,6 @@
 """The fleet's HTTP listener: one Starlette app on uvicorn (h11), served from a background thread.
 
-* :func:`build_app` makes the app from routes (:mod:`~edgeml.fleet.http_routes` builds them): it adds the
+* :func:`build_app` makes the app from routes (:mod:`~edgeml.fleet.web.routes` builds them): it adds the
   request guard and :func:`error_response`, the one place where an exception becomes an HTTP status;
   :func:`fleet_app` is the whole fleet's app (the JSON API, the dashboard, ``/metrics``, the repository).
 * :class:`HttpServer` runs an app: :meth:`~HttpServer.start` listens (port 0: a free one, then in
@@ -21,7 +21,7 @@ What the listener guarantees, whatever the route (limits in :class:`HttpSettings
   ``body_timeout_s`` for a body (408), ``keep_alive_s`` for an idle connection.
 
 Errors: a route raises the project's errors and :data:`STATUSES` maps them (a subclass before its parent):
-:class:`~edgeml.fleet.auth.AuthError` 401, ``ForbiddenError`` 403, :class:`~edgeml.errors.NotFoundError` 404,
+:class:`~edgeml.fleet.web.auth.AuthError` 401, ``ForbiddenError`` 403, :class:`~edgeml.errors.NotFoundError` 404,
 :class:`~edgeml.errors.ConflictError` 409, :class:`~edgeml.errors.ConfigError` (bad input) 400,
 :class:`~edgeml.errors.RegistryError` (the database) 503, anything else 500. The body is always JSON
 ``{"error": message, "hint": hint or null, "status": code}``; a 503 and a 500 say only what happened, never
@@ -43,7 +43,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from edgeml.errors import ConfigError, ConflictError, EdgeMLError, MissingExtraError, NotFoundError, RegistryError
-from edgeml.fleet.auth import AuthError, ForbiddenError
+from edgeml.fleet.web.auth import AuthError, ForbiddenError
 
 try:
     import anyio
@@ -161,7 +161,9 @@ def error_response(exc: BaseException, method: str = "GET") -> Response:
     if isinstance(exc, HTTPException):
         message = f"{method} is not allowed here" if status == 405 else HTTPStatus(status).phrase.lower()
         hint = None
-        headers.update({k: v for k, v in (exc.headers or {}).items() if k.lower() == "allow"})
+        for name, value in (exc.headers or {}).items():  # Starlette lists a route's methods in set order
+            if name.lower() == "allow":
+                headers[name] = ", ".join(sorted(m.strip() for m in value.split(",")))
     elif status == 503:
         _log.warning("HTTP request failed on the database: %s", exc)
         message, hint = _UNAVAILABLE
@@ -227,7 +229,7 @@ def build_app(routes: Sequence[BaseRoute], settings: HttpSettings | None = None)
     """A Starlette app serving ``routes`` behind the request guard and the error mapping.
 
     Args:
-        routes: Starlette routes (e.g. from :func:`~edgeml.fleet.http_routes.api_route`).
+        routes: Starlette routes (e.g. from :func:`~edgeml.fleet.web.routes.api_route`).
         settings: The listener's limits (routes read ``max_body_bytes`` and ``body_timeout_s`` from
             ``app.state.http``).
     """
@@ -258,16 +260,16 @@ def fleet_app(registry_dir: Path, db: Any, audit: Any, *, ingest: Any = None, me
         ingest: An ingest worker whose counters ``/metrics`` exports (None: none).
         metrics_token: Require a viewer token on ``/metrics``.
         settings: The listener's limits.
-        **dashboard: Options of :func:`~edgeml.fleet.dashboard.dashboard_routes` (``stale_after_s``, ``clock``).
+        **dashboard: Options of :func:`~edgeml.fleet.web.dashboard.dashboard_routes` (``stale_after_s``, ``clock``).
 
     Raises:
         RegistryError: ``registry_dir`` is not a registry.
     """
-    from edgeml.fleet.dashboard import dashboard_routes
-    from edgeml.fleet.http_routes import repository_routes
-    from edgeml.fleet.metrics import metrics_routes
     from edgeml.fleet.operator_api import telemetry_routes
-    from edgeml.fleet.rollouts import rollout_routes
+    from edgeml.fleet.rollouts.store import rollout_routes
+    from edgeml.fleet.web.dashboard import dashboard_routes
+    from edgeml.fleet.web.metrics import metrics_routes
+    from edgeml.fleet.web.routes import repository_routes
 
     return build_app([*rollout_routes(db, audit), *dashboard_routes(db, audit, **dashboard), *telemetry_routes(db),
                       *metrics_routes(db, ingest=ingest, require_token=metrics_token),
@@ -413,11 +415,11 @@ def repository_server(registry_dir: Path, host: str = "127.0.0.1", port: int = D
                       settings: HttpSettings | None = None) -> HttpServer:
     """An :class:`HttpServer` serving only ``registry_dir/repository``'s ``metadata/`` and ``targets/``.
 
-    Call :meth:`HttpServer.start` to listen. See :func:`~edgeml.fleet.http_routes.repository_routes`.
+    Call :meth:`HttpServer.start` to listen. See :func:`~edgeml.fleet.web.routes.repository_routes`.
 
     Raises:
         RegistryError: ``registry_dir`` has no ``repository/metadata`` directory.
     """
-    from edgeml.fleet.http_routes import repository_routes
+    from edgeml.fleet.web.routes import repository_routes
 
     return HttpServer(build_app(repository_routes(registry_dir), settings), host, port)

@@ -1,7 +1,7 @@
 """Read-only views of the fleet for the dashboard and its JSON API: overview, devices, telemetry, audit.
 
-Plain functions over the registry's :class:`~edgeml.fleet.db.Database` (SQLite or PostgreSQL); the routes in
-:mod:`~edgeml.fleet.dashboard` only parse the query string and call them, and the tests call them directly.
+Plain functions over the registry's :class:`~edgeml.fleet.store.db.Database` (SQLite or PostgreSQL); the routes in
+:mod:`~edgeml.fleet.web.dashboard` only parse the query string and call them, and the tests call them directly.
 
 Online or offline: a device is **online** when its last reported status is not ``"offline"`` (the broker's
 last will sets it when the device drops) *and* it was heard from (``last_seen``: telemetry or a state
@@ -26,7 +26,7 @@ from collections import defaultdict
 from typing import Any
 
 from edgeml.errors import ConfigError
-from edgeml.fleet.db import as_utc, utcnow
+from edgeml.fleet.store.db import as_utc, utcnow
 
 __all__ = [
     "DEFAULT_BUCKETS",
@@ -282,7 +282,7 @@ def audit_entries(audit: Any, limit: int = 50) -> list[dict[str, Any]]:
     """The newest ``limit`` audit entries, newest first: ``{"seq", "at", "actor", "action", "subject", "details"}``.
 
     Args:
-        audit: The registry's :class:`~edgeml.fleet.audit.AuditLog`.
+        audit: The registry's :class:`~edgeml.fleet.audit.log.AuditLog`.
         limit: How many (1 to 1000).
 
     Raises:

@@ -139,7 +139,7 @@ def forbidden_imports(source: str, package: str) -> list[str]:
         ("def f():\n    from edgeml.compile import gate", "edgeml.edge_agent", ["edgeml.compile"]),
         ("from ...compile import gate", "edgeml.edge_agent.runtimes", ["edgeml.compile"]),
         ("from .. import fleet", "edgeml.edge_agent", ["edgeml.fleet"]),
-        ("importlib.import_module('edgeml.fleet.registry')", "edgeml", ["edgeml.fleet.registry"]),
+        ("importlib.import_module('edgeml.fleet.registry.repository')", "edgeml", ["edgeml.fleet.registry.repository"]),
         ("from edgeml.errors import EdgeMLError\nimport edgeml.edge_agent", "edgeml", []),
         ("from . import base\nfrom .base import Runtime", "edgeml.edge_agent.runtimes", []),
         ('"""Nothing here imports edgeml.compile."""', "edgeml", []),

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from edgeml.fleet.audit import open_audit
-from edgeml.fleet.registry import Registry
-from edgeml.fleet.rollout_controller import CONTROLLER_ACTOR
-from edgeml.fleet.rollouts import rollout_status
+from edgeml.fleet.audit.log import open_audit
+from edgeml.fleet.registry.repository import Registry
+from edgeml.fleet.rollouts.controller import CONTROLLER_ACTOR
+from edgeml.fleet.rollouts.store import rollout_status
 from tests.conftest import RunCli, require_service
 from tests.fleet.mosquitto import MOSQUITTO
 

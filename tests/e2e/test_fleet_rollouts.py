@@ -3,7 +3,7 @@
 The fleet server runs as two parts that meet in the database (SQLite, then the local PostgreSQL) and on the
 broker, as a scaled-out deployment would: this process runs ``dist``, ``ingest`` and ``web`` (shared
 subscriptions), and ``edgeml fleet serve --role controller`` runs as a real subprocess, which one test
-SIGKILLs mid-rollout. The devices are :class:`~edgeml.fleet.simulate.Simulator` devices: each has its own
+SIGKILLs mid-rollout. The devices are :class:`~edgeml.fleet.sim.simulator.Simulator` devices: each has its own
 MQTT connection, verifies every download with TUF and runs the real update machine, with the stand-in
 runtime (fixed latency) so that a slow version is exactly ``slow_factor`` times slower.
 """
@@ -22,12 +22,12 @@ from typing import Any
 
 import pytest
 
-from edgeml.fleet.registry import Registry, init_registry
-from edgeml.fleet.rollout_controller import CONTROLLER_ACTOR
-from edgeml.fleet.rollout_rules import RolloutOptions, order
-from edgeml.fleet.rollouts import rollout_status, start_rollout
+from edgeml.fleet.registry.repository import Registry, init_registry
+from edgeml.fleet.rollouts.controller import CONTROLLER_ACTOR
+from edgeml.fleet.rollouts.rules import RolloutOptions, order
+from edgeml.fleet.rollouts.store import rollout_status, start_rollout
 from edgeml.fleet.server import FleetServer, ServeSettings
-from edgeml.fleet.simulate import Knobs, Simulator
+from edgeml.fleet.sim.simulator import Knobs, Simulator
 from tests.edge_agent.harness import plain_broker
 from tests.fleet.conftest import database_url
 from tests.fleet.test_rollouts import Recorder

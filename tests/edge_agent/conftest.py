@@ -163,7 +163,7 @@ class ServedRegistry:
 @pytest.fixture(scope="session")
 def served_registry(digits_bundles: DigitsBundles, tmp_path_factory: pytest.TempPathFactory
                     ) -> Iterator[ServedRegistry]:
-    from edgeml.fleet.registry import init_registry
+    from edgeml.fleet.registry.repository import init_registry
 
     registry = init_registry(tmp_path_factory.mktemp("registry") / "reg")
     for path in digits_bundles.paths.values():

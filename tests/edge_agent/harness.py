@@ -22,8 +22,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from edgeml.fleet.distribution import DistributionService
-from edgeml.fleet.registry import Registry
+from edgeml.fleet.registry.distribution import DistributionService
+from edgeml.fleet.registry.repository import Registry
 from edgeml.protocol import PREFIX, Command, Telemetry, device_topic, parse
 from tests.fleet.mosquitto import anonymous_mosquitto
 

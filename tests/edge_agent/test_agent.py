@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from edgeml.edge_agent.agent import Agent
 from edgeml.edge_agent.config import load_config
-from edgeml.fleet.registry import Registry, init_registry
+from edgeml.fleet.registry.repository import Registry, init_registry
 from tests.edge_agent.conftest import BROKEN, GOOD, SLOW, SOFT, DigitsBundles
 from tests.edge_agent.harness import Operator, distribution, plain_broker, write_agent_config
 

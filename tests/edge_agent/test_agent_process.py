@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeml.fleet.registry import Registry, init_registry
+from edgeml.fleet.registry.repository import Registry, init_registry
 from tests.conftest import REPO_ROOT
 from tests.edge_agent.conftest import GOOD, DigitsBundles
 from tests.edge_agent.harness import Operator, distribution, plain_broker, write_agent_config

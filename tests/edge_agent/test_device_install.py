@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from edgeml.fleet.broker import write_broker_config
-from edgeml.fleet.devices import enroll
-from edgeml.fleet.distribution import DistributionService
-from edgeml.fleet.registry import init_registry
+from edgeml.fleet.devices.broker import write_broker_config
+from edgeml.fleet.devices.enrollment import enroll
+from edgeml.fleet.registry.distribution import DistributionService
+from edgeml.fleet.registry.repository import init_registry
 from tests.conftest import REPO_ROOT
 from tests.edge_agent.conftest import DigitsBundles
 from tests.edge_agent.harness import Operator

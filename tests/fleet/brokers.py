@@ -36,7 +36,7 @@ def _mosquitto() -> Iterator[tuple[str, int]]:
 def _amqtt() -> Iterator[tuple[str, int]]:
     if importlib.util.find_spec("amqtt") is None:
         require_service("amqtt", False, "amqtt not installed (pip install 'edgeml[fleet]')")
-    from edgeml.fleet.embedded_broker import EmbeddedBroker
+    from edgeml.fleet.devices.embedded_broker import EmbeddedBroker
 
     with EmbeddedBroker() as broker:
         yield broker.host, broker.port

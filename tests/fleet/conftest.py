@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from edgeml.bundle import Manifest, TensorSpec, write_bundle
-from edgeml.fleet.registry import Registry, init_registry
+from edgeml.fleet.registry.repository import Registry, init_registry
 from tests.conftest import require_service
 
 MakeBundle = Callable[..., Path]

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 from edgeml.errors import ConfigError, MetadataError, RegistryError
-from edgeml.fleet.audit import ACTIONS, GENESIS, AuditLog, HeadSigner, SignedHead, entry_hash, open_audit, record
-from edgeml.fleet.keys import generate
-from edgeml.fleet.registry import Registry, init_registry
+from edgeml.fleet.audit.log import ACTIONS, GENESIS, AuditLog, HeadSigner, SignedHead, entry_hash, open_audit, record
+from edgeml.fleet.registry.keys import generate
+from edgeml.fleet.registry.repository import Registry, init_registry
 from tests.conftest import REPO_ROOT, RunCli
 
 ENTRIES = 5
@@ -208,7 +208,7 @@ def test_bad_entries_are_refused(log: AuditLog, action: str, details: dict[str, 
 
 def test_record_and_actor_from_environment(registry: Registry, db_url: str,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    from edgeml.fleet.audit import local_actor
+    from edgeml.fleet.audit.log import local_actor
 
     monkeypatch.setenv("EDGEML_ACTOR", "ci:pipeline-7")
     entry = record(registry.dir, local_actor(), "keys.rotate", "root", {"version": 2}, db_url=db_url)
@@ -243,7 +243,7 @@ def test_reading_needs_no_key_but_verifying_entries_does(registry: Registry, db_
 _WORKER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from edgeml.fleet.audit import open_audit
+    from edgeml.fleet.audit.log import open_audit
     reg, url, who, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     log = open_audit(Path(reg), db_url=url)
     while not (Path(reg) / "go").exists():
@@ -305,8 +305,8 @@ def test_cli_audit_ls_and_verify(registry: Registry, db_url: str, run_cli: RunCl
 def test_fleet_actions_are_audited_with_their_actor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """publish, enroll, revoke and a root key rotation each append one entry, and the chain verifies."""
     from edgeml.bundle import write_bundle
-    from edgeml.fleet.broker import write_broker_config
-    from edgeml.fleet.devices import enroll, revoke
+    from edgeml.fleet.devices.broker import write_broker_config
+    from edgeml.fleet.devices.enrollment import enroll, revoke
     from tests.fleet.conftest import manifest
 
     monkeypatch.setenv("EDGEML_ACTOR", "ci:alice")
@@ -411,7 +411,7 @@ def test_an_honest_log_verifies_after_every_operation(log: AuditLog) -> None:
 _APPENDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from edgeml.fleet.audit import open_audit
+    from edgeml.fleet.audit.log import open_audit
     reg, url, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     log = open_audit(Path(reg), db_url=url)
     while not (Path(reg) / "go").exists():

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from edgeml.errors import ConfigError, RegistryError
-from edgeml.fleet.audit import AuditLog, open_audit
-from edgeml.fleet.auth import (
+from edgeml.fleet.audit.log import AuditLog, open_audit
+from edgeml.fleet.registry.repository import init_registry
+from edgeml.fleet.web.auth import (
     AuthError,
     ForbiddenError,
     Principal,
@@ -32,9 +33,8 @@ from edgeml.fleet.auth import (
     require,
     revoke_token,
 )
-from edgeml.fleet.http_routes import ApiCall, api_route
-from edgeml.fleet.http_server import HttpServer, build_app
-from edgeml.fleet.registry import init_registry
+from edgeml.fleet.web.routes import ApiCall, api_route
+from edgeml.fleet.web.server import HttpServer, build_app
 from tests.conftest import RunCli
 
 
@@ -65,6 +65,27 @@ def test_create_authenticate_revoke(log: AuditLog) -> None:
         ("local:root", "token.create", "alice", {"role": "operator"}),
         ("local:root", "token.revoke", "alice", {})]
     assert log.verify().ok
+
+
+def test_using_a_token_writes_the_database_at_most_once_a_minute(log: AuditLog) -> None:
+    """A dashboard refresh is 8 authenticated calls every 5 s per open tab: none of them may write."""
+    db = log.db
+    token = create_token(db, "viewer", "viewer", audit=log, actor="local:root")
+    statements: list[str] = []
+    db.sa.event.listen(db.engine, "before_cursor_execute",
+                       lambda conn, cursor, statement, *args: statements.append(statement))
+    for _ in range(16):
+        authenticate(db, token)
+    writes = [s for s in statements if s.lstrip().upper().startswith("UPDATE")]
+    assert len(writes) == 1  # the first use is recorded
+    with db.transaction() as conn:  # a minute later the next use is recorded again
+        conn.execute(db.tables["tokens"].update().values(last_used_at=db.sa.func.datetime("now", "-2 minutes")
+                                                         if conn.dialect.name == "sqlite" else
+                                                         db.sa.text("now() - interval '2 minutes'")))
+    statements.clear()
+    authenticate(db, token)
+    authenticate(db, token)
+    assert len([s for s in statements if s.lstrip().upper().startswith("UPDATE")]) == 1
 
 
 @pytest.mark.parametrize(("name", "role", "error", "message"), [

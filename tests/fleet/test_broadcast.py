@@ -18,8 +18,8 @@ import pytest
 
 from edgeml.edge_agent.mqtt_fetcher import METADATA_URL, TARGETS_URL, MqttFetcher
 from edgeml.edge_agent.tuf_client import TufClient
-from edgeml.fleet.distribution import DistributionService
-from edgeml.fleet.registry import Registry
+from edgeml.fleet.registry.distribution import DistributionService
+from edgeml.fleet.registry.repository import Registry
 from edgeml.protocol import DistInfo, ProtocolError, dist_chunk_topic
 from tests.fleet.conftest import MakeBundle
 from tests.fleet.test_mqtt_transport import broker_port  # noqa: F401  (the module's Mosquitto fixture)

@@ -19,7 +19,7 @@ import pytest
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edgeml.errors import ConfigError
-from edgeml.fleet.broker import (
+from edgeml.fleet.devices.broker import (
     DYNSEC_FILE,
     MESSAGE_SIZE_LIMIT,
     dynsec_config,

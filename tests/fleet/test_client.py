@@ -14,8 +14,8 @@ from tuf.api.serialization.json import JSONSerializer
 
 from edgeml.edge_agent.tuf_client import TufClient
 from edgeml.errors import UpdateVerificationError
-from edgeml.fleet.keys import load_signer
-from edgeml.fleet.registry import Registry
+from edgeml.fleet.registry.keys import load_signer
+from edgeml.fleet.registry.repository import Registry
 from tests.conftest import RunCli
 from tests.fleet.conftest import MakeBundle
 
@@ -173,8 +173,8 @@ def test_signed_fields_that_differ_from_the_manifest_are_refused(registry: Regis
     """Even with the online targets key, relabelling 1.0.0 as 2.0.0 is caught by the manifest check."""
     from tuf.api.metadata import TargetFile
 
-    from edgeml.fleet import tuf_repo
-    from edgeml.fleet.registry import _write_roles
+    from edgeml.fleet.registry import tuf_repo
+    from edgeml.fleet.registry.repository import _write_roles
 
     bundle = make_bundle("1.0.0")
     real = registry.publish(bundle)

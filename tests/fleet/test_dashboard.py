@@ -34,16 +34,16 @@ from typing import Any
 import pytest
 
 from edgeml.bundle import write_bundle
-from edgeml.fleet.audit import AuditLog, open_audit
-from edgeml.fleet.auth import Role, create_token, revoke_token
-from edgeml.fleet.broker import write_broker_config
-from edgeml.fleet.devices import enroll, revoke
-from edgeml.fleet.fleet_views import audit_entries, device_list, fleet_overview, telemetry_series
-from edgeml.fleet.http_server import HttpServer, fleet_app
-from edgeml.fleet.registry import init_registry
-from edgeml.fleet.rollout_rules import RolloutOptions
-from edgeml.fleet.rollouts import rollout_status, set_rollout_state, start_rollout
-from edgeml.fleet.telemetry_store import TelemetryStore
+from edgeml.fleet.audit.log import AuditLog, open_audit
+from edgeml.fleet.devices.broker import write_broker_config
+from edgeml.fleet.devices.enrollment import enroll, revoke
+from edgeml.fleet.registry.repository import init_registry
+from edgeml.fleet.rollouts.rules import RolloutOptions
+from edgeml.fleet.rollouts.store import rollout_status, set_rollout_state, start_rollout
+from edgeml.fleet.telemetry.store import TelemetryStore
+from edgeml.fleet.web.auth import Role, create_token, revoke_token
+from edgeml.fleet.web.server import HttpServer, fleet_app
+from edgeml.fleet.web.views import audit_entries, device_list, fleet_overview, telemetry_series
 from edgeml.protocol import State, Telemetry
 from tests.conftest import REPO_ROOT, require_service
 from tests.fleet.conftest import database_url, manifest

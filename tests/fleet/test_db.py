@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from tuf.api.metadata import Metadata
 
-from edgeml.fleet.db import Database
-from edgeml.fleet.registry import init_registry
+from edgeml.fleet.registry.repository import init_registry
+from edgeml.fleet.store.db import Database
 from tests.fleet.conftest import MakeBundle
 
 PUBLISHERS = 10

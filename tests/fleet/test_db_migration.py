@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from edgeml.errors import RegistryError
-from edgeml.fleet import db as fleet_db
-from edgeml.fleet.db import MIGRATIONS, SCHEMA_VERSION, Database
+from edgeml.fleet.store import db as fleet_db
+from edgeml.fleet.store.db import MIGRATIONS, SCHEMA_VERSION, Database
 
 sa = pytest.importorskip("sqlalchemy")
 

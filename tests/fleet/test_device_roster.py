@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeml.fleet.db import Database
-from edgeml.fleet.device_roster import REVOKED, UNKNOWN, DeviceRoster
+from edgeml.fleet.devices.roster import REVOKED, UNKNOWN, DeviceRoster
+from edgeml.fleet.store.db import Database
 
 
 class Clock:

@@ -16,8 +16,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edgeml.fleet.broker import DYNSEC_FILE, write_broker_config
-from edgeml.fleet.registry import init_registry
+from edgeml.fleet.devices.broker import DYNSEC_FILE, write_broker_config
+from edgeml.fleet.registry.repository import init_registry
 from edgeml.protocol import Telemetry, device_topic
 from tests.conftest import RunCli, require_service
 from tests.fleet.mosquitto import MOSQUITTO, free_port, run_mosquitto

@@ -13,7 +13,7 @@ from edgeml.errors import ConfigError
 
 pytest.importorskip("amqtt")
 
-from edgeml.fleet.embedded_broker import EmbeddedBroker
+from edgeml.fleet.devices.embedded_broker import EmbeddedBroker
 
 
 @pytest.fixture

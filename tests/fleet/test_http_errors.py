@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from edgeml.fleet.audit import open_audit
-from edgeml.fleet.db import Database
-from edgeml.fleet.http_server import HttpServer, fleet_app
-from edgeml.fleet.registry import Registry
+from edgeml.fleet.audit.log import open_audit
+from edgeml.fleet.registry.repository import Registry
+from edgeml.fleet.store.db import Database
+from edgeml.fleet.web.server import HttpServer, fleet_app
 from tests.fleet.mosquitto import free_port
 
 PASSWORD = "pw-s3cret-9f2"

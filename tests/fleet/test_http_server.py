@@ -22,9 +22,10 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from edgeml.errors import ConfigError, ConflictError, EdgeMLError, NotFoundError, RegistryError
-from edgeml.fleet.auth import AuthError, ForbiddenError, Role, create_token
-from edgeml.fleet.http_routes import ApiCall, api_route, static_route
-from edgeml.fleet.http_server import (
+from edgeml.fleet.registry.repository import Registry
+from edgeml.fleet.web.auth import AuthError, ForbiddenError, Role, create_token
+from edgeml.fleet.web.routes import ApiCall, api_route, static_route
+from edgeml.fleet.web.server import (
     HttpServer,
     HttpSettings,
     RequestTimeoutError,
@@ -32,7 +33,6 @@ from edgeml.fleet.http_server import (
     build_app,
     error_response,
 )
-from edgeml.fleet.registry import Registry
 
 SMUGGLED = b"GET /hit HTTP/1.1\r\nHost: fleet\r\n\r\n"
 SECRET_PATH = "/srv/edgeml/registry/keys/targets.pem"

@@ -28,9 +28,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgeml.errors import ConfigError
-from edgeml.fleet.db import Database
-from edgeml.fleet.ingest import REJECT_REASONS, IngestSettings, IngestWorker, RejectedMessage, check_message
-from edgeml.fleet.telemetry_store import TelemetryStore
+from edgeml.fleet.store.db import Database
+from edgeml.fleet.telemetry.ingest import REJECT_REASONS, IngestSettings, IngestWorker, RejectedMessage, check_message
+from edgeml.fleet.telemetry.store import TelemetryStore
 from edgeml.protocol import MAX_BYTES, Command, State, Telemetry, device_topic, parse
 from tests.conftest import require_service
 from tests.fleet.mosquitto import (

@@ -22,16 +22,16 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from edgeml.errors import ConfigError
-from edgeml.fleet.audit import AuditLog, open_audit
-from edgeml.fleet.auth import create_token
-from edgeml.fleet.db import Database
-from edgeml.fleet.http_server import HttpServer, build_app
-from edgeml.fleet.ingest import REJECT_REASONS, IngestSettings, IngestWorker
-from edgeml.fleet.metrics import metrics_routes
-from edgeml.fleet.registry import init_registry
-from edgeml.fleet.rollout_rules import RolloutOptions
-from edgeml.fleet.rollouts import rollout_status, set_rollout_state, start_rollout
-from edgeml.fleet.telemetry_store import TelemetryStore
+from edgeml.fleet.audit.log import AuditLog, open_audit
+from edgeml.fleet.registry.repository import init_registry
+from edgeml.fleet.rollouts.rules import RolloutOptions
+from edgeml.fleet.rollouts.store import rollout_status, set_rollout_state, start_rollout
+from edgeml.fleet.store.db import Database
+from edgeml.fleet.telemetry.ingest import REJECT_REASONS, IngestSettings, IngestWorker
+from edgeml.fleet.telemetry.store import TelemetryStore
+from edgeml.fleet.web.auth import create_token
+from edgeml.fleet.web.metrics import metrics_routes
+from edgeml.fleet.web.server import HttpServer, build_app
 from edgeml.protocol import State, Telemetry, device_topic
 from tests.fleet.conftest import MakeBundle
 from tests.fleet.mosquitto import anonymous_mosquitto
@@ -80,10 +80,15 @@ class Fleet:
 
     def enroll(self, name: str, status: str | None, version: str | None, revoked: bool = False) -> None:
         with self.db.transaction() as conn:
-            conn.execute(self.db.tables["devices"].insert().values(device_id=name, revoked=revoked))
-        if status is not None:
+            conn.execute(self.db.tables["devices"].insert().values(device_id=name, revoked=False))
+        if status is not None:  # its state, recorded while it was enrolled (a revoked device's never is)
             state = State(name, status, "digits" if version else None, version, capabilities=CAPS)
             assert self.store.update_state(name, state) is True
+        if revoked:
+            with self.db.transaction() as conn:
+                conn.execute(self.db.tables["devices"].update().where(
+                    self.db.tables["devices"].c.device_id == name).values(revoked=True))
+            assert self.store.update_state(name, State(name, "offline")) is False
 
     def send(self, name: str, *windows: tuple[Any, ...]) -> None:
         rows = []

@@ -20,8 +20,8 @@ import pytest
 
 from edgeml.edge_agent.mqtt_fetcher import METADATA_URL, TARGETS_URL, MqttFetcher
 from edgeml.edge_agent.tuf_client import TufClient
-from edgeml.fleet.distribution import MAX_CHUNK, DistributionService
-from edgeml.fleet.registry import Registry
+from edgeml.fleet.registry.distribution import MAX_CHUNK, DistributionService
+from edgeml.fleet.registry.repository import Registry
 from tests.fleet.conftest import MakeBundle
 from tests.fleet.test_mqtt_transport import broker_port  # noqa: F401  (the module's Mosquitto fixture)
 

@@ -14,8 +14,8 @@ import pytest
 from edgeml.edge_agent.mqtt_fetcher import METADATA_URL, TARGETS_URL, MqttFetcher
 from edgeml.edge_agent.tuf_client import TufClient
 from edgeml.errors import UpdateVerificationError
-from edgeml.fleet.distribution import MAX_CHUNK, DistributionService
-from edgeml.fleet.registry import Registry
+from edgeml.fleet.registry.distribution import MAX_CHUNK, DistributionService
+from edgeml.fleet.registry.repository import Registry
 from edgeml.protocol import Request, device_topic
 from tests.fleet.conftest import MakeBundle
 from tests.fleet.mosquitto import anonymous_mosquitto

@@ -15,14 +15,14 @@ from typing import Any
 import pytest
 
 from edgeml.edge_agent.capabilities import detect
-from edgeml.fleet.audit import open_audit
-from edgeml.fleet.auth import create_token
-from edgeml.fleet.http_routes import repository_routes
-from edgeml.fleet.http_server import HttpServer, build_app
+from edgeml.fleet.audit.log import open_audit
 from edgeml.fleet.operator_api import telemetry_routes
-from edgeml.fleet.registry import Registry
-from edgeml.fleet.rollouts import rollout_routes, rollout_status
-from edgeml.fleet.telemetry_store import TelemetryStore
+from edgeml.fleet.registry.repository import Registry
+from edgeml.fleet.rollouts.store import rollout_routes, rollout_status
+from edgeml.fleet.telemetry.store import TelemetryStore
+from edgeml.fleet.web.auth import create_token
+from edgeml.fleet.web.routes import repository_routes
+from edgeml.fleet.web.server import HttpServer, build_app
 from edgeml.protocol import Telemetry
 from tests.conftest import RunCli
 from tests.fleet.conftest import MakeBundle

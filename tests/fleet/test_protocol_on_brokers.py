@@ -15,8 +15,8 @@ import pytest
 
 from edgeml.edge_agent.mqtt_fetcher import METADATA_URL, TARGETS_URL, MqttFetcher
 from edgeml.edge_agent.tuf_client import TufClient
-from edgeml.fleet.distribution import MAX_CHUNK, DistributionService
-from edgeml.fleet.registry import Registry
+from edgeml.fleet.registry.distribution import MAX_CHUNK, DistributionService
+from edgeml.fleet.registry.repository import Registry
 from edgeml.protocol import PREFIX, Command, State, device_topic, parse
 from tests.fleet.brokers import BROKERS, plain_broker
 from tests.fleet.conftest import MakeBundle

@@ -11,7 +11,7 @@ from tuf.api.metadata import Metadata
 from tuf.ngclient import Updater
 
 from edgeml.errors import BundleError, BundleIntegrityError, MetadataError, RegistryError, TargetExistsError
-from edgeml.fleet.registry import Registry, init_registry
+from edgeml.fleet.registry.repository import Registry, init_registry
 from tests.conftest import RunCli
 from tests.fleet.conftest import MakeBundle, tree_hash
 

@@ -14,10 +14,10 @@ import pytest
 from tuf.api.metadata import Metadata, TargetFile
 
 from edgeml.errors import BundleError, RegistryError
-from edgeml.fleet import tuf_repo
-from edgeml.fleet.audit import open_audit, record
-from edgeml.fleet.keys import generate
-from edgeml.fleet.registry import Registry
+from edgeml.fleet.audit.log import open_audit, record
+from edgeml.fleet.registry import tuf_repo
+from edgeml.fleet.registry.keys import generate
+from edgeml.fleet.registry.repository import Registry
 from tests.conftest import RunCli
 from tests.fleet.conftest import MakeBundle, tree_hash
 
@@ -152,7 +152,7 @@ def _mode(path: Path) -> int:
 
 @pytest.mark.usefixtures("open_umask")
 def test_keys_and_the_audit_files_are_readable_by_their_owner_only(tmp_path: Path, make_bundle: MakeBundle) -> None:
-    from edgeml.fleet.registry import init_registry
+    from edgeml.fleet.registry.repository import init_registry
 
     reg = init_registry(tmp_path / "reg", root_keys=2, root_threshold=1)
     reg.publish(make_bundle("1.0.0"))

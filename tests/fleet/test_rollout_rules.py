@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from edgeml.fleet.rollout_rules import (
+from edgeml.fleet.rollouts.rules import (
     AbortRollout,
     Action,
     AdvanceWave,

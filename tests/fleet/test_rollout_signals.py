@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from edgeml.fleet.db import Database
-from edgeml.fleet.rollout_rules import DeviceSignals
-from edgeml.fleet.rollout_signals import CHUNK, Judged, telemetry_signals
-from edgeml.fleet.telemetry_store import TelemetryStore
+from edgeml.fleet.rollouts.rules import DeviceSignals
+from edgeml.fleet.rollouts.signals import CHUNK, Judged, telemetry_signals
+from edgeml.fleet.store.db import Database
+from edgeml.fleet.telemetry.store import TelemetryStore
 from edgeml.protocol import Telemetry
 
 START = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.timezone.utc)

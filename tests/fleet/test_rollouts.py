@@ -35,19 +35,19 @@ from edgeml.bundle import Manifest, TensorSpec, write_bundle
 from edgeml.edge_agent.agent import Agent
 from edgeml.edge_agent.capabilities import Capabilities, detect
 from edgeml.edge_agent.config import load_config
-from edgeml.fleet.audit import AuditLog, open_audit
-from edgeml.fleet.auth import Role, create_token
-from edgeml.fleet.http_server import HttpServer, build_app
-from edgeml.fleet.registry import Registry, init_registry
-from edgeml.fleet.rollout_controller import RolloutController
-from edgeml.fleet.rollout_rules import RolloutError, RolloutOptions, order
-from edgeml.fleet.rollouts import (
+from edgeml.fleet.audit.log import AuditLog, open_audit
+from edgeml.fleet.registry.repository import Registry, init_registry
+from edgeml.fleet.rollouts.controller import RolloutController
+from edgeml.fleet.rollouts.rules import RolloutError, RolloutOptions, order
+from edgeml.fleet.rollouts.store import (
     rollback,
     rollout_routes,
     rollout_status,
     set_rollout_state,
     start_rollout,
 )
+from edgeml.fleet.web.auth import Role, create_token
+from edgeml.fleet.web.server import HttpServer, build_app
 from edgeml.protocol import PREFIX, Command, parse
 from tests.conftest import DigitsModel
 from tests.edge_agent.conftest import BROKEN, GOOD, SLOW, DigitsBundles, _graph, digits_bundles  # noqa: F401
@@ -197,6 +197,7 @@ def make_devices(fleet: Fleet, tmp_path: Path, request: pytest.FixtureRequest) -
         with ThreadPoolExecutor(n) as pool:
             ends = list(pool.map(lambda d: _first_install(fleet, d), ids))
         assert [e["state"] for e in ends] == ["committed"] * n, ends
+        _wait_installed(fleet, ids, "1.0.0")  # plans read what the devices' states put in the store
         recorder.clear()
         return devices
 
@@ -205,6 +206,18 @@ def make_devices(fleet: Fleet, tmp_path: Path, request: pytest.FixtureRequest) -
         devices.recorder.close()
         for agent in devices.agents.values():
             agent.stop()
+
+
+def _wait_installed(fleet: Fleet, ids: list[str], version: str, timeout: float = 30.0) -> None:
+    t = fleet.db.tables["devices"]
+    deadline = time.monotonic() + timeout
+    while True:
+        with fleet.db.transaction() as conn:
+            rows = conn.execute(fleet.db.sa.select(t.c.installed).where(t.c.device_id.in_(ids))).scalars().all()
+        if len(rows) == len(ids) and all((r or {}).get("digits") == version for r in rows):
+            return
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.1)
 
 
 def _first_install(fleet: Fleet, device_id: str) -> dict[str, Any]:

@@ -31,10 +31,10 @@ from tuf.ngclient import Updater
 from edgeml.edge_agent.mqtt_fetcher import METADATA_URL, TARGETS_URL, MqttFetcher
 from edgeml.edge_agent.tuf_client import TufClient
 from edgeml.errors import ConfigError, RegistryError
-from edgeml.fleet.broker import write_broker_config
-from edgeml.fleet.http_routes import static_route
-from edgeml.fleet.http_server import HttpServer, build_app, repository_server
-from edgeml.fleet.registry import Registry
+from edgeml.fleet.devices.broker import write_broker_config
+from edgeml.fleet.registry.repository import Registry
+from edgeml.fleet.web.routes import static_route
+from edgeml.fleet.web.server import HttpServer, build_app, repository_server
 from tests.conftest import RunCli, require_service
 from tests.fleet.conftest import MakeBundle
 from tests.fleet.mosquitto import MOSQUITTO, free_port, run_mosquitto

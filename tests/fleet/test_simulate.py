@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from edgeml.fleet.distribution import DistributionService
-from edgeml.fleet.registry import Registry, init_registry
-from edgeml.fleet.simulate import PI, STANDIN_LABEL, Knobs, Simulator, parse_tags
+from edgeml.fleet.registry.distribution import DistributionService
+from edgeml.fleet.registry.repository import Registry, init_registry
+from edgeml.fleet.sim.simulator import PI, STANDIN_LABEL, Knobs, Simulator, parse_tags
 from tests.edge_agent.harness import Operator, distribution, plain_broker
 from tests.fleet.tiny import tiny_bundle as _bundle
 

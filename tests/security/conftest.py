@@ -37,12 +37,12 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edgeml.edge_agent.agent import Agent
 from edgeml.edge_agent.config import load_config
-from edgeml.fleet.broker import write_broker_config
-from edgeml.fleet.db import Database
-from edgeml.fleet.devices import enroll
+from edgeml.fleet.devices.broker import write_broker_config
+from edgeml.fleet.devices.enrollment import enroll
 from edgeml.fleet.operator_api import LocalFleet
-from edgeml.fleet.registry import Registry, init_registry
-from edgeml.fleet.rollout_rules import RolloutOptions
+from edgeml.fleet.registry.repository import Registry, init_registry
+from edgeml.fleet.rollouts.rules import RolloutOptions
+from edgeml.fleet.store.db import Database
 from edgeml.protocol import Command, device_topic, fleet_client_id
 from tests.conftest import require_service
 from tests.fleet.conftest import database_url
@@ -354,8 +354,8 @@ def _deploy(kind: str, root: Path, url: str) -> Iterator[Deployment]:
 
 
 def _viewer_token(registry: Registry, url: str) -> str:
-    from edgeml.fleet.audit import open_audit
-    from edgeml.fleet.auth import Role, create_token
+    from edgeml.fleet.audit.log import open_audit
+    from edgeml.fleet.web.auth import Role, create_token
 
     log = open_audit(registry.dir, db_url=url)
     try:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from edgeml.fleet.broker_control import BrokerControl
+from edgeml.fleet.devices.broker_control import BrokerControl
 from edgeml.protocol import State, Telemetry, UpdateEvent, device_topic, fleet_client_id
 from tests.security.conftest import ATTACKER, HONEST, STOLEN, WAIT, Deployment
 
@@ -253,7 +253,7 @@ def test_requests_cannot_aim_replies_at_another_device_or_flood_the_service(depl
 
 
 def test_a_revoked_device_is_cut_off_and_ignored(deployment: Deployment) -> None:
-    from edgeml.fleet.devices import revoke
+    from edgeml.fleet.devices.enrollment import revoke
 
     stolen = deployment.probe(STOLEN)
     stolen.client.will_set(device_topic(STOLEN, "state"), State(STOLEN, "offline").to_bytes(), qos=1, retain=True)

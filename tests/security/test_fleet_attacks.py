@@ -4,6 +4,7 @@ in docs/security.md names them all)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -20,10 +21,8 @@ def _raw_http(deployment: Deployment, data: bytes, timeout: float = 10.0) -> byt
     url = urlsplit(deployment.http_url)
     chunks = []
     with socket.create_connection((url.hostname, url.port), timeout=timeout) as sock:
-        try:  # the server may answer and close before it has all of a refused request
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the server may answer and close first
             sock.sendall(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
         try:
             while chunk := sock.recv(65536):
                 chunks.append(chunk)

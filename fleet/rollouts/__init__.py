@@ -1,0 +1,9 @@
+"""Staged rollouts: the lifecycle as data, the pure rules, the store and the controller that runs them.
+
+    states.py      the lifecycle: rollout, device-row and revert states, their transition table, has_work
+    options.py     RolloutOptions, validated once at the boundary (CLI, HTTP API, the stored JSON)
+    rules.py       planning and the per-tick decision (pure: no I/O, no clock)
+    signals.py     model signals from the telemetry store (p99 ratio, error rate, drift)
+    store.py       the rollouts and rollout_devices tables: start, status, pause/resume/abort, HTTP routes
+    controller.py  RolloutController: applies device events, decides, records, then sends commands
+"""

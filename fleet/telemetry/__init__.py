@@ -1,0 +1,5 @@
+"""Telemetry from the devices into the database, and reading it back.
+
+    ingest.py      IngestWorker: telemetry and state from MQTT, checked, batched, stored, acknowledged
+    store.py       TelemetryStore: inserts, contiguous highs, device states, the queries of the API
+"""
