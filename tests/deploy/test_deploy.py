@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from email.parser import Parser
 from pathlib import Path
 
@@ -34,11 +34,8 @@ from edgeml.edge_agent.service import (
 )
 from edgeml.errors import ConfigError
 from tests.conftest import REPO_ROOT, RunCli, require_service
+from tests.deploy.dockerfile import DOCKERFILES, Stage, parse_dockerfile
 
-DOCKERFILES = {
-    "jetson": (REPO_ROOT / "Dockerfile.jetson", {"agent", "tensorrt"}),
-    "raspberrypi": (REPO_ROOT / "deploy" / "raspberrypi" / "Dockerfile", {"agent", "litert"}),
-}
 UNIT_FILE = REPO_ROOT / "deploy" / "systemd" / "edgeml-agent.service"
 DEVICE_EXTRAS = {"agent", "ort", "litert", "tensorrt"}
 HEAVY = {"torch", "tensorflow", "tensorflow-cpu", "tf-keras", "sqlalchemy", "onnx"}
@@ -76,46 +73,6 @@ def test_hadolint_reports_what_it_should(tmp_path: Path) -> None:
 
 
 # --- what the Dockerfiles say -----------------------------------------------------------------------------
-
-@dataclass
-class Stage:
-    image: str
-    instructions: list[tuple[str, str]] = field(default_factory=list)
-
-    def all(self, keyword: str) -> list[str]:
-        return [args for kw, args in self.instructions if kw == keyword]
-
-
-def parse_dockerfile(text: str) -> tuple[dict[str, str], list[Stage]]:
-    """Global ARG defaults and the stages, with continuation lines joined and comments dropped."""
-    logical, current = [], ""
-    for raw in text.splitlines():
-        if raw.lstrip().startswith("#") and not current:
-            continue
-        if raw.lstrip().startswith("#"):
-            continue  # a comment inside a continued instruction
-        if raw.rstrip().endswith("\\"):
-            current += raw.rstrip()[:-1] + " "
-            continue
-        current += raw
-        if current.strip():
-            logical.append(current.strip())
-        current = ""
-    global_args: dict[str, str] = {}
-    stages: list[Stage] = []
-    for line in logical:
-        keyword, _, args = line.partition(" ")
-        keyword, args = keyword.upper(), args.strip()
-        if keyword == "FROM":
-            image = re.sub(r"\$\{(\w+)\}", lambda m: global_args.get(m.group(1), m.group(0)), args.split()[0])
-            stages.append(Stage(image))
-        elif not stages and keyword == "ARG":
-            name, _, default = args.partition("=")
-            global_args[name] = default
-        elif stages:
-            stages[-1].instructions.append((keyword, args))
-    return global_args, stages
-
 
 def _final(name: str) -> Stage:
     return parse_dockerfile(DOCKERFILES[name][0].read_text())[1][-1]
