@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -16,13 +16,20 @@ if TYPE_CHECKING:
 __all__ = ["compile_command"]
 
 
-def _shape(text: str | None) -> tuple[int, ...] | None:
+def _size(text: str | None) -> tuple[int, ...] | None:
     if not text:
         return None
     try:
         return tuple(int(d) for d in text.replace("x", ",").split(","))
     except ValueError as exc:
-        raise ConfigError(f"--input-shape {text!r} is not a list of integers like 1,3,96,96") from exc
+        raise ConfigError(f"--resize {text!r} is not HxW, e.g. 96x96") from exc
+
+
+def _input_shapes(texts: list[str] | None) -> tuple[int, ...] | dict[str, tuple[int, ...]] | None:
+    from edgeml.compile.shapes import parse_input_shapes
+
+    shapes = parse_input_shapes(texts)
+    return dict(shapes) if shapes is not None and not isinstance(shapes, tuple) else shapes
 
 
 def _floats(text: str | None) -> tuple[float, ...] | None:
@@ -46,7 +53,8 @@ def compile_command(
     calib_samples: Annotated[int, typer.Option(help="Calibration samples used at most.")] = 256,
     exclude_node: Annotated[list[str] | None, typer.Option(help="Keep this node in float (repeatable).")] = None,
     exclude_op_type: Annotated[list[str] | None, typer.Option(help="Keep this op type in float.")] = None,
-    input_shape: Annotated[str | None, typer.Option(help="Input shape for PyTorch models, e.g. 1,3,96,96")] = None,
+    input_shape: Annotated[list[str] | None, typer.Option(
+        help="Fix input shapes: 1,3,96,96 (one input; required for PyTorch) or NAME:1,3,48,192 (repeatable).")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="State dict for a PyTorch factory.")] = None,
     resize: Annotated[str | None, typer.Option(help="Image folders: resize to HxW.")] = None,
     mean: Annotated[str | None, typer.Option(help="Image folders: per-channel mean, e.g. 0.485,0.456,0.406")] = None,
@@ -66,12 +74,12 @@ def compile_command(
         targets=tuple(target), name=name, version=version, max_accuracy_drop=max_accuracy_drop,
         max_error=max_error, metric=metric, gate=not no_gate, calibration_method=calibration_method,
         calib_samples=calib_samples, exclude_nodes=tuple(exclude_node or ()),
-        exclude_op_types=tuple(exclude_op_type or ()), input_shape=_shape(input_shape),
+        exclude_op_types=tuple(exclude_op_type or ()), input_shape=_input_shapes(input_shape),
         build_engine=build_engine, benchmark=not no_benchmark,
     )
     pre = None
     if resize or mean or std or grayscale or layout != "NCHW":
-        size = _shape(resize)
+        size = _size(resize)
         channels = 1 if grayscale else 3
         pre = ImagePreprocessing(size=(size[0], size[1]) if size else None, mean=_floats(mean) or (0.0,),
                                  std=_floats(std) or (1.0,), layout=layout.upper(), channels=channels)
@@ -82,15 +90,24 @@ def compile_command(
         raise typer.Exit(code=1)
 
 
+def _relative(m: dict[str, Any]) -> str:
+    """The largest output error relative to that output's magnitude, e.g. ``0.004%``."""
+    rel = m.get("max_relative_error")
+    if rel is None:
+        return "-"
+    return "inf" if rel == float("inf") else f"{100 * rel:.2g}%"
+
+
 def print_report(report: CompileReport) -> None:
-    """The final summary table, then one block per failed target."""
+    """The final summary table, then one block per failed target, then the warnings."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(width=None if sys.stdout.isatty() else 160)
     table = Table(title=f"edgeml compile: {report.source.original}")
-    for col in ("target", "status", "size", "vs FP32", "accuracy", "agreement", "max err", "p50 ms (1t)",
-                "p99 ms (1t)", "bundle"):
+    for col in ("target", "status", "size", "vs FP32", "accuracy", "agreement", "max err", "rel err",
+                "p50 ms (1t)", "p99 ms (1t)", "bundle"):
         table.add_column(col)
     for o in report.outcomes:
         m = o.gate.metrics if o.gate else {}
@@ -100,15 +117,24 @@ def print_report(report: CompileReport) -> None:
         table.add_row(
             o.target, o.status, f"{o.size_bytes / 1024:.0f} KiB" if o.size_bytes else "-",
             f"{o.size_bytes / report.reference_size:.2f}x" if o.size_bytes else "-", acc, agree,
-            f"{m['max_abs_error']:.3g}" if "max_abs_error" in m else "-",
+            f"{m['max_abs_error']:.3g}" if "max_abs_error" in m else "-", _relative(m),
             f"{lat['p50_ms']:.2f}" if lat else "-", f"{lat['p99_ms']:.2f}" if lat else "-",
             o.bundle.name if o.bundle else "-",
         )
     console.print(table)
     for o in report.outcomes:
+        rows = o.gate.metrics.get("outputs", []) if o.gate else []
+        if len(rows) > 1:  # the relative error of each output, when there are several
+            shown = ", ".join(f"{r['name']} {100 * r['relative_error']:.2g}%" for r in rows[:8])
+            console.print(f"  {o.target}: error relative to each output's magnitude: {shown}", highlight=False,
+                          markup=False)
+    for o in report.outcomes:
         if o.status == "gate-failed" and o.gate:
-            console.print(f"[red]✗ {o.target}: accuracy gate failed: {o.gate.reason}; no bundle written[/red]")
+            what = "parity gate failed" if o.gate.metric == "parity" else "accuracy gate failed"
+            console.print(f"[red]✗ {o.target}: {what}: {escape(o.gate.reason)}; no bundle written[/red]")
             for line in o.diagnosis.lines() if o.diagnosis else []:
                 console.print(line, highlight=False, markup=False)
         elif o.status == "error" and o.error:
-            console.print(f"[red]✗ {o.target}: {o.error}[/red]", highlight=False)
+            console.print(f"[red]✗ {o.target}: {escape(str(o.error))}[/red]", highlight=False)
+    for warning in dict.fromkeys(w for o in report.outcomes for w in o.warnings):
+        console.print(f"[yellow]warning: {escape(warning)}[/yellow]", highlight=False)

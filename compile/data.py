@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 
 from edgeml.bundle import TensorSpec
+from edgeml.compile.shapes import is_anonymous, mismatch, shape_text
 from edgeml.errors import DataError
 
-__all__ = ["Dataset", "ImagePreprocessing", "generated_inputs", "load_dataset"]
+__all__ = ["GENERATED", "Dataset", "ImagePreprocessing", "generated_inputs", "generated_sets", "load_dataset"]
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -68,6 +69,7 @@ class Dataset:
         source: Where it came from (for messages and provenance).
         preprocessing: How raw inputs were turned into these arrays (images only).
         class_names: Class names from an image folder's sub-folders.
+        generated: For inputs made up here (no data given): the distribution's label; None for real data.
     """
 
     inputs: dict[str, np.ndarray]
@@ -75,6 +77,7 @@ class Dataset:
     source: str = ""
     preprocessing: dict[str, Any] | None = None
     class_names: list[str] | None = field(default=None)
+    generated: str | None = None
 
     def __len__(self) -> int:
         return int(next(iter(self.inputs.values())).shape[0])
@@ -83,7 +86,7 @@ class Dataset:
         """The first ``n`` samples."""
         labels = self.labels[:n] if self.labels is not None else None
         return Dataset({k: v[:n] for k, v in self.inputs.items()}, labels, self.source, self.preprocessing,
-                       self.class_names)
+                       self.class_names, self.generated)
 
     def batches(self, size: int) -> Any:
         """Yield dicts of input arrays, ``size`` samples at a time."""
@@ -112,16 +115,15 @@ def _check_against(specs: Sequence[TensorSpec], inputs: dict[str, np.ndarray], s
         want = np.dtype(spec.dtype)
         if arr.dtype.kind != want.kind and not (arr.dtype.kind in "iu" and want.kind in "iu"):
             raise DataError(f"input {spec.name!r}: expected dtype {want}, {source} has {arr.dtype}")
-        expected = tuple(spec.shape)
-        ok = arr.ndim == len(expected) and all(
-            isinstance(e, str) or e == g for e, g in zip(expected[1:], arr.shape[1:])
-        ) and (isinstance(expected[0], str) or arr.ndim == 0 or expected[0] in (1, arr.shape[0]))
-        if not ok:
-            shown = "x".join(str(d) if isinstance(d, int) else "N" for d in expected)
-            raise DataError(f"input {spec.name!r}: expected shape {shown}, {source} has "
-                            f"{'x'.join(map(str, arr.shape))}")
-        checked[spec.name] = np.ascontiguousarray(arr.astype(want, copy=False))
-    return checked
+        checked[spec.name] = arr
+    found = mismatch(specs, checked)  # anonymous dims match anything; a repeated name ties dims
+    if found is not None:
+        name, why = found
+        spec = next(s for s in specs if s.name == name)
+        raise DataError(f"input {name!r}: expected shape {shape_text(spec.shape)}, {source} has "
+                        f"{'x'.join(map(str, checked[name].shape))} ({why})")
+    return {spec.name: np.ascontiguousarray(checked[spec.name].astype(np.dtype(spec.dtype), copy=False))
+            for spec in specs}
 
 
 def _load_images(folder: Path, pre: ImagePreprocessing) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
@@ -210,15 +212,75 @@ def load_dataset(path: str | Path, specs: Sequence[TensorSpec], *,
     return Dataset(checked, labels, str(p), pre_dict, class_names)
 
 
-def generated_inputs(specs: Sequence[TensorSpec], n: int = 8, seed: int = 0) -> Dataset:
-    """Random inputs for a parity check when no data is given (symbolic dims become 1, batch ``n``)."""
+#: The input distributions FP32 parity is judged on when no data is given: label -> kind.
+GENERATED = {"standard normal": "normal", "uniform [0, 1)": "unit", "uniform [0, 255]": "pixels"}
+#: The label of inputs drawn like images through the given preprocessing.
+IMAGE_RANGE = "images through the given preprocessing"
+
+
+def _generated_shape(spec: TensorSpec, n: int, sizes: dict[str, int]) -> list[int]:
+    """Batch ``n``; unknown dims 1, except the spatial dims of a rank-4 input (32); a name keeps one size."""
+    shape = [n]
+    for i, d in enumerate(spec.shape[1:], start=1):
+        if isinstance(d, int) and d > 0:
+            shape.append(d)
+            continue
+        size = 32 if len(spec.shape) == 4 and i >= 2 and spec.shape[1] in (1, 3) else 1
+        shape.append(size if is_anonymous(d) else sizes.setdefault(str(d), size))
+    return shape
+
+
+def generated_inputs(specs: Sequence[TensorSpec], n: int = 8, seed: int = 0, *, distribution: str = "normal",
+                     preprocessing: ImagePreprocessing | None = None) -> Dataset:
+    """Random inputs for a parity check when no data is given.
+
+    Args:
+        specs: The model's inputs (unknown dims: 1, or 32 for the height and width of an NCHW image input;
+            dims with the same name get the same size).
+        n: Samples.
+        seed: Random seed.
+        distribution: ``normal`` (standard normal), ``unit`` (uniform [0, 1)), ``pixels`` (uniform [0, 255])
+            or ``image`` (uniform [0, 1) through ``preprocessing``'s mean and std, in its layout).
+        preprocessing: For ``image``.
+    """
     rng = np.random.default_rng(seed)
-    arrays = {}
+    arrays: dict[str, np.ndarray] = {}
+    sizes: dict[str, int] = {}
     for spec in specs:
-        shape = [n] + [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape[1:]]
+        shape = _generated_shape(spec, n, sizes)
         dtype = np.dtype(spec.dtype)
-        if dtype.kind == "f":
-            arrays[spec.name] = rng.standard_normal(shape).astype(dtype)
-        else:
+        if dtype.kind != "f":
             arrays[spec.name] = rng.integers(0, 10, size=shape).astype(dtype)
-    return Dataset(arrays, None, "generated inputs")
+        elif distribution == "unit":
+            arrays[spec.name] = rng.random(shape).astype(dtype)
+        elif distribution == "pixels":
+            arrays[spec.name] = (255.0 * rng.random(shape)).astype(dtype)
+        elif distribution == "image" and preprocessing is not None:
+            arrays[spec.name] = _through(rng.random(shape), preprocessing).astype(dtype)
+        else:
+            arrays[spec.name] = rng.standard_normal(shape).astype(dtype)
+    label = next((k for k, v in GENERATED.items() if v == distribution), IMAGE_RANGE)
+    return Dataset(arrays, None, f"generated inputs ({label})", generated=label)
+
+
+def _through(unit: np.ndarray, pre: ImagePreprocessing) -> np.ndarray:
+    """Uniform [0, 1) pixels normalised with ``pre``'s mean and std along its channel axis."""
+    axis = 1 if pre.layout == "NCHW" else unit.ndim - 1
+    if unit.ndim < 2:
+        return unit
+    shape = [1] * unit.ndim
+    shape[axis] = -1
+    channels = unit.shape[axis]
+    mean = np.resize(np.asarray(pre.mean, np.float64), channels).reshape(shape)
+    std = np.resize(np.asarray(pre.std, np.float64), channels).reshape(shape)
+    return np.asarray((unit - mean) / std)
+
+
+def generated_sets(specs: Sequence[TensorSpec], preprocessing: ImagePreprocessing | None = None, *,
+                   n: int = 8, seed: int = 0) -> list[Dataset]:
+    """Every generated input set FP32 parity is judged on without data: :data:`GENERATED`, and inputs drawn
+    like images through ``preprocessing`` when it is known. The standard normal set comes first."""
+    sets = [generated_inputs(specs, n, seed, distribution=kind) for kind in GENERATED.values()]
+    if preprocessing is not None:
+        sets.append(generated_inputs(specs, n, seed, distribution="image", preprocessing=preprocessing))
+    return sets

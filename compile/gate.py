@@ -7,7 +7,8 @@ devices use.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from edgeml.edge_agent.runtimes.base import open_runtime
 from edgeml.errors import ConfigError, ConversionError, DataError
 from edgeml.progress import noop
 
-__all__ = ["GateResult", "judge", "resolve_metric", "run_model"]
+__all__ = ["GateResult", "combine_parity", "judge", "output_errors", "resolve_metric", "run_model"]
 
 #: Float slack when a drop is compared with its budget: counts over a sample size are not exact in binary.
 _EPSILON_POINTS = 1e-9
@@ -49,7 +50,8 @@ class GateResult:
     Attributes:
         passed: Within budget.
         metric: ``parity``, ``accuracy``, ``agreement``, ``max-error`` or the custom metric's name.
-        drop: Loss in the metric's units (points for accuracy/agreement); for parity/max-error the error.
+        drop: Loss in the metric's units (points for accuracy/agreement); for max-error the error; for parity
+            the largest error of an output relative to its own magnitude.
         budget: The allowed drop (or error).
         metrics: Every number measured, for the manifest.
         reason: One line explaining a failure.
@@ -109,19 +111,78 @@ def _custom(spec: str) -> Callable[..., float]:
     return fn
 
 
+def output_errors(reference: list[np.ndarray], compiled: list[np.ndarray], names: Sequence[str] | None,
+                  options: CompileOptions) -> list[dict[str, Any]]:
+    """Per output: max abs error, max |reference|, the error relative to that magnitude, and the parity
+    budget ``parity_rtol x max |reference| + parity_atol``.
+
+    Positions where the reference is not finite are left out; a compiled value that is not finite where the
+    reference is counts as an infinite error.
+    """
+    rows = []
+    for i, (ref, got) in enumerate(zip(reference, compiled)):
+        finite = np.isfinite(ref)
+        r, g = ref[finite], got[finite]
+        err = np.abs(g - r)
+        err = np.where(np.isfinite(err), err, np.inf)
+        max_err = float(err.max()) if err.size else 0.0
+        magnitude = float(np.abs(r).max()) if r.size else 0.0
+        rows.append({
+            "name": names[i] if names is not None and i < len(names) else f"output{i}",
+            "max_abs_error": max_err, "mean_abs_error": float(err.mean()) if err.size else 0.0,
+            "max_abs_reference": magnitude,
+            "relative_error": max_err / magnitude if magnitude > 0 else (0.0 if max_err == 0 else math.inf),
+            "budget": options.parity_rtol * magnitude + options.parity_atol,
+        })
+    return rows
+
+
+def _parity(rows: list[dict[str, Any]], metrics: dict[str, Any], options: CompileOptions,
+            inputs: str) -> GateResult:
+    """FP32/FP16: every output within ``parity_rtol`` of its own magnitude (plus ``parity_atol``)."""
+    bad = [row for row in rows if not row["max_abs_error"] <= row["budget"]]
+    worst = max(rows, key=lambda row: row["relative_error"])
+    if not bad:
+        return GateResult(True, "parity", worst["relative_error"], options.parity_rtol, metrics)
+    row = max(bad, key=lambda row: row["relative_error"])
+    where = f" on {inputs}" if inputs else ""
+    reason = (f"FP32 parity broken: output {row['name']!r} is off by {_percent(row['relative_error'])} of its "
+              f"magnitude{where} (max abs error {row['max_abs_error']:.3g}, max |output| "
+              f"{row['max_abs_reference']:.3g}; allowed {_percent(options.parity_rtol)} + "
+              f"{options.parity_atol:g}): the converter changed the model's function")
+    return GateResult(False, "parity", row["relative_error"], options.parity_rtol, metrics, reason)
+
+
+def _percent(fraction: float) -> str:
+    return "an unbounded amount" if not math.isfinite(fraction) else f"{100 * fraction:.3g}%"
+
+
 def judge(reference: list[np.ndarray], compiled: list[np.ndarray], labels: np.ndarray | None,
-          options: CompileOptions, *, precision: str) -> GateResult:
+          options: CompileOptions, *, precision: str, names: Sequence[str] | None = None,
+          inputs: str = "") -> GateResult:
     """Compare compiled outputs with the FP32 reference and decide.
 
-    FP32/FP16 targets must match the reference within ``parity_atol`` (scaled by the output magnitude);
-    INT8 targets may lose at most ``max_accuracy_drop`` points of the resolved metric.
+    FP32/FP16 targets must match the reference output by output, each within ``parity_rtol`` of its own
+    largest magnitude plus ``parity_atol``; INT8 targets may lose at most ``max_accuracy_drop`` points of the
+    resolved metric.
+
+    Args:
+        reference: The FP32 source's outputs, in graph order.
+        compiled: The target's outputs on the same inputs.
+        labels: Class labels of the samples, or None.
+        options: The budgets.
+        precision: ``fp32``, ``fp16`` or ``int8``.
+        names: Output names, for the metrics and messages.
+        inputs: What the inputs were (e.g. ``uniform [0, 255]``), for the failure message.
     """
     got = _align(reference, compiled)
     ref = [r.astype(np.float64) for r in reference]
+    rows = output_errors(ref, got, names, options)
     err = np.concatenate([np.abs(g - r).ravel() for g, r in zip(got, ref)])
     scale = max(1.0, max(float(np.abs(r).max()) for r in ref))
     metrics: dict[str, Any] = {"samples": int(ref[0].shape[0]), "max_abs_error": float(err.max()),
-                               "mean_abs_error": float(err.mean()), "output_scale": scale}
+                               "mean_abs_error": float(err.mean()), "output_scale": scale,
+                               "max_relative_error": max(row["relative_error"] for row in rows), "outputs": rows}
     r0, g0 = ref[0], got[0]
     if r0.ndim == 2 and r0.shape[1] >= 2:
         metrics["top1_agreement"] = float((r0.argmax(1) == g0.argmax(1)).mean())
@@ -129,11 +190,7 @@ def judge(reference: list[np.ndarray], compiled: list[np.ndarray], labels: np.nd
             metrics["reference_accuracy"] = float((r0.argmax(1) == labels).mean())
             metrics["accuracy"] = float((g0.argmax(1) == labels).mean())
     if precision in ("fp32", "fp16"):
-        budget = options.parity_atol * scale
-        ok = metrics["max_abs_error"] <= budget
-        reason = "" if ok else (f"FP32 parity broken: max abs error {metrics['max_abs_error']:.3g} > "
-                                f"{budget:.3g} (the converter changed the model's function)")
-        return GateResult(ok, "parity", metrics["max_abs_error"], budget, metrics, reason)
+        return _parity(rows, metrics, options, inputs)
     metric = resolve_metric(options, labels, r0)
     if metric == "max-error":
         budget = float(options.max_error or 0.0)
@@ -153,3 +210,27 @@ def judge(reference: list[np.ndarray], compiled: list[np.ndarray], labels: np.nd
     ok = drop <= options.max_accuracy_drop + _EPSILON_POINTS  # 3 of 300 is 1.0000000000000009 points: 1 fits 1
     reason = "" if ok else f"{metric} dropped {drop:.2f} points (budget {options.max_accuracy_drop:g})"
     return GateResult(ok, metric, drop, options.max_accuracy_drop, metrics, reason)
+
+
+def combine_parity(verdicts: Sequence[tuple[str, GateResult]]) -> GateResult:
+    """One parity verdict from the verdicts on several input sets (label, verdict), the first the primary.
+
+    It fails when any set fails (with that set's reason); its metrics are the primary set's, with each
+    output's worst relative error over all sets (and the set it came from) and ``parity_inputs``.
+    """
+    primary = verdicts[0][1]
+    metrics = dict(primary.metrics)
+    worst: dict[str, dict[str, Any]] = {}
+    for label, verdict in verdicts:
+        for row in verdict.metrics.get("outputs", []):
+            kept = worst.get(row["name"])
+            if kept is None or row["relative_error"] > kept["relative_error"]:
+                worst[row["name"]] = dict(row, inputs=label)
+    metrics["outputs"] = list(worst.values())
+    metrics["max_relative_error"] = max((r["relative_error"] for r in worst.values()), default=0.0)
+    metrics["parity_inputs"] = [label for label, _ in verdicts]
+    failed = [(label, v) for label, v in verdicts if not v.passed]
+    if failed:
+        label, verdict = max(failed, key=lambda item: item[1].drop)
+        return GateResult(False, "parity", verdict.drop, verdict.budget, metrics, verdict.reason)
+    return GateResult(True, "parity", metrics["max_relative_error"], primary.budget, metrics)

@@ -28,14 +28,16 @@ class CompileOptions:
         exclude_nodes: Node names kept in float (not quantized).
         exclude_op_types: Op types kept in float.
         per_channel: Per-channel weight quantization.
-        parity_atol: FP32 targets must match the source within this absolute error, scaled by the
-            output's magnitude (max(1, max|reference|)).
+        parity_rtol: FP32/FP16 targets must match the source output by output: max abs error at most this
+            fraction of that output's largest magnitude (max |reference|) ...
+        parity_atol: ... plus this absolute error (only matters for outputs that are all about zero).
         benchmark: Measure latency (p50/p99, one thread and all threads).
         bench_budget_s: Seconds spent measuring each target at each thread count, at most.
         build_engine: Also build a TensorRT engine here (needs TensorRT and a GPU).
         diagnose_remedies: On a failed INT8 gate, try this many remedies and report which pass.
         golden_count: Golden vectors stored for the device's smoke test.
-        input_shape: Shape for PyTorch sources (and to fix dynamic dims of ONNX sources).
+        input_shape: ``--input-shape``: the export shape of a PyTorch source; for an ONNX source the shapes the
+            artifacts are built for: one shape (single-input models) or input name -> shape.
         opset: ONNX opset for PyTorch export.
     """
 
@@ -51,13 +53,14 @@ class CompileOptions:
     exclude_nodes: tuple[str, ...] = ()
     exclude_op_types: tuple[str, ...] = ()
     per_channel: bool = True
-    parity_atol: float = 1e-3
+    parity_rtol: float = 1e-3
+    parity_atol: float = 1e-6
     benchmark: bool = True
     bench_budget_s: float = 1.5
     build_engine: bool = False
     diagnose_remedies: int = 3
     golden_count: int = 4
-    input_shape: tuple[int, ...] | None = None
+    input_shape: tuple[int, ...] | dict[str, tuple[int, ...]] | None = None
     opset: int = 17
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -73,6 +76,9 @@ class CompileOptions:
                 f"unknown calibration method {self.calibration_method!r}; "
                 f"choose one of {', '.join(CALIBRATION_METHODS)}"
             )
+        if not 0 < self.parity_rtol < 1 or self.parity_atol < 0:
+            raise ConfigError(f"parity_rtol must be in (0, 1) and parity_atol >= 0, got {self.parity_rtol}, "
+                              f"{self.parity_atol}")
         if self.calib_samples < 1:
             raise ConfigError("--calib-samples must be at least 1")
         if self.metric not in ("auto", "accuracy", "agreement") and ":" not in self.metric:

@@ -21,10 +21,11 @@ import numpy as np
 from edgeml import __version__
 from edgeml.bundle import Manifest, bundle_filename, check_name, check_semver, write_bundle
 from edgeml.compile.backends.base import BuildContext, BuildResult
-from edgeml.compile.data import Dataset, ImagePreprocessing, generated_inputs, load_dataset
+from edgeml.compile.data import Dataset, ImagePreprocessing, generated_sets, load_dataset
 from edgeml.compile.diagnose import Diagnosis, calibration_warnings, candidate_remedies, diagnose, try_remedies
-from edgeml.compile.gate import GateResult, judge, resolve_metric, run_model
+from edgeml.compile.gate import GateResult, combine_parity, judge, resolve_metric, run_model
 from edgeml.compile.options import CompileOptions
+from edgeml.compile.shapes import shape_text
 from edgeml.compile.source import SourceModel, load_source
 from edgeml.compile.targets import Target, backend_for, get_target
 from edgeml.edge_agent.runtimes.base import latency_ms, open_runtime
@@ -52,6 +53,7 @@ class TargetOutcome:
     diagnosis: Diagnosis | None = None
     notes: list[str] = field(default_factory=list)
     manifest: Manifest | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -147,20 +149,42 @@ def compile_model(model: str, options: CompileOptions, out_dir: str | Path, *,
         if options.gate and val_data is None and any(t.quantized for t in targets):
             raise DataError("INT8 targets are gated on validation data: pass --val DATA",
                             hint="or --no-gate to build them anyway (the manifest then says 'ungated')")
-        gate_data = val_data or calib_data or generated_inputs(source.inputs)
+        given = val_data or calib_data
+        gate_sets = [given] if given is not None else generated_sets(source.inputs, preprocessing)
         with progress.task("FP32 reference (onnxruntime)", None):
-            reference = run_model("onnxruntime", source.path, gate_data)
+            references = [_reference(source, data) for data in gate_sets]
         if options.gate and any(t.quantized for t in targets):
-            resolve_metric(options, gate_data.labels, reference[0])  # a gate that cannot judge stops every target
+            resolve_metric(options, gate_sets[0].labels, references[0][0])  # a gate that cannot judge stops all
         ctx = BuildContext(source, options, calib_data, work, progress)
-        run = _Run(ctx, name, version, gate_data, reference, out, targets)
+        run = _Run(ctx, name, version, gate_sets[0], references[0], out, targets,
+                   list(zip(gate_sets[1:], references[1:])),
+                   "validation data" if val_data is not None else "calibration data")
         outcomes = [run.target(t) for t in targets]
-    return CompileReport(source, outcomes, source.path.stat().st_size)
+        reference_size = source.path.stat().st_size  # an exported or shape-fixed source lives in ``work``
+    return CompileReport(source, outcomes, reference_size)
+
+
+def _reference(source: SourceModel, data: Dataset) -> list[np.ndarray]:
+    """The source's outputs on ``data`` in onnxruntime; generated inputs the model cannot take say what to pass."""
+    try:
+        return run_model("onnxruntime", source.path, data)
+    except EdgeMLError as exc:
+        if data.generated is None:
+            raise
+        shapes = ", ".join(f"{s.name} {shape_text(s.shape)}" for s in source.inputs)
+        raise DataError(f"the model does not run on generated inputs of its declared shapes ({shapes}): "
+                        f"{exc.message}", hint="pass --val DATA (samples as the device will see them), or fix "
+                        "its unknown dims with --input-shape NAME:1,3,H,W") from exc
 
 
 @dataclass
 class _Run:
-    """The state shared by the targets of one compile run."""
+    """The state shared by the targets of one compile run.
+
+    ``gate_data`` and ``reference`` are what every target is judged on (the user's data, else the first
+    generated set); without data, FP32/FP16 targets are also judged on ``more_sets`` (other generated
+    distributions, with the source's outputs on them).
+    """
 
     ctx: BuildContext
     name: str
@@ -169,6 +193,8 @@ class _Run:
     reference: list[np.ndarray]
     out: Path
     targets: list[Target]
+    more_sets: list[tuple[Dataset, list[np.ndarray]]] = field(default_factory=list)
+    role: str = "validation data"  # what the user's gate data is, for messages
 
     def target(self, target: Target) -> TargetOutcome:
         progress = self.ctx.progress
@@ -177,14 +203,16 @@ class _Run:
                 built = backend_for(target).build(self.ctx)
             with progress.task(f"gating {target.name} in {built.eval_runtime}", None):
                 compiled = run_model(built.eval_runtime, built.eval_path, self.gate_data)
-            verdict = self._verdict(target, compiled)
+                verdict = self._gate(target, built, compiled)
+            warnings = self._warnings(target)
             if not verdict.passed:
                 notes = list(built.notes)
                 try:
                     diag = self._diagnose(target, built)
                 except EdgeMLError as exc:  # the verdict stands; say why there is no diagnosis
                     diag, notes = None, [*notes, f"diagnosis unavailable: {exc.message}"]
-                return TargetOutcome(target.name, "gate-failed", gate=verdict, diagnosis=diag, notes=notes)
+                return TargetOutcome(target.name, "gate-failed", gate=verdict, diagnosis=diag, notes=notes,
+                                     warnings=warnings)
             lat = self._latency(target, built) if self.ctx.options.benchmark else {}
             manifest = self._write(target, built, verdict, compiled, lat)
         except EdgeMLError as exc:
@@ -192,14 +220,43 @@ class _Run:
         path = self.out / manifest.filename
         size = built.files[built.model_file].stat().st_size
         return TargetOutcome(target.name, "written", path, verdict, lat, size, notes=built.notes,
-                             manifest=manifest)
+                             manifest=manifest, warnings=warnings)
+
+    @property
+    def _names(self) -> list[str]:
+        return [o.name for o in self.ctx.source.outputs]
+
+    def _label(self, data: Dataset) -> str:
+        return data.generated or f"{self.role} {data.source}"
 
     def _verdict(self, target: Target, compiled: list[np.ndarray]) -> GateResult:
         verdict = judge(self.reference, compiled, self.gate_data.labels, self.ctx.options,
-                        precision=target.precision)
+                        precision=target.precision, names=self._names, inputs=self._label(self.gate_data))
         if target.quantized and not self.ctx.options.gate:
             verdict.passed, verdict.reason = True, ""
         return verdict
+
+    def _gate(self, target: Target, built: BuildResult, compiled: list[np.ndarray]) -> GateResult:
+        """The verdict on the gate data; FP32/FP16 targets without user data also on every other generated set."""
+        verdict = self._verdict(target, compiled)
+        if target.quantized or not self.more_sets:
+            return verdict
+        verdicts = [(self._label(self.gate_data), verdict)]
+        for data, reference in self.more_sets:
+            got = run_model(built.eval_runtime, built.eval_path, data)
+            verdicts.append((self._label(data), judge(reference, got, None, self.ctx.options,
+                                                      precision=target.precision, names=self._names,
+                                                      inputs=self._label(data))))
+        return combine_parity(verdicts)
+
+    def _warnings(self, target: Target) -> list[str]:
+        """What the user should know about how ``target`` was judged."""
+        if self.gate_data.generated is None:
+            return []
+        labels = ", ".join(self._label(d) for d in [self.gate_data, *(d for d, _ in self.more_sets)])
+        return [f"{target.name} was judged on generated inputs only ({labels}): pass --val DATA with samples as "
+                "the device will see them (.npz, .npy or an image folder) to check it on real inputs and to ship "
+                "reference statistics for drift and output-shift monitoring (--calib DATA too for INT8 targets)"]
 
     def _diagnose(self, target: Target, built: BuildResult) -> Diagnosis | None:
         """Rank tensors and measure remedies with onnxruntime (a proxy for TFLite)."""
@@ -251,9 +308,10 @@ class _Run:
         golden = self._golden(target, verdict, compiled, tdir / "golden.npz")
         files["golden.npz"] = tdir / "golden.npz"
         refstats = None
-        if self.gate_data.source != "generated inputs":
+        if self.gate_data.generated is None:  # statistics of noise would describe nothing the device sees
             layout = (self.gate_data.preprocessing or {}).get("layout", "NCHW")
-            stats = compute_reference_stats(self.gate_data.inputs, compiled[0], layout=layout)
+            stats = compute_reference_stats(self.gate_data.inputs, dict(zip(self._names, compiled)),
+                                            layout=layout)
             atomic_write_bytes(tdir / "refstats.json", stats.to_json())
             files["refstats.json"] = tdir / "refstats.json"
             refstats = {"file": "refstats.json", "data": self.gate_data.source}
@@ -274,21 +332,37 @@ class _Run:
         status = "ungated" if target.quantized and not self.ctx.options.gate else "passed"
         if built.proxy and status == "passed":
             status = "proxy-passed"
+        data = self.gate_data.source
+        if self.gate_data.generated is not None:
+            data = "generated inputs: " + ", ".join(self._label(d) for d in [self.gate_data,
+                                                                              *(d for d, _ in self.more_sets)])
         return {"status": status, "metric": verdict.metric, "drop": verdict.drop, "budget": verdict.budget,
-                "runtime": built.eval_runtime, "proxy": built.proxy, "data": self.gate_data.source}
+                "runtime": built.eval_runtime, "proxy": built.proxy, "data": data}
 
     def _golden(self, target: Target, verdict: GateResult, compiled: list[np.ndarray], path: Path) -> dict[str, Any]:
+        """Write the golden vectors; their tolerances are per output, on that output's own magnitude."""
         k = min(self.ctx.options.golden_count, len(self.gate_data))
         arrays = {f"in:{n}": v[:k] for n, v in self.gate_data.inputs.items()}
         arrays.update({f"out:{spec.name}": arr[:k] for spec, arr in zip(self.ctx.source.outputs, compiled)})
         with open(path, "wb") as fh:
             np.savez(fh, **arrays)  # type: ignore[arg-type]
-        scale = float(verdict.metrics.get("output_scale", 1.0))
-        if target.quantized:  # integer kernels differ between ARM and x86 by a few quantization steps
-            atol = max(0.05 * scale, 4.0 * float(verdict.metrics.get("mean_abs_error", 0.0)))
-        else:
-            atol = 1e-3 * scale
-        return {"file": "golden.npz", "count": k, "atol": atol, "rtol": 0.0, "top1": True}
+        rows = {row["name"]: row for row in verdict.metrics.get("outputs", [])}
+        options = self.ctx.options
+        per_output: dict[str, dict[str, Any]] = {}
+        for i, (spec, ref) in enumerate(zip(self.ctx.source.outputs, self.reference)):
+            finite = np.abs(ref[np.isfinite(ref)]) if ref.size else np.zeros(1)
+            magnitude = float(finite.max()) if finite.size else 0.0
+            if target.quantized:  # integer kernels differ between ARM and x86 by a few quantization steps
+                mean_err = float(rows.get(spec.name, {}).get("mean_abs_error", 0.0))
+                atol = max(0.05 * magnitude, 4.0 * mean_err, options.parity_atol)
+            else:
+                atol = options.parity_rtol * magnitude + options.parity_atol
+            top1 = i == 0 and ref.ndim == 2 and ref.shape[1] >= 2 and options.max_error is None \
+                and ":" not in options.metric
+            per_output[spec.name] = {"atol": atol, "rtol": 0.0, "top1": top1}
+        return {"file": "golden.npz", "count": k, "rtol": 0.0,
+                "atol": max((o["atol"] for o in per_output.values()), default=options.parity_atol),
+                "top1": bool(per_output and next(iter(per_output.values()))["top1"]), "outputs": per_output}
 
     def _provenance(self) -> dict[str, Any]:
         src = self.ctx.source

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import importlib
 import subprocess
+import sys
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import numpy as np
 
 from edgeml._deps import require
 from edgeml.bundle import TensorSpec, sha256_file
+from edgeml.compile.shapes import ANONYMOUS, InputShapes, apply_input_shapes, is_anonymous, resolve_input_shapes
 from edgeml.errors import ConfigError, ModelError
 
 __all__ = ["SourceModel", "load_source", "onnx_tensor_specs"]
@@ -54,18 +57,17 @@ class SourceModel:
 
 
 def onnx_tensor_specs(values: Any, skip: set[str] | None = None) -> tuple[TensorSpec, ...]:
-    """TensorSpecs of ONNX ValueInfos (graph inputs or outputs)."""
+    """TensorSpecs of ONNX ValueInfos (graph inputs or outputs); anonymous dims become ``"?"``
+    (:mod:`edgeml.compile.shapes`)."""
     specs = []
     for v in values:
         if skip and v.name in skip:
             continue
         tt = v.type.tensor_type
         dims: list[int | str] = []
-        for i, d in enumerate(tt.shape.dim):
-            if d.HasField("dim_value"):
-                dims.append(int(d.dim_value))
-            else:
-                dims.append(d.dim_param or f"d{i}")
+        for d in tt.shape.dim:
+            dim: int | str = int(d.dim_value) if d.HasField("dim_value") else d.dim_param
+            dims.append(ANONYMOUS if is_anonymous(dim) else dim)  # ?, '', -1, 0: any size, tied to nothing
         specs.append(TensorSpec(v.name, tuple(dims), _ONNX_TO_NUMPY.get(tt.elem_type, "float32")))
     return tuple(specs)
 
@@ -97,7 +99,7 @@ def _check_onnx(path: Path) -> Any:
     return model
 
 
-def _from_onnx(path: Path) -> SourceModel:
+def _from_onnx(path: Path, workdir: Path | None = None, input_shapes: InputShapes | None = None) -> SourceModel:
     model = _check_onnx(path)
     inits = {i.name for i in model.graph.initializer}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -105,7 +107,7 @@ def _from_onnx(path: Path) -> SourceModel:
     commit = _git_commit(path)
     if commit:
         prov["git_commit"] = commit
-    return SourceModel(
+    src = SourceModel(
         path=path,
         original=str(path),
         inputs=onnx_tensor_specs(model.graph.input, inits),
@@ -114,22 +116,93 @@ def _from_onnx(path: Path) -> SourceModel:
         opset=int(opset),
         provenance=prov,
     )
+    if workdir is None:
+        return src
+    if input_shapes is not None:
+        return _with_fixed_shapes(src, model, workdir, input_shapes)
+    if _unknown_as_numbers(model):  # runtimes read a 0 (or -1) as that size: say "unknown" the ONNX way
+        return _rewritten(src, model, workdir / "source-normalized.onnx", {})
+    return src
+
+
+def _unknown_as_numbers(model: Any) -> bool:
+    """Clear every graph input/output dim declared as a number <= 0 (``0`` and ``-1`` meaning "any size" in
+    some converters' files); True when there was one."""
+    found = False
+    for value in [*model.graph.input, *model.graph.output]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value") and dim.dim_value <= 0:
+                dim.Clear()
+                found = True
+    if found:
+        del model.graph.value_info[:]  # intermediate annotations may say 0 too; the runtimes infer them
+    return found
+
+
+def _with_fixed_shapes(src: SourceModel, model: Any, workdir: Path, shapes: InputShapes) -> SourceModel:
+    """``src`` rewritten with the ``--input-shape`` dims: every backend builds (and the manifest records) those."""
+    fixed = resolve_input_shapes(src.inputs, shapes)
+    _unknown_as_numbers(model)
+    return _rewritten(src, apply_input_shapes(model, fixed), workdir / "source-fixed.onnx", fixed)
+
+
+def _rewritten(src: SourceModel, proto: Any, out: Path, fixed: dict[str, tuple[int, ...]]) -> SourceModel:
+    """The source as ``proto``, checked and saved at ``out``; ``fixed`` goes into the provenance."""
+    onnx = require("onnx", "compile")
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        given = f" with --input-shape {_shapes_text(fixed)}" if fixed else ""
+        raise ModelError(f"{src.original}{given} fails the ONNX checker: {first}") from exc
+    onnx.save(proto, str(out))
+    inits = {i.name for i in proto.graph.initializer}
+    prov = dict(src.provenance, input_shapes={k: list(v) for k, v in fixed.items()}) if fixed else src.provenance
+    return SourceModel(path=out, original=src.original, inputs=onnx_tensor_specs(proto.graph.input, inits),
+                       outputs=onnx_tensor_specs(proto.graph.output), sha256=src.sha256, opset=src.opset,
+                       provenance=prov)
+
+
+def _shapes_text(fixed: dict[str, tuple[int, ...]]) -> str:
+    return " ".join(f"{name}:{','.join(map(str, shape))}" for name, shape in fixed.items())
 
 
 def _import_factory(spec: str) -> Any:
+    """``package.module:function``, importable from the environment or from the current directory (as
+    ``python -m`` would find it), so that a project's own models work from its root."""
     module_name, _, attr = spec.partition(":")
+    cwd = str(Path.cwd())
+    added = cwd not in sys.path
+    if added:
+        sys.path.append(cwd)  # last: an installed package of the same name wins
     try:
         module = importlib.import_module(module_name)
         return getattr(module, attr)
     except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"cannot import {spec!r}: {exc}") from exc
+        raise ConfigError(f"cannot import {spec!r}: {exc}",
+                          hint="give package.module:function importable from here (the current directory "
+                               "is searched too)") from exc
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
 
 
-def _from_torch(spec: str, workdir: Path, input_shape: tuple[int, ...] | None, checkpoint: Path | None,
+def _torch_shape(spec: str, shapes: InputShapes | None) -> tuple[int, ...]:
+    """The export shape of a PyTorch factory's single input (``--input-shape 1,3,96,96`` or ``input:...``)."""
+    if isinstance(shapes, Mapping):
+        if set(shapes) != {"input"}:
+            raise ConfigError(f"a PyTorch model ({spec}) has one input, named 'input': pass --input-shape "
+                              "1,3,96,96 (or input:1,3,96,96)")
+        shapes = shapes["input"]
+    if not shapes:
+        raise ConfigError(f"a PyTorch model ({spec}) needs --input-shape, e.g. --input-shape 1,3,96,96")
+    return tuple(shapes)
+
+
+def _from_torch(spec: str, workdir: Path, shapes: InputShapes | None, checkpoint: Path | None,
                 opset: int) -> SourceModel:
     torch = require("torch", "train")
-    if not input_shape:
-        raise ConfigError(f"a PyTorch model ({spec}) needs --input-shape, e.g. --input-shape 1,3,96,96")
+    input_shape = _torch_shape(spec, shapes)
     factory = _import_factory(spec)
     model = factory()
     if not isinstance(model, torch.nn.Module):
@@ -162,27 +235,36 @@ def _from_torch(spec: str, workdir: Path, input_shape: tuple[int, ...] | None, c
                 torch_onnx_parity_max_abs=parity)
     if checkpoint is not None:
         prov["checkpoint_sha256"] = sha256_file(checkpoint)
-    if parity > 1e-3 * max(1.0, float(np.abs(expected).max())):
+    if parity > 1e-3 * float(np.abs(expected).max()) + 1e-6:  # relative to the output's own magnitude
         raise ModelError(f"ONNX export of {spec} differs from PyTorch by {parity:.3g} (max abs)")
     return SourceModel(path=out_path, original=spec, inputs=src.inputs, outputs=src.outputs,
                        sha256=src.sha256, opset=src.opset, provenance=prov)
 
 
-def load_source(model: str, workdir: Path, *, input_shape: tuple[int, ...] | None = None,
+def load_source(model: str, workdir: Path, *, input_shape: InputShapes | None = None,
                 checkpoint: Path | None = None, opset: int = 17) -> SourceModel:
     """Resolve ``model`` (an .onnx path, ``package.module:factory`` or a training run directory) to a checked
     ONNX model.
 
+    Args:
+        model: What the user passed.
+        workdir: Scratch space (an exported or shape-fixed model is written there).
+        input_shape: ``--input-shape``: the export shape of a PyTorch model; for ONNX models the shapes to
+            fix (one shape for a single input, or input name -> shape), recorded in the provenance.
+        checkpoint: State dict for a PyTorch factory.
+        opset: ONNX opset of a PyTorch export.
+
     Raises:
         ModelError: The file is missing, truncated, not ONNX, or fails the checker.
-        ConfigError: A PyTorch factory cannot be imported or lacks ``--input-shape``.
+        ConfigError: A PyTorch factory cannot be imported or lacks ``--input-shape``; an ``--input-shape``
+            that does not fit the model's inputs.
     """
     path = Path(model)
     from edgeml.train.rundir import is_run_dir, run_defaults  # stdlib-only module, no torch
 
     if is_run_dir(path):  # a training run directory: its exported model.onnx
         run = run_defaults(path)
-        src = _from_onnx(run.model)
+        src = _from_onnx(run.model, workdir, input_shape)
         return SourceModel(path=src.path, original=str(path), inputs=src.inputs, outputs=src.outputs,
                            sha256=src.sha256, opset=src.opset, provenance={**src.provenance, **run.provenance})
     if path.suffix.lower() == ".onnx" or path.exists():
@@ -190,7 +272,7 @@ def load_source(model: str, workdir: Path, *, input_shape: tuple[int, ...] | Non
             head = path.read_bytes()[:4]
             if head[:2] == b"PK" or head[:1] in (b"{", b"#", b"<"):
                 raise ModelError(f"{path} is not an ONNX model (expected a .onnx file)")
-        return _from_onnx(path)
+        return _from_onnx(path, workdir, input_shape)
     if ":" in model and not path.suffix:
         return _from_torch(model, workdir, input_shape, checkpoint, opset)
     raise ModelError(f"model {model!r} not found: give an .onnx file or package.module:factory")

@@ -80,7 +80,12 @@ def test_fp32_bundle_computes_what_the_original_computes(zoo_models: dict[str, P
     manifest = _compile(original, tmp_path / "dist", "onnx")
 
     assert manifest.gate["status"] == "passed" and manifest.gate["metric"] == "parity"
-    assert manifest.gate["data"] == "generated inputs"
+    # no data given: parity was judged on three generated distributions, every output within 0.1% of its scale
+    assert manifest.gate["data"] == "generated inputs: standard normal, uniform [0, 1), uniform [0, 255]"
+    gate = manifest.metrics["gate"]
+    assert gate["parity_inputs"] == ["standard normal", "uniform [0, 1)", "uniform [0, 255]"]
+    assert [row["name"] for row in gate["outputs"]] == [manifest.outputs[0].name]
+    assert 0 <= gate["max_relative_error"] <= 1e-3
     # Weights listed as graph inputs (IR 3, alexnet) are initializers, not model inputs.
     assert manifest.inputs == (TensorSpec(onnx.load(str(original)).graph.input[0].name, (batch, *INPUT_SHAPE),
                                           "float32"),)
