@@ -101,7 +101,8 @@ class Agent:
         self.telemetry = TelemetryLoop(self, self.state_dir)
         self.host.observers.append(self.telemetry.observe)
         self.machine = UpdateMachine(self.state_dir, self.host, self._fetch, drift=self.telemetry.drift_score,
-                                     on_transition=self._on_transition, threads=config.threads)
+                                     on_transition=self._on_transition, threads=config.threads,
+                                     output_shift=self.telemetry.output_shift_score)
         self.notifier = SystemdNotifier()
         self.api: LocalAPI | None = None
         self._fetcher: MqttFetcher | None = None

@@ -31,6 +31,16 @@ the KS distances (features and confidence) and the class total-variation distanc
 exactly like the reference, 1 that the distributions do not overlap; noise alone gives a KS distance rarely
 above ``1.6 / sqrt(n)`` (about 0.07 for a window of 500; the class distance is noisier with many classes).
 Significance (``flagged``) comes from the p-values, not from the score.
+
+**Output shift.** When the reference statistics sketch the model's outputs (``edgeml.refstats/2``), the same
+machinery tests the model's live outputs: each output feature (:func:`edgeml.refstats.output_matrix`: the
+columns of a narrow output, each sample's mean, std, min and max) gets the binned KS test against the
+bundle's own reference and, when given one, against the ``baseline`` reference of the model this one replaced
+(so that a release whose outputs are all scaled, with its own reference computed on those scaled outputs,
+still shows against what the device served before). These tests form a family of their own, with threshold
+``alpha / (output tests x looks)``: ``DriftWindow.output_score`` (the largest output KS distance) and
+``output_flagged`` never change the input-drift ``score`` and ``flagged``. This is a model-quality signal that
+needs no class scores: a detector's probability map, a regressor's values or boxes shift as much as logits.
 """
 
 from __future__ import annotations
@@ -45,7 +55,7 @@ from typing import Any
 import numpy as np
 
 from edgeml.errors import ConfigError, DataError
-from edgeml.refstats import ReferenceStats, feature_matrix, to_probabilities
+from edgeml.refstats import FeatureStats, ReferenceStats, feature_matrix, output_matrix, to_probabilities
 
 __all__ = ["DriftConfig", "DriftMonitor", "DriftWindow", "FeatureDrift", "chi2_sf", "ks_pvalue"]
 
@@ -53,6 +63,7 @@ _KS_TERMS = np.arange(1, 21, dtype=np.float64)  # enough: terms past k = 20 are 
 _DEFER_BYTES = 1 << 20
 _NO_TOP = np.zeros(0, dtype=np.int64)
 _NO_CONF = np.zeros(0)
+_MAX_DRIVERS = 16  # output tests named in telemetry at most (the total is reported beside them)
 _KS_SIGNS = np.where(_KS_TERMS % 2 == 1, 1.0, -1.0)
 
 
@@ -133,6 +144,26 @@ class DriftWindow:
     confidence_p_value: float | None
     mean_confidence: float | None
     drivers: tuple[str, ...]  # the tests that flagged: feature names, "classes", "confidence"
+    output_score: float | None = None  # largest KS distance of an output feature (None: outputs not sketched)
+    output_flagged: bool = False  # an output test is significant (own family: alpha / (output tests x looks))
+    output_threshold: float | None = None
+    output_min_p_value: float | None = None
+    output_against: tuple[tuple[str, float], ...] = ()  # ("own" | "previous", largest KS against that reference)
+    output_top: tuple[FeatureDrift, ...] = ()  # the output features that moved most ("output.feature[@previous]")
+    output_drivers: tuple[str, ...] = ()  # the output tests that flagged
+
+    def output_metrics(self) -> dict[str, Any] | None:
+        """The output shift of this window for telemetry (``output_drift``), or None without output sketches."""
+        if self.output_score is None:
+            return None
+        return {
+            "index": self.index, "end": self.end, "n": self.n, "score": _finite(self.output_score),
+            "flagged": self.output_flagged, "threshold": self.output_threshold,
+            "min_p_value": _finite(self.output_min_p_value),
+            "against": {name: _finite(score) for name, score in self.output_against},
+            "top_outputs": [f.to_metrics() for f in self.output_top],
+            "drivers": list(self.output_drivers[:_MAX_DRIVERS]), "drivers_total": len(self.output_drivers),
+        }
 
     def to_metrics(self) -> dict[str, Any]:
         """A JSON-friendly summary (no per-feature arrays beyond the top features; NaN becomes None)."""
@@ -225,19 +256,39 @@ class _Snapshot:
 
 
 class _Reference:
-    """The reference statistics laid out as padded arrays (features x bins) for vectorised tests."""
+    """The reference statistics laid out as padded arrays (features x bins) for vectorised tests.
 
-    def __init__(self, ref: ReferenceStats, psi_epsilon: float) -> None:
+    Columns: the input features, then the output features against the bundle's own sketches, then those
+    against the ``baseline`` sketches (the same live values, binned on the baseline's edges).
+    """
+
+    def __init__(self, ref: ReferenceStats, psi_epsilon: float, baseline: ReferenceStats | None = None) -> None:
         feats = [(inp, f) for inp, fl in ref.features.items() for f in fl]
         if not feats:
             raise ConfigError("the reference statistics describe no input feature; drift cannot be monitored")
         self.inputs = list(ref.features)
         self.names = tuple(f.name if len(self.inputs) == 1 else f"{inp}.{f.name}" for inp, f in feats)
-        nbins = np.array([len(f.counts) for _, f in feats])
+        self.n_inputs = len(feats)
+        # output name -> (feature names, first column) per reference: own, then previous
+        self.output_cols: list[tuple[str, str, tuple[str, ...], int]] = []
+        out_feats: list[FeatureStats] = []
+        out_names: list[str] = []
+        for label, sketches in (("own", ref.outputs), ("previous", baseline.outputs if baseline else {})):
+            for output, fl in sketches.items():
+                if label == "previous" and [f.name for f in fl] != [f.name for f in ref.outputs.get(output, [])]:
+                    continue  # the previous model's output has another shape: nothing to compare
+                self.output_cols.append((label, output, tuple(f.name for f in fl), len(feats) + len(out_feats)))
+                out_feats += fl
+                suffix = "" if label == "own" else "@previous"
+                out_names += [f"{output}.{f.name}{suffix}" for f in fl]
+        self.output_names = tuple(out_names)
+        self.output_outputs = list(dict.fromkeys(o for _, o, _, _ in self.output_cols))
+        every = [f for _, f in feats] + out_feats
+        nbins = np.array([len(f.counts) for f in every])
         self.bins = int(nbins.max())
-        self.edges = np.full((len(feats), self.bins - 1), np.inf)  # interior edges, padded with +inf
-        self.counts = np.zeros((len(feats), self.bins))
-        for j, (_, f) in enumerate(feats):
+        self.edges = np.full((len(every), self.bins - 1), np.inf)  # interior edges, padded with +inf
+        self.counts = np.zeros((len(every), self.bins))
+        for j, f in enumerate(every):
             self.edges[j, : nbins[j] - 1] = f.bin_edges[1:-1]
             self.counts[j, : nbins[j]] = f.counts
         self.n = self.counts.sum(axis=1)
@@ -245,8 +296,8 @@ class _Reference:
         self.mask = (np.arange(self.bins)[None, :] < nbins[:, None]).astype(np.float64)
         self.prop = np.maximum(self.counts / np.maximum(self.n, 1.0)[:, None], psi_epsilon)
         self.log_prop = np.log(self.prop)
-        self.mean = np.array([f.mean for _, f in feats])
-        std = np.array([f.std for _, f in feats])
+        self.mean = np.array([f.mean for f in every])
+        std = np.array([f.std for f in every])
         self.inv_std = np.divide(1.0, std, out=np.full_like(std, np.nan), where=std > 0)
         self.classes: np.ndarray | None = None
         self.conf_edges = np.zeros(0)
@@ -257,6 +308,29 @@ class _Reference:
             self.conf_edges = np.asarray(ref.predictions.confidence_edges[1:-1], dtype=np.float64)
             self.conf_counts = np.asarray(ref.predictions.confidence_counts, dtype=np.float64)
             self.conf_cdf = np.cumsum(self.conf_counts) / max(float(self.conf_counts.sum()), 1.0)
+
+    @property
+    def n_outputs(self) -> int:
+        """Output feature columns (own and previous)."""
+        return len(self.output_names)
+
+    def output_rows(self, outputs: Mapping[str, np.ndarray] | None, n: int) -> np.ndarray:
+        """The output feature columns of a batch of ``n``: NaN (left out of the tests) for an output that is
+        missing or whose features differ from the reference's (another shape)."""
+        rows = np.full((n, self.n_outputs), np.nan)
+        if not outputs:
+            return rows
+        base = self.n_inputs
+        computed: dict[str, tuple[np.ndarray, list[str]] | None] = {}
+        for _, output, names, start in self.output_cols:
+            if output not in computed:
+                arr = outputs.get(output)
+                computed[output] = output_matrix(arr) if arr is not None and np.ndim(arr) >= 1 \
+                    and np.shape(arr)[0] == n else None
+            got = computed[output]
+            if got is not None and tuple(got[1]) == names:
+                rows[:, start - base:start - base + len(names)] = got[0]
+        return rows
 
 
 class DriftMonitor:
@@ -269,18 +343,22 @@ class DriftMonitor:
     Args:
         ref: The bundle's reference statistics.
         config: Window sizes and thresholds.
+        baseline: The reference statistics of the model this one replaced: its output sketches are compared
+            with this model's live outputs too (see the output shift in the module docstring).
 
     Raises:
         ConfigError: The reference statistics describe no input feature.
     """
 
-    def __init__(self, ref: ReferenceStats, config: DriftConfig | None = None) -> None:
+    def __init__(self, ref: ReferenceStats, config: DriftConfig | None = None, *,
+                 baseline: ReferenceStats | None = None) -> None:
         self.config = config or DriftConfig()
-        self._ref = r = _Reference(ref, self.config.psi_epsilon)
-        k, f, s = self.config.looks, len(r.names), self.config.stride
+        self._ref = r = _Reference(ref, self.config.psi_epsilon, baseline)
+        k, f, s = self.config.looks, r.n_inputs + r.n_outputs, self.config.stride
         n_classes = 0 if r.classes is None else len(r.classes)
-        self._tests = f + (2 if r.classes is not None else 0)
+        self._tests = r.n_inputs + (2 if r.classes is not None else 0)
         self._threshold = self.config.alpha / (self._tests * k)
+        self._output_threshold = self.config.alpha / (max(r.n_outputs, 1) * k)
         self._offsets = (np.arange(f) * (r.bins + 1))[None, :]
         self._lock = threading.Lock()
         # the ring of `looks` blocks of binned counts, and the staging buffer of the current block
@@ -299,27 +377,41 @@ class DriftMonitor:
         self._last_flagged = False
         self._history: deque[DriftWindow] = deque(maxlen=self.config.history)
         self._latest: DriftWindow | None = None
-        self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []  # small batches waiting to be reduced
+        # small batches waiting to be reduced: (inputs, probabilities, output feature rows)
+        self._pending: list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]] = []
         self._pending_n = 0
         self._sample_shape: tuple[int, ...] | None = None  # set once a batch went through: small ones may wait
 
     @classmethod
-    def from_refstats(cls, ref: ReferenceStats, config: DriftConfig | None = None) -> DriftMonitor:
+    def from_refstats(cls, ref: ReferenceStats, config: DriftConfig | None = None, *,
+                      baseline: ReferenceStats | None = None) -> DriftMonitor:
         """A monitor for the model whose reference statistics are ``ref``.
 
         Args:
             ref: The bundle's reference statistics.
             config: Window sizes and thresholds (defaults: :class:`DriftConfig`).
+            baseline: The replaced model's reference statistics, for the output shift against it.
 
         Raises:
             ConfigError: The reference statistics describe no input feature.
         """
-        return cls(ref, config)
+        return cls(ref, config, baseline=baseline)
 
     @property
     def feature_names(self) -> tuple[str, ...]:
         """The monitored features, in the order of :attr:`DriftWindow.features`."""
         return self._ref.names
+
+    @property
+    def output_feature_names(self) -> tuple[str, ...]:
+        """The monitored output features (``output.feature``, ``@previous`` against the baseline); empty when
+        the reference statistics do not sketch the outputs."""
+        return self._ref.output_names
+
+    @property
+    def output_threshold(self) -> float:
+        """The per-test p-value threshold of the output tests: ``alpha / (output tests x looks)``."""
+        return self._output_threshold
 
     @property
     def threshold(self) -> float:
@@ -353,7 +445,7 @@ class DriftMonitor:
         """Bytes held by the monitor's arrays (fixed by the configuration and the reference)."""
         arrays = (self._counts, self._sums, self._block_n, self._classes, self._conf, self._conf_sum,
                   self._conf_n, self._rows, self._has_probs)
-        pending = sum(x.nbytes + (p.nbytes if p is not None else 0) for x, p in self._pending)
+        pending = sum(x.nbytes + sum(a.nbytes for a in (p, o) if a is not None) for x, p, o in self._pending)
         return sum(a.nbytes for a in arrays) + (self._probs.nbytes if self._probs is not None else 0) + pending
 
     def drain(self) -> list[DriftWindow]:
@@ -364,7 +456,8 @@ class DriftMonitor:
         return out
 
     def observe(
-        self, inputs: np.ndarray | Mapping[str, np.ndarray], probabilities: np.ndarray | None = None
+        self, inputs: np.ndarray | Mapping[str, np.ndarray], probabilities: np.ndarray | None = None,
+        outputs: Mapping[str, np.ndarray] | None = None,
     ) -> list[DriftWindow]:
         """Account one batch; returns the evaluations it completed (usually none).
 
@@ -376,13 +469,16 @@ class DriftMonitor:
             inputs: The batch in the model's input layout (first axis is the batch), or input name -> batch.
             probabilities: The model's outputs on it, shape (batch, classes): probabilities, or logits
                 (softmaxed like the reference).
+            outputs: Every output of the model on it (output name -> batch), for the output shift; outputs
+                the reference does not sketch are ignored, and a missing or reshaped one is left out.
 
         Raises:
             DataError: The batch does not match the reference statistics' inputs or classes.
         """
+        out_rows = self._output_rows(inputs, outputs)
         if self._can_defer(inputs, probabilities):
             x = np.array(inputs, copy=True)
-            item = (x, None if probabilities is None else np.array(probabilities, copy=True))
+            item = (x, None if probabilities is None else np.array(probabilities, copy=True), out_rows)
             with self._lock:
                 self._pending.append(item)
                 self._pending_n += x.shape[0]
@@ -390,7 +486,7 @@ class DriftMonitor:
                     return []
                 items, self._pending, self._pending_n = self._pending, [], 0
             return self._ingest_queued(items)
-        windows = self._ingest(inputs, probabilities)
+        windows = self._ingest(inputs, probabilities, out_rows)
         if isinstance(inputs, np.ndarray) and inputs.size * inputs.itemsize * self.config.defer <= (
                 _DEFER_BYTES * max(inputs.shape[0], 1)):
             self._sample_shape = inputs.shape[1:]
@@ -414,17 +510,32 @@ class DriftMonitor:
         width = len(classes) if classes is not None else self._probs.shape[1] if self._probs is not None else -1
         return isinstance(probabilities, np.ndarray) and probabilities.shape == (inputs.shape[0], width)
 
-    def _ingest_queued(self, items: list[tuple[np.ndarray, np.ndarray | None]]) -> list[DriftWindow]:
-        probs = [p for _, p in items if p is not None]
+    def _output_rows(self, inputs: np.ndarray | Mapping[str, np.ndarray],
+                     outputs: Mapping[str, np.ndarray] | None) -> np.ndarray | None:
+        """The batch's output feature columns (computed at once: they are a few numbers per sample)."""
+        if not self._ref.n_outputs:
+            return None
+        first = inputs if isinstance(inputs, np.ndarray) else next(iter(inputs.values()), None)
+        n = int(np.shape(first)[0]) if first is not None and np.ndim(first) else 0
+        return self._ref.output_rows(outputs, n)
+
+    def _ingest_queued(self, items: list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]
+                       ) -> list[DriftWindow]:
+        probs = [p for _, p, _ in items if p is not None]
         if not items or len(probs) not in (0, len(items)):  # a mix of batches with and without outputs
-            return [w for x, p in items for w in self._ingest(x, p)]
-        return self._ingest(np.concatenate([x for x, _ in items]), np.concatenate(probs) if probs else None)
+            return [w for x, p, o in items for w in self._ingest(x, p, o)]
+        outs = [o for _, _, o in items if o is not None]
+        return self._ingest(np.concatenate([x for x, _, _ in items]), np.concatenate(probs) if probs else None,
+                            np.concatenate(outs) if outs else None)
 
     def _ingest(
-        self, inputs: np.ndarray | Mapping[str, np.ndarray], probabilities: np.ndarray | None
+        self, inputs: np.ndarray | Mapping[str, np.ndarray], probabilities: np.ndarray | None,
+        out_rows: np.ndarray | None = None,
     ) -> list[DriftWindow]:
         rows = self._feature_rows(inputs)
         probs = self._check_probabilities(probabilities, rows.shape[0])
+        if out_rows is not None:
+            rows = np.hstack([rows, out_rows])
         snaps: list[_Snapshot] = []
         stride, start = self.config.stride, 0
         with self._lock:
@@ -535,8 +646,10 @@ class DriftMonitor:
     def _finish(self, res: dict[str, Any]) -> DriftWindow:
         """Combine the tests into a window result, record it and track the alert state."""
         snap: _Snapshot = res["snap"]
+        ni = self._ref.n_inputs
+        ks, p, psi = res["ks"][:ni], res["p"][:ni], res["psi"][:ni]
         names = list(self._ref.names)
-        p_vals, dists = list(res["p"]), list(res["ks"])
+        p_vals, dists = list(p), list(ks)
         for name, pk, dk in (("classes", "class_p", "class_tv"), ("confidence", "conf_p", "conf_ks")):
             if res[pk] is not None:
                 names.append(name)
@@ -544,29 +657,53 @@ class DriftMonitor:
                 dists.append(res[dk])
         p_arr, d_arr = np.asarray(p_vals), np.asarray(dists)
         hit = (p_arr < self._threshold) & (d_arr >= self.config.min_distance)
-        order = np.lexsort((-res["ks"], res["p"]))[: self.config.top_k]
-        top = tuple(
-            FeatureDrift(name=self._ref.names[j], ks=float(res["ks"][j]), p_value=float(res["p"][j]),
-                         psi=float(res["psi"][j]), mean=float(res["mean"][j]), shift_sigma=float(res["shift"][j]))
-            for j in order
-        )
+        order = np.lexsort((-ks, p))[: self.config.top_k]
+        top = tuple(self._feature_drift(self._ref.names[j], j, res) for j in order)
         flagged = bool(hit.any())
+        outputs = self._output_fields(res, snap)
         with self._lock:
             alert = flagged and not self._last_flagged
             self._last_flagged = flagged
             window = DriftWindow(
                 index=snap.index, end=snap.end, n=snap.n, score=float(d_arr.max()), flagged=flagged, alert=alert,
                 threshold=self._threshold, min_p_value=float(p_arr.min()), features=self._ref.names,
-                ks=tuple(res["ks"].tolist()), p_values=tuple(res["p"].tolist()), psi=tuple(res["psi"].tolist()),
-                nonfinite=tuple(snap.counts[:, -1].tolist()),
+                ks=tuple(ks.tolist()), p_values=tuple(p.tolist()), psi=tuple(psi.tolist()),
+                nonfinite=tuple(snap.counts[:ni, -1].tolist()),
                 top_features=top, class_chi2=res["class_chi2"], class_p_value=res["class_p"],
                 class_tv=res["class_tv"], confidence_ks=res["conf_ks"], confidence_p_value=res["conf_p"],
                 mean_confidence=snap.conf_sum / snap.conf_n if snap.conf_n else None,
-                drivers=tuple(name for name, h in zip(names, hit) if h),
+                drivers=tuple(name for name, h in zip(names, hit) if h), **outputs,
             )
             self._history.append(window)
             self._latest = window
         return window
+
+    def _feature_drift(self, name: str, column: int, res: dict[str, Any]) -> FeatureDrift:
+        return FeatureDrift(name=name, ks=float(res["ks"][column]), p_value=float(res["p"][column]),
+                            psi=float(res["psi"][column]), mean=float(res["mean"][column]),
+                            shift_sigma=float(res["shift"][column]))
+
+    def _output_fields(self, res: dict[str, Any], snap: _Snapshot) -> dict[str, Any]:
+        """The output-shift fields of a window (empty without output sketches or output data in it)."""
+        r = self._ref
+        ni = r.n_inputs
+        seen = snap.counts[ni:, : r.bins].sum(axis=1) > 0
+        if not r.n_outputs or not seen.any():
+            return {}
+        ks, p = res["ks"][ni:], res["p"][ni:]
+        hit = (p < self._output_threshold) & (ks >= self.config.min_distance) & seen
+        against = []
+        for label in ("own", "previous"):
+            cols = [j for lab, _, feats, start in r.output_cols if lab == label
+                    for j in range(start - ni, start - ni + len(feats))]
+            if cols and seen[cols].any():
+                against.append((label, float(ks[cols].max())))
+        order = [j for j in np.lexsort((-ks, p)) if seen[j]][: self.config.top_k]
+        return {"output_score": float(ks[seen].max()), "output_flagged": bool(hit.any()),
+                "output_threshold": self._output_threshold, "output_min_p_value": float(p[seen].min()),
+                "output_against": tuple(against),
+                "output_top": tuple(self._feature_drift(r.output_names[j], ni + j, res) for j in order),
+                "output_drivers": tuple(r.output_names[j] for j in np.flatnonzero(hit))}
 
 
 def _top_confidence(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -3,9 +3,11 @@
 :meth:`TelemetryLoop.observe` is a :class:`~edgeml.edge_agent.serving.ModelHost` observer: every request
 is counted in the :class:`~edgeml.edge_agent.telemetry.Aggregator`, and its inputs and outputs go to the
 drift monitor of the version that served it (built from that bundle's reference statistics), so a model
-on probation is judged on its own traffic. Low-confidence inputs are offered to the capture store off the
-request path. :meth:`TelemetryLoop.report`, once per interval, appends the window's metrics to the
-durable outbox and lets the :class:`~edgeml.edge_agent.telemetry.TelemetrySender` deliver them.
+on probation is judged on its own traffic. The monitor of a model that replaced another one also compares
+its live outputs with the replaced model's output sketches (the output shift); telemetry reports the input
+drift as ``drift`` and the output shift as ``output_drift``. Low-confidence inputs are offered to the
+capture store off the request path. :meth:`TelemetryLoop.report`, once per interval, appends the window's
+metrics to the durable outbox and lets the :class:`~edgeml.edge_agent.telemetry.TelemetrySender` deliver them.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from edgeml.refstats import ReferenceStats
 
 if TYPE_CHECKING:
     from edgeml.edge_agent.agent import Agent
+    from edgeml.edge_agent.serving import LoadedModel
 
 __all__ = ["TelemetryLoop"]
 
@@ -84,7 +87,7 @@ class TelemetryLoop:
         if not seen & 255:
             self._retune()
         if outputs is not None and not seen % self._drift_every:
-            self._drift(version, first, next(iter(outputs.values())))
+            self._drift(version, first, outputs)
 
     def _retune(self) -> None:
         """Every 256 requests: observe one request in ceil(rate / DRIFT_REQUESTS_PER_S) for drift."""
@@ -93,12 +96,14 @@ class TelemetryLoop:
         if elapsed > 0:
             self._drift_every = max(1, math.ceil(256 / elapsed / DRIFT_REQUESTS_PER_S))
 
-    def _drift(self, version: str, first: np.ndarray, probs: np.ndarray) -> None:
+    def _drift(self, version: str, first: np.ndarray, outputs: dict[str, np.ndarray]) -> None:
         monitor = self._monitors[version] if version in self._monitors else self._monitor_for(version)
         if monitor is None:
             return
+        probs = next(iter(outputs.values()))
+        scores = probs if probs.ndim == 2 and probs.shape[1] >= 2 else None  # class scores, or not a classifier
         try:
-            windows = monitor.observe(first, probs)
+            windows = monitor.observe(first, scores, outputs if monitor.output_feature_names else None)
         except EdgeMLError:  # inputs the reference does not describe: drift cannot judge them
             return
         for window in windows:
@@ -114,17 +119,31 @@ class TelemetryLoop:
             if version in self._monitors:
                 return self._monitors[version]
             monitor = None
-            model = next((m for m in (self.agent.host.active, self.agent.host.previous)
-                          if m is not None and m.version == version), None)
-            ref = model.manifest.refstats if model is not None else None
-            if model is not None and ref:
-                path = self.agent.machine.slots.path(model.slot) / ref["file"]
+            host = self.agent.host
+            model = next((m for m in (host.active, host.previous) if m is not None and m.version == version), None)
+            ref = self._refstats(model) if model is not None else None
+            if ref is not None:
+                replaced = host.previous if model is host.active and host.previous is not None \
+                    and host.previous.version != version else None
+                baseline = self._refstats(replaced) if replaced is not None else None
                 try:
-                    monitor = DriftMonitor.from_refstats(ReferenceStats.from_dict(json.loads(path.read_text())))
-                except (OSError, ValueError, EdgeMLError) as exc:
+                    monitor = DriftMonitor.from_refstats(ref, baseline=baseline)
+                except EdgeMLError as exc:
                     _log.warning("no drift monitoring for %s: %s", version, exc)
             self._monitors[version] = monitor
             return monitor
+
+    def _refstats(self, model: LoadedModel) -> ReferenceStats | None:
+        """The reference statistics in ``model``'s slot, or None (none in the bundle, or unreadable)."""
+        ref = model.manifest.refstats
+        if not ref:
+            return None
+        path = self.agent.machine.slots.path(model.slot) / ref["file"]
+        try:
+            return ReferenceStats.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            _log.warning("no reference statistics for %s: %s", model.version, exc)
+            return None
 
     # --- what the update machine asks ---------------------------------------------------------------------
 
@@ -135,6 +154,15 @@ class TelemetryLoop:
         if window is None:
             return None
         return window.score if window.flagged else 0.0
+
+    def output_shift_score(self, version: str) -> float | None:
+        """The live output-shift score of ``version`` for the health judge: the largest KS distance of its
+        output features in its latest window when an output test is significant, 0 when none is, None before
+        the first window or when its reference statistics do not sketch the outputs."""
+        window = self._windows.get(version)
+        if window is None or window.output_score is None:
+            return None
+        return window.output_score if window.output_flagged else 0.0
 
     # --- MQTT hooks -------------------------------------------------------------------------------------
 
@@ -156,6 +184,7 @@ class TelemetryLoop:
             "model": active.manifest.name if active else None, "version": version,
             "slot": active.slot if active else None, "status": self.agent._status_word(),
             "drift": window.to_metrics() if window else None,
+            "output_drift": window.output_metrics() if window else None,
             "dropped": self.outbox.dropped, "captured": len(self.capture),
         }
         self.sender.submit(self.aggregator.snapshot_and_reset(extra=extra))

@@ -43,6 +43,9 @@ class Thresholds:
         max_confidence_drop: Roll back when the mean top-1 confidence falls this much (0..1) below the
             baseline.
         max_drift: Roll back when the drift score (from the drift monitor, if any) exceeds this.
+        max_output_shift: Roll back when the output-shift score exceeds this: the largest KS distance (0..1)
+            between the model's live output features and the reference sketches (its bundle's, and those of
+            the model it replaced), counted only when significant. Works for any model type.
         probation_s: Seconds of probation before a commit.
         min_requests: Requests needed before the latency, error and confidence checks count (and before a
             commit, unless ``max_probation_s`` passes without them).
@@ -57,6 +60,7 @@ class Thresholds:
     max_crashes: int = 2
     max_confidence_drop: float = 0.25
     max_drift: float = 0.5
+    max_output_shift: float = 0.5
     probation_s: float = 300.0
     min_requests: int = 50
     max_probation_s: float = 3600.0
@@ -107,6 +111,8 @@ class HealthSnapshot:
         confidence: Mean top-1 confidence (None when unknown).
         drift: Drift score from the drift monitor (None when there is none).
         crashes: Times the agent died during this probation (the persisted counter).
+        output_shift: Output-shift score from the drift monitor (None when the outputs are not monitored, or
+            before the first window).
     """
 
     requests: int = 0
@@ -115,6 +121,7 @@ class HealthSnapshot:
     confidence: float | None = None
     drift: float | None = None
     crashes: int = 0
+    output_shift: float | None = None
 
 
 class Verdict(NamedTuple):
@@ -127,7 +134,7 @@ class Verdict(NamedTuple):
 def judge(snapshot: HealthSnapshot, baseline: Baseline, thresholds: Thresholds) -> Verdict | None:
     """Why the model must roll back, or None while it looks healthy.
 
-    Crashes count at once; the error rate, latency, confidence and drift checks wait for
+    Crashes count at once; the error rate, latency, confidence, drift and output-shift checks wait for
     ``thresholds.min_requests`` requests.
     """
     t = thresholds
@@ -151,6 +158,9 @@ def judge(snapshot: HealthSnapshot, baseline: Baseline, thresholds: Thresholds) 
                                              f"{snapshot.confidence:.3f} (drop {drop:.3f} > {t.max_confidence_drop:g})")
     if snapshot.drift is not None and snapshot.drift > t.max_drift:
         return Verdict(Cause.DRIFT, f"drift score {snapshot.drift:.3f} exceeds {t.max_drift:g}")
+    if snapshot.output_shift is not None and snapshot.output_shift > t.max_output_shift:
+        return Verdict(Cause.OUTPUT_SHIFT, f"output shift {snapshot.output_shift:.3f} exceeds {t.max_output_shift:g} "
+                                           "(its outputs moved away from the reference)")
     return None
 
 
@@ -169,6 +179,18 @@ def mean_confidence(outputs: np.ndarray) -> float | None:
     return float(probs.max(axis=1).mean())
 
 
+def _tolerances(golden: Mapping[str, Any], name: str, slack: float, min_top1: float) -> tuple[float, float, float]:
+    """(atol, rtol, required top-1 agreement) of output ``name``: its own entry in the ``outputs`` block when
+    the bundle has one (edgeml writes one per output, on that output's magnitude), else the bundle-wide ones."""
+    own = golden.get("outputs")
+    spec = own.get(name) if isinstance(own, Mapping) else None
+    spec = spec if isinstance(spec, Mapping) else {}
+    atol = float(spec.get("atol", golden.get("atol", 1e-3))) * slack
+    rtol = float(spec.get("rtol", golden.get("rtol", 0.0))) * slack
+    top1 = spec.get("top1", golden.get("top1", False))
+    return atol, rtol, min_top1 if top1 is True else float(top1 or 0.0)
+
+
 def compare_golden(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray],
                    golden: Mapping[str, Any], precision: str) -> str | None:
     """Why ``actual`` fails the golden vectors, or None when it passes.
@@ -176,15 +198,13 @@ def compare_golden(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.n
     Args:
         actual: Output name -> what the device computed on the golden inputs.
         expected: Output name -> the golden outputs from the bundle.
-        golden: The manifest's ``golden`` block (``atol``, ``rtol``, ``top1``: bool or minimum agreement).
+        golden: The manifest's ``golden`` block (``atol``, ``rtol``, ``top1``: bool or minimum agreement), with
+            per-output tolerances in ``outputs`` (output name -> ``atol``, ``rtol``, ``top1``) when present.
         precision: The bundle's runtime precision (``fp32``, ``fp16``, ``int8``).
     """
     slack, min_top1 = _GOLDEN_SLACK.get(precision, _GOLDEN_SLACK["int8"])
-    atol = float(golden.get("atol", 1e-3)) * slack
-    rtol = float(golden.get("rtol", 0.0)) * slack
-    top1 = golden.get("top1", False)
-    required = min_top1 if top1 is True else float(top1 or 0.0)
     for name, want in expected.items():
+        atol, rtol, required = _tolerances(golden, name, slack, min_top1)
         got = actual.get(name)
         if got is None or np.shape(got) != np.shape(want):
             return f"output {name}: shape {np.shape(got) if got is not None else None} != golden {np.shape(want)}"

@@ -40,6 +40,7 @@ class UpdateMachine:
         fetch: ``fetch(name, version, target) -> VerifiedBundle`` (e.g. :meth:`TufClient.fetch`).
         clock: Wall clock and sleep (default: the real ones).
         drift: ``drift(version)`` -> the live drift score, or None (default: no drift check).
+        output_shift: ``output_shift(version)`` -> the live output-shift score, or None (default: no check).
         on_transition: Progress callback, called after each persisted transition.
         threads: Runtime threads for the models it loads.
         poll_s: How often probation looks at the health numbers.
@@ -48,7 +49,8 @@ class UpdateMachine:
 
     def __init__(self, state_dir: str | Path, host: ModelHost, fetch: Fetch, *, clock: Clock | None = None,
                  drift: Callable[[str], float | None] | None = None, on_transition: Transition | None = None,
-                 threads: int = 1, poll_s: float = 0.05, max_visits: int = MAX_VISITS) -> None:
+                 threads: int = 1, poll_s: float = 0.05, max_visits: int = MAX_VISITS,
+                 output_shift: Callable[[str], float | None] | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.store = RecordStore(self.state_dir / "update.json")
         self.slots = Slots(self.state_dir)
@@ -56,6 +58,7 @@ class UpdateMachine:
         self.fetch = fetch
         self.clock = clock or SystemClock()
         self.drift = drift
+        self.output_shift = output_shift
         self.on_transition = on_transition
         self.threads = threads
         self.poll_s = poll_s
@@ -137,7 +140,8 @@ class UpdateMachine:
     def _run(self, record: UpdateRecord) -> UpdateRecord:
         self._interrupt = None
         ctx = UpdateContext(record, self.store, self.slots, self.host, self.fetch, self.clock, self.drift,
-                            self.threads, self.poll_s, interrupt=lambda: self._interrupt)
+                            self.threads, self.poll_s, interrupt=lambda: self._interrupt,
+                            output_shift=self.output_shift)
         while record.current not in TERMINAL:
             state = record.current
             event = self._guard(record) or STEPS[state](ctx)

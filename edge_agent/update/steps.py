@@ -66,6 +66,8 @@ class UpdateContext:
         fetch: The verified download.
         clock: Time and sleep.
         drift: ``drift(version)`` -> the drift monitor's score for live data, or None.
+        output_shift: ``output_shift(version)`` -> the drift monitor's output-shift score for live data, or
+            None (no output sketches, or no window yet).
         threads: Runtime threads for loaded models.
         poll_s: How often probation looks at the health numbers.
         candidate: The new model once loaded (by the smoke test), until it serves or is dropped.
@@ -90,6 +92,7 @@ class UpdateContext:
     interrupt: Callable[[], str | None] | None = None  # a reason to stop probation now (the fleet said so)
     fetched: VerifiedBundle | None = None
     staged: SlotInfo | None = None
+    output_shift: Callable[[str], float | None] | None = None
 
     def save(self) -> None:
         self.store.save(self.record)
@@ -299,7 +302,8 @@ def probation(ctx: UpdateContext) -> Event:
     baseline = Baseline(**(r.baseline or {"p99_ms": 0.0}))  # type: ignore[arg-type]
     while True:
         drift = ctx.drift(r.version) if ctx.drift is not None else None
-        snap = replace(ctx.host.stats(r.version).snapshot(), crashes=r.crashes, drift=drift)
+        shift = ctx.output_shift(r.version) if ctx.output_shift is not None else None
+        snap = replace(ctx.host.stats(r.version).snapshot(), crashes=r.crashes, drift=drift, output_shift=shift)
         verdict = judge(snap, baseline, limits)
         if verdict is None and ctx.interrupt is not None:
             asked = ctx.interrupt()

@@ -56,6 +56,7 @@ class Cause(str, Enum):
     ERROR_RATE = "error_rate"  # probation: too many failed requests
     CONFIDENCE = "confidence"  # probation: mean top-1 confidence fell too far
     DRIFT = "drift"  # probation: the inputs drifted past the limit
+    OUTPUT_SHIFT = "output_shift"  # probation: the outputs moved away from the reference (any model type)
     CRASH = "crash"  # probation: the agent died too often
     LOOP = "loop"  # the loop guard: a state was entered too many times
     DOWNLOAD = "download"  # the bundle could not be fetched
