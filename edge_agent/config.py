@@ -14,8 +14,9 @@
     runtimes = ["onnxruntime", "litert"]             # offer only these to the fleet (default: all installed)
     tls = true                                       # false only for a plain loopback test broker
 
-Relative paths are relative to the TOML file. Every problem is a :class:`~edgeml.errors.ConfigError` that
-names the file and the key.
+Relative paths are relative to the TOML file. Every value is checked against its field's type
+(:func:`edgeml.typed_config.convert`: ``tls = "false"`` is refused, not truthy); every problem is a
+:class:`~edgeml.errors.ConfigError` that names the file, the key and what was expected.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ import base64
 import binascii
 import json
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from edgeml.errors import ConfigError
 from edgeml.protocol import ProtocolError, validate_device_id
+from edgeml.typed_config import convert
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -50,8 +51,8 @@ class Bootstrap:
     password: str
     host: str
     port: int
-    ca_pem: str | None
-    tuf_root: bytes
+    ca_pem: str | None = None
+    tuf_root: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -92,10 +93,12 @@ def load_bootstrap(path: Path) -> Bootstrap:
     """
     try:
         doc = json.loads(Path(path).read_text())
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+        fields = {k: v for k, v in doc.items() if k != "tuf_root_b64"}
         root = base64.b64decode(doc["tuf_root_b64"], validate=True)
-        boot = Bootstrap(device_id=validate_device_id(doc["device_id"]), username=str(doc["username"]),
-                         password=str(doc["password"]), host=str(doc["host"]), port=int(doc["port"]),
-                         ca_pem=doc.get("ca_pem"), tuf_root=root)
+        boot = convert(Bootstrap, fields, where=f"the bootstrap file {path}", tuf_root=root)
+        validate_device_id(boot.device_id)
     except OSError as exc:
         raise ConfigError(f"cannot read the bootstrap file {path}: {exc.strerror}",
                           hint="enroll the device with `edgeml fleet devices enroll` and copy its file here") from exc
@@ -119,24 +122,14 @@ def load_config(path: Path) -> AgentConfig:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
     if not isinstance(table, dict):
         raise ConfigError(f"{path} has no [agent] table")
-    known = {f.name for f in fields(AgentConfig)}
-    unknown = sorted(set(table) - known)
-    if unknown:
-        raise ConfigError(f"{path}: unknown keys {unknown}", hint=f"known keys: {sorted(known)}")
+    where = f"{path} [agent]"
     for key in ("bootstrap", "state_dir"):
         if not isinstance(table.get(key), str):
-            raise ConfigError(f"{path}: '{key}' (a path) is required")
+            raise ConfigError(f"{where}: {key!r} (a path, relative to the file) is required")
     base = path.parent
-    values: dict[str, Any] = dict(table)
-    values["bootstrap"] = load_bootstrap(base / table["bootstrap"])
-    values["state_dir"] = (base / table["state_dir"]).resolve()
     socket = table.get("api_socket")
-    values["api_socket"] = (base / socket).resolve() if socket else None
-    if "runtimes" in table:
-        if not isinstance(table["runtimes"], list) or not all(isinstance(r, str) for r in table["runtimes"]):
-            raise ConfigError(f"{path}: 'runtimes' must be a list of runtime names, e.g. [\"litert\"]")
-        values["runtimes"] = tuple(table["runtimes"])
-    try:
-        return AgentConfig(**values)
-    except TypeError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+    if socket is not None and not isinstance(socket, str):
+        raise ConfigError(f"{where}: 'api_socket' must be a path, got {type(socket).__name__}")
+    return convert(AgentConfig, table, where=where, bootstrap=load_bootstrap(base / table["bootstrap"]),
+                   state_dir=(base / table["state_dir"]).resolve(),
+                   api_socket=(base / socket).resolve() if socket else None)

@@ -28,11 +28,14 @@ import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeml.errors import ConfigError, ConflictError, EdgeMLError, NotFoundError, RegistryError
 from edgeml.fleet.rollouts.rules import RolloutOptions
 from edgeml.fleet.rollouts.store import RolloutStatus
+
+if TYPE_CHECKING:
+    from edgeml.fleet.store.db import Database
 
 __all__ = ["MAX_RESPONSE_BYTES", "LocalFleet", "RemoteFleet", "open_fleet", "telemetry_routes"]
 
@@ -243,7 +246,7 @@ def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in row.items()}
 
 
-def telemetry_routes(db: Any) -> list[Any]:
+def telemetry_routes(db: Database) -> list[Any]:
     """``GET /api/devices/ID/telemetry?limit=N`` (viewer): a device's newest telemetry rows, newest first."""
     from edgeml.fleet.telemetry.store import TelemetryStore
     from edgeml.fleet.web.auth import Role

@@ -29,9 +29,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeml.errors import ConfigError
+from edgeml.fleet.store import schema
+from edgeml.fleet.store.schema import sa
+
+if TYPE_CHECKING:
+    from edgeml.fleet.store.db import Database
 
 __all__ = ["ROLES", "FleetServer", "ServeSettings"]
 
@@ -120,7 +125,7 @@ class FleetServer:
     def __init__(self, registry_dir: Path, settings: ServeSettings,
                  log: Callable[[str], None] = lambda line: _log.info("%s", line)) -> None:
         self.dir, self.settings, self.log = Path(registry_dir), settings, log
-        self.db: Any = None
+        self.db: Database | None = None
         self.audit: Any = None
         self.dist: Any = None
         self.ingest: Any = None
@@ -128,6 +133,13 @@ class FleetServer:
         self.http: Any = None
         self._stop = threading.Event()
         self._signer: threading.Thread | None = None
+
+    @property
+    def database(self) -> Database:
+        """The registry database (while started)."""
+        if self.db is None:
+            raise RuntimeError("the fleet server is not started")
+        return self.db
 
     @property
     def scheme(self) -> str:
@@ -173,9 +185,9 @@ class FleetServer:
 
         key = self.dir / "keys" / "audit.pem"
         if not key.exists():
-            t = self.db.tables["audit"]
-            with self.db.transaction() as conn:
-                entries = conn.execute(self.db.sa.select(self.db.sa.func.count()).select_from(t)).scalar()
+            t = schema.audit
+            with self.database.transaction() as conn:
+                entries = conn.execute(sa.select(sa.func.count()).select_from(t)).scalar()
             if entries:
                 raise ConfigError(f"{key} is missing, but the audit log already has {entries} entries signed with "
                                   "another key", hint="copy keys/audit.pem from the registry's first host "
@@ -195,7 +207,7 @@ class FleetServer:
 
         dist = DistributionService(self.dir, s.broker_host, s.broker_port, username=s.username, password=s.password,
                                    tls=s.tls, share_group="edgeml-dist" if s.is_shared else None,
-                                   mqtt5=s.mqtt5 and s.is_shared, roster=DeviceRoster(self.db))
+                                   mqtt5=s.mqtt5 and s.is_shared, roster=DeviceRoster(self.database))
         try:
             dist.start()
         except (OSError, TimeoutError) as exc:
@@ -206,7 +218,7 @@ class FleetServer:
         from edgeml.fleet.telemetry.ingest import IngestSettings, IngestWorker
 
         s = self.settings
-        worker = IngestWorker(self.db, s.broker_host, s.broker_port, username=s.username, password=s.password,
+        worker = IngestWorker(self.database, s.broker_host, s.broker_port, username=s.username, password=s.password,
                               tls=s.tls, share_group="ingest" if s.is_shared else None, mqtt5=s.mqtt5,
                               settings=IngestSettings(state="controller" not in s.roles))
         worker.start()  # ConfigError with the broker's answer when it cannot
@@ -217,7 +229,7 @@ class FleetServer:
         from edgeml.fleet.rollouts.controller import RolloutController
 
         s = self.settings
-        controller = RolloutController(self.db, s.broker_host, s.broker_port, dist=self.dist, username=s.username,
+        controller = RolloutController(self.database, s.broker_host, s.broker_port, dist=self.dist, username=s.username,
                                        password=s.password, tls=s.tls, client_id=s.client_id, tick_s=s.tick_s,
                                        audit=self.audit)
         try:
@@ -230,7 +242,7 @@ class FleetServer:
         from edgeml.fleet.web.server import HttpServer, fleet_app
 
         s = self.settings
-        app = fleet_app(self.dir, self.db, self.audit, ingest=self.ingest, metrics_token=s.metrics_token)
+        app = fleet_app(self.dir, self.database, self.audit, ingest=self.ingest, metrics_token=s.metrics_token)
         http = HttpServer(app, s.http_host, s.http_port)
         http.start()
         return http

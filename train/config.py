@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeml.errors import ConfigError, MissingExtraError
+from edgeml.typed_config import convert
 
 __all__ = ["DataConfig", "ExportConfig", "ModelConfig", "TrainConfig", "TrainingConfig",
            "ValidationConfig", "config_from_dict", "load_config"]
@@ -135,18 +136,8 @@ def _unknown(key: str, valid: list[str], where: str) -> ConfigError:
 
 
 def _coerce(cls: type, section: str, values: dict[str, Any]) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in values.items():
-        if key not in fields:
-            raise _unknown(key, list(fields), f"[{section}]")
-        if isinstance(value, list):
-            value = tuple(value)
-        kwargs[key] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"[{section}]: {exc}") from exc
+    """One section, every value checked against its field's type (``lr = "fast"``, ``seed = 1.5`` refused)."""
+    return convert(cls, values, where=f"[{section}]")
 
 
 def _check(cfg: TrainingConfig) -> TrainingConfig:
@@ -222,4 +213,7 @@ def load_config(path: str | Path) -> TrainingConfig:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
-    return config_from_dict(_parse(p), base_dir=p.resolve().parent)
+    try:
+        return config_from_dict(_parse(p), base_dir=p.resolve().parent)
+    except ConfigError as exc:  # name the file: the key and the expected type are in the message
+        raise ConfigError(f"{p}: {exc.message}", hint=exc.hint) from None

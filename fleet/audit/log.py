@@ -57,9 +57,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeml.errors import ConfigError, MetadataError, RegistryError, StorageError
+from edgeml.fleet.store import schema
+from edgeml.fleet.store.schema import sa
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
+    from edgeml.fleet.store.db import Database
 
 __all__ = [
     "ACTIONS",
@@ -296,6 +303,11 @@ class AuditReport:
         return f"tampered: {first.kind} at seq {first.seq}: {first.reason}{more}"
 
 
+def _in_transaction(conn: Connection) -> bool:
+    """Whether pysqlite has begun a transaction on ``conn`` (it begins lazily, before the first write)."""
+    return bool(getattr(conn.connection.dbapi_connection, "in_transaction", False))
+
+
 class AuditLog:
     """The audit log in ``db``, its heads signed by ``signer`` and appended to ``heads_file``.
 
@@ -307,7 +319,7 @@ class AuditLog:
             truncation that also removes the heads' rows goes unnoticed).
     """
 
-    def __init__(self, db: Any, signer: HeadSigner | None, heads_file: Path | None = None) -> None:
+    def __init__(self, db: Database, signer: HeadSigner | None, heads_file: Path | None = None) -> None:
         self.db = db
         self.signer = signer
         self.heads_file = heads_file
@@ -325,7 +337,7 @@ class AuditLog:
         self.flush_heads()
 
     def append(self, actor: str, action: str, subject: str, details: dict[str, Any] | None = None, *,
-               conn: Any = None) -> AuditEntry:
+               conn: Connection | None = None) -> AuditEntry:
         """Append one entry and sign the new head.
 
         With ``conn`` the entry joins the caller's transaction: call :meth:`flush_heads` after it commits
@@ -347,7 +359,7 @@ class AuditLog:
                 return self.append(actor, action, subject, details, conn=own)
         doc = _checked(actor, action, subject, details)
         self._lock(conn)
-        t, sa = self.db.tables["audit"], self.db.sa
+        t = schema.audit
         last = conn.execute(sa.select(t.c.seq, t.c.hash).order_by(t.c.seq.desc()).limit(1)).first()
         if last is not None:
             self._check_covered(conn, int(last[0]), str(last[1]))
@@ -370,7 +382,7 @@ class AuditLog:
         """
         with self.transaction() as conn:
             self._lock(conn)
-            t, sa = self.db.tables["audit"], self.db.sa
+            t = schema.audit
             last = conn.execute(sa.select(t.c.seq, t.c.hash).order_by(t.c.seq.desc()).limit(1)).first()
             if last is None:
                 return None
@@ -379,13 +391,13 @@ class AuditLog:
             self._store_head(conn, head)
         return head
 
-    def _check_covered(self, conn: Any, seq: int, hash_: str) -> None:
+    def _check_covered(self, conn: Connection, seq: int, hash_: str) -> None:
         """Refuse to sign over ``(seq, hash_)``, the last row, unless the latest head signed it (under the lock).
 
         Every append and re-signing stores its head in the row's transaction, so honestly the latest head always
         covers the last row; a row inserted with write access to the database alone never is.
         """
-        h, sa = self.db.tables["audit_heads"], self.db.sa
+        h = schema.audit_heads
         row = conn.execute(sa.select(h).order_by(h.c.id.desc()).limit(1)).mappings().first()
         head = None if row is None else SignedHead(int(row["seq"]), row["hash"], _utc(row["signed_at"]),
                                                    row["keyid"], row["signature"])
@@ -416,17 +428,17 @@ class AuditLog:
         except OSError as exc:
             raise StorageError(f"cannot append to {self.heads_file}: {exc.strerror}") from exc
 
-    def _store_head(self, conn: Any, head: SignedHead) -> None:
-        conn.execute(self.db.tables["audit_heads"].insert().values(
+    def _store_head(self, conn: Connection, head: SignedHead) -> None:
+        conn.execute(schema.audit_heads.insert().values(
             seq=head.seq, hash=head.hash, signed_at=head.signed_at, keyid=head.keyid, signature=head.signature))
         self._pending.append(head)
 
-    def _lock(self, conn: Any) -> None:
+    def _lock(self, conn: Connection) -> None:
         """Serialize appends before the last seq is read (held until the transaction ends)."""
         if conn.dialect.name == "postgresql":
-            conn.execute(self.db.sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY})
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY})
         elif conn.dialect.name == "sqlite":
-            if not conn.connection.dbapi_connection.in_transaction:
+            if not _in_transaction(conn):
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
             else:  # a write takes SQLite's write lock, even one that changes no row
                 conn.exec_driver_sql("UPDATE audit SET seq = seq WHERE 1 = 0")
@@ -440,8 +452,8 @@ class AuditLog:
         with self.db.transaction() as conn:
             return self._entries(conn, limit)
 
-    def _entries(self, conn: Any, limit: int | None = None) -> list[AuditEntry]:
-        t, sa = self.db.tables["audit"], self.db.sa
+    def _entries(self, conn: Connection, limit: int | None = None) -> list[AuditEntry]:
+        t = schema.audit
         query = sa.select(t).order_by(t.c.seq.desc() if limit else t.c.seq)
         if limit:
             query = query.limit(limit)
@@ -461,8 +473,8 @@ class AuditLog:
         with self.db.transaction() as conn:
             return self._db_heads(conn), in_file
 
-    def _db_heads(self, conn: Any) -> list[SignedHead]:
-        t, sa = self.db.tables["audit_heads"], self.db.sa
+    def _db_heads(self, conn: Connection) -> list[SignedHead]:
+        t = schema.audit_heads
         rows = conn.execute(sa.select(t).order_by(t.c.id)).mappings().all()
         return [SignedHead(int(r["seq"]), r["hash"], _utc(r["signed_at"]), r["keyid"], r["signature"]) for r in rows]
 
@@ -499,11 +511,11 @@ class AuditLog:
         return check_chain(entries, in_db, in_file, self._key())
 
     @staticmethod
-    def _snapshot(conn: Any) -> None:
+    def _snapshot(conn: Connection) -> None:
         """Make ``conn``'s reads one consistent snapshot (the first statement of its transaction)."""
         if conn.dialect.name == "postgresql":
             conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        elif conn.dialect.name == "sqlite" and not conn.connection.dbapi_connection.in_transaction:
+        elif conn.dialect.name == "sqlite" and not _in_transaction(conn):
             conn.exec_driver_sql("BEGIN")  # pysqlite begins only before writes; in WAL mode this is a snapshot
 
     def _key(self) -> HeadSigner:
@@ -591,7 +603,8 @@ def _checked(actor: str, action: str, subject: str, details: dict[str, Any] | No
     return doc
 
 
-def open_audit(registry_dir: Path, *, db_url: str | None = None, create_key: bool = True, db: Any = None) -> AuditLog:
+def open_audit(registry_dir: Path, *, db_url: str | None = None, create_key: bool = True,
+               db: Database | None = None) -> AuditLog:
     """The audit log of the registry in ``registry_dir``: its database, ``keys/audit.pem``, ``audit/heads.log``.
 
     Close it with ``log.db.close()``; pass ``db`` to use a :class:`~edgeml.fleet.store.db.Database` already open

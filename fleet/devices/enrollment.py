@@ -24,14 +24,21 @@ import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeml.errors import ConfigError, RegistryError
 from edgeml.fleet.audit.log import local_actor, open_audit
 from edgeml.fleet.devices.broker import RESERVED_USERS
 from edgeml.fleet.devices.broker_control import BrokerControl, sync_file
+from edgeml.fleet.store import schema
+from edgeml.fleet.store.schema import sa
 from edgeml.fsutil import atomic_write_bytes
 from edgeml.protocol import ProtocolError, validate_device_id
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
+    from edgeml.fleet.store.db import Database
 
 __all__ = ["DeviceRecord", "enroll", "list_devices", "revoke", "sync_broker_file"]
 
@@ -54,9 +61,9 @@ def _registry(registry_dir: Path, db_url: str | None) -> Any:
     return Registry(registry_dir, db_url=db_url)
 
 
-def _devices(db: Any, conn: Any) -> dict[str, tuple[str, bool]]:
-    t = db.tables["devices"]
-    rows = conn.execute(db.sa.select(t.c.device_id, t.c.password_hash, t.c.revoked))
+def _devices(db: Database, conn: Connection) -> dict[str, tuple[str, bool]]:
+    t = schema.devices
+    rows = conn.execute(sa.select(t.c.device_id, t.c.password_hash, t.c.revoked))
     return {name: (hashed, bool(revoked)) for name, hashed, revoked in rows if hashed}
 
 
@@ -125,8 +132,8 @@ def enroll(registry_dir: Path, name: str, broker_dir: Path, *, tags: dict[str, s
     try:
         log = open_audit(registry.dir, db=db)
         with registry.locked(), log.transaction() as conn:
-            t = db.tables["devices"]
-            if conn.execute(db.sa.select(t.c.id).where(t.c.device_id == name)).scalar() is not None:
+            t = schema.devices
+            if conn.execute(sa.select(t.c.id).where(t.c.device_id == name)).scalar() is not None:
                 raise RegistryError(f"device {name!r} is already enrolled",
                                     hint="device ids are never reused; choose another name")
             conn.execute(t.insert().values(device_id=name, tags=dict(tags or {}), password_hash=hash_password(password),
@@ -164,8 +171,8 @@ def revoke(registry_dir: Path, name: str, broker_dir: Path, *, control: BrokerCo
     try:
         log = open_audit(registry.dir, db=db)
         with registry.locked(), log.transaction() as conn:
-            t = db.tables["devices"]
-            if conn.execute(db.sa.select(t.c.id).where(t.c.device_id == name)).scalar() is None:
+            t = schema.devices
+            if conn.execute(sa.select(t.c.id).where(t.c.device_id == name)).scalar() is None:
                 raise RegistryError(f"no device {name!r} is enrolled",
                                     hint="list them with `edgeml fleet devices ls DIR`")
             conn.execute(t.update().where(t.c.device_id == name).values(revoked=True))
@@ -190,9 +197,9 @@ def list_devices(registry_dir: Path, *, db_url: str | None = None) -> list[Devic
     registry = _registry(registry_dir, db_url)
     db = registry.database()
     try:
-        t = db.tables["devices"]
+        t = schema.devices
         with db.transaction() as conn:
-            rows = conn.execute(db.sa.select(t).order_by(t.c.id)).mappings().all()
+            rows = conn.execute(sa.select(t).order_by(t.c.id)).mappings().all()
     finally:
         db.close()
     return [DeviceRecord(r["device_id"], dict(r["tags"] or {}), r["created_at"], bool(r["revoked"]),

@@ -16,7 +16,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING
+
+from edgeml.fleet.store import schema
+from edgeml.fleet.store.schema import sa
+
+if TYPE_CHECKING:
+    from edgeml.fleet.store.db import Database
 
 __all__ = ["REVOKED", "UNKNOWN", "DeviceRoster"]
 
@@ -37,7 +43,7 @@ class DeviceRoster:
         clock: Monotonic seconds.
     """
 
-    def __init__(self, db: Any, *, accept_unknown: bool = False, refresh_s: float = 10.0,
+    def __init__(self, db: Database, *, accept_unknown: bool = False, refresh_s: float = 10.0,
                  miss_refresh_s: float = 1.0, min_read_s: float = 0.1,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.db, self.accept_unknown = db, accept_unknown
@@ -86,7 +92,7 @@ class DeviceRoster:
         return out
 
     def _read(self) -> dict[str, bool]:
-        d = self.db.tables["devices"]
+        d = schema.devices
         with self.db.transaction() as conn:
-            return {name: bool(revoked) for name, revoked in conn.execute(self.db.sa.select(d.c.device_id,
+            return {name: bool(revoked) for name, revoked in conn.execute(sa.select(d.c.device_id,
                                                                                              d.c.revoked))}

@@ -34,7 +34,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 
@@ -57,7 +57,9 @@ from edgeml.fleet.rollouts.states import (
     work_clause,
 )
 from edgeml.fleet.rollouts.store import _at, _published, _ts
+from edgeml.fleet.store import schema
 from edgeml.fleet.store.db import is_outage, utcnow
+from edgeml.fleet.store.schema import sa
 from edgeml.protocol import (
     PREFIX,
     Command,
@@ -70,6 +72,11 @@ from edgeml.protocol import (
     parse,
     parse_device_topic,
 )
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
+    from edgeml.fleet.store.db import Database
 
 __all__ = ["CONTROLLER_ACTOR", "RolloutController"]
 
@@ -115,8 +122,8 @@ class RolloutController:
         max_messages_per_tick: Most messages kept from one device between two ticks (the rest are dropped).
     """
 
-    def __init__(self, db: Any, broker_host: str, broker_port: int, *, dist: Any = None, username: str | None = None,
-                 password: str | None = None, tls: ssl.SSLContext | None = None,
+    def __init__(self, db: Database, broker_host: str, broker_port: int, *, dist: Any = None,
+                 username: str | None = None, password: str | None = None, tls: ssl.SSLContext | None = None,
                  client_id: str = CONTROLLER_CLIENT_ID, record_states: bool = True, tick_s: float = 1.0,
                  signals_s: float = 5.0, audit: Any = None, clock: Callable[[], float] = time.time,
                  accept_unknown: bool = False, max_messages_per_tick: int = 1000) -> None:
@@ -323,10 +330,10 @@ class RolloutController:
                     self._refuse("poison", event.device_id, f"the database refused its event: {single}")
         events.clear()
 
-    def _apply_event(self, conn: Any, event: UpdateEvent) -> None:
+    def _apply_event(self, conn: Connection, event: UpdateEvent) -> None:
         """Record an update result on the device's row of its rollout (matched by the command id)."""
         state, reason = event.state, event.reason
-        rd, d, sa = self.db.tables["rollout_devices"], self.db.tables["devices"], self.db.sa
+        rd, d = schema.rollout_devices, schema.devices
         revoked = sa.exists().where((d.c.device_id == event.device_id) & (d.c.revoked == sa.true()))
         row = conn.execute(sa.select(rd).where((rd.c.rollout_id == event.rollout) &
                                                (rd.c.device_id == event.device_id) & ~revoked)).first()
@@ -347,14 +354,14 @@ class RolloutController:
     def _rollouts_with_work(self) -> list[str]:
         """The rollouts with a row :func:`~edgeml.fleet.rollouts.states.has_work` holds for, as one query
         (tests/fleet/test_rollout_states.py checks the two agree on every combination)."""
-        t, rd, sa = self.db.tables["rollouts"], self.db.tables["rollout_devices"], self.db.sa
+        t, rd = schema.rollouts, schema.rollout_devices
         query = (sa.select(t.c.id).select_from(t.outerjoin(rd, rd.c.rollout_id == t.c.id))
                  .where(work_clause(sa, t, rd)).distinct())
         with self.db.transaction() as conn:
             return sorted(conn.execute(query).scalars())
 
-    def _load(self, conn: Any, rollout_id: str) -> tuple[Any, RolloutView, list[DeviceRow]]:
-        t, rd, sa = self.db.tables["rollouts"], self.db.tables["rollout_devices"], self.db.sa
+    def _load(self, conn: Connection, rollout_id: str) -> tuple[Any, RolloutView, list[DeviceRow]]:
+        t, rd = schema.rollouts, schema.rollout_devices
         row = conn.execute(sa.select(t).where(t.c.id == rollout_id)).one()
         view = RolloutView(row.id, row.state, row.current_wave, _ts(row.wave_started_at),
                            RolloutOptions.from_dict(row.options))
@@ -410,7 +417,7 @@ class RolloutController:
         return True
 
     def _write(self, row: Any, actions: list[rules.Action], now: float, values: dict[str, Any]) -> None:
-        t, rd = self.db.tables["rollouts"], self.db.tables["rollout_devices"]
+        t, rd = schema.rollouts, schema.rollout_devices
         where = rd.c.rollout_id == row.id
         with self.audit.transaction() if self.audit is not None else self.db.transaction() as conn:
             for a in actions:
@@ -454,18 +461,18 @@ class RolloutController:
         if self.dist is None:
             return
         targets = self._targets_of(row.model, row.version)
-        rd, sa = self.db.tables["rollout_devices"], self.db.sa
+        rd = schema.rollout_devices
         with self.db.transaction() as conn:
             used = set(conn.execute(sa.select(rd.c.target).where(rd.c.rollout_id == row.id)
                                     .where(rd.c.target.isnot(None)).distinct()).scalars())
         infos = self.dist.broadcast(row.id, sorted(targets[t]["path"] for t in used))
-        t = self.db.tables["rollouts"]
+        t = schema.rollouts
         with self.db.transaction() as conn:
             conn.execute(t.update().where(t.c.id == row.id).values(
                 broadcast=[{"path": i.path, "size": i.size, "chunk": i.chunk} for i in infos]))
 
     def _unbroadcast(self, rollout_id: str) -> None:
-        t, sa = self.db.tables["rollouts"], self.db.sa
+        t = schema.rollouts
         with self.db.transaction() as conn:
             infos = conn.execute(sa.select(t.c.broadcast).where(t.c.id == rollout_id)).scalar()
             conn.execute(t.update().where(t.c.id == rollout_id).values(broadcast=None))
@@ -476,7 +483,7 @@ class RolloutController:
 
     def _send(self, rollout_id: str) -> None:
         """Send every decided but unacknowledged command of the rollout, then mark it sent."""
-        t, rd, sa = self.db.tables["rollouts"], self.db.tables["rollout_devices"], self.db.sa
+        t, rd = schema.rollouts, schema.rollout_devices
         with self.db.transaction() as conn:
             row = conn.execute(sa.select(t).where(t.c.id == rollout_id)).one()
             todo = conn.execute(sa.select(rd).where(rd.c.rollout_id == rollout_id).where(
@@ -549,7 +556,7 @@ class RolloutController:
         state = self.states.get(device_id)
         if state is not None:
             return dict(state.capabilities)
-        d = self.db.tables["devices"]
+        d = schema.devices
         with self.db.transaction() as conn:
-            caps = conn.execute(self.db.sa.select(d.c.capabilities).where(d.c.device_id == device_id)).scalar()
+            caps = conn.execute(sa.select(d.c.capabilities).where(d.c.device_id == device_id)).scalar()
         return dict(caps) if caps else None

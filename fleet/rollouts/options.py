@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from edgeml.errors import ConfigError
+from edgeml.typed_config import convert
 
 __all__ = ["RolloutError", "RolloutOptions", "parse_duration", "parse_fraction", "parse_selection"]
 
@@ -169,4 +170,9 @@ class RolloutOptions:
         Raises:
             RolloutError: They are invalid.
         """
-        return cls(**{**doc, "targets": tuple(doc["targets"]), "waves": tuple(doc["waves"])})
+        try:
+            return convert(cls, doc, where="rollout options")
+        except RolloutError:
+            raise
+        except ConfigError as exc:
+            raise RolloutError(exc.message, hint=exc.hint) from None

@@ -22,10 +22,15 @@ import datetime as dt
 import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeml.fleet.rollouts.rules import DeviceSignals
+from edgeml.fleet.store import schema
 from edgeml.fleet.store.db import as_utc
+from edgeml.fleet.store.schema import sa
+
+if TYPE_CHECKING:
+    from edgeml.fleet.store.db import Database
 
 __all__ = ["CHUNK", "Judged", "telemetry_signals"]
 
@@ -75,7 +80,7 @@ def _signals(version: str, previous: str | None, notified_at: dt.datetime,
 
 
 
-def telemetry_signals(db: Any, version: str, devices: Iterable[Judged], started_at: dt.datetime, *,
+def telemetry_signals(db: Database, version: str, devices: Iterable[Judged], started_at: dt.datetime, *,
                       baseline_s: float = 3600.0) -> dict[str, DeviceSignals]:
     """The telemetry signals of each device on ``version`` (devices without any are left out).
 
@@ -90,7 +95,7 @@ def telemetry_signals(db: Any, version: str, devices: Iterable[Judged], started_
         RegistryError: The database failed.
     """
     judged = {d.device_id: d for d in devices}
-    t, sa = db.tables["telemetry"], db.sa
+    t = schema.telemetry
     since = as_utc(started_at) - dt.timedelta(seconds=baseline_s)
     rows: dict[str, list[tuple[dt.datetime, Mapping[str, Any]]]] = {}
     ids = sorted(judged)

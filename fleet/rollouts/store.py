@@ -18,14 +18,21 @@ import datetime as dt
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeml.errors import ConfigError, ConflictError, NotFoundError
 from edgeml.fleet.rollouts import rules
 from edgeml.fleet.rollouts.rules import RolloutError, RolloutOptions
 from edgeml.fleet.rollouts.states import ROLLOUT_TRANSITIONS, Phase, RolloutEvent, phase_of, resumed, stored_state
+from edgeml.fleet.store import schema
 from edgeml.fleet.store.db import utcnow
+from edgeml.fleet.store.schema import sa
 from edgeml.protocol import ProtocolError
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
+    from edgeml.fleet.store.db import Database
 
 __all__ = ["RolloutConflictError", "RolloutStatus", "UnknownRolloutError", "rollback", "rollout_routes",
            "rollout_status", "set_rollout_state", "start_rollout"]
@@ -53,13 +60,13 @@ def _at(seconds: float) -> dt.datetime:
 # --- the store ----------------------------------------------------------------------------------------------
 
 
-def _published(db: Any, conn: Any, model: str, version: str) -> dict[str, dict[str, Any]]:
+def _published(db: Database, conn: Connection, model: str, version: str) -> dict[str, dict[str, Any]]:
     """target -> {"runtime", "path"} of ``model`` ``version`` (path: in the repository), in publication order.
 
     Raises:
         RolloutError: The model or the version is unknown.
     """
-    m, v, sa = db.tables["models"], db.tables["versions"], db.sa
+    m, v = schema.models, schema.versions
     model_id = conn.execute(sa.select(m.c.id).where(m.c.name == model)).scalar()
     if model_id is None:
         known = sorted(conn.execute(sa.select(m.c.name)).scalars())
@@ -77,14 +84,14 @@ def _published(db: Any, conn: Any, model: str, version: str) -> dict[str, dict[s
     return found
 
 
-def _facts(db: Any, conn: Any) -> list[rules.DeviceFacts]:
-    d = db.tables["devices"]
-    query = db.sa.select(d.c.device_id, d.c.tags, d.c.capabilities, d.c.installed, d.c.revoked)
+def _facts(db: Database, conn: Connection) -> list[rules.DeviceFacts]:
+    d = schema.devices
+    query = sa.select(d.c.device_id, d.c.tags, d.c.capabilities, d.c.installed, d.c.revoked)
     return [rules.DeviceFacts(r.device_id, dict(r.tags or {}), r.capabilities, dict(r.installed or {}),
                               bool(r.revoked)) for r in conn.execute(query)]
 
 
-def start_rollout(db: Any, audit: Any, model: str, version: str, options: RolloutOptions, *, actor: str,
+def start_rollout(db: Database, audit: Any, model: str, version: str, options: RolloutOptions, *, actor: str,
                   kind: str = "rollout", rollout_id: str | None = None) -> str:
     """Plan a rollout and store it (the controller starts it); returns its id.
 
@@ -111,16 +118,16 @@ def start_rollout(db: Any, audit: Any, model: str, version: str, options: Rollou
         raise RolloutError(f"invalid rollout id {rollout_id!r}", hint=exc.hint) from exc
     now = utcnow()
     with audit.transaction() as conn:
-        rollouts = db.tables["rollouts"]
-        if conn.execute(db.sa.select(rollouts.c.id).where(rollouts.c.id == rollout_id)).first() is not None:
+        rollouts = schema.rollouts
+        if conn.execute(sa.select(rollouts.c.id).where(rollouts.c.id == rollout_id)).first() is not None:
             raise RolloutConflictError(f"a rollout with id {rollout_id!r} exists", hint="choose another --id")
         available = _published(db, conn, model, version)
         plan = rules.plan(rollout_id, model, version, _facts(db, conn),
                           options, {t: p["runtime"] for t, p in available.items()})
-        conn.execute(db.tables["rollouts"].insert().values(
+        conn.execute(schema.rollouts.insert().values(
             id=rollout_id, kind=kind, model=model, version=version, options=options.to_dict(),
             state=Phase.PENDING.value, current_wave=0, created_by=actor, created_at=now, updated_at=now))
-        conn.execute(db.tables["rollout_devices"].insert(), [
+        conn.execute(schema.rollout_devices.insert(), [
             {"rollout_id": rollout_id, "device_id": a.device_id, "wave": a.wave, "target": a.target,
              "previous": a.previous, "state": a.state.value, "reason": a.reason} for a in plan])
         counts = [sum(1 for a in plan if a.wave == w and a.state != "incompatible")
@@ -131,7 +138,7 @@ def start_rollout(db: Any, audit: Any, model: str, version: str, options: Rollou
     return rollout_id
 
 
-def rollback(db: Any, audit: Any, model: str, to_version: str, *, actor: str, select: dict[str, str] | None = None,
+def rollback(db: Database, audit: Any, model: str, to_version: str, *, actor: str, select: dict[str, str] | None = None,
              targets: Sequence[str] | None = None, wave_timeout_s: float = 600.0, probation_s: float = 300.0,
              device_thresholds: dict[str, float] | None = None, rollout_id: str | None = None) -> str:
     """Roll the selected devices back to ``to_version``: a new rollout of it in a single wave; returns its id.
@@ -163,7 +170,7 @@ def rollback(db: Any, audit: Any, model: str, to_version: str, *, actor: str, se
     return start_rollout(db, audit, model, to_version, options, actor=actor, kind="rollback", rollout_id=rollout_id)
 
 
-def set_rollout_state(db: Any, audit: Any, rollout_id: str, action: str, *, actor: str,
+def set_rollout_state(db: Database, audit: Any, rollout_id: str, action: str, *, actor: str,
                       reason: str | None = None) -> str:
     """Pause, resume or abort a rollout; returns its new state.
 
@@ -178,7 +185,7 @@ def set_rollout_state(db: Any, audit: Any, rollout_id: str, action: str, *, acto
     Raises:
         RolloutError: Unknown rollout or action, or the rollout is not in a state that allows it.
     """
-    t, sa = db.tables["rollouts"], db.sa
+    t = schema.rollouts
     with audit.transaction() as conn:
         row = conn.execute(sa.select(t).where(t.c.id == rollout_id)).first()
         if row is None:
@@ -239,13 +246,13 @@ class RolloutStatus:
         return waves
 
 
-def rollout_status(db: Any, rollout_id: str | None = None) -> list[RolloutStatus]:
+def rollout_status(db: Database, rollout_id: str | None = None) -> list[RolloutStatus]:
     """One rollout (``rollout_id``) or all of them, newest first.
 
     Raises:
         RolloutError: ``rollout_id`` is unknown.
     """
-    t, rd, sa = db.tables["rollouts"], db.tables["rollout_devices"], db.sa
+    t, rd = schema.rollouts, schema.rollout_devices
     with db.transaction() as conn:
         query = sa.select(t).order_by(t.c.created_at.desc(), t.c.id)
         rows = conn.execute(query if rollout_id is None else query.where(t.c.id == rollout_id)).all()
@@ -296,7 +303,7 @@ def _options(doc: Mapping[str, Any]) -> RolloutOptions:
         raise ConfigError(f"bad rollout options: {exc}") from None
 
 
-def rollout_routes(db: Any, audit: Any) -> list[Any]:
+def rollout_routes(db: Database, audit: Any) -> list[Any]:
     """Rollouts on the fleet's HTTP API (Starlette routes for :func:`~edgeml.fleet.web.server.build_app`).
 
     ``GET /api/rollouts[/ID]`` (viewer); ``POST /api/rollouts`` with ``{"model", "version", "options",
@@ -340,12 +347,12 @@ def rollout_routes(db: Any, audit: Any) -> list[Any]:
     def show(call: ApiCall) -> list[dict[str, Any]]:
         return [vars(s) for s in rollout_status(db, call.params.get("id"))]
 
-    viewer, operator = {"db": db, "role": Role.VIEWER}, {"db": db, "role": Role.OPERATOR}
+    viewer, operator = Role.VIEWER, Role.OPERATOR
     return [
-        api_route("/api/rollouts", show, **viewer),
-        api_route("/api/rollouts", start, methods=["POST"], status=201, body=True, **operator),
-        api_route("/api/rollouts/{id}", show, **viewer),
-        *(api_route(f"/api/rollouts/{{id}}/{action}", change(action), methods=["POST"], body=True, **operator)
-          for action in ("pause", "resume", "abort")),
-        api_route("/api/rollback", back, methods=["POST"], status=201, body=True, **operator),
+        api_route("/api/rollouts", show, db=db, role=viewer),
+        api_route("/api/rollouts", start, methods=["POST"], status=201, body=True, db=db, role=operator),
+        api_route("/api/rollouts/{id}", show, db=db, role=viewer),
+        *(api_route(f"/api/rollouts/{{id}}/{action}", change(action), methods=["POST"], body=True, db=db,
+                    role=operator) for action in ("pause", "resume", "abort")),
+        api_route("/api/rollback", back, methods=["POST"], status=201, body=True, db=db, role=operator),
     ]

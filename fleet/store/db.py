@@ -11,7 +11,7 @@ runs, in order, in one transaction (under a lock: ``BEGIN IMMEDIATE`` on SQLite,
 PostgreSQL, so that concurrent openers wait and then find nothing left to do), and the version is
 stamped. A database without the table is version 1 (the original schema of the first release); a new one
 is created at :data:`SCHEMA_VERSION`. Steps only add what is missing, so a database created by any
-release reaches the same schema. A step is appended here whenever ``_tables`` changes, never edited.
+release reaches the same schema. A step is appended here whenever :mod:`.schema` changes, never edited.
 """
 
 from __future__ import annotations
@@ -21,10 +21,13 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 from edgeml._deps import require
 from edgeml.errors import RegistryError
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
 
 __all__ = ["ENV_DB_URL", "MIGRATIONS", "SCHEMA_VERSION", "Database", "as_utc", "is_outage", "resolve_url", "utcnow"]
 
@@ -75,99 +78,11 @@ def resolve_url(registry_dir: Path, url: str | None) -> str:
     return url or os.environ.get(ENV_DB_URL) or f"sqlite:///{registry_dir.resolve() / 'registry.db'}"
 
 
-def _tables(sa: Any) -> tuple[Any, dict[str, Any]]:
-    meta = sa.MetaData()
-    t = {
-        "models": sa.Table("models", meta, sa.Column("id", sa.Integer, primary_key=True),
-                           sa.Column("name", sa.String(64), nullable=False, unique=True)),
-        "versions": sa.Table(
-            "versions", meta, sa.Column("id", sa.Integer, primary_key=True),
-            sa.Column("model_id", sa.Integer, sa.ForeignKey("models.id"), nullable=False),
-            sa.Column("version", sa.String(128), nullable=False), sa.Column("target", sa.String(64), nullable=False),
-            sa.Column("runtime", sa.JSON, nullable=False), sa.Column("tuf_path", sa.String(512), nullable=False),
-            sa.Column("sha256", sa.String(64), nullable=False), sa.Column("length", sa.BigInteger, nullable=False),
-            sa.Column("targets_version", sa.Integer, nullable=False),
-            sa.Column("published_at", sa.DateTime(timezone=True), server_default=sa.func.now()),
-            sa.UniqueConstraint("model_id", "version", "target")),
-        "channels": sa.Table(
-            "channels", meta, sa.Column("id", sa.Integer, primary_key=True),
-            sa.Column("model_id", sa.Integer, sa.ForeignKey("models.id"), nullable=False),
-            sa.Column("name", sa.String(64), nullable=False),
-            sa.Column("version", sa.String(128), nullable=False), sa.UniqueConstraint("model_id", "name")),
-        "devices": sa.Table(
-            "devices", meta, sa.Column("id", sa.Integer, primary_key=True),
-            sa.Column("device_id", sa.String(128), nullable=False, unique=True),
-            sa.Column("channel", sa.String(64)), sa.Column("created_at", sa.DateTime(timezone=True)),
-            sa.Column("tags", sa.JSON), sa.Column("password_hash", sa.String(256)),
-            sa.Column("revoked", sa.Boolean, nullable=False, server_default=sa.false()),
-            sa.Column("last_seen", sa.DateTime(timezone=True)), sa.Column("installed", sa.JSON),
-            sa.Column("status", sa.String(32)), sa.Column("capabilities", sa.JSON)),
-        "deployments": sa.Table(
-            "deployments", meta, sa.Column("id", sa.Integer, primary_key=True),
-            sa.Column("device_id", sa.Integer, sa.ForeignKey("devices.id"), nullable=False),
-            sa.Column("version_id", sa.Integer, sa.ForeignKey("versions.id"), nullable=False),
-            sa.Column("state", sa.String(32), nullable=False), sa.Column("updated_at", sa.DateTime(timezone=True))),
-        "schema_version": sa.Table("schema_version", meta, sa.Column("version", sa.Integer, nullable=False)),
-        # telemetry as devices sent it: one row per (device, seq), duplicates dropped on insert
-        "telemetry": sa.Table(
-            "telemetry", meta, sa.Column("id", sa.Integer, primary_key=True),
-            sa.Column("device_id", sa.String(128), nullable=False), sa.Column("seq", sa.BigInteger, nullable=False),
-            sa.Column("sent_at", sa.Float, nullable=False),
-            sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
-            sa.Column("metrics", sa.JSON, nullable=False), sa.UniqueConstraint("device_id", "seq"),
-            sa.Index("telemetry_device_time", "device_id", "received_at")),
-        # the audit log: a hash chain (hash = sha256 over prev_hash and the row), heads signed by audit_heads
-        "audit": sa.Table(
-            "audit", meta, sa.Column("id", sa.Integer, primary_key=True),
-            sa.Column("seq", sa.BigInteger, nullable=False, unique=True),
-            sa.Column("at", sa.DateTime(timezone=True), nullable=False),
-            sa.Column("actor", sa.String(128), nullable=False), sa.Column("action", sa.String(64), nullable=False),
-            sa.Column("subject", sa.String(512), nullable=False), sa.Column("details", sa.JSON, nullable=False),
-            sa.Column("prev_hash", sa.String(64), nullable=False), sa.Column("hash", sa.String(64), nullable=False)),
-        "audit_heads": sa.Table(
-            "audit_heads", meta, sa.Column("id", sa.Integer, primary_key=True),
-            sa.Column("seq", sa.BigInteger, nullable=False), sa.Column("hash", sa.String(64), nullable=False),
-            sa.Column("signed_at", sa.DateTime(timezone=True), nullable=False),
-            sa.Column("keyid", sa.String(64), nullable=False), sa.Column("signature", sa.String(256), nullable=False)),
-        # operator tokens for the HTTP API and remote CLI (only a hash of each token is stored)
-        "tokens": sa.Table(
-            "tokens", meta, sa.Column("id", sa.Integer, primary_key=True),
-            sa.Column("name", sa.String(64), nullable=False, unique=True),
-            sa.Column("role", sa.String(16), nullable=False),
-            sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
-            sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-            sa.Column("revoked", sa.Boolean, nullable=False, server_default=sa.false()),
-            sa.Column("last_used_at", sa.DateTime(timezone=True))),
-        # staged rollouts (edgeml.fleet.rollouts.store): the whole controller state, so that it survives a restart
-        "rollouts": sa.Table(
-            "rollouts", meta, sa.Column("id", sa.String(64), primary_key=True),
-            sa.Column("kind", sa.String(16), nullable=False), sa.Column("model", sa.String(64), nullable=False),
-            sa.Column("version", sa.String(128), nullable=False), sa.Column("options", sa.JSON, nullable=False),
-            sa.Column("state", sa.String(16), nullable=False), sa.Column("abort_reason", sa.String(1024)),
-            sa.Column("current_wave", sa.Integer, nullable=False),
-            sa.Column("wave_started_at", sa.DateTime(timezone=True)), sa.Column("broadcast", sa.JSON),
-            sa.Column("created_by", sa.String(128), nullable=False),
-            sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-            sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False)),
-        "rollout_devices": sa.Table(
-            "rollout_devices", meta, sa.Column("id", sa.Integer, primary_key=True),
-            sa.Column("rollout_id", sa.String(64), sa.ForeignKey("rollouts.id"), nullable=False),
-            sa.Column("device_id", sa.String(128), nullable=False), sa.Column("wave", sa.Integer, nullable=False),
-            sa.Column("target", sa.String(64)), sa.Column("previous", sa.String(128)),
-            sa.Column("command_id", sa.String(64)), sa.Column("state", sa.String(16), nullable=False),
-            sa.Column("reason", sa.String(1024)), sa.Column("notified_at", sa.DateTime(timezone=True)),
-            sa.Column("finished_at", sa.DateTime(timezone=True)), sa.Column("revert_id", sa.String(64)),
-            sa.Column("revert_state", sa.String(16)), sa.Column("cause", sa.String(32)),
-            sa.UniqueConstraint("rollout_id", "device_id"),
-            sa.Index("rollout_devices_state", "rollout_id", "state")),
-    }
-    return meta, t
-
-
 def _add_missing_columns(table: str, names: tuple[str, ...]) -> Callable[[Any, Any, dict[str, Any]], None]:
-    """A migration step: ``ALTER TABLE table ADD COLUMN`` for each of ``names`` it lacks, as ``_tables`` defines it."""
+    """A migration step: ``ALTER TABLE table ADD COLUMN`` for each of ``names`` it lacks, as :mod:`.schema`
+    defines it."""
 
-    def step(sa: Any, conn: Any, tables: dict[str, Any]) -> None:
+    def step(sa: Any, conn: Connection, tables: dict[str, Any]) -> None:
         present = {c["name"] for c in sa.inspect(conn).get_columns(table)}
         quoted = conn.dialect.identifier_preparer.format_table(tables[table])
         for name in names:
@@ -181,7 +96,7 @@ def _add_missing_columns(table: str, names: tuple[str, ...]) -> Callable[[Any, A
 def _create_missing_tables(*names: str) -> Callable[[Any, Any, dict[str, Any]], None]:
     """A migration step: create each of ``names`` (and its indexes) unless it exists."""
 
-    def step(sa: Any, conn: Any, tables: dict[str, Any]) -> None:
+    def step(sa: Any, conn: Connection, tables: dict[str, Any]) -> None:
         for name in names:
             tables[name].create(conn, checkfirst=True)
 
@@ -189,7 +104,7 @@ def _create_missing_tables(*names: str) -> Callable[[Any, Any, dict[str, Any]], 
 
 
 def _steps(*steps: Callable[[Any, Any, dict[str, Any]], None]) -> Callable[[Any, Any, dict[str, Any]], None]:
-    def run(sa: Any, conn: Any, tables: dict[str, Any]) -> None:
+    def run(sa: Any, conn: Connection, tables: dict[str, Any]) -> None:
         for step in steps:
             step(sa, conn, tables)
 
@@ -246,8 +161,10 @@ class Database:
 
     def __init__(self, url: str) -> None:
         self.sa = require("sqlalchemy", "fleet")
+        from edgeml.fleet.store import schema
+
         self.url = url
-        self.meta, self.tables = _tables(self.sa)
+        self.meta, self.tables = schema.metadata, schema.TABLES
         self._schema_checked = False
         try:
             self.engine = self.sa.create_engine(url)
@@ -296,7 +213,7 @@ class Database:
         with self._errors(), self.engine.connect() as conn:
             return self._version(conn)
 
-    def _version(self, conn: Any) -> int | None:
+    def _version(self, conn: Connection) -> int | None:
         names = set(self.sa.inspect(conn).get_table_names())
         if "schema_version" in names:
             version = conn.execute(self.sa.select(self.sa.func.max(self.tables["schema_version"].c.version))).scalar()
@@ -304,14 +221,14 @@ class Database:
                 return int(version)
         return 1 if "models" in names else None
 
-    def _lock(self, conn: Any) -> None:
+    def _lock(self, conn: Connection) -> None:
         """Serialize schema changes: the first statement of ``conn``'s transaction."""
         if conn.dialect.name == "sqlite":  # pysqlite begins lazily, and only before DML: begin now, for DDL too
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         elif conn.dialect.name == "postgresql":
             conn.execute(self.sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY})
 
-    def _migrate(self, conn: Any) -> list[int]:
+    def _migrate(self, conn: Connection) -> list[int]:
         """Run the steps above the database's version (read again under the lock); their versions."""
         current = self._version(conn)
         if current is None:
@@ -326,7 +243,7 @@ class Database:
                 applied.append(version)
         return applied
 
-    def _stamp(self, conn: Any, version: int) -> None:
+    def _stamp(self, conn: Connection, version: int) -> None:
         table = self.tables["schema_version"]
         table.create(conn, checkfirst=True)
         conn.execute(table.delete())
@@ -351,12 +268,14 @@ class Database:
         with self._errors(), self.engine.begin() as conn:
             yield conn
 
-    def record_version(self, conn: Any, fields: dict[str, Any], channel: str | None) -> None:
+    def record_version(self, conn: Connection, fields: dict[str, Any], channel: str | None) -> None:
         """Insert one published version (and point ``channel`` at it) inside ``conn``'s transaction."""
         t, sa = self.tables, self.sa
         model_id = conn.execute(sa.select(t["models"].c.id).where(t["models"].c.name == fields["name"])).scalar()
         if model_id is None:
-            model_id = conn.execute(t["models"].insert().values(name=fields["name"])).inserted_primary_key[0]
+            inserted = conn.execute(t["models"].insert().values(name=fields["name"])).inserted_primary_key
+            assert inserted is not None, "an INSERT returns its primary key"
+            model_id = inserted[0]
         row = {k: v for k, v in fields.items() if k != "name"}
         conn.execute(t["versions"].insert().values(model_id=model_id, **row))
         if channel:

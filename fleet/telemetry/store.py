@@ -31,11 +31,16 @@ import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeml.errors import ConfigError, RegistryError
+from edgeml.fleet.store import schema
 from edgeml.fleet.store.db import Database, as_utc, utcnow
+from edgeml.fleet.store.schema import sa
 from edgeml.protocol import State, Telemetry
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
 
 __all__ = ["BatchResult", "TelemetryStore"]
 
@@ -84,9 +89,8 @@ class TelemetryStore:
             db = Database(db)
             db.create()
         self.db = db
-        self.sa = db.sa
-        self.table = db.tables["telemetry"]
-        self.devices = db.tables["devices"]
+        self.table = schema.telemetry
+        self.devices = schema.devices
         self._highs: dict[str, int] = {}  # device -> contiguous high known to be stored (-1: nothing known)
         self.last_seen_s = last_seen_s  # telemetry moves a device's last_seen at most this often (0: every batch)
         self._seen_at: dict[str, float] = {}  # device -> time.monotonic() this store last moved its last_seen
@@ -134,7 +138,7 @@ class TelemetryStore:
         after = self.contiguous_highs({r.device_id for r in rows}) if rows and highs else {}
         return BatchResult(frozenset(inserted), len(rows) - len(inserted), after, applied)
 
-    def _insert(self, conn: Any, rows: Sequence[Telemetry], at: dt.datetime) -> list[tuple[str, int]]:
+    def _insert(self, conn: Connection, rows: Sequence[Telemetry], at: dt.datetime) -> list[tuple[str, int]]:
         if conn.dialect.name == "sqlite" and rows:
             return self._insert_sqlite(conn, rows, at)
         if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg" and rows:
@@ -154,7 +158,7 @@ class TelemetryStore:
                 .returning(self.table.c.device_id, self.table.c.seq))
         return [(d, int(s)) for d, s in conn.execute(stmt, values)]
 
-    def _insert_sqlite(self, conn: Any, rows: Sequence[Telemetry], at: dt.datetime) -> list[tuple[str, int]]:
+    def _insert_sqlite(self, conn: Connection, rows: Sequence[Telemetry], at: dt.datetime) -> list[tuple[str, int]]:
         """SQLite: one ``INSERT OR IGNORE`` run by the driver's executemany, with the values converted once
         through the columns' own bind processors (SQLAlchemy's per-row work was most of a batch's cost).
 
@@ -176,7 +180,7 @@ class TelemetryStore:
         return [(d, int(s)) for d, s in conn.exec_driver_sql(
             f"SELECT device_id, seq FROM {name} WHERE id > ?", (before or 0,))]
 
-    def _insert_postgresql(self, conn: Any, rows: Sequence[Telemetry], at: dt.datetime) -> list[tuple[str, int]]:
+    def _insert_postgresql(self, conn: Connection, rows: Sequence[Telemetry], at: dt.datetime) -> list[tuple[str, int]]:
         """PostgreSQL (psycopg 3): one ``INSERT ... SELECT FROM unnest(arrays) ON CONFLICT DO NOTHING
         RETURNING``: five array parameters and the same statement text for any batch size, so the driver
         neither parses thousands of placeholders nor the server a new statement per batch."""
@@ -192,7 +196,7 @@ class TelemetryStore:
                "AS v(d, s, t, m) ON CONFLICT (device_id, seq) DO NOTHING RETURNING device_id, seq")
         return [(d, int(s)) for d, s in conn.exec_driver_sql(sql, (at, *columns))]
 
-    def _touch(self, conn: Any, device_ids: set[str], at: dt.datetime) -> None:
+    def _touch(self, conn: Connection, device_ids: set[str], at: dt.datetime) -> None:
         if not device_ids:
             return
         d = self.devices
@@ -207,14 +211,14 @@ class TelemetryStore:
         else:
             conn.execute(d.update().where(d.c.device_id.in_(sorted(device_ids))).values(last_seen=at))
 
-    def _apply_state(self, conn: Any, state: State, seen: dt.datetime | None) -> bool:
+    def _apply_state(self, conn: Connection, state: State, seen: dt.datetime | None) -> bool:
         d = self.devices
         values: dict[str, Any] = {"status": state.status, "capabilities": dict(state.capabilities),
                                   "installed": {state.model: state.version} if state.model else {}}
         if seen is not None:
             values["last_seen"] = seen
         # revoked in the same statement: a revocation counts from its commit, whatever a consumer's cache says
-        result = conn.execute(d.update().where((d.c.device_id == state.device_id) & (d.c.revoked == self.sa.false()))
+        result = conn.execute(d.update().where((d.c.device_id == state.device_id) & (d.c.revoked == sa.false()))
                               .values(**values))
         return bool(result.rowcount)
 
@@ -262,15 +266,15 @@ class TelemetryStore:
         for device_id, high in highs.items():
             self._highs[device_id] = max(self._highs.get(device_id, -1), -1 if high is None else high)
 
-    def _compute_highs(self, conn: Any, device_ids: list[str]) -> dict[str, int | None]:
+    def _compute_highs(self, conn: Connection, device_ids: list[str]) -> dict[str, int | None]:
         highs: dict[str, int | None] = {}
         for start in range(0, len(device_ids), _DEVICES_PER_QUERY):
             highs.update(self._highs_query(conn, device_ids[start:start + _DEVICES_PER_QUERY]))
         return highs
 
-    def _highs_query(self, conn: Any, device_ids: list[str]) -> dict[str, int | None]:
+    def _highs_query(self, conn: Connection, device_ids: list[str]) -> dict[str, int | None]:
         """End of the run of stored seqs through each device's known high (or through seq 0)."""
-        sa, t = self.sa, self.table
+        t = self.table
         known = {d: self._highs.get(d, -1) for d in device_ids}
         fresh = [d for d, h in known.items() if h < 0]
         has_zero: set[str] = set()
@@ -296,7 +300,7 @@ class TelemetryStore:
             highs.update({d: int(s) for d, s in conn.execute(query, params)})
         return highs
 
-    def _highs_sqlite(self, conn: Any, todo: dict[str, int]) -> dict[str, int]:
+    def _highs_sqlite(self, conn: Connection, todo: dict[str, int]) -> dict[str, int]:
         """:meth:`_highs_query`'s run ends on SQLite: the (device, lowest seq) pairs as one JSON object walked by
         ``json_each``, so one statement text serves any number of devices (the driver caches its preparation;
         an ``OR`` of a hundred terms cost 5 ms a batch to prepare, this 1 ms to run)."""
@@ -307,7 +311,7 @@ class TelemetryStore:
                "WHERE b.id IS NULL GROUP BY a.device_id")
         return {d: int(s) for d, s in conn.exec_driver_sql(sql, (json.dumps(todo),))}
 
-    def _highs_postgresql(self, conn: Any, todo: dict[str, int]) -> dict[str, int]:
+    def _highs_postgresql(self, conn: Connection, todo: dict[str, int]) -> dict[str, int]:
         """:meth:`_highs_query`'s run ends on PostgreSQL: the (device, lowest seq) pairs as two binary array
         parameters (one statement text for any number of devices; psycopg would otherwise rewrite hundreds of
         placeholders per query), each device's run end found by a ``LATERAL`` walk of the ``(device_id, seq)``
@@ -329,7 +333,7 @@ class TelemetryStore:
         """
         d = self.devices
         with self.db.transaction() as conn:
-            return {name: bool(revoked) for name, revoked in conn.execute(self.sa.select(d.c.device_id, d.c.revoked))}
+            return {name: bool(revoked) for name, revoked in conn.execute(sa.select(d.c.device_id, d.c.revoked))}
 
     # --- queries for the API and the dashboard ------------------------------------------------------------
 
@@ -347,7 +351,7 @@ class TelemetryStore:
             RegistryError: The database failed.
         """
         t = self.table
-        query = self.sa.select(t).where(t.c.device_id == device_id).order_by(t.c.seq.desc()).limit(n)
+        query = sa.select(t).where(t.c.device_id == device_id).order_by(t.c.seq.desc()).limit(n)
         with self.db.transaction() as conn:
             return [self._row(r) for r in conn.execute(query)]
 
@@ -368,7 +372,7 @@ class TelemetryStore:
             RegistryError: The database failed.
         """
         t = self.table
-        query = self.sa.select(t).where(t.c.received_at >= since)
+        query = sa.select(t).where(t.c.received_at >= since)
         if until is not None:
             query = query.where(t.c.received_at < until)
         if device_id is not None:
@@ -393,7 +397,7 @@ class TelemetryStore:
         Raises:
             RegistryError: The database failed.
         """
-        sa, t, d = self.sa, self.table, self.devices
+        t, d = self.table, self.devices
         agg = sa.select(t.c.device_id, sa.func.count(), sa.func.max(t.c.seq), sa.func.max(t.c.received_at)) \
             .group_by(t.c.device_id)
         with self.db.transaction() as conn:

@@ -28,10 +28,15 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeml.errors import ConfigError, EdgeMLError, RegistryError
+from edgeml.fleet.store import schema
 from edgeml.fleet.store.db import as_utc, utcnow
+from edgeml.fleet.store.schema import sa
+
+if TYPE_CHECKING:
+    from edgeml.fleet.store.db import Database
 
 __all__ = [
     "ENV_TOKEN",
@@ -118,7 +123,7 @@ def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_token(db: Any, name: str, role: Role | str, *, audit: Any = None, actor: str | None = None) -> str:
+def create_token(db: Database, name: str, role: Role | str, *, audit: Any = None, actor: str | None = None) -> str:
     """Create a token called ``name`` with ``role``; returns the token, which is stored only as a hash.
 
     Args:
@@ -136,9 +141,9 @@ def create_token(db: Any, name: str, role: Role | str, *, audit: Any = None, act
     if not _NAME.fullmatch(name):
         raise ConfigError(f"bad token name {name!r}", hint="use up to 64 letters, digits, '.', '_' or '-'")
     token = _PREFIX + secrets.token_urlsafe(32)
-    t = db.tables["tokens"]
+    t = schema.tokens
     with _transaction(db, audit) as conn:
-        if conn.execute(db.sa.select(t.c.id).where(t.c.name == name)).scalar() is not None:
+        if conn.execute(sa.select(t.c.id).where(t.c.name == name)).scalar() is not None:
             raise RegistryError(f"a token named {name!r} exists", hint="token names are never reused; choose another")
         conn.execute(t.insert().values(name=name, role=role.label, token_hash=_hash(token), created_at=utcnow(),
                                        revoked=False))
@@ -147,7 +152,7 @@ def create_token(db: Any, name: str, role: Role | str, *, audit: Any = None, act
     return token
 
 
-def revoke_token(db: Any, name: str, *, audit: Any = None, actor: str | None = None) -> None:
+def revoke_token(db: Database, name: str, *, audit: Any = None, actor: str | None = None) -> None:
     """Revoke the token called ``name``: it is refused from now on.
 
     Args:
@@ -159,7 +164,7 @@ def revoke_token(db: Any, name: str, *, audit: Any = None, actor: str | None = N
     Raises:
         RegistryError: No token has that name, or the database failed.
     """
-    t = db.tables["tokens"]
+    t = schema.tokens
     with _transaction(db, audit) as conn:
         if conn.execute(t.update().where(t.c.name == name).values(revoked=True)).rowcount != 1:
             raise RegistryError(f"no token named {name!r}", hint="list them with `edgeml fleet tokens ls DIR`")
@@ -167,19 +172,19 @@ def revoke_token(db: Any, name: str, *, audit: Any = None, actor: str | None = N
             audit.append(actor or "unknown", "token.revoke", name, {}, conn=conn)
 
 
-def _transaction(db: Any, audit: Any) -> Any:
+def _transaction(db: Database, audit: Any) -> Any:
     return audit.transaction() if audit is not None else db.transaction()
 
 
-def list_tokens(db: Any) -> list[TokenRecord]:
+def list_tokens(db: Database) -> list[TokenRecord]:
     """Every token, in creation order.
 
     Raises:
         RegistryError: The database failed.
     """
-    t = db.tables["tokens"]
+    t = schema.tokens
     with db.transaction() as conn:
-        rows = conn.execute(db.sa.select(t).order_by(t.c.id)).mappings().all()
+        rows = conn.execute(sa.select(t).order_by(t.c.id)).mappings().all()
     return [TokenRecord(r["name"], Role.parse(r["role"]), r["created_at"], bool(r["revoked"]), r["last_used_at"])
             for r in rows]
 
@@ -188,7 +193,7 @@ def list_tokens(db: Any) -> list[TokenRecord]:
 USE_RECORDED_EVERY = dt.timedelta(minutes=1)
 
 
-def authenticate(db: Any, token: str | None) -> Principal:
+def authenticate(db: Database, token: str | None) -> Principal:
     """Who holds ``token``; records when it was last used (at most once per :data:`USE_RECORDED_EVERY`).
 
     Raises:
@@ -198,9 +203,9 @@ def authenticate(db: Any, token: str | None) -> Principal:
     if not token:
         raise AuthError("no operator token", hint="send 'Authorization: Bearer <token>' (edgeml fleet tokens create)")
     digest = _hash(token)
-    t = db.tables["tokens"]
+    t = schema.tokens
     with db.transaction() as conn:
-        row = conn.execute(db.sa.select(t.c.name, t.c.role, t.c.token_hash, t.c.revoked, t.c.last_used_at)
+        row = conn.execute(sa.select(t.c.name, t.c.role, t.c.token_hash, t.c.revoked, t.c.last_used_at)
                            .where(t.c.token_hash == digest)).first()
         if row is None or not hmac.compare_digest(str(row.token_hash), digest):
             raise AuthError("unknown operator token")
@@ -234,7 +239,7 @@ def bearer_token(headers: Mapping[str, str]) -> str | None:
     return (token.strip() or None) if scheme.lower() == "bearer" else None
 
 
-def authorize(db: Any, headers: Mapping[str, str], role: Role) -> Principal:
+def authorize(db: Database, headers: Mapping[str, str], role: Role) -> Principal:
     """Who sent a request with ``headers``, if their bearer token has ``role`` or higher.
 
     Raises:

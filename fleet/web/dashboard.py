@@ -27,7 +27,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeml.errors import ConfigError
 from edgeml.fleet.web.views import (
@@ -38,6 +38,9 @@ from edgeml.fleet.web.views import (
     fleet_overview,
     telemetry_series,
 )
+
+if TYPE_CHECKING:
+    from edgeml.fleet.store.db import Database
 
 __all__ = ["WEB_DIR", "dashboard_routes", "parse_query"]
 
@@ -85,7 +88,7 @@ def _finite(text: str) -> float:
     return value
 
 
-def dashboard_routes(db: Any, audit: Any, *, stale_after_s: float = DEFAULT_STALE_S, web_dir: Path | None = None,
+def dashboard_routes(db: Database, audit: Any, *, stale_after_s: float = DEFAULT_STALE_S, web_dir: Path | None = None,
                      clock: Callable[[], dt.datetime] | None = None) -> list[Any]:
     """The dashboard's page and JSON API (Starlette routes for :func:`~edgeml.fleet.web.server.build_app`).
 
@@ -134,12 +137,10 @@ def dashboard_routes(db: Any, audit: Any, *, stale_after_s: float = DEFAULT_STAL
 
         return endpoint
 
-    viewer = {"db": db, "role": Role.VIEWER}
     return [
-        api_route("/api/overview", overview, **viewer),
-        api_route("/api/devices", devices, **viewer),
-        api_route("/api/telemetry", telemetry, **viewer),
-        api_route("/api/audit", audit_log, **viewer),
+        *(api_route(path, handler, db=db, role=Role.VIEWER) for path, handler in (
+            ("/api/overview", overview), ("/api/devices", devices), ("/api/telemetry", telemetry),
+            ("/api/audit", audit_log))),
         *(Route(path, page("index.html"), methods=["GET"]) for path in ("/", "/dashboard", "/dashboard/")),
         *(Route(f"/dashboard/{name}", page(name), methods=["GET"]) for name in _FILES),
     ]

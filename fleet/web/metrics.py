@@ -49,8 +49,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from edgeml.errors import RegistryError
+from edgeml.fleet.store.schema import sa
 
 if TYPE_CHECKING:
+    from edgeml.fleet.store.db import Database
     from edgeml.fleet.web.auth import Role
 
 __all__ = ["CONTENT_TYPE", "METRICS_PATH", "FleetCollector", "metrics_routes", "render"]
@@ -105,13 +107,13 @@ def _json_number(sa: Any, dialect: str, column: Any, key: str) -> Any:
     raise RegistryError(f"/metrics supports SQLite and PostgreSQL, not {dialect}")
 
 
-def _read(db: Any) -> _Snapshot:
+def _read(db: Database) -> _Snapshot:
     """The four queries of a scrape, in one read transaction.
 
     Raises:
         RegistryError: The database failed.
     """
-    sa, tables = db.sa, db.tables
+    tables = db.tables
     d, t, r, rd = tables["devices"], tables["telemetry"], tables["rollouts"], tables["rollout_devices"]
     dialect = db.engine.dialect.name
     sums = [sa.func.sum(_json_number(sa, dialect, t.c.metrics, k)).label(k) for k in _SUMMED]
@@ -316,7 +318,7 @@ class FleetCollector:
             to export, or None.
     """
 
-    def __init__(self, db: Any, ingest: Any = None) -> None:
+    def __init__(self, db: Database, ingest: Any = None) -> None:
         self.db = db
         self.ingest = ingest
 
@@ -339,7 +341,7 @@ class FleetCollector:
             yield from _ingest_families(stats)
 
 
-def render(db: Any, ingest: Any = None) -> bytes:
+def render(db: Database, ingest: Any = None) -> bytes:
     """One scrape's body in the Prometheus text format (version 0.0.4).
 
     Args:
@@ -356,7 +358,7 @@ def render(db: Any, ingest: Any = None) -> bytes:
     return bytes(generate_latest(registry))
 
 
-def metrics_routes(db: Any, *, ingest: Any = None, require_token: bool = False,
+def metrics_routes(db: Database, *, ingest: Any = None, require_token: bool = False,
                    token_role: Role | str = "viewer") -> list[Any]:
     """``GET /metrics`` (Prometheus text format), as a route for :func:`~edgeml.fleet.web.server.build_app`.
 

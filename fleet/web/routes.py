@@ -22,7 +22,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 import anyio
@@ -34,6 +34,9 @@ from starlette.routing import Route
 from edgeml.errors import ConfigError, NotFoundError, RegistryError
 from edgeml.fleet.web.auth import Principal, Role, authorize
 from edgeml.fleet.web.server import HttpSettings, RequestTimeoutError, RequestTooLargeError, json_response
+
+if TYPE_CHECKING:
+    from edgeml.fleet.store.db import Database
 
 __all__ = ["ApiCall", "api_route", "file_response", "read_body", "repository_routes", "static_route"]
 
@@ -118,7 +121,7 @@ def _query(request: Request) -> dict[str, list[str]]:
 
 
 def api_route(path: str, handler: Callable[[ApiCall], Any], *, methods: Sequence[str] = ("GET",),
-              db: Any = None, role: Role | None = None, status: int = 200, body: bool = False) -> Route:
+              db: Database | None = None, role: Role | None = None, status: int = 200, body: bool = False) -> Route:
     """A JSON API route.
 
     The token is checked first (when ``role`` is set), then the body is read (when ``body``), then
@@ -140,9 +143,10 @@ def api_route(path: str, handler: Callable[[ApiCall], Any], *, methods: Sequence
     """
     if role is not None and db is None:
         raise ConfigError(f"route {path} needs a role but was given no database")
+    guard = (db, role) if db is not None and role is not None else None
 
     async def endpoint(request: Request) -> Response:
-        principal = await run_in_threadpool(authorize, db, request.headers, role) if role is not None else None
+        principal = await run_in_threadpool(authorize, guard[0], request.headers, guard[1]) if guard else None
         doc = await _json_object(request) if body else {}
         call = ApiCall(dict(request.path_params), _query(request), doc, principal)
         result = await run_in_threadpool(handler, call)

@@ -39,11 +39,14 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
 from edgeml.errors import ConfigError, ConflictError, EdgeMLError, MissingExtraError, NotFoundError, RegistryError
 from edgeml.fleet.web.auth import AuthError, ForbiddenError
+
+if TYPE_CHECKING:
+    from edgeml.fleet.store.db import Database
 
 try:
     import anyio
@@ -249,7 +252,7 @@ def build_app(routes: Sequence[BaseRoute], settings: HttpSettings | None = None)
     return app
 
 
-def fleet_app(registry_dir: Path, db: Any, audit: Any, *, ingest: Any = None, metrics_token: bool = False,
+def fleet_app(registry_dir: Path, db: Database, audit: Any, *, ingest: Any = None, metrics_token: bool = False,
               settings: HttpSettings | None = None, **dashboard: Any) -> Starlette:
     """The fleet server's whole app: the JSON API, the dashboard, ``/metrics`` and the repository.
 

@@ -23,10 +23,15 @@ import datetime as dt
 import math
 import re
 from collections import defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeml.errors import ConfigError
+from edgeml.fleet.store import schema
 from edgeml.fleet.store.db import as_utc, utcnow
+from edgeml.fleet.store.schema import sa
+
+if TYPE_CHECKING:
+    from edgeml.fleet.store.db import Database
 
 __all__ = [
     "DEFAULT_BUCKETS",
@@ -98,7 +103,7 @@ def is_online(status: str | None, last_seen: dt.datetime | None, now: dt.datetim
 # --- overview ----------------------------------------------------------------------------------------------
 
 
-def fleet_overview(db: Any, *, now: dt.datetime | None = None,
+def fleet_overview(db: Database, *, now: dt.datetime | None = None,
                    stale_after_s: float = DEFAULT_STALE_S) -> dict[str, Any]:
     """The fleet at a glance.
 
@@ -117,7 +122,7 @@ def fleet_overview(db: Any, *, now: dt.datetime | None = None,
         RegistryError: The database failed.
     """
     now = now or utcnow()
-    d, t, rd, sa = db.tables["devices"], db.tables["rollouts"], db.tables["rollout_devices"], db.sa
+    d, t, rd = schema.devices, schema.rollouts, schema.rollout_devices
     with db.transaction() as conn:
         devices = conn.execute(sa.select(d.c.device_id, d.c.status, d.c.last_seen, d.c.revoked, d.c.installed)).all()
         rollouts = conn.execute(sa.select(t.c.id, t.c.model, t.c.state, t.c.created_at)).all()
@@ -153,7 +158,7 @@ def fleet_overview(db: Any, *, now: dt.datetime | None = None,
 # --- devices -----------------------------------------------------------------------------------------------
 
 
-def device_list(db: Any, *, now: dt.datetime | None = None,
+def device_list(db: Database, *, now: dt.datetime | None = None,
                 stale_after_s: float = DEFAULT_STALE_S) -> list[dict[str, Any]]:
     """Every enrolled device, sorted by id, with the numbers of its latest telemetry row.
 
@@ -171,7 +176,7 @@ def device_list(db: Any, *, now: dt.datetime | None = None,
         RegistryError: The database failed.
     """
     now = now or utcnow()
-    d, t, sa = db.tables["devices"], db.tables["telemetry"], db.sa
+    d, t = schema.devices, schema.telemetry
     newest = sa.select(t.c.device_id, sa.func.max(t.c.seq).label("seq")).group_by(t.c.device_id).subquery()
     latest = sa.select(t.c.device_id, t.c.seq, t.c.received_at, t.c.metrics).join(
         newest, (newest.c.device_id == t.c.device_id) & (newest.c.seq == t.c.seq))
@@ -218,7 +223,7 @@ def _check_series_args(metric: str, by: str, since_s: float, model: str | None, 
         raise ConfigError(f"bad model name {model!r}", hint="letters, digits, '.', '_' or '-', up to 64")
 
 
-def telemetry_series(db: Any, metric: str, *, by: str = "version", since_s: float = 3600.0,
+def telemetry_series(db: Database, metric: str, *, by: str = "version", since_s: float = 3600.0,
                      model: str | None = None, buckets: int = DEFAULT_BUCKETS,
                      now: dt.datetime | None = None) -> dict[str, Any]:
     """One metric over the last ``since_s`` seconds, bucketed, one series per version or per device.
@@ -244,7 +249,7 @@ def telemetry_series(db: Any, metric: str, *, by: str = "version", since_s: floa
     end = now or utcnow()
     start = end - dt.timedelta(seconds=since_s)
     width = float(since_s) / buckets
-    t, sa = db.tables["telemetry"], db.sa
+    t = schema.telemetry
     query = (sa.select(t.c.device_id, t.c.received_at, t.c.metrics)
              .where((t.c.received_at >= start) & (t.c.received_at <= end)))
     sums: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0.0]))

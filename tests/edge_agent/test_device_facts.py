@@ -54,11 +54,11 @@ def test_the_config_can_offer_only_some_runtimes(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("toml", "match"), [
     ("", "no \\[agent\\] table"),
     ('[agent]\nstate_dir = "s"\n', "'bootstrap'"),
-    ('[agent]\nbootstrap = "cam-1.bootstrap.json"\nstate_dir = "s"\nspeed = 3\n', "unknown keys \\['speed'\\]"),
+    ('[agent]\nbootstrap = "cam-1.bootstrap.json"\nstate_dir = "s"\nspeed = 3\n', "unknown key 'speed' in"),
     ('[agent]\nbootstrap = "cam-1.bootstrap.json"\nstate_dir = "s"\nclock = "trust-me"\n', "clock must be"),
     ('[agent]\nbootstrap = "cam-1.bootstrap.json"\nstate_dir = "s"\napi_port = 70000\n', "api_port"),
     ('[agent]\nbootstrap = "cam-1.bootstrap.json"\nstate_dir = "s"\nruntimes = ["tflite"]\n', "runtimes must name"),
-    ('[agent]\nbootstrap = "cam-1.bootstrap.json"\nstate_dir = "s"\nruntimes = "litert"\n', "a list of runtime"),
+    ('[agent]\nbootstrap = "cam-1.bootstrap.json"\nstate_dir = "s"\nruntimes = "litert"\n', "must be a list"),
     ('[agent]\nbootstrap = "missing.json"\nstate_dir = "s"\n', "cannot read the bootstrap"),
     ("[agent\n", "not valid TOML"),
 ])

@@ -128,7 +128,7 @@ def test_cli_prints_config_errors_in_two_lines(tmp_path: Path) -> None:
     (tmp_path / "c.toml").write_text("[train]\nepochz = 3\n")
     proc = edgeml("train", "c.toml", cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: unknown key 'epochz' in [train]",
+    assert proc.stderr.strip().splitlines() == ["error: c.toml: unknown key 'epochz' in [train]",
                                                 "  hint: did you mean 'epochs'?"]
 
 

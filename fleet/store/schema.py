@@ -1,0 +1,130 @@
+"""The registry database's schema: every table as a module-level object, and the one datetime column type.
+
+Queries import the tables from here (``from edgeml.fleet.store import schema`` then ``schema.devices``), so
+mypy sees every column a query names. :class:`UTCDateTime` is the only datetime column type: it stores UTC and
+gives back timezone-aware UTC datetimes on every backend (SQLite stores naive values). Migrations
+(:mod:`.db`) add what an older database lacks, as defined here; append a migration whenever this changes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import TYPE_CHECKING, Any
+
+from edgeml._deps import require
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+else:
+    sa = require("sqlalchemy", "fleet")
+
+__all__ = ["TABLES", "UTCDateTime", "metadata"]
+
+
+class UTCDateTime(sa.TypeDecorator[dt.datetime]):
+    """``DateTime(timezone=True)`` that binds UTC and reads back aware UTC datetimes (SQLite's come back naive)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"a naive datetime cannot be stored (say its timezone): {value!r}")
+        return value.astimezone(dt.timezone.utc)
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value.astimezone(dt.timezone.utc)
+
+
+metadata = sa.MetaData()
+
+models = sa.Table("models", metadata, sa.Column("id", sa.Integer, primary_key=True),
+                   sa.Column("name", sa.String(64), nullable=False, unique=True))
+versions = sa.Table(
+    "versions", metadata, sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("model_id", sa.Integer, sa.ForeignKey("models.id"), nullable=False),
+    sa.Column("version", sa.String(128), nullable=False), sa.Column("target", sa.String(64), nullable=False),
+    sa.Column("runtime", sa.JSON, nullable=False), sa.Column("tuf_path", sa.String(512), nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False), sa.Column("length", sa.BigInteger, nullable=False),
+    sa.Column("targets_version", sa.Integer, nullable=False),
+    sa.Column("published_at", UTCDateTime(), server_default=sa.func.now()),
+    sa.UniqueConstraint("model_id", "version", "target"))
+channels = sa.Table(
+    "channels", metadata, sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("model_id", sa.Integer, sa.ForeignKey("models.id"), nullable=False),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("version", sa.String(128), nullable=False), sa.UniqueConstraint("model_id", "name"))
+devices = sa.Table(
+    "devices", metadata, sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("device_id", sa.String(128), nullable=False, unique=True),
+    sa.Column("channel", sa.String(64)), sa.Column("created_at", UTCDateTime()),
+    sa.Column("tags", sa.JSON), sa.Column("password_hash", sa.String(256)),
+    sa.Column("revoked", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("last_seen", UTCDateTime()), sa.Column("installed", sa.JSON),
+    sa.Column("status", sa.String(32)), sa.Column("capabilities", sa.JSON))
+deployments = sa.Table(
+    "deployments", metadata, sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("device_id", sa.Integer, sa.ForeignKey("devices.id"), nullable=False),
+    sa.Column("version_id", sa.Integer, sa.ForeignKey("versions.id"), nullable=False),
+    sa.Column("state", sa.String(32), nullable=False), sa.Column("updated_at", UTCDateTime()))
+schema_version = sa.Table("schema_version", metadata, sa.Column("version", sa.Integer, nullable=False))
+# telemetry as devices sent it: one row per (device, seq), duplicates dropped on insert
+telemetry = sa.Table(
+    "telemetry", metadata, sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("device_id", sa.String(128), nullable=False), sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("sent_at", sa.Float, nullable=False),
+    sa.Column("received_at", UTCDateTime(), nullable=False),
+    sa.Column("metrics", sa.JSON, nullable=False), sa.UniqueConstraint("device_id", "seq"),
+    sa.Index("telemetry_device_time", "device_id", "received_at"))
+# the audit log: a hash chain (hash = sha256 over prev_hash and the row), heads signed by audit_heads
+audit = sa.Table(
+    "audit", metadata, sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("seq", sa.BigInteger, nullable=False, unique=True),
+    sa.Column("at", UTCDateTime(), nullable=False),
+    sa.Column("actor", sa.String(128), nullable=False), sa.Column("action", sa.String(64), nullable=False),
+    sa.Column("subject", sa.String(512), nullable=False), sa.Column("details", sa.JSON, nullable=False),
+    sa.Column("prev_hash", sa.String(64), nullable=False), sa.Column("hash", sa.String(64), nullable=False))
+audit_heads = sa.Table(
+    "audit_heads", metadata, sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("seq", sa.BigInteger, nullable=False), sa.Column("hash", sa.String(64), nullable=False),
+    sa.Column("signed_at", UTCDateTime(), nullable=False),
+    sa.Column("keyid", sa.String(64), nullable=False), sa.Column("signature", sa.String(256), nullable=False))
+# operator tokens for the HTTP API and remote CLI (only a hash of each token is stored)
+tokens = sa.Table(
+    "tokens", metadata, sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String(64), nullable=False, unique=True),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("revoked", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("last_used_at", UTCDateTime()))
+# staged rollouts (edgeml.fleet.rollouts.store): the whole controller state, so that it survives a restart
+rollouts = sa.Table(
+    "rollouts", metadata, sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False), sa.Column("model", sa.String(64), nullable=False),
+    sa.Column("version", sa.String(128), nullable=False), sa.Column("options", sa.JSON, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False), sa.Column("abort_reason", sa.String(1024)),
+    sa.Column("current_wave", sa.Integer, nullable=False),
+    sa.Column("wave_started_at", UTCDateTime()), sa.Column("broadcast", sa.JSON),
+    sa.Column("created_by", sa.String(128), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("updated_at", UTCDateTime(), nullable=False))
+rollout_devices = sa.Table(
+    "rollout_devices", metadata, sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("rollout_id", sa.String(64), sa.ForeignKey("rollouts.id"), nullable=False),
+    sa.Column("device_id", sa.String(128), nullable=False), sa.Column("wave", sa.Integer, nullable=False),
+    sa.Column("target", sa.String(64)), sa.Column("previous", sa.String(128)),
+    sa.Column("command_id", sa.String(64)), sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("reason", sa.String(1024)), sa.Column("notified_at", UTCDateTime()),
+    sa.Column("finished_at", UTCDateTime()), sa.Column("revert_id", sa.String(64)),
+    sa.Column("revert_state", sa.String(16)), sa.Column("cause", sa.String(32)),
+    sa.UniqueConstraint("rollout_id", "device_id"),
+    sa.Index("rollout_devices_state", "rollout_id", "state"))
+
+
+#: name -> table, for migrations and tests.
+TABLES: dict[str, sa.Table] = {t.name: t for t in metadata.sorted_tables}
