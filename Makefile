@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.edgeml-installed
 TORCH  ?= torch==2.13.0
 EXTRAS ?= agent,ort,litert,compile,tflite,train,fleet,dev
 
-.PHONY: install services demo test lint typecheck bench clean
+.PHONY: install services demo test test-pi lint typecheck bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,8 +23,9 @@ install: $(STAMP)
 demo: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/edgeml demo
 
-# Tests start their own Mosquitto on a free port and drive Debian's chromium for the dashboard; install
-# them where they are missing (Debian, as root).
+# Tests start their own Mosquitto on a free port, drive Debian's chromium for the dashboard, and emulate a
+# Raspberry Pi with qemu-user-static and debootstrap (tests/pi); install them where they are missing (Debian,
+# as root).
 services:
 	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || \
 	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq mosquitto mosquitto-clients; } || \
@@ -32,6 +33,9 @@ services:
 	@command -v chromium >/dev/null 2>&1 || \
 	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium; } || \
 	  echo "chromium is not installed: the dashboard test will skip (and fail under EDGEML_REQUIRE_SERVICES=1)"
+	@{ test -x /usr/bin/qemu-aarch64-static || [ "$$(uname -m)" = aarch64 ]; } && command -v debootstrap >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq qemu-user-static debootstrap; } || \
+	  echo "qemu-user-static or debootstrap is not installed: the emulated Pi will skip (and fail under EDGEML_REQUIRE_SERVICES=1)"
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -41,6 +45,12 @@ typecheck: install
 
 test: services lint typecheck
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest
+
+# Only the emulated Raspberry Pi (also part of `make test`): the Pi image built from deploy/raspberrypi/Dockerfile
+# in an arm64 Debian 12 under qemu (cached in .build/pi-rootfs, or $$EDGEML_PI_CACHE, keyed by what it installs),
+# the agent run in it against a real fleet on this machine (docs/devices.md). About 10 minutes cold, 3-4 cached.
+test-pi: install services
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest tests/pi
 
 bench: install services
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/compile_bench.py --out benchmarks/results-compile.md
