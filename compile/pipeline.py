@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from edgeml import __version__
-from edgeml.bundle import Manifest, bundle_filename, check_name, check_semver, write_bundle
+from edgeml.bundle import Manifest, bundle_filename, check_name, check_semver
+from edgeml.bundle_writer import write_bundle
 from edgeml.compile.backends.base import BuildContext, BuildResult
 from edgeml.compile.data import Dataset, ImagePreprocessing, generated_sets, load_dataset
 from edgeml.compile.diagnose import Diagnosis, calibration_warnings, candidate_remedies, diagnose, try_remedies
@@ -127,7 +128,7 @@ def compile_model(model: str, options: CompileOptions, out_dir: str | Path, *,
             output, missing extra). Per-target failures are reported in the returned outcomes instead.
     """
     progress = progress or Progress()
-    from edgeml.train.rundir import is_run_dir, run_defaults  # stdlib-only module, no torch
+    from edgeml.rundir import is_run_dir, run_defaults
 
     if is_run_dir(model):  # `edgeml compile RUN_DIR`: name, version, calib and val come from the run
         trained = run_defaults(model)

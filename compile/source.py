@@ -7,6 +7,7 @@ whose ``path`` is an ONNX file every backend starts from.
 from __future__ import annotations
 
 import importlib
+import re
 import subprocess
 import sys
 import warnings
@@ -24,6 +25,7 @@ from edgeml.errors import ConfigError, ModelError
 
 __all__ = ["SourceModel", "load_source", "onnx_tensor_specs"]
 
+_FACTORY = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 _ONNX_TO_NUMPY = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool",
                   10: "float16", 11: "float64"}
 
@@ -231,7 +233,7 @@ def _from_torch(spec: str, workdir: Path, shapes: InputShapes | None, checkpoint
         expected = model(example).numpy()
     got = sess.run(None, {"input": example.numpy()})[0]
     parity = float(np.abs(got - expected).max())
-    prov = dict(src.provenance, source_format="pytorch", factory=spec, torch=torch.__version__,
+    prov = dict(src.provenance, source_format="pytorch", factory=spec, torch=str(torch.__version__),
                 torch_onnx_parity_max_abs=parity)
     if checkpoint is not None:
         prov["checkpoint_sha256"] = sha256_file(checkpoint)
@@ -260,7 +262,7 @@ def load_source(model: str, workdir: Path, *, input_shape: InputShapes | None = 
             that does not fit the model's inputs.
     """
     path = Path(model)
-    from edgeml.train.rundir import is_run_dir, run_defaults  # stdlib-only module, no torch
+    from edgeml.rundir import is_run_dir, run_defaults
 
     if is_run_dir(path):  # a training run directory: its exported model.onnx
         run = run_defaults(path)
@@ -273,6 +275,6 @@ def load_source(model: str, workdir: Path, *, input_shape: InputShapes | None = 
             if head[:2] == b"PK" or head[:1] in (b"{", b"#", b"<"):
                 raise ModelError(f"{path} is not an ONNX model (expected a .onnx file)")
         return _from_onnx(path, workdir, input_shape)
-    if ":" in model and not path.suffix:
+    if _FACTORY.fullmatch(model):  # package.module:function (the dots are not a file suffix)
         return _from_torch(model, workdir, input_shape, checkpoint, opset)
     raise ModelError(f"model {model!r} not found: give an .onnx file or package.module:factory")

@@ -28,6 +28,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeml.capabilities import RUNTIME_NAMES
 from edgeml.errors import ConfigError
 from edgeml.protocol import ProtocolError, validate_device_id
 from edgeml.typed_config import convert
@@ -39,7 +40,6 @@ else:  # Python 3.10 (JetPack 6)
 
 __all__ = ["AgentConfig", "Bootstrap", "load_bootstrap", "load_config"]
 
-_RUNTIME_NAMES = ("onnxruntime", "litert", "tensorrt")  # edgeml.edge_agent.runtimes.base.RUNTIMES, unimported
 
 
 @dataclass(frozen=True)
@@ -73,9 +73,9 @@ class AgentConfig:
 
     def __post_init__(self) -> None:
         if self.runtimes is not None:
-            bad = [r for r in self.runtimes if r not in _RUNTIME_NAMES]
+            bad = [r for r in self.runtimes if r not in RUNTIME_NAMES]
             if bad or not self.runtimes:
-                raise ConfigError(f"runtimes must name at least one of {', '.join(_RUNTIME_NAMES)}, got "
+                raise ConfigError(f"runtimes must name at least one of {', '.join(RUNTIME_NAMES)}, got "
                                   f"{list(self.runtimes)}")
         if self.clock not in ("auto", "assume-synced"):
             raise ConfigError(f"clock must be 'auto' or 'assume-synced', got {self.clock!r}")

@@ -1,4 +1,5 @@
-"""``edgeml fleet ...``: create a signed registry, publish bundles, refresh the timestamp, rotate root keys, serve.
+"""``edgeml fleet ...``: create a signed registry, publish bundles, refresh the timestamp, rotate root keys, serve,
+simulate; the other command groups live in ``cli_devices.py``, ``cli_admin.py`` and ``cli_rollouts.py``.
 
 Only typer and the standard library are imported here; each command imports the registry when it runs.
 """
@@ -10,6 +11,8 @@ from typing import Annotated, Any
 
 import typer
 
+from edgeml.fleet.cli_admin import register as register_admin_commands
+from edgeml.fleet.cli_devices import register as register_device_commands
 from edgeml.fleet.cli_options import DbUrl, RegistryDir, RemovedPassword, refuse_secret_argument
 from edgeml.fleet.cli_rollouts import register as register_rollout_commands
 
@@ -19,8 +22,6 @@ fleet_app = typer.Typer(name="fleet", help="The signed (TUF) model registry and 
                         no_args_is_help=True)
 keys_app = typer.Typer(name="keys", help="Manage the registry's signing keys.", no_args_is_help=True)
 fleet_app.add_typer(keys_app)
-devices_app = typer.Typer(name="devices", help="Enroll, list and revoke devices.", no_args_is_help=True)
-fleet_app.add_typer(devices_app)
 
 
 @fleet_app.command("init")
@@ -88,38 +89,6 @@ def rotate_command(
     version = Registry(directory, db_url=db_url).rotate_root(offline_keys or directory / "offline-keys",
                                                              new_keys=new_keys, threshold=threshold)
     typer.echo(f"root v{version} signed by the old and new root keys")
-
-
-@fleet_app.command("broker-config")
-def broker_config_command(
-    out_dir: Annotated[Path, typer.Argument(help="New directory for the broker configuration.")],
-    device: Annotated[list[str] | None, typer.Option(
-        "--device", help="A device id (repeat); prefer `edgeml fleet devices enroll`, which keeps the registry in step."
-    )] = None,
-    hostname: Annotated[str, typer.Option("--hostname", help="Name devices connect to.")] = "localhost",
-    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TLS listener port.")] = 8883,
-    bind: Annotated[str | None, typer.Option("--bind", help="IP address the listener binds (default: all).")] = None,
-    plugin: Annotated[Path | None, typer.Option("--plugin", help="Path of mosquitto_dynamic_security.so on the "
-                                                "broker's host (default: found on this machine).")] = None,
-    cafile: Annotated[Path | None, typer.Option("--cafile", help="Existing CA certificate (PEM).")] = None,
-    certfile: Annotated[Path | None, typer.Option("--certfile", help="Existing server certificate.")] = None,
-    keyfile: Annotated[Path | None, typer.Option("--keyfile", help="Existing server key.")] = None,
-) -> None:
-    """Write a TLS-only Mosquitto config: each device bound to its own client id and topics (dynamic security)."""
-    from edgeml.errors import ConfigError
-    from edgeml.fleet.devices.broker import TlsFiles, write_broker_config
-
-    given = [p for p in (cafile, certfile, keyfile) if p is not None]
-    if given and len(given) != 3:
-        raise ConfigError("--cafile, --certfile and --keyfile go together", hint="give all three or none")
-    tls = TlsFiles(cafile, certfile, keyfile) if cafile and certfile and keyfile else None
-    creds = write_broker_config(out_dir, device or [], hostname=hostname, port=port, bind=bind, tls=tls,
-                                plugin=plugin)
-    typer.echo(f"wrote {out_dir / 'mosquitto.conf'} ({len(creds) - 2} devices, TLS port {port}"
-               + (f" on {bind}" if bind else "") + ")")
-    typer.echo(f"credentials in {out_dir / 'credentials'} (0600): hand each file to its device only; "
-               f"the broker must own its files (it rewrites dynamic-security.json): chown -R mosquitto: {out_dir}",
-               err=True)
 
 
 def _tls_context(ca: Path | None) -> Any:
@@ -226,222 +195,6 @@ def serve_command(
         metrics_token=metrics_token))
 
 
-BrokerDir = Annotated[Path, typer.Option("--broker-dir", help="The broker directory (from broker-config).")]
-Offline = Annotated[bool, typer.Option("--offline", help="The broker is stopped: rewrite its dynamic-security.json "
-                                       "instead of changing the running broker.")]
-ControlUrl = Annotated[str | None, typer.Option(
-    "--control", help="Reach the running broker as its admin at mqtts://HOST:PORT (or mqtt:// on loopback) "
-    "(default: the host and port in BROKER_DIR/credentials/fleet-admin.json).")]
-
-
-def _control(broker_dir: Path, offline: bool, url: str | None) -> Any:
-    """The running broker's control, or None with --offline."""
-    from urllib.parse import urlsplit
-
-    from edgeml.errors import ConfigError
-    from edgeml.fleet.devices.broker_control import BrokerControl
-
-    if offline:
-        return None
-    if url is None:
-        return BrokerControl.from_broker_dir(broker_dir)
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname or not parts.port:
-        raise ConfigError(f"bad --control {url!r}", hint="use mqtts://HOST:PORT")
-    if parts.scheme == "mqtt" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
-        raise ConfigError("--control over plain mqtt:// is for a broker on this machine only", hint="use mqtts://")
-    return BrokerControl.from_broker_dir(broker_dir, host=parts.hostname, port=parts.port,
-                                         tls=parts.scheme == "mqtts")
-
-
-@devices_app.command("enroll")
-def devices_enroll_command(
-    directory: Annotated[Path, typer.Argument(help="The registry directory.")],
-    name: Annotated[str, typer.Argument(help="The new device id (its broker user name).")],
-    broker_dir: BrokerDir,
-    tag: Annotated[list[str] | None, typer.Option("--tag", help="A tag KEY=VALUE (repeatable).")] = None,
-    broker_host: Annotated[str, typer.Option("--broker-host", help="Host the device connects to.")] = "localhost",
-    broker_port: Annotated[int | None, typer.Option("--broker-port", min=1, max=65535,
-                                                    help="Its TLS port (default: the broker's listener).")] = None,
-    offline: Offline = False,
-    control: ControlUrl = None,
-    db_url: DbUrl = None,
-) -> None:
-    """Enroll a device: record it, add it to the broker (its own client id and topics), write its bootstrap file."""
-    from edgeml.errors import ConfigError
-    from edgeml.fleet.devices.enrollment import enroll
-
-    tags: dict[str, str] = {}
-    for item in tag or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"bad --tag {item!r}", hint="use KEY=VALUE")
-        tags[key] = value
-    path = enroll(directory, name, broker_dir, tags=tags, broker_host=broker_host, broker_port=broker_port,
-                  control=_control(broker_dir, offline, control), db_url=db_url)
-    typer.echo(f"enrolled {name}; bootstrap file {path} (0600): hand it to the device only")
-    if offline:
-        typer.echo("the broker reads the new device when it starts", err=True)
-
-
-@devices_app.command("ls")
-def devices_ls_command(
-    directory: Annotated[Path, typer.Argument(help="The registry directory.")],
-    db_url: DbUrl = None,
-) -> None:
-    """List the enrolled devices."""
-    from edgeml.fleet.devices.enrollment import list_devices
-
-    rows = [("NAME", "TAGS", "ENROLLED", "REVOKED", "LAST SEEN", "INSTALLED")]
-    for d in list_devices(directory, db_url=db_url):
-        rows.append((d.name, ",".join(f"{k}={v}" for k, v in sorted(d.tags.items())) or "-",
-                     d.enrolled_at.strftime("%Y-%m-%d %H:%M") if d.enrolled_at else "-",
-                     "yes" if d.revoked else "no", d.last_seen.isoformat() if d.last_seen else "-",
-                     str(d.installed) if d.installed else "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
-
-
-@devices_app.command("revoke")
-def devices_revoke_command(
-    directory: Annotated[Path, typer.Argument(help="The registry directory.")],
-    name: Annotated[str, typer.Argument(help="The device id to revoke.")],
-    broker_dir: BrokerDir,
-    offline: Offline = False,
-    control: ControlUrl = None,
-    db_url: DbUrl = None,
-) -> None:
-    """Revoke a device: the fleet ignores it, and the broker disables its login (disconnecting it now)."""
-    from edgeml.fleet.devices.enrollment import revoke
-
-    revoke(directory, name, broker_dir, control=_control(broker_dir, offline, control), db_url=db_url)
-    typer.echo(f"revoked {name}" + ("; the broker disables it when it starts" if offline else
-                                    "; the broker disconnected it and refuses it from now on"))
-
-
-# --- the audit log and operator tokens (edgeml.fleet.audit.log, edgeml.fleet.web.auth) ---
-
-audit_app = typer.Typer(name="audit", help="Read and verify the fleet's signed audit log.", no_args_is_help=True)
-fleet_app.add_typer(audit_app)
-tokens_app = typer.Typer(name="tokens", help="Operator tokens for the HTTP API and the remote CLI.",
-                         no_args_is_help=True)
-fleet_app.add_typer(tokens_app)
-
-
-@audit_app.command("ls")
-def audit_ls_command(
-    directory: Annotated[Path, typer.Argument(help="The registry directory.")],
-    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Only the last N entries.")] = None,
-    db_url: DbUrl = None,
-) -> None:
-    """List the audit log's entries, oldest first."""
-    import json
-
-    from edgeml.fleet.audit.log import open_audit
-
-    log = open_audit(directory, db_url=db_url, create_key=False)
-    try:
-        for e in log.entries(limit=limit):
-            typer.echo(f"{e.seq:>6}  {e.at.isoformat(timespec='seconds')}  {e.actor}  {e.action}  {e.subject}  "
-                       f"{json.dumps(e.details, sort_keys=True)}")
-    finally:
-        log.db.close()
-
-
-@audit_app.command("verify")
-def audit_verify_command(
-    directory: Annotated[Path, typer.Argument(help="The registry directory.")],
-    heads: Annotated[Path | None, typer.Option("--heads", help="A copy of heads.log kept off the server, checked "
-                                               "instead of DIR/audit/heads.log.", exists=True, dir_okay=False)] = None,
-    db_url: DbUrl = None,
-) -> None:
-    """Recompute the hash chain and check every signed head; exit 1 if the log was tampered with, or if no
-    signed head covers its last entries (appended outside edgeml, or their heads deleted)."""
-    from edgeml.fleet.audit.log import open_audit
-
-    log = open_audit(directory, db_url=db_url, create_key=False)
-    if heads is not None:
-        log.heads_file = heads
-    try:
-        report = log.verify()
-    finally:
-        log.db.close()
-    typer.echo(report.summary())
-    if not report.ok:
-        raise typer.Exit(code=1)
-
-
-def _tokens_db(directory: Path, db_url: str | None) -> Any:
-    from edgeml.fleet.registry.repository import Registry
-
-    return Registry(directory, db_url=db_url).database()
-
-
-@tokens_app.command("create")
-def tokens_create_command(
-    directory: Annotated[Path, typer.Argument(help="The registry directory.")],
-    name: Annotated[str, typer.Argument(help="A unique name for the token (e.g. who holds it).")],
-    role: Annotated[str, typer.Option("--role", help="viewer, operator or admin.")],
-    db_url: DbUrl = None,
-) -> None:
-    """Create an operator token and print it (only this once: it is stored as a hash)."""
-    from edgeml.fleet.audit.log import local_actor, open_audit
-    from edgeml.fleet.web.auth import Role, create_token
-
-    parsed = Role.parse(role)
-    log = open_audit(directory, db_url=db_url)
-    try:
-        token = create_token(log.db, name, parsed, audit=log, actor=local_actor())
-    finally:
-        log.db.close()
-    typer.echo(token)
-    typer.echo(f"created {parsed.label} token {name!r}; it is shown only now (use it as $EDGEML_TOKEN)", err=True)
-
-
-@tokens_app.command("ls")
-def tokens_ls_command(
-    directory: Annotated[Path, typer.Argument(help="The registry directory.")],
-    db_url: DbUrl = None,
-) -> None:
-    """List the operator tokens (names and roles; the tokens themselves are not stored)."""
-    from edgeml.fleet.web.auth import list_tokens
-
-    db = _tokens_db(directory, db_url)
-    try:
-        tokens = list_tokens(db)
-    finally:
-        db.close()
-    rows = [("NAME", "ROLE", "CREATED", "REVOKED", "LAST USED")]
-    for t in tokens:
-        rows.append((t.name, t.role.label, t.created_at.strftime("%Y-%m-%d %H:%M"), "yes" if t.revoked else "no",
-                     t.last_used_at.strftime("%Y-%m-%d %H:%M") if t.last_used_at else "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
-
-
-@tokens_app.command("revoke")
-def tokens_revoke_command(
-    directory: Annotated[Path, typer.Argument(help="The registry directory.")],
-    name: Annotated[str, typer.Argument(help="The token's name.")],
-    db_url: DbUrl = None,
-) -> None:
-    """Revoke an operator token: requests with it are refused from now on."""
-    from edgeml.fleet.audit.log import local_actor, open_audit
-    from edgeml.fleet.web.auth import revoke_token
-
-    log = open_audit(directory, db_url=db_url)
-    try:
-        revoke_token(log.db, name, audit=log, actor=local_actor())
-    finally:
-        log.db.close()
-    typer.echo(f"revoked token {name!r}")
-
-
-# --- the fleet simulator (edgeml.fleet.sim.simulator) ---
-
-
 @fleet_app.command("simulate")
 def simulate_command(
     devices: Annotated[int, typer.Option("--devices", min=1, help="How many simulated devices.")],
@@ -536,3 +289,5 @@ def controller_command(
 
 
 register_rollout_commands(fleet_app)  # rollout ..., rollback, telemetry (fleet/cli_rollouts.py)
+register_device_commands(fleet_app)  # broker-config, devices ... (fleet/cli_devices.py)
+register_admin_commands(fleet_app)  # audit ..., tokens ... (fleet/cli_admin.py)

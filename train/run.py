@@ -2,7 +2,7 @@
 
 :func:`train_run` is what the CLI and the tests call. The run id is a hash of the dataset hash, the config
 hash and the edgeml version, so the same data and config always map to the same id (and, with the same
-seed, to the same metrics). See :mod:`edgeml.train.rundir` for the layout of the run directory.
+seed, to the same metrics). See :mod:`edgeml.rundir` for the layout of the run directory.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from edgeml import __version__
 from edgeml.bundle import check_name, check_semver
 from edgeml.errors import BundleError, ConfigError, DataError
 from edgeml.fsutil import atomic_write_bytes, ensure_writable_dir
+from edgeml.rundir import RUN_RECORD, RUN_SCHEMA, default_version, make_run_id, read_run_record, write_json
 from edgeml.train.card import (
     classification_metrics,
     export_with_parity,
@@ -29,7 +30,6 @@ from edgeml.train.card import (
 )
 from edgeml.train.config import TrainingConfig, config_from_dict, load_config
 from edgeml.train.data import SplitData, load_training_data
-from edgeml.train.rundir import RUN_RECORD, RUN_SCHEMA, default_version, make_run_id, read_run_record, write_json
 from edgeml.train.trainer import Dist, Trainer, init_distributed, latest_checkpoint
 from edgeml.train.validate import Finding, validate
 

@@ -5,5 +5,6 @@
     rules.py       planning and the per-tick decision (pure: no I/O, no clock)
     signals.py     model signals from the telemetry store (p99 ratio, error rate, drift)
     store.py       the rollouts and rollout_devices tables: start, status, pause/resume/abort, HTTP routes
-    controller.py  RolloutController: applies device events, decides, records, then sends commands
+    intake.py      DeviceIntake: the devices' states and update events, checked, bounded, recorded
+    controller.py  RolloutController: each tick, the intake, then decide, record, then send commands
 """

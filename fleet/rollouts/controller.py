@@ -16,19 +16,15 @@ score of their ``drift`` events for the new version, and what their telemetry sa
 against the previous version, error rate, drift score: :mod:`~edgeml.fleet.rollouts.signals`), read every
 ``signals_s``.
 
-What devices send is untrusted: every event and state is parsed into its typed message
-(:mod:`edgeml.protocol`), must name the device whose topic it came on, and must come from an enrolled,
-unrevoked device (:class:`~edgeml.fleet.devices.roster.DeviceRoster`); anything else is counted in
-``rejected`` and dropped. Each message is handled on its own (one that fails is logged and dropped, the
-others are applied), each rollout is stepped on its own, and a device that sends more than
-``max_messages_per_tick`` messages between two ticks has the excess dropped, so that no device can stall
-the decisions of every rollout.
+What devices send is untrusted: :class:`~edgeml.fleet.rollouts.intake.DeviceIntake` checks every state and
+event (typed, bound to the topic's device, enrolled and not revoked, a per-device budget between ticks)
+and records them, each on its own; each rollout is then stepped on its own, so that no device can stall the
+decisions of every rollout.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import ssl
 import threading
 import time
@@ -39,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 import paho.mqtt.client as mqtt
 
 from edgeml.errors import EdgeMLError
-from edgeml.fleet.devices.roster import DeviceRoster
 from edgeml.fleet.rollouts import rules
+from edgeml.fleet.rollouts.intake import DeviceIntake
 from edgeml.fleet.rollouts.rules import DeviceRow, DeviceSignals, RolloutError, RolloutOptions, RolloutView
 from edgeml.fleet.rollouts.signals import Judged, telemetry_signals
 from edgeml.fleet.rollouts.states import (
@@ -58,19 +54,14 @@ from edgeml.fleet.rollouts.states import (
 )
 from edgeml.fleet.rollouts.store import _at, _published, _ts
 from edgeml.fleet.store import schema
-from edgeml.fleet.store.db import is_outage, utcnow
+from edgeml.fleet.store.db import utcnow
 from edgeml.fleet.store.schema import sa
 from edgeml.protocol import (
     PREFIX,
     Command,
-    DriftEvent,
-    ProtocolError,
     State,
-    UpdateEvent,
     device_topic,
     fleet_client_id,
-    parse,
-    parse_device_topic,
 )
 
 if TYPE_CHECKING:
@@ -132,13 +123,8 @@ class RolloutController:
         self.db, self.dist, self.tick_s, self.signals_s, self.clock = db, dist, tick_s, signals_s, clock
         self.audit = audit
         self._telemetry: dict[str, tuple[float, dict[str, DeviceSignals]]] = {}  # rollout -> (read at, signals)
-        self._store = TelemetryStore(db) if record_states else None
-        self.roster = DeviceRoster(db, accept_unknown=accept_unknown)
-        self.max_messages_per_tick = max_messages_per_tick
-        self._budget: dict[str, int] = {}  # device -> messages kept since the last tick (network thread only)
-        self._dropped: dict[str, int] = {}  # device -> messages over budget since the last tick
-        self.rejected: dict[str, int] = {}  # why -> messages not applied (malformed, device-mismatch, ...)
-        self._logged_at: dict[str, float] = {}
+        self.intake = DeviceIntake(db, TelemetryStore(db) if record_states else None, accept_unknown=accept_unknown,
+                                   max_messages_per_tick=max_messages_per_tick)
         self.broker = (broker_host, broker_port)
         self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
         if username is not None:
@@ -146,17 +132,22 @@ class RolloutController:
         if tls is not None:
             self._client.tls_set_context(tls)
         self._subscribed = threading.Event()
-        self._inbox: queue.SimpleQueue[tuple[str, bytes, bool]] = queue.SimpleQueue()
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = lambda *a: self._subscribed.set()
-        self._client.on_message = self._on_message
+        self._client.on_message = lambda c, u, msg: self.intake.offer(msg.topic, bytes(msg.payload), msg.retain)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.states: dict[str, State] = {}
-        self._drift: dict[tuple[str, str], float] = {}
-        self._events: list[UpdateEvent] = []  # update events received, not yet recorded
-        self._states_seen: list[tuple[State, bool]] = []  # states received, not yet recorded
         self._targets: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+
+    @property
+    def states(self) -> dict[str, State]:
+        """The latest state of every device heard from (enrolled and not revoked)."""
+        return self.intake.states
+
+    @property
+    def rejected(self) -> dict[str, int]:
+        """Messages not applied, by why (malformed, device-mismatch, unknown-device, revoked, flood, ...)."""
+        return self.intake.rejected
 
     def start(self, timeout: float = 10.0) -> None:
         """Connect, subscribe, and tick in a background thread.
@@ -194,17 +185,6 @@ class RolloutController:
         if not reason.is_failure:
             client.subscribe([(f"{PREFIX}devices/+/events", 1), (f"{PREFIX}devices/+/state", 1)])
 
-    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        """Queue a message for the next tick, unless its device is over its budget (network thread)."""
-        parts = msg.topic.split("/", 4)
-        device = parts[3] if len(parts) == 5 else ""
-        used = self._budget.get(device, 0)
-        if used >= self.max_messages_per_tick:
-            self._dropped[device] = self._dropped.get(device, 0) + 1
-            return
-        self._budget[device] = used + 1
-        self._inbox.put((msg.topic, bytes(msg.payload), msg.retain))
-
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
@@ -218,138 +198,12 @@ class RolloutController:
     def tick(self) -> None:
         """Apply the events received, then decide, record and send for each rollout with work left (a rollout
         whose step fails is logged and tried again next tick; the others go on)."""
-        self._apply_inbox()
+        self.intake.apply()
         for rollout_id in self._rollouts_with_work():
             try:
                 self._step(rollout_id)
             except Exception:
                 _log.exception("rollout %s: this tick's step failed; trying again next tick", rollout_id)
-
-    def _refuse(self, why: str, device: str, detail: str) -> None:
-        """Count a message not applied; log it at most once a minute per device."""
-        self.rejected[why] = self.rejected.get(why, 0) + 1
-        now = time.monotonic()
-        if now - self._logged_at.get(device, float("-inf")) >= _LOG_EVERY_S:
-            if len(self._logged_at) > 100_000:
-                self._logged_at.clear()
-            self._logged_at[device] = now
-            _log.warning("rollouts: dropped a message from %s (%s): %s", device[:64] or "?", why, detail[:300])
-
-    def _apply_inbox(self) -> None:
-        """Record the states and update events received; kept for the next tick if the database is away."""
-        self._budget.clear()  # a new tick: every device may send max_messages_per_tick again
-        dropped, self._dropped = self._dropped, {}
-        for device, count in dropped.items():
-            self._refuse("flood", device, f"{count} messages over {self.max_messages_per_tick} between two ticks")
-        received: list[tuple[str, State | UpdateEvent | DriftEvent, bool]] = []
-        while not self._inbox.empty():
-            topic, payload, retained = self._inbox.get_nowait()
-            try:
-                message = self._check(topic, payload)
-            except ProtocolError as exc:
-                self._refuse("malformed", topic.split("/")[3] if topic.count("/") == 4 else "", exc.message)
-                continue
-            except Exception as exc:  # a bug must not cost the other messages
-                _log.exception("rollouts: a message on %r failed", topic[:120])
-                self._refuse("internal", "", repr(exc))
-                continue
-            if message is not None:
-                received.append((message.device_id, message, retained))
-        refused = self.roster.refusals({device for device, _, _ in received})
-        for device, message, retained in received:
-            if device in refused:
-                self._refuse(refused[device], device, "not an enrolled, unrevoked device")
-            elif isinstance(message, State):
-                self.states[device] = message
-                self._states_seen.append((message, not retained))
-            elif isinstance(message, DriftEvent):
-                if message.score is not None:
-                    self._drift[(device, message.version)] = message.score
-            elif message.rollout is not None and message.state in _RESULTS:
-                self._events.append(message)
-        self._record_states()
-        self._record_events()
-
-    def _check(self, topic: str, payload: bytes) -> State | UpdateEvent | DriftEvent | None:
-        """The typed message on ``topic`` (None: nothing the controller uses).
-
-        Raises:
-            ProtocolError: Not a device topic, not a valid message, or it names another device.
-        """
-        device_id, channel = parse_device_topic(topic)
-        if channel == "state":
-            if not payload:
-                return None  # a cleared retained state
-            message = parse("state", payload)
-        elif channel == "events":
-            message = parse("event", payload)
-            if not isinstance(message, (UpdateEvent, DriftEvent)):
-                return None  # pong, rejected, ... : nothing for the rules
-        else:
-            raise ProtocolError(f"not a state or events topic: {topic[:120]!r}")
-        if message.device_id != device_id:
-            raise ProtocolError(f"a {channel} message of {message.device_id!r} on {device_id!r}'s topic")
-        return message
-
-    def _record_states(self) -> None:
-        states = self._states_seen
-        if states and self._store is not None:
-            try:
-                self._store.store_batch([], states)
-            except Exception as exc:
-                if is_outage(exc):
-                    raise  # kept for the next tick
-                _log.warning("rollouts: recording %d states failed (%s); recording them one by one", len(states), exc)
-                for one in states:
-                    try:
-                        self._store.store_batch([], [one])
-                    except Exception as single:
-                        if is_outage(single):
-                            raise
-                        self._refuse("poison", one[0].device_id, f"the database refused its state: {single}")
-        states.clear()
-
-    def _record_events(self) -> None:
-        events = self._events
-        if not events:
-            return
-        try:
-            with self.db.transaction() as conn:
-                for event in events:
-                    self._apply_event(conn, event)
-        except Exception as exc:
-            if is_outage(exc):
-                raise  # kept for the next tick
-            for event in events:  # one by one: a poison event costs only itself
-                try:
-                    with self.db.transaction() as conn:
-                        self._apply_event(conn, event)
-                except Exception as single:
-                    if is_outage(single):
-                        raise
-                    self._refuse("poison", event.device_id, f"the database refused its event: {single}")
-        events.clear()
-
-    def _apply_event(self, conn: Connection, event: UpdateEvent) -> None:
-        """Record an update result on the device's row of its rollout (matched by the command id)."""
-        state, reason = event.state, event.reason
-        rd, d = schema.rollout_devices, schema.devices
-        revoked = sa.exists().where((d.c.device_id == event.device_id) & (d.c.revoked == sa.true()))
-        row = conn.execute(sa.select(rd).where((rd.c.rollout_id == event.rollout) &
-                                               (rd.c.device_id == event.device_id) & ~revoked)).first()
-        if row is None:
-            return
-        result = RowEvent(state)  # _RESULTS: committed, rolled_back, failed, incompatible, busy
-        moved = ROW_TRANSITIONS.get((RowState(row.state), result))
-        if event.id == row.command_id and moved is not None:
-            reason = f"busy: {reason}" if result is RowEvent.BUSY else reason
-            conn.execute(rd.update().where(rd.c.id == row.id).values(
-                state=moved.value, reason=reason, cause=None if moved is RowState.COMMITTED else event.cause,
-                finished_at=utcnow()))
-        elif event.id == row.revert_id and row.revert_state == RevertState.REVERT_SENT.value:
-            how = RevertEvent.COMMITTED if result is RowEvent.COMMITTED else RevertEvent.OTHER_RESULT
-            conn.execute(rd.update().where(rd.c.id == row.id).values(
-                revert_state=REVERT_TRANSITIONS[(RevertState.REVERT_SENT, how)].value))
 
     def _rollouts_with_work(self) -> list[str]:
         """The rollouts with a row :func:`~edgeml.fleet.rollouts.states.has_work` holds for, as one query
@@ -372,7 +226,7 @@ class RolloutController:
     def _step(self, rollout_id: str) -> None:
         with self.db.transaction() as conn:
             row, view, devices = self._load(conn, rollout_id)
-        online = {d for d, s in self.states.items() if s.status != "offline"}
+        online = {d for d, s in self.intake.states.items() if s.status != "offline"}
         now = self.clock()
         signals = self._signals(row, view, devices, now)
         actions = rules.decide(view, devices, now, online, signals)
@@ -400,7 +254,7 @@ class RolloutController:
         out = {}
         for d in devices:
             t = measured.get(d.device_id, DeviceSignals())
-            event = self._drift.get((d.device_id, row.version))
+            event = self.intake.drift.get((d.device_id, row.version))
             drift = max((v for v in (event, t.drift) if v is not None), default=None)
             out[d.device_id] = DeviceSignals(p99_ratio=t.p99_ratio, error_rate=t.error_rate, drift=drift)
         return out
@@ -553,7 +407,7 @@ class RolloutController:
 
     def _capabilities(self, device_id: str) -> dict[str, Any] | None:
         """What the device reported last: its live state, else the ``devices`` table."""
-        state = self.states.get(device_id)
+        state = self.intake.states.get(device_id)
         if state is not None:
             return dict(state.capabilities)
         d = schema.devices

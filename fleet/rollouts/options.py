@@ -125,7 +125,7 @@ class RolloutOptions:
         if self.max_p99_regression is not None and not self.max_p99_regression > 1.0:
             raise RolloutError(f"--max-p99-regression is a factor on the previous p99 and must be above 1, got "
                                f"{self.max_p99_regression:g}")
-        from edgeml.edge_agent.update.health import Thresholds
+        from edgeml.thresholds import Thresholds
 
         try:
             Thresholds.from_dict(self.thresholds())

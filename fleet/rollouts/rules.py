@@ -47,7 +47,7 @@ from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgeml.edge_agent.capabilities import Capabilities
+from edgeml.capabilities import Capabilities
 from edgeml.fleet.rollouts.options import (
     RolloutError,
     RolloutOptions,
@@ -131,12 +131,6 @@ class Assignment:
     previous: str | None = None  # the version it ran before (to go back to on abort)
 
 
-def _capabilities(doc: Mapping[str, Any]) -> Capabilities:
-    return Capabilities(runtimes={str(k): str(v) for k, v in dict(doc.get("runtimes") or {}).items()},
-                        arch=str(doc.get("arch") or ""), compute_capability=doc.get("compute_capability"),
-                        l4t=doc.get("l4t"), providers=list(doc.get("providers") or []))
-
-
 def choose_target(capabilities: Mapping[str, Any] | None, preferred: Sequence[str],
                   available: Mapping[str, Mapping[str, Any]]) -> tuple[str | None, str]:
     """The first of ``preferred`` that ``available`` has and the device can run; else None and why not.
@@ -148,7 +142,7 @@ def choose_target(capabilities: Mapping[str, Any] | None, preferred: Sequence[st
     """
     if capabilities is None:
         return None, "the device never reported its capabilities"
-    caps = _capabilities(capabilities)
+    caps = Capabilities.from_dict(capabilities)
     why = []
     for target in preferred:
         if target not in available:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from edgeml.edge_agent.capabilities import Capabilities
+from edgeml.capabilities import Capabilities
 from edgeml.errors import ConfigError
 
 __all__ = ["JETSON", "PI", "REAL_LABEL", "STANDIN_LABEL", "DeviceProfile", "Knobs", "parse_tags"]

@@ -51,7 +51,6 @@ import threading
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, NamedTuple
 
@@ -62,18 +61,15 @@ from paho.mqtt.properties import Properties
 from edgeml.errors import ConfigError, EdgeMLError
 from edgeml.fleet.devices.roster import DeviceRoster
 from edgeml.fleet.store.db import Database, is_outage
+from edgeml.fleet.telemetry.admission import REJECT_REASONS, IngestSettings, RejectedMessage, check_message
 from edgeml.fleet.telemetry.store import TelemetryStore
 from edgeml.protocol import (
-    MAX_BYTES,
     PREFIX,
     Command,
-    ProtocolError,
     State,
     Telemetry,
     device_topic,
     fleet_client_id,
-    parse,
-    parse_device_topic,
 )
 
 __all__ = ["REJECT_REASONS", "STATE_FILTER", "TELEMETRY_FILTER", "IngestSettings", "IngestWorker",
@@ -83,73 +79,8 @@ _log = logging.getLogger(__name__)
 
 TELEMETRY_FILTER = f"{PREFIX}devices/+/telemetry"
 STATE_FILTER = f"{PREFIX}devices/+/state"
-#: Why a message was not stored (the keys of ``stats()["rejected"]``).
-REJECT_REASONS = ("topic", "oversized", "malformed", "device-mismatch", "revoked", "unknown-device", "poison",
-                  "internal")
 _LOG_EVERY_S = 60.0  # a device's rejected messages are logged at most once per this many seconds
 _STOP = object()
-
-
-@dataclass(frozen=True)
-class IngestSettings:
-    """How an :class:`IngestWorker` batches, acknowledges and treats devices."""
-
-    batch_size: int = 500  # rows per database transaction, at most
-    flush_ms: float = 50.0  # longest wait, in milliseconds, between a row's arrival and its commit
-    state: bool = True  # subscribe to devices' state (turn on in one process of a scale-out deployment)
-    accept_unknown: bool = False  # store telemetry of devices that are not enrolled (development brokers only)
-    enrolled_refresh_s: float = 10.0  # how often the list of enrolled / revoked devices is re-read
-    receive_maximum: int = 2000  # MQTT 5: most messages the broker sends before the worker acknowledges
-    session_expiry_s: int = 3600  # MQTT 5: how long the broker keeps a named worker's session while it is away
-    reconnect_min_s: float = 0.5  # first reconnect delay after the connection drops, in seconds
-    reconnect_max_s: float = 10.0  # longest reconnect delay, in seconds
-    retry_max_s: float = 5.0  # longest wait between retries of a batch the database refused, in seconds
-    ack_interval_s: float = 0.2  # shortest time between two acks to one device; a newer high waits that long
-    last_seen_s: float = 1.0  # telemetry moves a device's last_seen at most once per this many seconds
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.flush_ms < 0 or self.receive_maximum < 1 or self.ack_interval_s < 0 \
-                or self.last_seen_s < 0:
-            raise ConfigError(f"ingest settings: need batch_size >= 1, flush_ms >= 0, receive_maximum >= 1, "
-                              f"ack_interval_s >= 0 and last_seen_s >= 0, got {self.batch_size}, {self.flush_ms}, "
-                              f"{self.receive_maximum}, {self.ack_interval_s}, {self.last_seen_s}")
-
-
-class RejectedMessage(ProtocolError):
-    """A message the ingest worker does not store; ``reason`` is one of :data:`REJECT_REASONS`."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-def check_message(topic: str, payload: bytes | bytearray) -> Telemetry | State:
-    """Check one message from a device's ``telemetry`` or ``state`` topic.
-
-    Args:
-        topic: The MQTT topic it arrived on.
-        payload: Its payload.
-
-    Raises:
-        RejectedMessage: It is not a valid message of its topic's kind, or it names another device.
-    """
-    payload = bytes(payload)
-    try:
-        device_id, channel = parse_device_topic(topic)
-    except ProtocolError as exc:
-        raise RejectedMessage("topic", exc.message) from exc
-    if channel not in ("telemetry", "state"):
-        raise RejectedMessage("topic", f"not a telemetry or state topic: {topic!r}")
-    if len(payload) > MAX_BYTES[channel]:
-        raise RejectedMessage("oversized", f"{channel}: {len(payload)} bytes exceed {MAX_BYTES[channel]}")
-    try:
-        message = parse(channel, payload)
-    except ProtocolError as exc:
-        raise RejectedMessage("malformed", exc.message) from exc
-    assert isinstance(message, (Telemetry, State))  # parse returns the kind asked for
-    if message.device_id != device_id:
-        raise RejectedMessage("device-mismatch", f"{channel} of {message.device_id!r} on {device_id!r}'s topic")
-    return message
 
 
 class _Item(NamedTuple):  # a tuple: one is made per message on the network thread

@@ -77,6 +77,24 @@ def test_importing_the_cli_imports_no_heavy_library() -> None:
     assert json.loads(proc.stdout) == []
 
 
+def test_importing_the_tensorrt_package_imports_neither_tensorrt_nor_cuda() -> None:
+    """``edgeml.tensorrt`` is a package of small modules; each imports TensorRT and cuda-python only inside
+    the functions that need them, so the agent (and ``edgeml compile`` without a GPU) can import all of it."""
+    script = (
+        "import importlib, json, pkgutil, sys\n"
+        "import edgeml.tensorrt as package\n"
+        "names = sorted(m.name for m in pkgutil.iter_modules(package.__path__, 'edgeml.tensorrt.'))\n"
+        "for name in names:\n"
+        "    importlib.import_module(name)\n"
+        "print(json.dumps([names, sorted(m for m in ('tensorrt', 'cuda') if m in sys.modules)]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    names, heavy = json.loads(proc.stdout)
+    assert {"edgeml.tensorrt.build", "edgeml.tensorrt.cache", "edgeml.tensorrt.config"} <= set(names)
+    assert heavy == []
+
+
 @pytest.mark.parametrize("also", [None, "pip install --no-deps onnx2tf==1.29.24"])
 def test_missing_extra_names_the_pip_extra(also: str | None) -> None:
     with pytest.raises(MissingExtraError) as info:
@@ -164,6 +182,39 @@ def test_device_side_code_never_imports_build_or_server_packages() -> None:
         if (found := forbidden_imports(f.read_text(encoding="utf-8"), _package_of(f)))
     }
     assert offenders == {}
+
+
+#: (package folder, modules it must not import): contracts both sides read live in the core (edgeml/), so the
+#: fleet plans by the core's capabilities and thresholds, and the compiler reads runs by the core's rundir.
+LAYERS = [
+    ("fleet", ("edgeml.edge_agent",), {Path("fleet/sim")}),  # the simulator runs real device code on purpose
+    ("compile", ("edgeml.train",), set()),
+]
+
+
+@pytest.mark.parametrize(("folder", "forbidden", "exempt"), LAYERS, ids=[layer[0] for layer in LAYERS])
+def test_contracts_come_from_the_core_not_from_the_other_side(folder: str, forbidden: tuple[str, ...],
+                                                              exempt: set[Path]) -> None:
+    offenders = {}
+    for f in sorted((REPO_ROOT / folder).rglob("*.py")):
+        rel = f.relative_to(REPO_ROOT)
+        if any(rel.is_relative_to(e) for e in exempt):
+            continue
+        tree = ast.parse(f.read_text(encoding="utf-8"))
+        found = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+                 and any(n.module == m or n.module.startswith(m + ".") for m in forbidden)]
+        found += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+                  if any(a.name == m or a.name.startswith(m + ".") for m in forbidden)]
+        if found:
+            offenders[str(rel)] = found
+    assert offenders == {}
+
+
+def test_the_core_runtime_names_are_the_agents_runtimes() -> None:
+    from edgeml.capabilities import RUNTIME_NAMES
+    from edgeml.edge_agent.runtimes.base import RUNTIMES
+
+    assert set(RUNTIME_NAMES) == set(RUNTIMES)
 
 
 def test_cli_root_imports_only_thin_cli_modules_at_top_level() -> None:

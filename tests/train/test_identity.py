@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgeml.rundir import default_version, make_run_id
 from edgeml.train.config import config_from_dict, load_config
 from edgeml.train.run import plan_run, train_run
-from edgeml.train.rundir import default_version, make_run_id
 
 
 def _tabular_csv(path: Path, seed: int = 0) -> Path:
