@@ -50,8 +50,8 @@ def _dequantized(node: Any, inits: dict[str, Any], numpy_helper: Any) -> np.ndar
     zp_name = _zero_point(node)
     zero = (numpy_helper.to_array(inits[zp_name]).astype(np.int64) if zp_name
             else np.zeros_like(scale, dtype=np.int64))
-    if scale.ndim == 1 and q.ndim > 0:
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+    if scale.ndim == 1 and scale.size > 1 and q.ndim > 0:  # per channel (one value: per tensor, it broadcasts)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % q.ndim
         shape = [1] * q.ndim
         shape[axis] = -1
         scale, zero = scale.reshape(shape), zero.reshape(shape)

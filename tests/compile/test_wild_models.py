@@ -351,3 +351,17 @@ def test_golden_tolerances_are_per_output_on_its_own_magnitude(tmp_path: Path) -
     magnitude = m.metrics["gate"]["outputs"][0]["max_abs_reference"]
     assert prob["atol"] == pytest.approx(1e-3 * magnitude + 1e-6) and prob["top1"] is False
     assert m.golden["atol"] == prob["atol"] and m.golden["top1"] is False  # what an older agent reads
+
+
+def test_a_detector_head_with_one_output_channel_gets_the_tensorrt_int8_form(tmp_path: Path) -> None:
+    """Its conv's per-channel scale has one value (and its bias one too): that is a per-tensor scale."""
+    model = _detector(tmp_path / "det.onnx", [-1, 3, "?", "?"])
+    rng = np.random.default_rng(7)
+    np.savez(tmp_path / "calib.npz", x=rng.uniform(0, 1, (32, 3, 24, 48)).astype(np.float32))
+    options = CompileOptions(targets=("tensorrt-int8",), max_error=0.05, benchmark=False, version="1.0.0",
+                             input_shape={"x": (1, 3, 24, 48)})  # TensorRT needs the spatial dims fixed
+    report = compile_model(str(model), options, tmp_path / "dist", calib=tmp_path / "calib.npz",
+                           val=tmp_path / "calib.npz")
+    (outcome,) = report.outcomes
+    assert outcome.status == "written", outcome.error
+    assert outcome.gate is not None and outcome.gate.metrics["max_abs_error"] <= 0.05
