@@ -18,7 +18,8 @@ import paho.mqtt.client as mqtt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.fleet.mosquitto: the test broker
 
-from edgeml.bundle import Manifest, TensorSpec, write_bundle
+from edgeml.bundle import Manifest, TensorSpec
+from edgeml.bundle_writer import write_bundle
 from edgeml.fleet.registry.distribution import DistributionService
 
 __all__ = ["BROKER_CONF", "RemoteDistribution", "cpu_s", "golden_bundle", "pids_running", "raw_receivers", "rss_mib",

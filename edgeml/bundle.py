@@ -2,7 +2,8 @@
 
 A bundle is a zip archive with ``manifest.json`` at its root and the files the manifest lists (the model,
 golden vectors, reference statistics). Every file's sha256 and size are in the manifest, so a bundle can
-be verified on its own; the registry signs the bundle's own hash on top (TUF).
+be verified on its own; the registry signs the bundle's own hash on top (TUF). This module reads bundles;
+:func:`edgeml.bundle_writer.write_bundle` writes them.
 
 A bundle is untrusted input: :class:`Bundle` checks it on open, before anything is decompressed. Every
 manifest field must match its pattern and the archive must stay within :class:`BundleLimits` (the rules are
@@ -34,11 +35,10 @@ import hashlib
 import json
 import os
 import stat
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +53,7 @@ from edgeml.bundle_rules import (
     check_target,
     load_json,
 )
-from edgeml.errors import BundleError, BundleIntegrityError, StorageError
-from edgeml.fsutil import fsync_dir
+from edgeml.errors import BundleError, BundleIntegrityError
 
 __all__ = [
     "BUNDLE_SUFFIX",
@@ -72,14 +71,11 @@ __all__ = [
     "check_target",
     "load_json",
     "sha256_file",
-    "write_bundle",
 ]
 
 SCHEMA = "edgeml.bundle/1"
 BUNDLE_SUFFIX = ".edgeml"
 _CHUNK = 1024 * 1024
-_SAMPLE = 256 * 1024  # bytes per sample when judging whether a member compresses
-_MIN_SAVING = 0.05  # members that deflate shrinks by less than this are stored
 
 
 def bundle_filename(name: str, version: str, target: str) -> str:
@@ -212,93 +208,6 @@ class Manifest:
             )
         except KeyError as exc:
             raise BundleError(f"manifest.json is missing or has a malformed field: {exc}") from exc
-
-
-def write_bundle(
-    dest: str | os.PathLike[str], manifest: Manifest, files: Mapping[str, str | os.PathLike[str]], *,
-    limits: BundleLimits = DEFAULT_LIMITS,
-) -> Manifest:
-    """Write a bundle atomically: hashes every file, completes the manifest and renames into place.
-
-    Args:
-        dest: The ``.edgeml`` path to create (replaced atomically if it exists).
-        manifest: The manifest; its ``files`` field is filled in here.
-        files: Archive member name -> path of the file to store.
-        limits: What the bundle's readers accept; a bundle beyond them is not written.
-
-    Returns:
-        The manifest as written (with ``files``).
-
-    Raises:
-        BundleError: The manifest or a member name is invalid, or the files exceed ``limits``.
-        StorageError: The destination cannot be written; nothing is left behind.
-    """
-    entries = {
-        check_member_name(arc): FileEntry(sha256=sha256_file(src), size=os.path.getsize(src))
-        for arc, src in files.items()
-    }
-    final = replace(manifest, files=entries)
-    Manifest.from_dict(final.to_dict(), limits=limits)  # a bundle we cannot read back is never written
-    dest_path = Path(dest)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest_path.name}.", suffix=".tmp", dir=dest_path.parent)
-    except OSError as exc:
-        raise StorageError(f"cannot write {dest_path}: {exc.strerror}") from exc
-    try:
-        with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_DEFLATED) as zf:
-            zf.writestr(_zipinfo(MANIFEST_NAME), final.to_json())
-            for arc, src in sorted(files.items()):
-                info = _zipinfo(arc, compress=_worth_compressing(Path(src)))
-                with open(src, "rb") as fh, zf.open(info, "w", force_zip64=True) as out:
-                    for block in iter(lambda fh=fh: fh.read(_CHUNK), b""):  # type: ignore[misc]
-                        out.write(block)
-            zf.close()
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.chmod(tmp, 0o644 & ~_umask())
-        os.replace(tmp, dest_path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise StorageError(f"cannot write {dest_path}: {exc.strerror}") from exc
-        raise
-    fsync_dir(dest_path.parent)
-    return final
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _worth_compressing(path: Path) -> bool:
-    """Whether deflate shrinks the file by at least :data:`_MIN_SAVING`, judged on up to three samples.
-
-    Float weights barely compress and random bytes not at all; a member deflate cannot shrink is stored,
-    so that no device spends CPU inflating it on every update (a Raspberry Pi inflates ~100 MB/s).
-    """
-    size = path.stat().st_size
-    if size < _SAMPLE:
-        data = path.read_bytes()
-    else:
-        with open(path, "rb") as fh:
-            parts = []
-            for at in (0, (size - _SAMPLE) // 2, size - _SAMPLE):
-                fh.seek(at)
-                parts.append(fh.read(_SAMPLE))
-        data = b"".join(parts)
-    if not data:
-        return False
-    packer = zlib.compressobj(6, zlib.DEFLATED, -15)
-    return len(packer.compress(data) + packer.flush()) <= len(data) * (1 - _MIN_SAVING)
-
-
-def _zipinfo(name: str, compress: bool = True) -> zipfile.ZipInfo:
-    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))  # reproducible archives
-    info.compress_type = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
-    info.external_attr = (stat.S_IFREG | 0o644) << 16
-    return info
 
 
 def _check_directory_size(path: Path, limits: BundleLimits) -> None:

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from edgeml.bundle import DEFAULT_LIMITS, Bundle, BundleLimits, Manifest, load_json, write_bundle
+from edgeml.bundle import DEFAULT_LIMITS, Bundle, BundleLimits, Manifest, load_json
+from edgeml.bundle_writer import write_bundle
 from edgeml.errors import BundleError, BundleIntegrityError, ConfigError
 from tests.core.test_bundle import GOLDEN_BYTES, MODEL_BYTES, _archive, _entry, _good_doc, _manifest, _sources, _zip
 

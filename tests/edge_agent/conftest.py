@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edgeml.bundle import Manifest, TensorSpec, write_bundle
+from edgeml.bundle import Manifest, TensorSpec
+from edgeml.bundle_writer import write_bundle
 from tests.conftest import DigitsModel
 
 GOLDEN_COUNT = 16

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from edgeml.bundle import Manifest, TensorSpec, write_bundle
+from edgeml.bundle import Manifest, TensorSpec
+from edgeml.bundle_writer import write_bundle
 from edgeml.fleet.registry.repository import Registry, init_registry
 from tests.conftest import require_service
 

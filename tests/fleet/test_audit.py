@@ -304,7 +304,7 @@ def test_cli_audit_ls_and_verify(registry: Registry, db_url: str, run_cli: RunCl
 
 def test_fleet_actions_are_audited_with_their_actor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """publish, enroll, revoke and a root key rotation each append one entry, and the chain verifies."""
-    from edgeml.bundle import write_bundle
+    from edgeml.bundle_writer import write_bundle
     from edgeml.fleet.devices.broker import write_broker_config
     from edgeml.fleet.devices.enrollment import enroll, revoke
     from tests.fleet.conftest import manifest

@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 
-from edgeml.bundle import write_bundle
+from edgeml.bundle_writer import write_bundle
 from edgeml.fleet.audit.log import AuditLog, open_audit
 from edgeml.fleet.devices.broker import write_broker_config
 from edgeml.fleet.devices.enrollment import enroll, revoke

@@ -31,7 +31,8 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from edgeml.bundle import Manifest, TensorSpec, write_bundle
+from edgeml.bundle import Manifest, TensorSpec
+from edgeml.bundle_writer import write_bundle
 from edgeml.edge_agent.agent import Agent
 from edgeml.edge_agent.capabilities import Capabilities, detect
 from edgeml.edge_agent.config import load_config

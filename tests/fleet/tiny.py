@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeml.bundle import Manifest, TensorSpec, write_bundle
+from edgeml.bundle import Manifest, TensorSpec
+from edgeml.bundle_writer import write_bundle
 
 __all__ = ["GOLDEN", "tiny_bundle", "tiny_model"]
 
