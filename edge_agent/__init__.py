@@ -10,7 +10,8 @@ Where things are::
     preprocess.py      the manifest's preprocessing, in numpy
     update/            the update lifecycle: states.py (the whole transition table), steps.py, machine.py,
                        store.py (the persisted record), slots.py (A/B), health.py (probation checks)
-    mqtt_fetcher.py    TUF downloads over MQTT (request/response, broadcast, resumable)
+    mqtt_fetcher.py    TUF downloads over MQTT (request/response, resumable); mqtt_broadcast.py: a rollout's
+                       broadcast received, the gaps filled by get requests
     tuf_client.py      python-tuf ngclient wrapper: verified bundles, attacks named
     telemetry.py       per-request aggregates and the sender; outbox.py: the durable SQLite outbox
     telemetry_loop.py  telemetry, drift and capture of one agent

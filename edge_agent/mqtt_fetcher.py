@@ -9,10 +9,10 @@ control) and the chunks put back in order. A missing file raises ``DownloadHTTPE
 would; a silent server raises ``DownloadError``.
 
 With :attr:`MqttFetcher.broadcast` set to a rollout id, a target is first taken from that rollout's
-broadcast (retained messages under ``edgeml/v1/dist/{rollout_id}/``, see :mod:`edgeml.protocol`): the
-broker delivers the chunks, and only the chunks that did not arrive are asked for with ``get``. Without
-a broadcast of the file, the fetcher falls back to ``get`` after ``broadcast_wait_s``. Nothing here is
-trusted: ngclient enforces lengths and checks hashes and signatures.
+broadcast (retained messages under ``edgeml/v1/dist/{rollout_id}/``, received by
+:mod:`edgeml.edge_agent.mqtt_broadcast`): the broker delivers the chunks, and only the chunks that did not
+arrive are asked for with ``get``. Without a broadcast of the file, the fetcher falls back to ``get`` after
+``broadcast_wait_s``. Nothing here is trusted: ngclient enforces lengths and checks hashes and signatures.
 
 The client passed in must already be connected with its network loop running (``loop_start``); this
 fetcher subscribes to the device's replies topic and adds a message callback for it.
@@ -38,17 +38,9 @@ import paho.mqtt.client as mqtt
 from tuf.api.exceptions import DownloadError, DownloadHTTPError, DownloadLengthMismatchError
 from tuf.ngclient import FetcherInterface
 
+from edgeml.edge_agent.mqtt_broadcast import BroadcastReceiver, Pieces
 from edgeml.fsutil import atomic_write_bytes
-from edgeml.protocol import (
-    MAX_REPLY_DATA,
-    DistInfo,
-    ProtocolError,
-    Reply,
-    Request,
-    device_topic,
-    dist_file_filter,
-    parse,
-)
+from edgeml.protocol import MAX_REPLY_DATA, ProtocolError, Reply, Request, device_topic, parse
 
 __all__ = ["METADATA_URL", "SCHEME", "TARGETS_URL", "MqttFetcher"]
 
@@ -108,10 +100,9 @@ class MqttFetcher(FetcherInterface):
         self.checkpoint_bytes = checkpoint_bytes
         self.checkpoint_s = checkpoint_s
         self.stats = {"get_bytes": 0, "broadcast_bytes": 0}  # target bytes received each way
-        self.last_broadcast_at = 0.0  # time.monotonic() of the latest broadcast message
         self._lock = threading.Lock()
         self._waiting: dict[str, queue.Queue[Reply]] = {}
-        self._listening: dict[tuple[str, str], tuple[str, queue.Queue[tuple[str, Any]]]] = {}
+        self._broadcast = BroadcastReceiver(client, self._subscribe, self._chunks, self.stats)
         client.message_callback_add(self.replies, self._on_reply)
         self._subscribe(self.replies)
 
@@ -139,8 +130,7 @@ class MqttFetcher(FetcherInterface):
 
     def close(self) -> None:
         """Stop listening on the replies topic and any broadcast (the client stays connected)."""
-        for rollout_id, path in list(self._listening):
-            self._stop_listening(rollout_id, path)
+        self._broadcast.close()
         self.client.message_callback_remove(self.replies)
         self.client.unsubscribe(self.replies)
 
@@ -240,7 +230,7 @@ class MqttFetcher(FetcherInterface):
 
     def _source(self, path: str, start: int) -> Iterator[bytes]:
         if self.broadcast is not None and path.startswith("targets/"):
-            return self._from_broadcast(path, start, self.broadcast)
+            return self._broadcast.receive(path, start, self.broadcast, self.broadcast_wait_s, self.stall_s)
         return self._chunks(path, start)
 
     # --- get requests ---------------------------------------------------------------------------------------
@@ -249,7 +239,7 @@ class MqttFetcher(FetcherInterface):
         """The file's bytes from ``start`` (to ``end`` or its end), in order, ``window`` requests in flight."""
         answers: queue.Queue[Reply] = queue.Queue()
         pending: dict[str, int] = {}  # correlation id -> offset asked
-        received = _Pieces(start)
+        received = Pieces(start)
         size: int | None = None
         asked = start
         try:
@@ -272,7 +262,7 @@ class MqttFetcher(FetcherInterface):
         finally:
             self._forget(pending)
 
-    def _receive(self, path: str, answers: queue.Queue[Reply], pending: dict[str, int], pieces: _Pieces) -> int:
+    def _receive(self, path: str, answers: queue.Queue[Reply], pending: dict[str, int], pieces: Pieces) -> int:
         while True:
             try:
                 reply = answers.get(timeout=self.timeout)
@@ -302,6 +292,11 @@ class MqttFetcher(FetcherInterface):
 
     # --- broadcast ------------------------------------------------------------------------------------------
 
+    @property
+    def last_broadcast_at(self) -> float:
+        """``time.monotonic()`` of the latest broadcast message received (0.0: none yet)."""
+        return self._broadcast.last_message_at
+
     def listen(self, rollout_id: str, path: str) -> None:
         """Start receiving a broadcast file now, ahead of the fetch that will use it.
 
@@ -313,81 +308,7 @@ class MqttFetcher(FetcherInterface):
             ProtocolError: The rollout id is invalid.
             DownloadError: The broker did not confirm the subscription.
         """
-        if (rollout_id, path) in self._listening:
-            return
-        inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
-        topic = dist_file_filter(rollout_id, path)
-
-        def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-            last = msg.topic.rsplit("/", 1)[-1]
-            if not msg.payload:
-                return  # a cleared retained message
-            self.last_broadcast_at = time.monotonic()
-            if last == "info":
-                inbox.put(("info", bytes(msg.payload)))
-            elif last.isdigit():
-                inbox.put(("chunk", (int(last), bytes(msg.payload))))
-
-        self.client.message_callback_add(topic, on_message)
-        self._listening[(rollout_id, path)] = (topic, inbox)
-        try:
-            self._subscribe(topic)
-        except DownloadError:
-            self._stop_listening(rollout_id, path)
-            raise
-
-    def _stop_listening(self, rollout_id: str, path: str) -> None:
-        entry = self._listening.pop((rollout_id, path), None)
-        if entry is not None:
-            self.client.message_callback_remove(entry[0])
-            self.client.unsubscribe(entry[0])
-
-    def _from_broadcast(self, path: str, start: int, rollout_id: str) -> Iterator[bytes]:
-        """The file's bytes from ``start``: broadcast chunks as they come, get requests for the gaps."""
-        self.listen(rollout_id, path)
-        try:
-            yield from self._assemble(path, start, self._listening[(rollout_id, path)][1])
-        finally:
-            self._stop_listening(rollout_id, path)
-
-    def _assemble(self, path: str, start: int, inbox: queue.Queue[tuple[str, Any]]) -> Iterator[bytes]:
-        info: DistInfo | None = None
-        early: dict[int, bytes] = {}  # chunks that came before the announcement
-        pieces = _Pieces(start)
-        wait = self.broadcast_wait_s
-        while info is None or pieces.next < info.size:
-            try:
-                kind, item = inbox.get(timeout=wait)
-            except queue.Empty:
-                if info is None:  # no broadcast of this file: get it all
-                    yield from self._chunks(path, pieces.next)
-                    return
-                yield from self._fill_gaps(path, info, pieces)
-                continue
-            if kind == "info":
-                info = _dist_info(item, path)
-                if info is None:
-                    continue
-                for index, data in early.items():
-                    self.stats["broadcast_bytes"] += _add_chunk(pieces, info, index, data)
-                early.clear()
-                wait = self.stall_s
-            elif info is None:
-                early[item[0]] = item[1]
-            else:
-                self.stats["broadcast_bytes"] += _add_chunk(pieces, info, *item)
-            yield from pieces.pop_ready()
-
-    def _fill_gaps(self, path: str, info: DistInfo, pieces: _Pieces) -> Iterator[bytes]:
-        """Ask for the chunks that did not arrive (and yield what becomes contiguous)."""
-        for index in range(pieces.next // info.chunk, info.count):
-            begin = max(index * info.chunk, pieces.next)
-            end = min(info.size, (index + 1) * info.chunk)
-            if begin < end and not pieces.covers(begin, end):
-                for data in self._chunks(path, begin, end):
-                    pieces.add(begin, data)
-                    begin += len(data)
-            yield from pieces.pop_ready()
+        self._broadcast.listen(rollout_id, path)
 
 
 _READ = 1024 * 1024  # bytes read at a time when handing a completed partial download over
@@ -397,57 +318,6 @@ def _path_of(url: str) -> str:
     if not url.startswith(SCHEME):
         raise DownloadError(f"not an edgeml MQTT URL: {url!r} (expected {SCHEME}...)")
     return unquote(url[len(SCHEME):])
-
-
-class _Pieces:
-    """Byte ranges received out of order, handed out in order from ``next``."""
-
-    def __init__(self, start: int) -> None:
-        self.next = start
-        self._held: dict[int, bytes] = {}
-
-    def add(self, offset: int, data: bytes) -> None:
-        if data and offset + len(data) > self.next:
-            self._held[offset] = data
-
-    def covers(self, begin: int, end: int) -> bool:
-        return any(o <= begin and o + len(d) >= end for o, d in self._held.items())
-
-    def limit(self, size: int | None, end: int | None) -> int | None:
-        if size is None:
-            return end
-        return size if end is None else min(size, end)
-
-    def pop_ready(self) -> Iterator[bytes]:
-        while self._held:
-            data = self._held.pop(self.next, None)
-            if data is None:
-                over = [o for o, d in self._held.items() if o < self.next < o + len(d)]
-                if not over:
-                    for o in [o for o, d in self._held.items() if o + len(d) <= self.next]:
-                        del self._held[o]  # wholly behind us
-                    return
-                o = over[0]
-                data = self._held.pop(o)[self.next - o:]
-            self.next += len(data)
-            yield data
-
-
-def _dist_info(payload: bytes, path: str) -> DistInfo | None:
-    try:
-        info = parse("dist", payload)
-    except ProtocolError:
-        return None
-    return info if isinstance(info, DistInfo) and info.path == path else None
-
-
-def _add_chunk(pieces: _Pieces, info: DistInfo, index: int, data: bytes) -> int:
-    """Keep a broadcast chunk that fits the announcement; returns the bytes kept."""
-    expected = min(info.chunk, info.size - index * info.chunk)
-    if 0 <= index < info.count and len(data) == expected:
-        pieces.add(index * info.chunk, data)
-        return len(data)
-    return 0
 
 
 def _complete_length(part: Path, length_file: Path) -> int:
