@@ -25,7 +25,8 @@ from tests.conftest import REPO_ROOT
 
 __all__ = ["PiBundles", "pi_bundles"]
 
-_SOURCES = ("compile", "train", "edgeml/bundle.py", "edgeml/refstats.py", "edgeml/demo/__init__.py")
+_SOURCES = ("compile", "train", "edgeml/bundle.py", "edgeml/bundle_writer.py", "edgeml/refstats.py",
+            "edgeml/demo/__init__.py")
 _TRAIN = """
 import sys
 from pathlib import Path
