@@ -150,6 +150,8 @@ def convert(cls: type[T], table: Mapping[str, Any], *, where: str, **extra: Any)
     try:
         return cls(**values)
     except ConfigError as exc:
+        if type(exc) is not ConfigError:  # a subclass already says what it refused, in its own terms
+            raise
         raise ConfigError(f"{where}: {exc.message}", hint=exc.hint) from None
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from None

@@ -271,5 +271,9 @@ def _child_main(host: str, port: int, root: bytes, n: int, knobs: Knobs, workdir
         ready.put(exc.message)
         return
     ready.put("")
-    stop.wait()
+    parent = os.getppid()
+    while not stop.wait(1.0):
+        if os.getppid() != parent:  # the simulator was killed (SIGKILL leaves no time to say stop): end too
+            sim.stop()
+            return
     summaries.put(sim.stop())
