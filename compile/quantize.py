@@ -94,6 +94,8 @@ def prepare_for_quantization(fp32: Path, out: Path) -> Path:
         except Exception as exc:
             raise ConversionError(f"cannot upgrade the model from opset {opset} to {_MIN_OPSET} for INT8: "
                                   f"{exc}") from exc
+    changed = _without_initializer_inputs(model)
+    if opset < _MIN_OPSET or changed:
         src = out.with_name(out.stem + ".opset13.onnx")
         onnx.save(model, str(src))
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -101,17 +103,35 @@ def prepare_for_quantization(fp32: Path, out: Path) -> Path:
     try:
         with _quiet():
             quant_pre_process(str(src), str(out), skip_symbolic_shape=True)
+        onnx.checker.check_model(onnx.load(str(out)))  # it has dropped a constant that a node still reads
     except Exception:
         # Pre-processing is an optimisation; quantize the plain model when it fails.
         onnx.save(onnx.load(str(src)), str(out))
     return out
 
 
+def _without_initializer_inputs(model: Any) -> bool:
+    """An IR 3 model lists its weights (and an upgrade's new constants) as graph inputs too; once onnxruntime's
+    pre-processing merges equal constants, the calibration would ask to be fed the merged ones. From IR 4 on
+    they need not be inputs (and opset 13 needs IR 7). Returns whether ``model`` changed."""
+    inits = {i.name for i in model.graph.initializer}
+    kept = [v for v in model.graph.input if v.name not in inits]
+    changed = len(kept) != len(model.graph.input) or model.ir_version < 7
+    if len(kept) != len(model.graph.input):
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
+    model.ir_version = max(model.ir_version, 7)
+    return changed
+
+
 class _Reader:
     """onnxruntime CalibrationDataReader over a Dataset, reporting progress per batch."""
 
     def __init__(self, data: Dataset, batch: int, tick: Callable[[int], None]) -> None:
-        self._batches = iter(list(data.batches(batch)))
+        batches = list(data.batches(batch))
+        if len(batches) > 1 and len(next(iter(batches[-1].values()))) != batch:
+            batches.pop()  # a model with a fixed batch takes only whole batches; a dynamic one loses a few samples
+        self._batches = iter(batches)
         self._tick = tick
 
     def get_next(self) -> dict[str, Any] | None:

@@ -9,8 +9,8 @@ disagree on how to say "unknown": Paddle2ONNX and several TensorFlow converters 
   as ``"?"``.
 * A **named** dim matches any size, but every dim with the same name (in any input) must get the same
   size: that is what the name means in ONNX.
-* A **fixed** dim must match exactly, except the batch dim of a model with a fixed batch of 1, which takes
-  any number of samples (they are run one at a time).
+* A **fixed** dim must match exactly, except the batch dim: a model with a fixed batch of B takes any
+  multiple of B samples (they are run B at a time).
 
 ``--input-shape`` (:func:`parse_input_shapes`, :func:`resolve_input_shapes`) fixes the dims the artifact is
 built for, per input (``x:1,3,48,192``); a bare shape (``1,3,48,192``) is for a single-input model.
@@ -74,8 +74,8 @@ def mismatch(specs: Sequence[TensorSpec], arrays: Mapping[str, np.ndarray]) -> t
             if is_anonymous(want):
                 continue
             if isinstance(want, int):
-                if want != got and not (i == 0 and want == 1):
-                    return spec.name, f"dim {i} must be {want}"
+                if want != got and not (i == 0 and got % want == 0):  # a fixed batch: run B samples at a time
+                    return spec.name, f"dim {i} must be {want}" + (" (or a multiple of it)" if i == 0 else "")
                 continue
             seen = bound.setdefault(want, (got, spec.name, i))
             if seen[0] != got:

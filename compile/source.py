@@ -6,6 +6,7 @@ whose ``path`` is an ONNX file every backend starts from.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import re
 import subprocess
@@ -25,6 +26,8 @@ from edgeml.errors import ConfigError, ModelError
 
 __all__ = ["SourceModel", "load_source", "onnx_tensor_specs"]
 
+#: The oldest default-domain opset onnxruntime runs, and the opset older models are upgraded to.
+_ORT_MIN_OPSET, UPGRADE_OPSET = 7, 13
 _FACTORY = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 _ONNX_TO_NUMPY = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool",
                   10: "float16", 11: "float64"}
@@ -120,11 +123,43 @@ def _from_onnx(path: Path, workdir: Path | None = None, input_shapes: InputShape
     )
     if workdir is None:
         return src
+    upgraded = _upgraded(model, opset)
+    if upgraded is not None:  # onnxruntime runs opset 7 and later only: the whole pipeline works on the upgrade
+        model = upgraded
+        src = dataclasses.replace(src, provenance=dict(prov, upgraded_from_opset=int(opset)))
     if input_shapes is not None:
         return _with_fixed_shapes(src, model, workdir, input_shapes)
-    if _unknown_as_numbers(model):  # runtimes read a 0 (or -1) as that size: say "unknown" the ONNX way
+    if _unknown_as_numbers(model) or upgraded is not None:  # runtimes read a 0 (or -1) as that size
         return _rewritten(src, model, workdir / "source-normalized.onnx", {})
     return src
+
+
+def _upgraded(model: Any, opset: int) -> Any | None:
+    """``model`` converted to opset :data:`UPGRADE_OPSET` when it is older than onnxruntime runs (opset 7; the
+    old model zoos' files are opset 3 to 6), weights no longer listed as inputs; None when it needs none.
+
+    Raises:
+        ModelError: The ONNX version converter cannot upgrade it.
+    """
+    if not 0 < opset < _ORT_MIN_OPSET:
+        return None
+    onnx = require("onnx", "compile")
+    from onnx import version_converter
+
+    try:
+        new = version_converter.convert_version(model, UPGRADE_OPSET)
+        inits = {i.name for i in new.graph.initializer}
+        kept = [v for v in new.graph.input if v.name not in inits]
+        del new.graph.input[:]
+        new.graph.input.extend(kept)
+        new.ir_version = max(new.ir_version, 7)
+        onnx.checker.check_model(new)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"the model is at opset {opset}, older than onnxruntime runs (7), and the ONNX version "
+                         f"converter cannot upgrade it: {first}",
+                         hint=f"export it again at opset {UPGRADE_OPSET} or later") from exc
+    return new
 
 
 def _unknown_as_numbers(model: Any) -> bool:
