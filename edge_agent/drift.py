@@ -243,7 +243,7 @@ class DriftMonitor:
         self._history: deque[DriftWindow] = deque(maxlen=self.config.history)
         self._latest: DriftWindow | None = None
         # small batches waiting to be reduced: (inputs, probabilities, output feature rows)
-        self._pending: list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]] = []
+        self._pending: list[tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray] | None]] = []
         self._pending_n = 0
         self._sample_shape: tuple[int, ...] | None = None  # set once a batch went through: small ones may wait
 
@@ -310,7 +310,8 @@ class DriftMonitor:
         """Bytes held by the monitor's arrays (fixed by the configuration and the reference)."""
         arrays = (self._counts, self._sums, self._block_n, self._classes, self._conf, self._conf_sum,
                   self._conf_n, self._rows, self._has_probs)
-        pending = sum(x.nbytes + sum(a.nbytes for a in (p, o) if a is not None) for x, p, o in self._pending)
+        pending = sum(x.nbytes + (p.nbytes if p is not None else 0) + sum(a.nbytes for a in (o or {}).values())
+                      for x, p, o in self._pending)
         return sum(a.nbytes for a in arrays) + (self._probs.nbytes if self._probs is not None else 0) + pending
 
     def drain(self) -> list[DriftWindow]:
@@ -340,10 +341,9 @@ class DriftMonitor:
         Raises:
             DataError: The batch does not match the reference statistics' inputs or classes.
         """
-        out_rows = self._output_rows(inputs, outputs)
         if self._can_defer(inputs, probabilities):
             x = np.array(inputs, copy=True)
-            item = (x, None if probabilities is None else np.array(probabilities, copy=True), out_rows)
+            item = (x, None if probabilities is None else np.array(probabilities, copy=True), self._copied(outputs))
             with self._lock:
                 self._pending.append(item)
                 self._pending_n += x.shape[0]
@@ -351,7 +351,7 @@ class DriftMonitor:
                     return []
                 items, self._pending, self._pending_n = self._pending, [], 0
             return self._ingest_queued(items)
-        windows = self._ingest(inputs, probabilities, out_rows)
+        windows = self._ingest(inputs, probabilities, self._output_rows(inputs, outputs))
         if isinstance(inputs, np.ndarray) and inputs.size * inputs.itemsize * self.config.defer <= (
                 _DEFER_BYTES * max(inputs.shape[0], 1)):
             self._sample_shape = inputs.shape[1:]
@@ -377,21 +377,41 @@ class DriftMonitor:
 
     def _output_rows(self, inputs: np.ndarray | Mapping[str, np.ndarray],
                      outputs: Mapping[str, np.ndarray] | None) -> np.ndarray | None:
-        """The batch's output feature columns (computed at once: they are a few numbers per sample)."""
+        """The batch's output feature columns (NaN where an output is missing or reshaped)."""
         if not self._ref.n_outputs:
             return None
         first = inputs if isinstance(inputs, np.ndarray) else next(iter(inputs.values()), None)
         n = int(np.shape(first)[0]) if first is not None and np.ndim(first) else 0
         return self._ref.output_rows(outputs, n)
 
-    def _ingest_queued(self, items: list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]
+    def _copied(self, outputs: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
+        """Copies of the sketched outputs of a batch that waits in the queue (None: nothing to sketch)."""
+        if not self._ref.n_outputs or not outputs:
+            return None
+        return {k: np.array(outputs[k], copy=True) for k in self._ref.output_outputs if k in outputs}
+
+    def _queued_output_rows(self, items: list[tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray] | None]]
+                            ) -> np.ndarray | None:
+        """The output feature columns of the queued batches, reduced together (one pass per output)."""
+        if not self._ref.n_outputs:
+            return None
+        n = sum(x.shape[0] for x, _, _ in items)
+        outs = [o for _, _, o in items]
+        if all(o is not None and o.keys() == outs[0].keys() for o in outs):  # type: ignore[union-attr]
+            try:
+                merged = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}  # type: ignore[index,union-attr]
+                return self._ref.output_rows(merged, n)
+            except ValueError:  # outputs of different shapes: one batch at a time
+                pass
+        return np.concatenate([self._ref.output_rows(o, x.shape[0]) for x, _, o in items])
+
+    def _ingest_queued(self, items: list[tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray] | None]]
                        ) -> list[DriftWindow]:
         probs = [p for _, p, _ in items if p is not None]
         if not items or len(probs) not in (0, len(items)):  # a mix of batches with and without outputs
-            return [w for x, p, o in items for w in self._ingest(x, p, o)]
-        outs = [o for _, _, o in items if o is not None]
+            return [w for x, p, o in items for w in self._ingest(x, p, self._output_rows(x, o))]
         return self._ingest(np.concatenate([x for x, _, _ in items]), np.concatenate(probs) if probs else None,
-                            np.concatenate(outs) if outs else None)
+                            self._queued_output_rows(items))
 
     def _ingest(
         self, inputs: np.ndarray | Mapping[str, np.ndarray], probabilities: np.ndarray | None,
