@@ -225,6 +225,7 @@ class DemoFleet:
                 "telemetry_interval_s = 1.0", "threads = 1", 'clock = "assume-synced"  # one machine, one clock',
                 f"tls = {'true' if self.tls else 'false'}", f'runtimes = ["{agent.runtime}"]', ""]))
             logfile = self.workdir / "logs" / f"{agent.name}.log"
+            logfile.parent.mkdir(parents=True, exist_ok=True)
             with logfile.open("ab") as out:
                 agent.process = start_child(
                     [sys.executable, "-m", "edgeml.cli", "agent", "run", "--config", str(agent.config)],

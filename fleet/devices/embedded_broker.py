@@ -33,10 +33,19 @@ _NOISY_LOGGERS = ("amqtt", "transitions")
 
 
 class _NoStartupTraceback(logging.Filter):
-    """Drop amqtt's traceback of a failed start: :meth:`EmbeddedBroker.start` raises it as a ConfigError."""
+    """Drop amqtt's traceback of a failed start (:meth:`EmbeddedBroker.start` raises it as a ConfigError), and
+    shorten its traceback of one client connection that failed (a client that hung up mid-handshake, say) to
+    one line: the broker keeps serving the others, and a traceback would read like a crash."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Broker startup failed")
+        message = record.getMessage()
+        if message.startswith("Broker startup failed"):
+            return False
+        if message.startswith("Unhandled exception") and record.exc_info:
+            error = record.exc_info[1]
+            record.msg, record.args, record.exc_info = f"a client connection failed: {error!r}", (), None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 _FILTER = _NoStartupTraceback()

@@ -97,3 +97,60 @@ def test_the_demo_tells_the_whole_story_and_a_second_run_reuses_it(run_cli: RunC
     assert "already published digits-1.0.0-onnx-int8.edgeml" in out and "enrolled" not in out
     assert again["broker"].startswith("embedded") and again["v2"]["rollout"] != summary["v2"]["rollout"]
     _check_state(run_cli, workdir, again)
+
+    _sigterm_stops_everything(workdir, tmp_path)  # a third run, with Mosquitto, stopped halfway
+
+
+def _children(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid`` (read from /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(entry.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _sigterm_stops_everything(workdir: Path, tmp_path: Path) -> None:
+    """SIGTERM to a running demo: agents, then the fleet server, then Mosquitto stop within seconds, and no
+    process the demo started is left behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    log = (tmp_path / "demo.log").open("w")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "edgeml.cli", "demo", "--ci", "--workdir", str(workdir),
+                             "--http-port", "0", "--timeout", "600"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while "agent pi-1 (litert) running" not in (tmp_path / "demo.log").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "demo.log").read_text()[-3000:]
+            time.sleep(0.2)
+        children = _children(proc.pid)
+        assert len(children) >= 4, children  # Mosquitto and three agents, each in a session of its own
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while any(_alive(c) for c in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [c for c in children if _alive(c)] == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    assert "Traceback" not in (tmp_path / "demo.log").read_text()
