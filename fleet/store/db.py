@@ -111,6 +111,12 @@ def _steps(*steps: Callable[[Any, Any, dict[str, Any]], None]) -> Callable[[Any,
     return run
 
 
+def _telemetry_at_scale(sa: Any, conn: Connection, tables: dict[str, Any]) -> None:
+    from edgeml.fleet.telemetry.backfill import upgrade_telemetry
+
+    upgrade_telemetry(sa, conn, tables)
+
+
 #: (version, what changed, step): a database at version N runs every step above N, in order.
 MIGRATIONS: tuple[tuple[int, str, Callable[[Any, Any, dict[str, Any]], None]], ...] = (
     (2, "devices: tags, password_hash, revoked, last_seen, installed (enrollment and revocation)",
@@ -121,6 +127,12 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[Any, Any, dict[str, Any]], None]], .
     (4, "rollouts, rollout_devices (staged rollouts)", _create_missing_tables("rollouts", "rollout_devices")),
     (5, "rollout_devices: cause (why a device's update failed, as the agent's Cause)",
      _add_missing_columns("rollout_devices", ("cause",))),
+    (6, "telemetry at fleet scale: telemetry without id or unique index (partitioned by day on PostgreSQL), "
+        "telemetry_devices and telemetry_pending (books and running totals), minute and hour rollups per device and "
+        "per version, telemetry_jobs; the books and minute rollups written from the stored rows",
+     _telemetry_at_scale),
+    (7, "deltas (bundles rebuilt from an earlier version); rollout_devices: transfer (delta or full, bytes)",
+     _steps(_create_missing_tables("deltas"), _add_missing_columns("rollout_devices", ("transfer",)))),
 )
 #: The version of the schema ``_tables`` defines.
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -220,6 +232,12 @@ class Database:
             if version is not None:
                 return int(version)
         return 1 if "models" in names else None
+
+    def lock(self, conn: Connection) -> None:
+        """Take the lock schema changes take, as the first statement of ``conn``'s transaction (``BEGIN IMMEDIATE``
+        on SQLite, a transaction-scoped advisory lock on PostgreSQL): work that must run in one process at a time
+        (telemetry maintenance's lease) serializes with migrations and with itself."""
+        self._lock(conn)
 
     def _lock(self, conn: Connection) -> None:
         """Serialize schema changes: the first statement of ``conn``'s transaction."""

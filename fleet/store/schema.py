@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 else:
     sa = require("sqlalchemy", "fleet")
 
-__all__ = ["TABLES", "UTCDateTime", "metadata"]
+__all__ = ["ROLLUP_MAXES", "ROLLUP_SUMS", "TABLES", "TELEMETRY_DEFAULT_PARTITION", "UTCDateTime", "metadata"]
 
 
 class UTCDateTime(sa.TypeDecorator[dt.datetime]):
@@ -72,14 +72,88 @@ deployments = sa.Table(
     sa.Column("version_id", sa.Integer, sa.ForeignKey("versions.id"), nullable=False),
     sa.Column("state", sa.String(32), nullable=False), sa.Column("updated_at", UTCDateTime()))
 schema_version = sa.Table("schema_version", metadata, sa.Column("version", sa.Integer, nullable=False))
-# telemetry as devices sent it: one row per (device, seq), duplicates dropped on insert
+# telemetry as devices sent it: one row per (device, seq). Kept unique by the ingest transaction, which reads
+# telemetry_devices (the contiguous high) and telemetry_pending under a lock, not by an index: on PostgreSQL the
+# table is partitioned by day of received_at (a unique index would have to include it), and retention drops whole
+# partitions. Rows are read by device and time only (the index), so nothing here has to scan the table.
 telemetry = sa.Table(
-    "telemetry", metadata, sa.Column("id", sa.Integer, primary_key=True),
+    "telemetry", metadata,
     sa.Column("device_id", sa.String(128), nullable=False), sa.Column("seq", sa.BigInteger, nullable=False),
     sa.Column("sent_at", sa.Float, nullable=False),
     sa.Column("received_at", UTCDateTime(), nullable=False),
-    sa.Column("metrics", sa.JSON, nullable=False), sa.UniqueConstraint("device_id", "seq"),
-    sa.Index("telemetry_device_time", "device_id", "received_at"))
+    sa.Column("metrics", sa.JSON, nullable=False),
+    sa.Index("telemetry_device_time", "device_id", "received_at"),
+    postgresql_partition_by="RANGE (received_at)")
+#: The partition of ``telemetry`` that takes rows no daily partition covers (PostgreSQL only).
+TELEMETRY_DEFAULT_PARTITION = "telemetry_default"
+
+
+def _default_partition(table: sa.Table, connection: Any, **_: Any) -> None:
+    """PostgreSQL: a partitioned table takes no row without a partition; the default one takes any."""
+    if connection.dialect.name == "postgresql":
+        name = connection.dialect.identifier_preparer.format_table(table)
+        connection.exec_driver_sql(f'CREATE TABLE IF NOT EXISTS "{TELEMETRY_DEFAULT_PARTITION}" '
+                                   f"PARTITION OF {name} DEFAULT")
+
+
+sa.event.listen(telemetry, "after_create", _default_partition)
+# Per device, kept by the ingest transaction with its rows (retention never touches it): what acknowledgements
+# need (the contiguous high, and the seqs stored above a gap in telemetry_pending), running totals that only grow,
+# and the latest row's numbers. Reads that would sum or search telemetry read this instead.
+telemetry_devices = sa.Table(
+    "telemetry_devices", metadata,
+    sa.Column("device_id", sa.String(128), primary_key=True),
+    sa.Column("contiguous_high", sa.BigInteger),  # every seq 0..N stored (None: seq 0 is not)
+    sa.Column("pending", sa.Integer, nullable=False, server_default="0"),  # rows in telemetry_pending
+    sa.Column("last_seq", sa.BigInteger),  # the highest seq stored
+    sa.Column("windows", sa.BigInteger, nullable=False, server_default="0"),  # rows ever stored
+    sa.Column("requests", sa.Float, nullable=False, server_default="0"),  # sums of the numeric values ever stored
+    sa.Column("errors", sa.Float, nullable=False, server_default="0"),
+    sa.Column("first_received_at", UTCDateTime()), sa.Column("last_received_at", UTCDateTime()),
+    sa.Column("latest_received_at", UTCDateTime()),  # of the row with last_seq
+    sa.Column("latest_metrics", sa.JSON))
+telemetry_pending = sa.Table(
+    "telemetry_pending", metadata, sa.Column("device_id", sa.String(128), primary_key=True),
+    sa.Column("seq", sa.BigInteger, primary_key=True))
+# Rollups: per minute (written with the rows) and per hour (written by maintenance as hours close), per device
+# and per version. The columns are sums and counts so that buckets merge by adding (fleet.telemetry.figures).
+ROLLUP_SUMS = ("windows", "requests", "errors", "p50_sum", "p50_n", "p99_sum", "p99_n", "sp99_sum", "sp99_n",
+               "err_sum", "err_n", "drift_sum", "drift_n")
+ROLLUP_MAXES = ("p99_max", "drift_max")
+
+
+def _rollup_columns() -> list[sa.Column[Any]]:
+    counts = {"windows", "p50_n", "p99_n", "sp99_n", "err_n", "drift_n"}
+    return [*(sa.Column(name, sa.BigInteger if name in counts else sa.Float, nullable=False) for name in ROLLUP_SUMS),
+            *(sa.Column(name, sa.Float) for name in ROLLUP_MAXES),
+            sa.Column("drift_last", sa.Float), sa.Column("drift_at", UTCDateTime())]
+
+
+def _device_rollup(name: str) -> sa.Table:
+    return sa.Table(name, metadata, sa.Column("device_id", sa.String(128), primary_key=True),
+                    sa.Column("bucket", UTCDateTime(), primary_key=True),
+                    sa.Column("model", sa.String(64), primary_key=True),
+                    sa.Column("version", sa.String(128), primary_key=True), *_rollup_columns(),
+                    sa.Index(f"{name}_bucket", "bucket"))
+
+
+def _version_rollup(name: str) -> sa.Table:
+    return sa.Table(name, metadata, sa.Column("bucket", UTCDateTime(), primary_key=True),
+                    sa.Column("model", sa.String(64), primary_key=True),
+                    sa.Column("version", sa.String(128), primary_key=True), *_rollup_columns())
+
+
+telemetry_device_minute = _device_rollup("telemetry_device_minute")
+telemetry_version_minute = _version_rollup("telemetry_version_minute")
+telemetry_device_hour = _device_rollup("telemetry_device_hour")
+telemetry_version_hour = _version_rollup("telemetry_version_hour")
+# Telemetry maintenance (fleet.telemetry.maintenance): a lease, so that one process at a time rolls up and prunes,
+# and how far the hourly rollups have come.
+telemetry_jobs = sa.Table(
+    "telemetry_jobs", metadata, sa.Column("name", sa.String(32), primary_key=True),
+    sa.Column("owner", sa.String(128)), sa.Column("lease_until", UTCDateTime()),
+    sa.Column("done_until", UTCDateTime()), sa.Column("last_run_at", UTCDateTime()),
+    sa.Column("details", sa.JSON))
 # the audit log: a hash chain (hash = sha256 over prev_hash and the row), heads signed by audit_heads
 audit = sa.Table(
     "audit", metadata, sa.Column("id", sa.Integer, primary_key=True),
@@ -122,9 +196,19 @@ rollout_devices = sa.Table(
     sa.Column("reason", sa.String(1024)), sa.Column("notified_at", UTCDateTime()),
     sa.Column("finished_at", UTCDateTime()), sa.Column("revert_id", sa.String(64)),
     sa.Column("revert_state", sa.String(16)), sa.Column("cause", sa.String(32)),
+    sa.Column("transfer", sa.JSON),  # how its bundle came: {"kind": delta|full, "bytes", "full_bytes", "fallback"}
     sa.UniqueConstraint("rollout_id", "device_id"),
     sa.Index("rollout_devices_state", "rollout_id", "state"))
 
+# deltas (edgeml.fleet.registry.deltas): a version's bundle rebuilt from an earlier version's members
+deltas = sa.Table(
+    "deltas", metadata, sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("model", sa.String(64), nullable=False), sa.Column("target", sa.String(64), nullable=False),
+    sa.Column("version", sa.String(128), nullable=False), sa.Column("base_version", sa.String(128), nullable=False),
+    sa.Column("tuf_path", sa.String(512), nullable=False), sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("length", sa.BigInteger, nullable=False), sa.Column("full_length", sa.BigInteger, nullable=False),
+    sa.Column("published_at", UTCDateTime(), nullable=False),
+    sa.UniqueConstraint("model", "target", "version", "base_version"))
 
 #: name -> table, for migrations and tests.
 TABLES: dict[str, sa.Table] = {t.name: t for t in metadata.sorted_tables}

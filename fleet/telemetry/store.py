@@ -1,18 +1,23 @@
-"""The fleet's telemetry store: devices' telemetry rows and current state in the registry database.
+"""The fleet's telemetry store: devices' telemetry rows, their bookkeeping and rollups, and their current state.
 
-One row per ``(device_id, seq)`` in the ``telemetry`` table (:mod:`edgeml.fleet.store.db`); a row that is already
-stored is dropped on insert (``INSERT ... ON CONFLICT DO NOTHING`` through the SQLite and PostgreSQL
-dialects' own insert constructs), so that a device may resend anything it was not sure of.
+One row per ``(device_id, seq)`` in the ``telemetry`` table (:mod:`edgeml.fleet.store.schema`); a row already stored
+is dropped, so that a device may resend anything it was not sure of. What is a duplicate is decided in the
+transaction that stores the batch, from the device's books in ``telemetry_devices`` read under a lock
+(:mod:`~edgeml.fleet.telemetry.writers`): a seq at or below its contiguous high, or one of the seqs stored above
+a gap (``telemetry_pending``), is stored already (:func:`~edgeml.fleet.telemetry.figures.plan_batch`).
 
-**The contiguous high** of a device (:meth:`TelemetryStore.contiguous_high`) is what the fleet may
-acknowledge to it: devices number their telemetry from 0, and the contiguous high is the largest ``N`` such
-that every seq ``0..N`` is stored (None while seq 0 is not). A gap (a message lost on the way and not yet
-resent) holds it back, so the device keeps the missing entry and everything after it. It is computed in
-SQL from the last known value up (one self-join over the ``(device_id, seq)`` unique index, scanning only
-rows above it) and cached per device; rows are never deleted below it, so the cache stays a lower bound
-even while other ingest processes write the same device's rows. (A retention job that deletes old rows
-must keep each device's rows from its contiguous high up, or the acknowledgements of a freshly started
-process would stop at the first deleted seq.)
+**The contiguous high** of a device (:meth:`TelemetryStore.contiguous_high`) is what the fleet may acknowledge to
+it: devices number their telemetry from 0, and the contiguous high is the largest ``N`` such that every seq
+``0..N`` is stored (None while seq 0 is not). A gap (a message lost on the way and not yet resent) holds it back,
+so the device keeps the missing entry and everything after it. It is kept in ``telemetry_devices`` by the same
+transaction that stores the rows, so it is exact the moment they commit, costs one indexed read whatever the
+history, and survives any deletion of old rows: retention (:mod:`~edgeml.fleet.telemetry.maintenance`) never
+touches the books, and a freshly started worker acknowledges exactly what was stored.
+
+With the rows, the same transaction adds to each device's running totals (windows, requests, errors: counters
+that only grow, whatever retention deletes), its latest row's numbers, and the minute rollups per device and per
+version (:mod:`~edgeml.fleet.telemetry.rollups`). Every statement covers the whole batch: the cost of a batch
+grows with its rows and devices, never with the history stored.
 
 Device state (:meth:`TelemetryStore.update_state`) goes into the ``devices`` row of an enrolled device:
 status, ``installed`` as ``{model: version}``, capabilities and ``last_seen``. Only enrolled devices have a
@@ -27,16 +32,17 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from edgeml.errors import ConfigError, RegistryError
+from edgeml.errors import ConfigError
 from edgeml.fleet.store import schema
 from edgeml.fleet.store.db import Database, as_utc, utcnow
 from edgeml.fleet.store.schema import sa
+from edgeml.fleet.telemetry.figures import Book, floor_time, plan_batch
+from edgeml.fleet.telemetry.writers import _SQLITE_JSON, Writer, bind, writer_for
 from edgeml.protocol import State, Telemetry
 
 if TYPE_CHECKING:
@@ -44,14 +50,7 @@ if TYPE_CHECKING:
 
 __all__ = ["BatchResult", "TelemetryStore"]
 
-_DEVICES_PER_QUERY = 200  # devices per contiguous-high query
-_SQLITE_JSON = sqlite3.sqlite_version_info >= (3, 38)  # json_each built in (earlier builds may lack it)
-
-
-def _bind(column: Any, dialect: Any) -> Any:
-    """The function that turns a Python value into what the driver stores for ``column``."""
-    process = column.type.dialect_impl(dialect).bind_processor(dialect)
-    return process if process is not None else (lambda value: value)
+_DEVICES_PER_QUERY = 500  # device ids per read of the books
 
 
 @dataclass(frozen=True)
@@ -72,7 +71,7 @@ class BatchResult:
 
 
 class TelemetryStore:
-    """Telemetry rows and device state in the registry database (SQLite or PostgreSQL).
+    """Telemetry rows, their bookkeeping and rollups, and device state in the registry database.
 
     Args:
         db: A :class:`~edgeml.fleet.store.db.Database`, or a database URL to open one (its schema is created or
@@ -91,9 +90,9 @@ class TelemetryStore:
         self.db = db
         self.table = schema.telemetry
         self.devices = schema.devices
-        self._highs: dict[str, int] = {}  # device -> contiguous high known to be stored (-1: nothing known)
         self.last_seen_s = last_seen_s  # telemetry moves a device's last_seen at most this often (0: every batch)
         self._seen_at: dict[str, float] = {}  # device -> time.monotonic() this store last moved its last_seen
+        self._booked: set[str] = set()  # devices known to have their telemetry_devices row
 
     # --- writing ------------------------------------------------------------------------------------------
 
@@ -107,18 +106,18 @@ class TelemetryStore:
 
     def store_batch(self, rows: Sequence[Telemetry], states: Sequence[tuple[State, bool]] = (),
                     received_at: dt.datetime | None = None, *, highs: bool = True) -> BatchResult:
-        """In one transaction: insert ``rows`` (duplicates dropped), apply ``states``, bump ``last_seen``.
+        """In one transaction: insert ``rows`` (duplicates dropped) with their bookkeeping, totals and minute
+        rollups, apply ``states``, bump ``last_seen``.
 
         Args:
             rows: Telemetry messages.
             states: ``(state, seen)`` pairs applied in order; ``seen`` False keeps ``last_seen`` (a retained
                 state replayed by the broker says nothing about when the device was last heard).
             received_at: When the rows arrived (default: now).
-            highs: Read each device's contiguous high after the commit (off: ``highs`` is empty; the ingest
-                worker reads them when its acknowledgements fall due, not after every batch).
+            highs: Give each device's contiguous high after the commit (off: ``highs`` is empty).
 
         Returns:
-            What was inserted, and each device's contiguous high read after the commit.
+            What was inserted, and each device's contiguous high as the commit left it.
 
         Raises:
             RegistryError: The database failed (nothing of the batch was stored).
@@ -129,72 +128,57 @@ class TelemetryStore:
         if self.last_seen_s > 0:
             touch = {d for d in touch if now - self._seen_at.get(d, float("-inf")) >= self.last_seen_s}
         with self.db.transaction() as conn:
-            inserted = self._insert(conn, rows, at)
+            inserted, after = self._store_rows(conn, rows, at) if rows else ([], {})
             applied = sum(self._apply_state(conn, s, at if seen else None) for s, seen in states)
             self._touch(conn, touch, at)
         self._seen_at.update(dict.fromkeys(touch, now))
-        # After the commit, in a statement of its own: of several processes storing one device's rows, the last
-        # to commit then sees every row (inside the transaction, PostgreSQL would hide the others' uncommitted ones)
-        after = self.contiguous_highs({r.device_id for r in rows}) if rows and highs else {}
-        return BatchResult(frozenset(inserted), len(rows) - len(inserted), after, applied)
+        self._booked.update(after)
+        return BatchResult(frozenset(inserted), len(rows) - len(inserted), after if highs else {}, applied)
 
-    def _insert(self, conn: Connection, rows: Sequence[Telemetry], at: dt.datetime) -> list[tuple[str, int]]:
-        if conn.dialect.name == "sqlite" and rows:
-            return self._insert_sqlite(conn, rows, at)
-        if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg" and rows:
-            return self._insert_postgresql(conn, rows, at)
-        values = list({(r.device_id, r.seq): {"device_id": r.device_id, "seq": r.seq, "sent_at": float(r.sent_at),
-                                              "received_at": at, "metrics": r.metrics} for r in rows}.values())
-        from sqlalchemy.dialects import postgresql, sqlite
+    def _store_rows(self, conn: Connection, rows: Sequence[Telemetry],
+                    at: dt.datetime) -> tuple[list[tuple[str, int]], dict[str, int | None]]:
+        """The rows' part of :meth:`store_batch`: lock the books, decide, write. (inserted, highs after)"""
+        writer = writer_for(conn)
+        writer.begin(conn)
+        ids = sorted({r.device_id for r in rows})
+        self._ensure(conn, writer, [d for d in ids if d not in self._booked])
+        books = self._books(conn, writer, ids)
+        missing = [d for d in ids if d not in books]  # known to this store, yet not in the database: make them
+        if missing:
+            self._ensure(conn, writer, missing)
+            books.update(self._books(conn, writer, missing))
+        plan = plan_batch(rows, books, at)
+        if plan.rows:
+            self._write(conn, writer, plan, at)
+        after = {d: None if b.high < 0 else b.high for d, b in books.items()}
+        after.update({d: None if c.high < 0 else c.high for d, c in plan.devices.items()})
+        return [(r.device_id, r.seq) for r in plan.rows], after
 
-        insert: Any = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(conn.dialect.name)
-        if insert is None:
-            raise RegistryError(f"the telemetry store supports SQLite and PostgreSQL, not {conn.dialect.name}")
-        if not values:
-            return []
-        # one cached statement run as executemany: SQLAlchemy's "insertmanyvalues" sends it as multi-row
-        # INSERTs and gathers RETURNING, without compiling a statement per batch size
-        stmt = (insert(self.table).on_conflict_do_nothing(index_elements=["device_id", "seq"])
-                .returning(self.table.c.device_id, self.table.c.seq))
-        return [(d, int(s)) for d, s in conn.execute(stmt, values)]
+    @staticmethod
+    def _ensure(conn: Connection, writer: Writer, ids: list[str]) -> None:
+        """Create the books of ``ids`` (sorted: concurrent creators wait for each other in one order)."""
+        for start in range(0, len(ids), _DEVICES_PER_QUERY):
+            writer.ensure(conn, ids[start:start + _DEVICES_PER_QUERY])
 
-    def _insert_sqlite(self, conn: Connection, rows: Sequence[Telemetry], at: dt.datetime) -> list[tuple[str, int]]:
-        """SQLite: one ``INSERT OR IGNORE`` run by the driver's executemany, with the values converted once
-        through the columns' own bind processors (SQLAlchemy's per-row work was most of a batch's cost).
+    @staticmethod
+    def _books(conn: Connection, writer: Writer, ids: list[str]) -> dict[str, Book]:
+        """The books of ``ids`` (sorted), locked until the transaction ends."""
+        books: dict[str, Book] = {}
+        for start in range(0, len(ids), _DEVICES_PER_QUERY):
+            books.update(writer.books(conn, ids[start:start + _DEVICES_PER_QUERY]))
+        return books
 
-        The rows that were new: all of them when the driver counts as many changes as rows (the usual case);
-        otherwise those above the largest id before the insert (SQLite has one writer at a time, so every
-        row above it in this transaction is this insert's).
-        """
-        c, dialect = self.table.c, conn.dialect
-        when = _bind(c.received_at, dialect)(at)
-        to_json = _bind(c.metrics, dialect)
-        unique = {(r.device_id, r.seq): r for r in rows}
-        params = [(d, s, float(r.sent_at), when, to_json(r.metrics)) for (d, s), r in unique.items()]
-        name = dialect.identifier_preparer.format_table(self.table)
-        before = conn.exec_driver_sql(f"SELECT max(id) FROM {name}").scalar()
-        result = conn.exec_driver_sql(f"INSERT OR IGNORE INTO {name} (device_id, seq, sent_at, received_at, metrics) "
-                                      "VALUES (?, ?, ?, ?, ?)", params)
-        if result.rowcount == len(params):
-            return list(unique)
-        return [(d, int(s)) for d, s in conn.exec_driver_sql(
-            f"SELECT device_id, seq FROM {name} WHERE id > ?", (before or 0,))]
-
-    def _insert_postgresql(self, conn: Connection, rows: Sequence[Telemetry], at: dt.datetime) -> list[tuple[str, int]]:
-        """PostgreSQL (psycopg 3): one ``INSERT ... SELECT FROM unnest(arrays) ON CONFLICT DO NOTHING
-        RETURNING``: five array parameters and the same statement text for any batch size, so the driver
-        neither parses thousands of placeholders nor the server a new statement per batch."""
-        unique = {(r.device_id, r.seq): r for r in rows}
-        columns: list[list[Any]] = [[], [], [], []]
-        for (d, s), r in unique.items():  # metrics as SQLAlchemy's JSON type writes them (json.dumps)
-            for column, value in zip(columns, (d, s, float(r.sent_at), json.dumps(r.metrics)), strict=True):
-                column.append(value)
-        name = conn.dialect.identifier_preparer.format_table(self.table)
-        # %b: binary parameters (a text array in text format is escaped element by element)
-        sql = (f"INSERT INTO {name} (device_id, seq, sent_at, received_at, metrics) "
-               "SELECT d, s, t, %s, m::json FROM unnest(%b::text[], %b::bigint[], %b::float8[], %b::text[]) "
-               "AS v(d, s, t, m) ON CONFLICT (device_id, seq) DO NOTHING RETURNING device_id, seq")
-        return [(d, int(s)) for d, s in conn.exec_driver_sql(sql, (at, *columns))]
+    @staticmethod
+    def _write(conn: Connection, writer: Writer, plan: Any, at: dt.datetime) -> None:
+        writer.insert(conn, plan.rows, at)
+        writer.update_devices(conn, plan.devices, at)
+        added = [(d, s) for d, c in plan.devices.items() for s in sorted(c.pending_added)]
+        removed = [(d, s) for d, c in plan.devices.items() for s in sorted(c.pending_removed)]
+        if added or removed:
+            writer.pending(conn, added, removed)
+        minute = floor_time(at, 60)
+        writer.upsert(conn, schema.telemetry_device_minute, plan.device_minutes, minute)
+        writer.upsert(conn, schema.telemetry_version_minute, plan.version_minutes, minute)
 
     def _touch(self, conn: Connection, device_ids: set[str], at: dt.datetime) -> None:
         if not device_ids:
@@ -203,7 +187,7 @@ class TelemetryStore:
         if conn.dialect.name == "sqlite" and _SQLITE_JSON:  # one statement text for any number of devices
             name = conn.dialect.identifier_preparer.format_table(d)
             conn.exec_driver_sql(f"UPDATE {name} SET last_seen = ? WHERE device_id IN (SELECT value FROM json_each(?))",
-                                 (_bind(d.c.last_seen, conn.dialect)(at), json.dumps(sorted(device_ids))))
+                                 (bind(d.c.last_seen, conn.dialect)(at), json.dumps(sorted(device_ids))))
         elif conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
             name = conn.dialect.identifier_preparer.format_table(d)
             conn.exec_driver_sql(f"UPDATE {name} SET last_seen = %s WHERE device_id = ANY(%b::text[])",
@@ -252,76 +236,20 @@ class TelemetryStore:
         return self.contiguous_highs([device_id])[device_id]
 
     def contiguous_highs(self, device_ids: Iterable[str]) -> dict[str, int | None]:
-        """:meth:`contiguous_high` of several devices, in one query per 200 devices.
+        """:meth:`contiguous_high` of several devices: one indexed read per 500 devices, whatever their history.
 
         Raises:
             RegistryError: The database failed.
         """
+        ids = sorted(set(device_ids))
+        t = schema.telemetry_devices
+        highs: dict[str, int | None] = dict.fromkeys(ids)
         with self.db.transaction() as conn:
-            highs = self._compute_highs(conn, sorted(set(device_ids)))
-        self._remember(highs)
+            for start in range(0, len(ids), _DEVICES_PER_QUERY):
+                query = sa.select(t.c.device_id, t.c.contiguous_high).where(
+                    t.c.device_id.in_(ids[start:start + _DEVICES_PER_QUERY]))
+                highs.update({d: None if h is None else int(h) for d, h in conn.execute(query)})
         return highs
-
-    def _remember(self, highs: dict[str, int | None]) -> None:
-        for device_id, high in highs.items():
-            self._highs[device_id] = max(self._highs.get(device_id, -1), -1 if high is None else high)
-
-    def _compute_highs(self, conn: Connection, device_ids: list[str]) -> dict[str, int | None]:
-        highs: dict[str, int | None] = {}
-        for start in range(0, len(device_ids), _DEVICES_PER_QUERY):
-            highs.update(self._highs_query(conn, device_ids[start:start + _DEVICES_PER_QUERY]))
-        return highs
-
-    def _highs_query(self, conn: Connection, device_ids: list[str]) -> dict[str, int | None]:
-        """End of the run of stored seqs through each device's known high (or through seq 0)."""
-        t = self.table
-        known = {d: self._highs.get(d, -1) for d in device_ids}
-        fresh = [d for d, h in known.items() if h < 0]
-        has_zero: set[str] = set()
-        if fresh:
-            has_zero = set(conn.execute(sa.select(t.c.device_id).where(t.c.device_id.in_(fresh), t.c.seq == 0))
-                           .scalars())
-        todo = {d: max(h, 0) for d, h in known.items() if h >= 0 or d in has_zero}
-        highs: dict[str, int | None] = {d: None for d in device_ids if d not in todo}
-        if todo and conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
-            highs.update(self._highs_postgresql(conn, todo))
-        elif todo and conn.dialect.name == "sqlite" and _SQLITE_JSON:
-            highs.update(self._highs_sqlite(conn, todo))
-        elif todo:
-            # plain SQL text: building the same query as an expression costs more than running it
-            terms = " OR ".join(f"(a.device_id = :d{i} AND a.seq >= :s{i})" for i in range(len(todo)))
-            name = self.db.engine.dialect.identifier_preparer.format_table(t)
-            query = sa.text(f"SELECT a.device_id, MIN(a.seq) FROM {name} a LEFT JOIN {name} b "
-                            f"ON b.device_id = a.device_id AND b.seq = a.seq + 1 "
-                            f"WHERE b.id IS NULL AND ({terms}) GROUP BY a.device_id")
-            params: dict[str, Any] = {}
-            for i, (d, low) in enumerate(todo.items()):
-                params[f"d{i}"], params[f"s{i}"] = d, low
-            highs.update({d: int(s) for d, s in conn.execute(query, params)})
-        return highs
-
-    def _highs_sqlite(self, conn: Connection, todo: dict[str, int]) -> dict[str, int]:
-        """:meth:`_highs_query`'s run ends on SQLite: the (device, lowest seq) pairs as one JSON object walked by
-        ``json_each``, so one statement text serves any number of devices (the driver caches its preparation;
-        an ``OR`` of a hundred terms cost 5 ms a batch to prepare, this 1 ms to run)."""
-        name = conn.dialect.identifier_preparer.format_table(self.table)
-        sql = (f"SELECT a.device_id, MIN(a.seq) FROM json_each(?) AS k "
-               f"JOIN {name} a ON a.device_id = k.key AND a.seq >= k.value "
-               f"LEFT JOIN {name} b ON b.device_id = a.device_id AND b.seq = a.seq + 1 "
-               "WHERE b.id IS NULL GROUP BY a.device_id")
-        return {d: int(s) for d, s in conn.exec_driver_sql(sql, (json.dumps(todo),))}
-
-    def _highs_postgresql(self, conn: Connection, todo: dict[str, int]) -> dict[str, int]:
-        """:meth:`_highs_query`'s run ends on PostgreSQL: the (device, lowest seq) pairs as two binary array
-        parameters (one statement text for any number of devices; psycopg would otherwise rewrite hundreds of
-        placeholders per query), each device's run end found by a ``LATERAL`` walk of the ``(device_id, seq)``
-        index from its known high to the first gap (a join over the pairs let the planner scan the whole table:
-        40 ms a batch at 60,000 rows, growing with the table)."""
-        name = conn.dialect.identifier_preparer.format_table(self.table)
-        sql = (f"SELECT k.d, h.seq FROM unnest(%b::text[], %b::bigint[]) AS k(d, s) CROSS JOIN LATERAL "
-               f"(SELECT a.seq FROM {name} a WHERE a.device_id = k.d AND a.seq >= k.s AND NOT EXISTS "
-               f"(SELECT 1 FROM {name} b WHERE b.device_id = k.d AND b.seq = a.seq + 1) ORDER BY a.seq LIMIT 1) h")
-        return {d: int(s) for d, s in conn.exec_driver_sql(sql, (list(todo), list(todo.values())))}
 
     # --- device flags -------------------------------------------------------------------------------------
 
@@ -343,21 +271,25 @@ class TelemetryStore:
                 "received_at": as_utc(r.received_at), "metrics": r.metrics}
 
     def latest(self, device_id: str, n: int = 100) -> list[dict[str, Any]]:
-        """The ``n`` rows of ``device_id`` with the highest seqs, highest first.
+        """The ``n`` newest rows of ``device_id`` (by arrival), highest seq first.
 
-        Each row is ``{"device_id", "seq", "sent_at", "received_at", "metrics"}``.
+        Each row is ``{"device_id", "seq", "sent_at", "received_at", "metrics"}``. One read of the
+        ``(device_id, received_at)`` index from its newest end, whatever the device's history.
 
         Raises:
             RegistryError: The database failed.
         """
         t = self.table
-        query = sa.select(t).where(t.c.device_id == device_id).order_by(t.c.seq.desc()).limit(n)
+        query = (sa.select(t).where(t.c.device_id == device_id)
+                 .order_by(t.c.received_at.desc(), t.c.seq.desc()).limit(n))
         with self.db.transaction() as conn:
-            return [self._row(r) for r in conn.execute(query)]
+            rows = [self._row(r) for r in conn.execute(query)]
+        return sorted(rows, key=lambda r: r["seq"], reverse=True)
 
     def series(self, device_id: str | None, metric: str, since: dt.datetime,
                until: dt.datetime | None = None) -> list[dict[str, Any]]:
-        """One metric over time: rows received in ``[since, until)`` that carry a numeric ``metric``.
+        """One metric over time, from the raw rows: rows received in ``[since, until)`` that carry a numeric
+        ``metric``. Its cost grows with the rows in the window (the dashboard reads the rollups instead).
 
         Args:
             device_id: One device, or None for every device.
@@ -389,29 +321,30 @@ class TelemetryStore:
         return out
 
     def devices_summary(self) -> list[dict[str, Any]]:
-        """One entry per enrolled device or device with telemetry, sorted by id.
+        """One entry per enrolled device or device with telemetry, sorted by id: two reads, of ``devices`` and
+        ``telemetry_devices`` (the running totals), whatever the history.
 
         Each is ``{"device_id", "enrolled", "revoked", "status", "last_seen", "installed", "capabilities",
-        "telemetry_rows", "last_seq", "contiguous_high", "last_received_at"}``.
+        "telemetry_rows", "last_seq", "contiguous_high", "last_received_at"}``; ``telemetry_rows`` counts every
+        row ever stored (retention does not lower it).
 
         Raises:
             RegistryError: The database failed.
         """
-        t, d = self.table, self.devices
-        agg = sa.select(t.c.device_id, sa.func.count(), sa.func.max(t.c.seq), sa.func.max(t.c.received_at)) \
-            .group_by(t.c.device_id)
+        t, d = schema.telemetry_devices, self.devices
         with self.db.transaction() as conn:
-            stats = {r[0]: r[1:] for r in conn.execute(agg)}
+            stats = {r.device_id: r for r in conn.execute(sa.select(t.c.device_id, t.c.windows, t.c.last_seq,
+                                                                    t.c.contiguous_high, t.c.last_received_at))}
             rows = {r.device_id: r for r in conn.execute(sa.select(d))}
-            highs = self._compute_highs(conn, sorted(stats))
-        self._remember(highs)
         out = []
         for name in sorted(set(stats) | set(rows)):
-            r, (count, last_seq, last_at) = rows.get(name), stats.get(name, (0, None, None))
+            r, s = rows.get(name), stats.get(name)
             out.append({"device_id": name, "enrolled": r is not None, "revoked": bool(r.revoked) if r else False,
                         "status": r.status if r else None, "last_seen": as_utc(r.last_seen) if r else None,
                         "installed": (r.installed if r else None) or {},
                         "capabilities": (r.capabilities if r else None) or {},
-                        "telemetry_rows": int(count), "last_seq": None if last_seq is None else int(last_seq),
-                        "contiguous_high": highs.get(name), "last_received_at": as_utc(last_at)})
+                        "telemetry_rows": int(s.windows) if s else 0,
+                        "last_seq": None if s is None or s.last_seq is None else int(s.last_seq),
+                        "contiguous_high": None if s is None or s.contiguous_high is None else int(s.contiguous_high),
+                        "last_received_at": as_utc(s.last_received_at) if s else None})
         return out
