@@ -38,7 +38,7 @@ from edgeml.errors import EdgeMLError
 from edgeml.fleet.rollouts import rules
 from edgeml.fleet.rollouts.intake import DeviceIntake
 from edgeml.fleet.rollouts.rules import DeviceRow, DeviceSignals, RolloutError, RolloutOptions, RolloutView
-from edgeml.fleet.rollouts.signals import Judged, telemetry_signals
+from edgeml.fleet.rollouts.signals import Judged, SignalWatcher
 from edgeml.fleet.rollouts.states import (
     REVERT_TO_SEND,
     REVERT_TRANSITIONS,
@@ -239,18 +239,20 @@ class RolloutController:
             self._unbroadcast(rollout_id)
 
     def _signals(self, row: Any, view: RolloutView, devices: list[DeviceRow], now: float) -> dict[str, DeviceSignals]:
-        """Each device's model signals: drift events, and telemetry read at most every ``signals_s``."""
+        """Each device's model signals: drift events, and telemetry read from the minute rollups by a
+        :class:`~edgeml.fleet.rollouts.signals.SignalWatcher` in its own thread, at most every ``signals_s`` (a tick
+        takes the newest signals read and never waits for a read; the watcher is made on first use)."""
         options = view.options
         wanted = (options.max_p99_regression, options.max_error_rate, options.max_drift) != (None, None, None)
-        cached = self._telemetry.get(row.id)
-        stale = cached is None or now - cached[0] >= self.signals_s
-        if wanted and stale and phase_of(row.state) not in TERMINAL_PHASES:
+        measured: dict[str, DeviceSignals] = {}
+        if wanted and phase_of(row.state) not in TERMINAL_PHASES:
             judged = [Judged(d.device_id, d.previous, _at(d.notified_at)) for d in devices
                       if d.notified_at is not None and d.state in (RowState.NOTIFIED, RowState.COMMITTED,
                                                                      RowState.ROLLED_BACK)]
-            cached = (now, telemetry_signals(self.db, row.version, judged, row.created_at) if judged else {})
-            self._telemetry[row.id] = cached
-        measured = cached[1] if cached else {}
+            watcher = getattr(self, "_signal_watcher", None)
+            if watcher is None:
+                watcher = self._signal_watcher = SignalWatcher(self.db, every_s=self.signals_s)
+            measured = watcher.signals(row.id, row.version, row.created_at, judged) if judged else {}
         out = {}
         for d in devices:
             t = measured.get(d.device_id, DeviceSignals())

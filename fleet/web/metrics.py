@@ -6,12 +6,11 @@ registry database afresh on every scrape (nothing is cached between scrapes, no 
 so what Prometheus sees is what the database holds at that moment.
 
 **Cost of a scrape**: four ``SELECT`` statements in one read transaction, whatever the number of devices or
-rollouts (no per-device or per-rollout query): the ``devices`` table; one aggregate over ``telemetry``
-grouped by device and joined to each device's latest row through the ``(device_id, seq)`` unique index;
-``rollouts``; and ``rollout_devices`` counted by rollout, wave and state. The telemetry aggregate reads every
-telemetry row (it sums the ``requests`` and ``errors`` of each device's windows), so its cost grows with the
-rows stored, like ``TelemetryStore.devices_summary``; everything else is proportional to devices and rollouts.
-With ``require_token`` the token check adds two statements.
+rollouts (no per-device or per-rollout query), and none of them reads a telemetry row: the ``devices`` table;
+the devices' running totals and latest windows (``telemetry_devices``, kept by the ingest transaction); the
+rollouts joined to their devices counted by wave and state; and the versions' minute rollups of the last
+:data:`RECENT_MINUTES` minutes. Its cost is proportional to devices, rollouts and versions, never to the history
+stored. With ``require_token`` the token check adds two statements.
 
 Exported series (all prefixed ``edgeml_``; units in the names, ratios as 0..1):
 
@@ -23,15 +22,21 @@ Exported series (all prefixed ``edgeml_``; units in the names, ratios as 0..1):
 ``device_last_seen_timestamp_seconds{device}``     when each device was last heard (Unix seconds)
 ``device_latency_p50_seconds``, ``..._p99_...``    each device's latest telemetry window, labelled
 ``device_error_ratio``, ``device_drift_score``     ``{device,model,version}`` (the model it was measured on)
-``device_requests_total{device}``, ``..._errors``  sums over every stored window of the device (counters)
+``device_requests_total{device}``, ``..._errors``  sums over every window ever stored of the device (counters:
+                                                   running totals, which retention never lowers)
 ``device_telemetry_last_received_timestamp_...``   when its latest stored row arrived
 ``version_devices_reporting{model,version}``       devices whose latest telemetry is on that version, and
 ``version_mean_latency_p50_seconds`` and friends   the mean (and max) of their latest values
+``version_5m_windows{model,version}``, ``..._      the version's windows, requests and errors received in the
+requests``, ``..._errors``                         last 5 minutes (its minute rollups), and over those windows
+``version_5m_mean_latency_p99_seconds`` and        the mean p50, mean and max p99, mean error rate, mean and
+friends                                            max drift score
 ``rollout_info{rollout,model,version,state}``      1 per rollout; ``rollout_current_wave{rollout}``
 ``rollout_devices{rollout,model,version,wave,      devices of each rollout by wave and state
 state}``
 ``rollouts{state}``, ``rollouts_aborted_total``    rollouts by state; how many were aborted
-``telemetry_rows``, ``telemetry_last_received_.`` rows stored; when the newest arrived
+``telemetry_rows``, ``telemetry_last_received_.`` rows ever stored (retention does not lower it); when the
+                                                   newest arrived
 ``ingest_*_total``, ``ingest_rejected_total{       an :class:`~edgeml.fleet.telemetry.ingest.IngestWorker`'s counters,
 reason}``, ``ingest_queued``                       when one is given
 =================================================  ===========================================================
@@ -42,14 +47,17 @@ changes version. ``fleet/grafana/edgeml-fleet.json`` is a Grafana dashboard over
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from edgeml.errors import RegistryError
+from edgeml.fleet.store import schema
+from edgeml.fleet.store.db import utcnow
 from edgeml.fleet.store.schema import sa
+from edgeml.fleet.telemetry.figures import Rollup, floor_time
 
 if TYPE_CHECKING:
     from edgeml.fleet.store.db import Database
@@ -65,6 +73,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 #: Statuses always exported (as 0 when no device has them), so that dashboards show 0 rather than no data.
 _BASE_STATUSES = ("serving", "idle", "updating", "offline")
 _SUMMED = ("requests", "errors")  # telemetry metrics summed over every stored window of a device
+#: Minutes of the versions' rollups in the ``edgeml_version_5m_*`` families (the current one included).
+RECENT_MINUTES = 5
 
 
 def _number(value: Any) -> float | None:
@@ -78,8 +88,6 @@ def _timestamp(value: Any) -> float | None:
     """Unix seconds of a stored time (SQLite gives naive UTC datetimes back)."""
     if value is None:
         return None
-    import datetime as dt
-
     return (value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)).timestamp()
 
 
@@ -91,45 +99,51 @@ class _Snapshot:
     telemetry: list[Any] = field(default_factory=list)  # rows: device_id, rows, last_at, requests, errors, metrics
     rollouts: list[Any] = field(default_factory=list)  # rows: id, model, version, state, current_wave
     waves: list[Any] = field(default_factory=list)  # rows: rollout_id, wave, state, n
-
-
-def _json_number(sa: Any, dialect: str, column: Any, key: str) -> Any:
-    """A SQL expression: ``column[key]`` when it is a JSON number, else NULL (never a cast error)."""
-    if dialect == "sqlite":
-        path = f'$."{key}"'
-        number = sa.case((sa.func.json_type(column, path).in_(("integer", "real")), sa.func.json_extract(column, path)),
-                         else_=None)
-        return sa.case((sa.func.json_valid(column) == 1, number), else_=None)  # CASE is lazy: no error on bad JSON
-    if dialect == "postgresql":
-        name = sa.cast(sa.literal(key), sa.Text)
-        return sa.case((sa.func.json_typeof(sa.func.json_extract_path(column, name)) == "number",
-                        sa.cast(sa.func.json_extract_path_text(column, name), sa.Float)), else_=None)
-    raise RegistryError(f"/metrics supports SQLite and PostgreSQL, not {dialect}")
+    recent: dict[tuple[str, str], Rollup] = field(default_factory=dict)  # (model, version) -> the last 5 minutes
 
 
 def _read(db: Database) -> _Snapshot:
-    """The four queries of a scrape, in one read transaction.
+    """The four queries of a scrape, in one read transaction: devices, their running totals, rollouts with their
+    devices counted by wave and state, and the versions' minute rollups of the last :data:`RECENT_MINUTES`.
 
     Raises:
         RegistryError: The database failed.
     """
-    tables = db.tables
-    d, t, r, rd = tables["devices"], tables["telemetry"], tables["rollouts"], tables["rollout_devices"]
-    dialect = db.engine.dialect.name
-    sums = [sa.func.sum(_json_number(sa, dialect, t.c.metrics, k)).label(k) for k in _SUMMED]
-    agg = (sa.select(t.c.device_id, sa.func.count().label("rows"), sa.func.max(t.c.seq).label("last_seq"),
-                     sa.func.max(t.c.received_at).label("last_at"), *sums)
-           .group_by(t.c.device_id).subquery())
-    latest = (sa.select(agg.c.device_id, agg.c.rows, agg.c.last_at, agg.c.requests, agg.c.errors, t.c.metrics)
-              .join(t, (t.c.device_id == agg.c.device_id) & (t.c.seq == agg.c.last_seq)))
+    d, t, r, rd = schema.devices, schema.telemetry_devices, schema.rollouts, schema.rollout_devices
+    vm = schema.telemetry_version_minute
+    waves = (sa.select(rd.c.rollout_id, rd.c.wave, rd.c.state, sa.func.count().label("n"))
+             .group_by(rd.c.rollout_id, rd.c.wave, rd.c.state).subquery())
+    rollouts = sa.select(r.c.id, r.c.model, r.c.version, r.c.state, r.c.current_wave, waves.c.wave,
+                         waves.c.state.label("device_state"), waves.c.n).select_from(
+        r.outerjoin(waves, waves.c.rollout_id == r.c.id))
+    since = floor_time(utcnow(), 60) - dt.timedelta(minutes=RECENT_MINUTES - 1)
+    snap = _Snapshot()
     with db.transaction() as conn:
-        return _Snapshot(
-            devices=conn.execute(sa.select(d.c.device_id, d.c.status, d.c.revoked, d.c.installed,
-                                           d.c.last_seen)).all(),
-            telemetry=conn.execute(latest).all(),
-            rollouts=conn.execute(sa.select(r.c.id, r.c.model, r.c.version, r.c.state, r.c.current_wave)).all(),
-            waves=conn.execute(sa.select(rd.c.rollout_id, rd.c.wave, rd.c.state, sa.func.count().label("n"))
-                               .group_by(rd.c.rollout_id, rd.c.wave, rd.c.state)).all())
+        snap.devices = conn.execute(sa.select(d.c.device_id, d.c.status, d.c.revoked, d.c.installed,
+                                              d.c.last_seen)).all()
+        snap.telemetry = conn.execute(sa.select(t.c.device_id, t.c.windows.label("rows"),
+                                                t.c.last_received_at.label("last_at"), t.c.requests, t.c.errors,
+                                                t.c.latest_metrics.label("metrics"))
+                                      .where(t.c.windows > 0)).all()
+        joined = conn.execute(rollouts).all()
+        recent = conn.execute(sa.select(vm).where(vm.c.bucket >= since)).all()
+    seen = {}
+    for row in joined:
+        seen[row.id] = row
+        if row.wave is not None:
+            snap.waves.append(_Wave(row.id, row.wave, row.device_state, row.n))
+    snap.rollouts = list(seen.values())
+    for row in recent:
+        snap.recent.setdefault((row.model, row.version), Rollup()).merge(Rollup.of_row(row))
+    return snap
+
+
+@dataclass(frozen=True)
+class _Wave:
+    rollout_id: str
+    wave: int
+    state: str
+    n: int
 
 
 # --- families built from a snapshot (no I/O) -----------------------------------------------------------------
@@ -196,8 +210,8 @@ def _telemetry_families(snap: _Snapshot) -> Iterator[Any]:
 
     gauges = {s: GaugeMetricFamily(f"edgeml_device_{s}", f"The device's {h}", labels=["device", "model", "version"])
               for s, _, _, h in _GAUGES}
-    counters = {k: CounterMetricFamily(f"edgeml_device_{k}", f"Inference {k} over every stored telemetry window of "
-                                       "the device", labels=["device"]) for k in _SUMMED}
+    counters = {k: CounterMetricFamily(f"edgeml_device_{k}", f"Inference {k} over every telemetry window ever "
+                                       "stored of the device", labels=["device"]) for k in _SUMMED}
     received = GaugeMetricFamily("edgeml_device_telemetry_last_received_timestamp_seconds",
                                  "When the device's latest stored telemetry row arrived, Unix seconds",
                                  labels=["device"])
@@ -222,7 +236,8 @@ def _telemetry_families(snap: _Snapshot) -> Iterator[Any]:
     yield from counters.values()
     yield received
     yield from _version_families(per_version)
-    yield GaugeMetricFamily("edgeml_telemetry_rows", "Telemetry rows stored", value=rows)
+    yield GaugeMetricFamily("edgeml_telemetry_rows", "Telemetry rows ever stored (retention does not lower it)",
+                            value=rows)
     if last is not None:
         yield GaugeMetricFamily("edgeml_telemetry_last_received_timestamp_seconds",
                                 "When the newest stored telemetry row arrived, Unix seconds", value=last)
@@ -251,6 +266,39 @@ def _version_families(per_version: Mapping[tuple[str, str], list[dict[str, float
     yield reporting
     yield from means.values()
     yield from maxima.values()
+
+
+#: (metric suffix, rollup metric or column, how, scale, help) of the ``edgeml_version_5m_*`` gauges.
+_RECENT = (
+    ("mean_latency_p50_seconds", "latency_p50_ms", "mean", 1e-3, "mean median latency"),
+    ("mean_latency_p99_seconds", "latency_p99_ms", "mean", 1e-3, "mean p99 latency"),
+    ("max_latency_p99_seconds", "p99_max", "max", 1e-3, "highest p99 latency"),
+    ("mean_error_ratio", "error_rate", "mean", 1.0, "mean error rate (0..1)"),
+    ("mean_drift_score", "drift.score", "mean", 1.0, "mean drift score"),
+    ("max_drift_score", "drift_max", "max", 1.0, "highest drift score"),
+)
+
+
+def _recent_families(snap: _Snapshot) -> Iterator[Any]:
+    """Per version, over the telemetry windows received in the last few minutes: the minute rollups summed."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    labels, over = ["model", "version"], f"over the windows received in the last {RECENT_MINUTES} minutes"
+    counts = {c: GaugeMetricFamily(f"edgeml_version_5m_{c}", f"Telemetry {c} of the version {over}", labels=labels)
+              for c in ("windows", "requests", "errors")}
+    gauges = {s: GaugeMetricFamily(f"edgeml_version_5m_{s}", f"The version's {h} {over}", labels=labels)
+              for s, _, _, _, h in _RECENT}
+    for (model, version), rollup in sorted(snap.recent.items()):
+        if not model or not version:
+            continue
+        for column, family in counts.items():
+            family.add_metric([model, version], rollup.get(column))
+        for suffix, source, how, scale, _ in _RECENT:
+            value = rollup.mean(source) if how == "mean" else getattr(rollup, source)
+            if value is not None:
+                gauges[suffix].add_metric([model, version], value * scale)
+    yield from counts.values()
+    yield from gauges.values()
 
 
 def _rollout_families(snap: _Snapshot) -> Iterator[Any]:
@@ -336,6 +384,7 @@ class FleetCollector:
         stats = self.ingest.stats() if self.ingest is not None else None
         yield from _device_families(snap)
         yield from _telemetry_families(snap)
+        yield from _recent_families(snap)
         yield from _rollout_families(snap)
         if stats is not None:
             yield from _ingest_families(stats)

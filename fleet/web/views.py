@@ -11,10 +11,13 @@ it has been silent for that long. Revoked devices are counted apart, as neither.
 
 Telemetry series (:func:`telemetry_series`) cut the window ``[now - since_s, now]`` into ``buckets`` equal
 buckets and give, per version (``model:version`` as the device reported it in the telemetry row) or per
-device, the mean of the metric over the rows received in each bucket; buckets without rows have no point.
-Metric names are paths into the telemetry's ``metrics`` (:data:`METRICS`; ``drift.score`` is nested). The
-rows of the window are read once and reduced here, so a window's cost grows with its rows: keep windows to
-hours, not weeks, on a large fleet.
+device, the mean of the metric over the windows received in each bucket; buckets without windows have no point.
+Metric names are paths into the telemetry's ``metrics`` (:data:`METRICS`; ``drift.score`` is nested). They are
+read from the rollups (:mod:`~edgeml.fleet.telemetry.rollups`), never from the rows: per minute for windows up
+to :data:`MINUTE_WINDOW_S`, per hour beyond (the buckets are then at least an hour wide). A rollup row counts in
+the bucket its last instant falls in, so a series' cost grows with the versions (or devices) and the window's
+minutes or hours, not with how often devices report. The devices' latest numbers come from their running totals
+(``telemetry_devices``), one row per device.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from edgeml.errors import ConfigError
 from edgeml.fleet.store import schema
 from edgeml.fleet.store.db import as_utc, utcnow
 from edgeml.fleet.store.schema import sa
+from edgeml.fleet.telemetry.figures import SERIES_METRICS
+from edgeml.fleet.telemetry.rollups import HOUR, MINUTE, read_window
 
 if TYPE_CHECKING:
     from edgeml.fleet.store.db import Database
@@ -39,6 +44,7 @@ __all__ = [
     "GROUPINGS",
     "MAX_SINCE_S",
     "METRICS",
+    "MINUTE_WINDOW_S",
     "audit_entries",
     "device_list",
     "fleet_overview",
@@ -59,6 +65,8 @@ METRICS: dict[str, tuple[str, ...]] = {
     "error_rate": ("error_rate",),
     "drift.score": ("drift", "score"),
 }
+#: The longest window drawn from the minute rollups, in seconds (6 hours); longer ones use the hour rollups.
+MINUTE_WINDOW_S = 6 * 3600
 #: How a series is split: one line per version, or per device.
 GROUPINGS = ("version", "device")
 _MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -76,14 +84,6 @@ def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return float(value)
-
-
-def _dig(metrics: Any, path: tuple[str, ...]) -> Any:
-    for key in path:
-        if not isinstance(metrics, dict):
-            return None
-        metrics = metrics.get(key)
-    return metrics
 
 
 def is_online(status: str | None, last_seen: dt.datetime | None, now: dt.datetime,
@@ -176,10 +176,9 @@ def device_list(db: Database, *, now: dt.datetime | None = None,
         RegistryError: The database failed.
     """
     now = now or utcnow()
-    d, t = schema.devices, schema.telemetry
-    newest = sa.select(t.c.device_id, sa.func.max(t.c.seq).label("seq")).group_by(t.c.device_id).subquery()
-    latest = sa.select(t.c.device_id, t.c.seq, t.c.received_at, t.c.metrics).join(
-        newest, (newest.c.device_id == t.c.device_id) & (newest.c.seq == t.c.seq))
+    d, t = schema.devices, schema.telemetry_devices
+    latest = sa.select(t.c.device_id, t.c.last_seq.label("seq"), t.c.latest_received_at.label("received_at"),
+                       t.c.latest_metrics.label("metrics")).where(t.c.last_seq.is_not(None))
     with db.transaction() as conn:
         rows = conn.execute(sa.select(d).order_by(d.c.device_id)).all()
         telemetry = {r.device_id: r for r in conn.execute(latest)}
@@ -228,9 +227,10 @@ def telemetry_series(db: Database, metric: str, *, by: str = "version", since_s:
                      now: dt.datetime | None = None) -> dict[str, Any]:
     """One metric over the last ``since_s`` seconds, bucketed, one series per version or per device.
 
-    Returns ``{"metric", "by", "model", "since_s", "buckets", "bucket_s", "start", "end", "series"}``; times
-    are Unix seconds; ``series`` is a list sorted by ``key`` (``model:version``, or the device id) of
-    ``{"key", "points": [[bucket middle, mean], ...], "rows"}`` with one point per bucket that has rows.
+    Returns ``{"metric", "by", "model", "since_s", "buckets", "bucket_s", "resolution_s", "start", "end",
+    "series"}``; times are Unix seconds; ``resolution_s`` is the rollups' (60 or 3600); ``series`` is a list sorted
+    by ``key`` (``model:version``, or the device id) of ``{"key", "points": [[bucket middle, mean], ...], "rows"}``
+    with one point per bucket that has windows carrying the metric, ``rows`` counting those windows.
 
     Args:
         db: The registry's database.
@@ -238,7 +238,8 @@ def telemetry_series(db: Database, metric: str, *, by: str = "version", since_s:
         by: ``version`` or ``device``.
         since_s: The window, in seconds before ``now`` (60 to :data:`MAX_SINCE_S`).
         model: Only rows of this model (None: every model).
-        buckets: How many buckets the window is cut into (1 to 500).
+        buckets: How many buckets the window is cut into (1 to 500; at most one per hour past
+            :data:`MINUTE_WINDOW_S`).
         now: The end of the window (default: the clock).
 
     Raises:
@@ -248,36 +249,36 @@ def telemetry_series(db: Database, metric: str, *, by: str = "version", since_s:
     _check_series_args(metric, by, since_s, model, buckets)
     end = now or utcnow()
     start = end - dt.timedelta(seconds=since_s)
+    resolution = MINUTE if since_s <= MINUTE_WINDOW_S else HOUR
+    buckets = min(buckets, max(1, int(since_s // resolution)))
     width = float(since_s) / buckets
-    t = schema.telemetry
-    query = (sa.select(t.c.device_id, t.c.received_at, t.c.metrics)
-             .where((t.c.received_at >= start) & (t.c.received_at <= end)))
-    sums: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0.0]))
+    total, count = SERIES_METRICS[metric]
     with db.transaction() as conn:
-        for device_id, received_at, metrics in conn.execute(query):
-            if not isinstance(metrics, dict) or (model is not None and metrics.get("model") != model):
-                continue
-            value = _number(_dig(metrics, METRICS[metric]))
-            if value is None:
-                continue
-            key = device_id if by == "device" else _version_key(metrics)
-            at = as_utc(received_at) or start
-            index = min(int((at - start).total_seconds() // width), buckets - 1)
-            acc = sums[key][index]
-            acc[0] += value
-            acc[1] += 1
+        rows = read_window(conn, devices=by == "device", resolution=resolution, start=start, end=end,
+                           columns=(total, count), model=model)
+    sums: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0.0]))
+    last = dt.timedelta(seconds=resolution) - dt.timedelta(microseconds=1)
+    for row in rows:
+        value, n = row.values
+        if not n:
+            continue
+        key = row.device_id if by == "device" else _version_key(row.model, row.version)
+        index = min(max(int((row.start + last - start).total_seconds() // width), 0), buckets - 1)
+        acc = sums[key][index]
+        acc[0] += float(value)
+        acc[1] += float(n)
     t0 = start.timestamp()
     series = [{"key": key, "rows": int(sum(n for _, n in cells.values())),
                "points": [[round(t0 + (i + 0.5) * width, 3), total / n] for i, (total, n) in sorted(cells.items())]}
               for key, cells in sorted(sums.items())]
     return {"metric": metric, "by": by, "model": model, "since_s": since_s, "buckets": buckets, "bucket_s": width,
-            "start": t0, "end": end.timestamp(), "series": series}
+            "resolution_s": resolution, "start": t0, "end": end.timestamp(), "series": series}
 
 
-def _version_key(metrics: dict[str, Any]) -> str:
-    model, version = metrics.get("model"), metrics.get("version")
-    version = "unknown" if version is None else str(version)
-    return f"{model}:{version}" if model is not None else version
+def _version_key(model: str, version: str) -> str:
+    """``model:version`` as the series key ('' stands for a model or version the window did not name)."""
+    version = version or "unknown"
+    return f"{model}:{version}" if model else version
 
 
 # --- audit -------------------------------------------------------------------------------------------------
