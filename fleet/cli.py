@@ -178,21 +178,37 @@ def serve_command(
     client_id: ClientId = "edgeml.rollouts",
     tick: Tick = 1.0,
     db_url: DbUrl = None,
+    retain_raw: Annotated[str, typer.Option("--retain-raw", help="Keep raw telemetry rows this long (90m, 36h, 7d, "
+                                            "2w; 0: forever); whole days on PostgreSQL.")] = "7d",
+    retain_minutes: Annotated[str, typer.Option("--retain-minutes", help="Keep the per-minute rollups this long "
+                                                "(the dashboard's windows up to 6 h, the rollout signals).")] = "30d",
+    retain_hours: Annotated[str, typer.Option("--retain-hours", help="Keep the per-hour rollups this long.")
+                            ] = "400d",
+    maintenance_every: Annotated[str, typer.Option("--maintenance-every", help="How often telemetry maintenance "
+                                                   "runs: hour rollups, retention, partitions.")] = "5m",
+    no_maintenance: Annotated[bool, typer.Option("--no-maintenance", help="Run no telemetry maintenance in this "
+                                                 "process (another serve process does it).")] = False,
 ) -> None:
     """Run the fleet server until Ctrl-C or SIGTERM: distribution, telemetry ingest, the rollout controller and
     the HTTP listener (dashboard, JSON API, /metrics, the repository), in this process or split by --role.
 
     Prints one line per part with its real address. Processes with different roles meet in the database
-    (--db-url; PostgreSQL across machines) and on the broker.
+    (--db-url; PostgreSQL across machines) and on the broker. Each process also runs telemetry maintenance
+    (hour rollups, retention, PostgreSQL partitions) unless --no-maintenance; one process at a time does the work.
     """
     from edgeml.fleet.server import ROLES, ServeSettings
+    from edgeml.fleet.telemetry.maintenance import RetentionSettings, parse_duration
 
     roles = frozenset(role or ROLES) - ({"web"} if no_http else set())
+    retention = None if no_maintenance else RetentionSettings(
+        raw_s=parse_duration(retain_raw, "--retain-raw"), minute_s=parse_duration(retain_minutes, "--retain-minutes"),
+        hour_s=parse_duration(retain_hours, "--retain-hours"),
+        every_s=parse_duration(maintenance_every, "--maintenance-every"))
     _serve(directory, ServeSettings(
         roles=roles, broker_host=broker_host, broker_port=broker_port, username=username,
         password=_broker_password(password, password_file), tls=_tls_context(ca), http_host=http_host,
         http_port=http_port, db_url=db_url, shared=shared, mqtt5=not mqtt311, tick_s=tick, client_id=client_id,
-        metrics_token=metrics_token))
+        metrics_token=metrics_token, retention=retention))
 
 
 @fleet_app.command("simulate")

@@ -19,6 +19,10 @@ MQTT 3.1.1 broker without shared subscriptions (the embedded one) needs all role
 
 Device states (the retained ``state`` messages) are written by the controller where it runs, else by the
 ingest worker, so that a scale-out deployment does not write every state once per worker.
+
+Every process, whatever its roles, also runs telemetry maintenance (:class:`~edgeml.fleet.telemetry.maintenance.
+Maintenance`: hour rollups, retention, PostgreSQL's daily partitions) in a thread, unless ``retention`` is None; a
+lease in the database lets one process at a time do the work, the others find it taken.
 """
 
 from __future__ import annotations
@@ -27,13 +31,14 @@ import logging
 import ssl
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgeml.errors import ConfigError
 from edgeml.fleet.store import schema
 from edgeml.fleet.store.schema import sa
+from edgeml.fleet.telemetry.maintenance import RetentionSettings
 
 if TYPE_CHECKING:
     from edgeml.fleet.store.db import Database
@@ -69,6 +74,7 @@ class ServeSettings:
         audit_head_s: Seconds between signatures of the audit log's head by the controller.
         broadcast: Whether the controller broadcasts each rollout's files (False: devices fetch them with get
             requests from the ``dist`` role of some process).
+        retention: How long telemetry is kept and how maintenance runs (None: no maintenance in this process).
     """
 
     roles: frozenset[str] = frozenset(ROLES)
@@ -87,6 +93,7 @@ class ServeSettings:
     metrics_token: bool = False
     audit_head_s: float = 3600.0
     broadcast: bool = True
+    retention: RetentionSettings | None = field(default_factory=RetentionSettings)
 
     def __post_init__(self) -> None:
         from edgeml.protocol import is_device_id
@@ -103,6 +110,10 @@ class ServeSettings:
     def is_shared(self) -> bool:
         """Whether distribution and ingest use shared subscriptions."""
         return self.shared if self.shared is not None else set(self.roles) != set(ROLES)
+
+
+def _days(seconds: float) -> str:
+    return "forever" if seconds <= 0 else f"{seconds / 86400:g} days"
 
 
 class FleetServer:
@@ -131,6 +142,7 @@ class FleetServer:
         self.ingest: Any = None
         self.controller: Any = None
         self.http: Any = None
+        self.maintenance: Any = None
         self._stop = threading.Event()
         self._signer: threading.Thread | None = None
 
@@ -177,6 +189,14 @@ class FleetServer:
             self.log(f"http: dashboard {self.http.url}/ , API {self.http.url}/api/ , metrics {self.http.url}/metrics")
             self.log(f"http: serving {self.dir / 'repository'} on {self.http.url}/metadata/ and "
                      f"{self.http.url}/targets/")
+        if s.retention is not None:
+            from edgeml.fleet.telemetry.maintenance import Maintenance
+
+            self.maintenance = Maintenance(self.database, s.retention)
+            self.maintenance.start()
+            self.log(f"telemetry: maintenance every {s.retention.every_s:g} s (one process at a time), raw rows kept "
+                     f"{_days(s.retention.raw_s)}, minute rollups {_days(s.retention.minute_s)}, hour rollups "
+                     f"{_days(s.retention.hour_s)}")
 
     def _audit_log(self) -> Any:
         """The audit log; its signing key is created only for an empty log (a second host must have the first
@@ -257,13 +277,13 @@ class FleetServer:
     def stop(self) -> None:
         """Stop every part that started, the web listener first (idempotent)."""
         self._stop.set()
-        for part in (self.http, self.controller, self.ingest, self.dist):
+        for part in (self.http, self.maintenance, self.controller, self.ingest, self.dist):
             if part is not None:
                 try:
                     part.stop()
                 except Exception:  # one part failing to stop must not keep the others running
                     _log.exception("stopping %s failed", type(part).__name__)
-        self.http = self.controller = self.ingest = self.dist = None
+        self.http = self.maintenance = self.controller = self.ingest = self.dist = None
         if self.db is not None:
             self.db.close()
             self.db = None
