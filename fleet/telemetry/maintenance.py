@@ -233,29 +233,39 @@ class Maintenance:
     # --- hour rollups -------------------------------------------------------------------------------------
 
     def _roll_hours(self) -> int:
-        """Roll every closed hour not rolled yet, oldest first, one transaction each; how many."""
+        """Roll every closed hour not rolled yet that has minutes, oldest first, one transaction each (empty hours
+        are passed over in the same transactions); how many were rolled."""
         end = floor_time(self.clock() - dt.timedelta(seconds=self.settings.lag_s), HOUR)
+        j = schema.telemetry_jobs
         with self.db.transaction() as conn:
-            hour = rolled_until(conn) or self._oldest_minute(conn)
+            done = rolled_until(conn)
         rolled = 0
-        while hour is not None and hour < end and not self._stop.is_set():
+        while (done is None or done < end) and not self._stop.is_set():
             with self.db.transaction() as conn:
                 self._renew(conn)
-                roll_hour(conn, hour)
-                hour += dt.timedelta(seconds=HOUR)
-                j = schema.telemetry_jobs
-                conn.execute(j.update().where(j.c.name == JOB).values(done_until=hour))
-            rolled += 1
+                first = self._first_minute(conn, done)
+                hour = None if first is None else floor_time(first, HOUR)
+                if hour is None or hour >= end:
+                    done = end  # nothing (more) to roll before the end
+                else:
+                    roll_hour(conn, hour)
+                    done = hour + dt.timedelta(seconds=HOUR)
+                    rolled += 1
+                conn.execute(j.update().where(j.c.name == JOB).values(done_until=done))
         return rolled
 
     @staticmethod
-    def _oldest_minute(conn: Connection) -> dt.datetime | None:
+    def _first_minute(conn: Connection, since: dt.datetime | None) -> dt.datetime | None:
+        """The first minute bucket at or after ``since`` (None: from the start) in either minute table."""
         found: list[dt.datetime] = []
         for t in (schema.telemetry_device_minute, schema.telemetry_version_minute):
-            oldest = as_utc(conn.execute(sa.select(sa.func.min(t.c.bucket))).scalar())
-            if oldest is not None:
-                found.append(oldest)
-        return floor_time(min(found), HOUR) if found else None
+            query = sa.select(sa.func.min(t.c.bucket))
+            if since is not None:
+                query = query.where(t.c.bucket >= since)
+            first = as_utc(conn.execute(query).scalar())
+            if first is not None:
+                found.append(first)
+        return min(found) if found else None
 
     # --- retention ----------------------------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ from edgeml.errors import ConfigError
 from edgeml.fleet.store import schema
 from edgeml.fleet.store.db import as_utc, utcnow
 from edgeml.fleet.store.schema import sa
-from edgeml.fleet.telemetry.figures import SERIES_METRICS
+from edgeml.fleet.telemetry.figures import SERIES_METRICS, floor_time
 from edgeml.fleet.telemetry.rollups import HOUR, MINUTE, read_window
 
 if TYPE_CHECKING:
@@ -263,7 +263,8 @@ def telemetry_series(db: Database, metric: str, *, by: str = "version", since_s:
         if not n:
             continue
         key = row.device_id if by == "device" else _version_key(row.model, row.version)
-        index = min(max(int((row.start + last - start).total_seconds() // width), 0), buckets - 1)
+        at = floor_time(row.start, resolution) + last  # a minute of an hour not rolled yet counts as its hour
+        index = min(max(int((at - start).total_seconds() // width), 0), buckets - 1)
         acc = sums[key][index]
         acc[0] += float(value)
         acc[1] += float(n)
