@@ -13,6 +13,7 @@ import pytest
 from edgeml.errors import RegistryError
 from edgeml.fleet.store import db as fleet_db
 from edgeml.fleet.store.db import MIGRATIONS, SCHEMA_VERSION, Database
+from edgeml.protocol import Telemetry
 
 sa = pytest.importorskip("sqlalchemy")
 
@@ -219,3 +220,97 @@ def test_concurrent_openers_upgrade_once(url: str) -> None:
         th.join()
     assert sorted(results, key=lambda r: r if isinstance(r, list) else [-1]) == [[], [], [], ALL_STEPS]
     assert snapshot(url)["schema_version"] == (["version"], [(str(SCHEMA_VERSION),)])
+
+
+# --- schema 6: telemetry at fleet scale, from a schema-5 database with telemetry rows -------------------------
+
+
+def _v5_telemetry(meta: Any) -> Any:
+    """The telemetry table of schemas 3 to 5 (an id, unique (device_id, seq)), written out here."""
+    return sa.Table(
+        "telemetry", meta, sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("device_id", sa.String(128), nullable=False), sa.Column("seq", sa.BigInteger, nullable=False),
+        sa.Column("sent_at", sa.Float, nullable=False),
+        sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("metrics", sa.JSON, nullable=False), sa.UniqueConstraint("device_id", "seq"),
+        sa.Index("telemetry_device_time", "device_id", "received_at"))
+
+
+V5_TABLES = {"models", "versions", "channels", "devices", "deployments", "schema_version", "audit", "audit_heads",
+             "tokens", "rollouts", "rollout_devices"}
+
+
+def make_v5_database(url: str, rows: list[dict[str, Any]]) -> None:
+    """The tables of schema 5 (as defined now, but telemetry as it was), stamped 5, with ``rows`` of telemetry.
+    Columns added after schema 5 are there too: later steps only add what is missing."""
+    from edgeml.fleet.store import schema
+
+    meta = sa.MetaData()
+    for table in schema.metadata.sorted_tables:
+        if table.name in V5_TABLES:
+            table.to_metadata(meta)
+    telemetry = _v5_telemetry(meta)
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            meta.create_all(conn)
+            conn.execute(meta.tables["schema_version"].insert().values(version=5))
+            conn.execute(telemetry.insert(), rows)
+    finally:
+        engine.dispose()
+
+
+def _shape(url: str) -> dict[str, Any]:
+    """Each table's columns (name, type, nullable), primary key and index names."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            inspector = sa.inspect(conn)
+            return {name: (sorted((c["name"], type(c["type"]).__name__, c["nullable"])
+                                  for c in inspector.get_columns(name)),
+                           inspector.get_pk_constraint(name)["constrained_columns"],
+                           sorted(i["name"] for i in inspector.get_indexes(name)))
+                    for name in sorted(inspector.get_table_names())}
+    finally:
+        engine.dispose()
+
+
+def test_a_schema_5_database_gets_its_telemetry_books_and_rollups(url: str, tmp_path: Any) -> None:
+    from tests.fleet.conftest import database_url
+    from tests.fleet.telemetry_data import assert_rollups_match, expected, raw_rows, stored_rollups
+
+    at = dt.datetime(2026, 11, 30, 10, 0, 30, tzinfo=dt.timezone.utc)
+    metrics = [{"model": "digits", "version": v, "requests": 10, "errors": e, "latency_p99_ms": p,
+                "drift": {"score": d}} for v, e, p, d in (("1.0", 0, 4.0, 0.1), ("1.0", 1, 5.0, 0.2),
+                                                          ("2.0", 2, 9.0, 0.3))]
+    rows = [{"device_id": device, "seq": seq, "sent_at": 1.0 + seq, "metrics": metrics[seq % 3],
+             "received_at": at + dt.timedelta(seconds=50 * seq)}
+            for device, seqs in (("cam-1", range(8)), ("cam-2", [0, 1, 2, 4, 5]), ("cam-3", [1, 2]))
+            for seq in seqs]
+    make_v5_database(url, rows)
+    db = Database(url)
+    assert db.upgrade() == [v for v in ALL_STEPS if v > 5]
+    from edgeml.fleet.telemetry.store import TelemetryStore
+
+    store = TelemetryStore(db)
+    assert store.contiguous_highs(["cam-1", "cam-2", "cam-3"]) == {"cam-1": 7, "cam-2": 2, "cam-3": None}
+    summary = {s["device_id"]: s for s in store.devices_summary()}
+    assert {d: (s["telemetry_rows"], s["last_seq"]) for d, s in summary.items()} == {
+        "cam-1": (8, 7), "cam-2": (5, 5), "cam-3": (2, 2)}
+    stored = raw_rows(db)
+    assert sorted((r["device_id"], r["seq"], r["received_at"]) for r in stored) == \
+        sorted((r["device_id"], r["seq"], r["received_at"]) for r in rows)
+    assert_rollups_match(stored_rollups(db, "telemetry_device_minute"), expected(stored, 60, devices=True))
+    assert_rollups_match(stored_rollups(db, "telemetry_version_minute"), expected(stored, 60, devices=False))
+    # exactly once goes on from the books: resent rows are dropped, cam-2's gap and cam-3's seq 0 fill
+    assert store.insert_batch([Telemetry("cam-2", s, 0.0, {}) for s in (1, 3, 4, 6)] +
+                              [Telemetry("cam-3", s, 0.0, {}) for s in (0, 2, 3)]) == 4
+    assert store.contiguous_highs(["cam-2", "cam-3"]) == {"cam-2": 6, "cam-3": 3}
+    db.close()
+
+    with database_url(url.split(":", 1)[0].split("+")[0], tmp_path / "fresh") as fresh_url:
+        (tmp_path / "fresh").mkdir(exist_ok=True)
+        fresh = Database(fresh_url)
+        fresh.create()
+        fresh.close()
+        assert _shape(url) == _shape(fresh_url)  # the same schema as a new database's
