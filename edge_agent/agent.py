@@ -9,7 +9,7 @@ One :class:`Agent` per device wires the pieces together:
 * MQTT: commands arrive on the device's ``commands`` topic (validated; anything malformed is logged and
   answered with a ``rejected`` event, never a crash), progress and alerts leave on ``events``, the retained
   ``state`` carries status and capabilities, and a last will marks the device offline.
-* Telemetry: per-request accounting (an observer of the model host), a drift monitor per model version,
+* Telemetry: per-request accounting (the model host's sink and sampler), a drift monitor per model version,
   and a periodic report through the on-disk outbox.
 
 Events (on ``edgeml/v1/devices/{id}/events``; the classes of :mod:`edgeml.protocol.events`):
@@ -47,8 +47,7 @@ from edgeml.edge_agent.device_messages import (
     update_request,
 )
 from edgeml.edge_agent.host import SystemdNotifier, clock_synced
-from edgeml.edge_agent.preprocess import preprocess
-from edgeml.edge_agent.serving import ModelHost
+from edgeml.edge_agent.serving import FeedSpec, ModelHost
 from edgeml.edge_agent.telemetry_loop import TelemetryLoop
 from edgeml.edge_agent.update.machine import UpdateMachine
 from edgeml.edge_agent.update.states import State
@@ -98,8 +97,7 @@ class Agent:
         self._clock_check = clock_check or (lambda: clock_synced(config.clock))
         self.host = ModelHost()
         self.client = self._mqtt_client()
-        self.telemetry = TelemetryLoop(self, self.state_dir)
-        self.host.observers.append(self.telemetry.observe)
+        self.telemetry = TelemetryLoop(self, self.state_dir)  # the host's telemetry sink and drift sampler
         self.machine = UpdateMachine(self.state_dir, self.host, self._fetch, drift=self.telemetry.drift_score,
                                      on_transition=self._on_transition, threads=config.threads,
                                      output_shift=self.telemetry.output_shift_score)
@@ -111,7 +109,6 @@ class Agent:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._connected = threading.Event()
-        self._specs: dict[tuple[str, str, str], list[tuple[str, int, list[tuple[int, int]], np.dtype[Any]]]] = {}
         self._reject_lock = threading.Lock()
         self._rejected_at = -1e9
         self._rejected_quiet = 0
@@ -197,39 +194,19 @@ class Agent:
         active = self.host.active
         if active is None:
             raise NotServing("no model is serving yet")
-        manifest = active.manifest
-        if model != manifest.name:
-            raise ModelNotFound(f"this device serves {manifest.name!r}, not {model!r}")
-        feeds = self._feeds(manifest, inputs, preprocessed)
-        return PredictResult(model, active.version, self.host.predict(feeds))
-
-    def _feeds(self, manifest: Any, inputs: Mapping[str, np.ndarray] | np.ndarray,
-               preprocessed: bool) -> dict[str, np.ndarray]:
-        """The runtime's feeds: preprocessing applied unless ``preprocessed``, names, ranks, fixed dims and
-        dtypes checked against the manifest (a bad request is the caller's error, not the model's)."""
-        key = (manifest.name, manifest.version, manifest.target)
-        specs = self._specs.get(key)
-        if specs is None:
-            specs = self._specs[key] = [(s.name, len(s.shape), [(i, d) for i, d in enumerate(s.shape)
-                                                                 if i and isinstance(d, int)], np.dtype(s.dtype))
-                                        for s in manifest.inputs]
-        if not isinstance(inputs, Mapping):
-            inputs = {specs[0][0]: inputs}
-        if len(inputs) != len(specs) or any(name not in inputs for name, *_ in specs):
-            raise ValueError(f"the model takes inputs {[s[0] for s in specs]}, got {sorted(inputs)}")
-        feeds = {}
-        for name, ndim, fixed, dtype in specs:
-            raw = inputs[name]
-            array = np.asarray(raw) if preprocessed else preprocess(raw, manifest.preprocessing)
-            if array.ndim == ndim - 1:
-                array = array[None]
-            if array.ndim != ndim or any(array.shape[i] != d for i, d in fixed):
-                want = ["N"] + [dict(fixed).get(i, "?") for i in range(1, ndim)]
-                raise ValueError(f"input {name!r} must have shape {want}, got {list(array.shape)}")
-            if array.dtype != dtype or not array.flags.c_contiguous:
-                array = np.ascontiguousarray(array, dtype=dtype)
-            feeds[name] = array
-        return feeds
+        spec = active.feed_spec
+        if spec is None:
+            spec = active.feed_spec = FeedSpec.of(active.manifest)
+        if model != spec.model:
+            raise ModelNotFound(f"this device serves {spec.model!r}, not {model!r}")
+        # The common case checked in a few comparisons: one preprocessed array of the right dtype and shape.
+        if preprocessed and type(inputs) is np.ndarray and inputs.dtype is spec.dtype \
+                and inputs.shape[1:] == spec.tail and inputs.flags.c_contiguous:
+            ran, outputs = self.host.serve({spec.first: inputs}, inputs.shape[0])
+        else:
+            feeds = spec.feeds(inputs, preprocessed)
+            ran, outputs = self.host.serve(feeds, next(iter(feeds.values())).shape[0])
+        return PredictResult(spec.model, ran.version, outputs)
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """Whether a verified model serves, with the status."""

@@ -25,8 +25,6 @@ import re
 import socketserver
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
-from functools import cached_property
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
@@ -51,31 +49,45 @@ class NotServing(EdgeMLError):
     """No verified model is serving (yet)."""
 
 
-@dataclass(frozen=True)
 class PredictResult:
-    """What one predict call returns; ``top1`` and ``confidence`` are computed on first use."""
+    """What one predict call returns: the model, the version that ran, the outputs (read them, do not change
+    them); ``top1`` and ``confidence`` are computed on first use.
 
-    model: str
-    version: str
-    outputs: dict[str, np.ndarray]
+    A plain class with slots, not a dataclass: it is made once per request, and a frozen dataclass's
+    ``__init__`` costs more than a small model's inference does.
+    """
 
-    @cached_property
-    def _classes(self) -> tuple[list[int], list[float]]:
-        first = next(iter(self.outputs.values()), None)
-        if first is None or first.ndim != 2 or first.shape[1] < 2:
-            return [], []
-        probs = to_probabilities(first)
-        return [int(i) for i in probs.argmax(axis=1)], [float(c) for c in probs.max(axis=1)]
+    __slots__ = ("_classes", "model", "outputs", "version")
+
+    def __init__(self, model: str, version: str, outputs: dict[str, np.ndarray]) -> None:
+        self.model = model
+        self.version = version
+        self.outputs = outputs
+        self._classes: tuple[list[int], list[float]] | None = None
+
+    def __repr__(self) -> str:
+        return f"PredictResult(model={self.model!r}, version={self.version!r}, outputs={sorted(self.outputs)})"
+
+    def classes(self) -> tuple[list[int], list[float]]:
+        """``(top1, confidence)`` of each row (empty lists for outputs that are not class scores)."""
+        if self._classes is None:
+            first = next(iter(self.outputs.values()), None)
+            if first is None or first.ndim != 2 or first.shape[1] < 2 or not len(first):
+                self._classes = ([], [])
+            else:
+                probs = to_probabilities(first)
+                self._classes = ([int(i) for i in probs.argmax(axis=1)], [float(c) for c in probs.max(axis=1)])
+        return self._classes
 
     @property
     def top1(self) -> list[int]:
         """The most probable class of each row (empty for outputs that are not class scores)."""
-        return self._classes[0]
+        return self.classes()[0]
 
     @property
     def confidence(self) -> list[float]:
         """The probability of that class (softmax applied unless the outputs are probabilities)."""
-        return self._classes[1]
+        return self.classes()[1]
 
 
 class Predictor(Protocol):
@@ -182,9 +194,10 @@ class _Handler(BaseHTTPRequestHandler):
                        {"X-Edgeml-Output": name, "X-Edgeml-Shape": ",".join(map(str, array.shape)),
                         "X-Edgeml-Dtype": str(array.dtype), "X-Edgeml-Version": result.version})
             return
+        top1, confidence = result.classes()
         self._json(200, {"model": result.model, "version": result.version,
                          "outputs": {k: v.tolist() for k, v in result.outputs.items()},
-                         "top1": result.top1, "confidence": result.confidence})
+                         "top1": top1, "confidence": confidence})
 
 
 def _raw_inputs(body: bytes, headers: Any) -> tuple[Mapping[str, np.ndarray] | np.ndarray, bool]:

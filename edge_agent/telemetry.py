@@ -110,11 +110,16 @@ class LatencyHistogram:
         self.counts[_bucket(latency_s)] += n
         self.total_s += latency_s * n
 
-    def record_many(self, latencies_s: np.ndarray) -> None:
-        """Count one request per value of ``latencies_s`` (seconds)."""
+    def record_many(self, latencies_s: np.ndarray, weights: np.ndarray | None = None) -> None:
+        """Count one request per value of ``latencies_s`` (seconds), or ``weights[i]`` requests of each."""
         values = np.asarray(latencies_s, np.float64)
-        self.counts += np.bincount(_buckets(values), minlength=_NBUCKETS)
-        self.total_s += float(values.sum())
+        if weights is None:
+            self.counts += np.bincount(_buckets(values), minlength=_NBUCKETS)
+            self.total_s += float(values.sum())
+            return
+        w = np.asarray(weights, np.int64)
+        self.counts += np.bincount(_buckets(values), weights=w, minlength=_NBUCKETS).astype(np.int64)
+        self.total_s += float(values @ w)
 
     def merge(self, other: LatencyHistogram) -> None:
         """Add ``other``'s counts to this histogram."""
@@ -249,6 +254,14 @@ class Aggregator:
                 self._flush()
         finally:
             lock.release()
+
+    def record_batch(self, latencies_s: np.ndarray, rows: np.ndarray) -> None:
+        """Account successful requests in one call: request ``i`` had ``rows[i]`` rows and took
+        ``latencies_s[i]`` seconds (what the model host hands on, see
+        :class:`~edgeml.edge_agent.serving.ServingStats`)."""
+        with self._lock:
+            self._requests += int(rows.sum())
+            self._hist.record_many(latencies_s, rows)
 
     def _flush(self) -> None:
         """Bin the buffered latencies (lock held)."""
