@@ -3,9 +3,11 @@
 * :class:`LatencyHistogram`: fixed log-spaced buckets from 1 us to 100 s, 100 per decade. Recording is
   O(1); a percentile is within :data:`RELATIVE_ERROR` (1.16 %) of ``numpy.percentile`` (linear
   interpolation) of the recorded values between 1 us and 100 s (see :meth:`LatencyHistogram.percentile`).
-* :class:`Aggregator`: what the serving path calls once per request (:meth:`Aggregator.record`: one store
-  into a preallocated buffer, a few integer additions, one short uncontended lock; the buffer is binned with
-  numpy every 4096 requests) and what the telemetry loop reads once per interval
+* :class:`Aggregator`: what the serving path records requests into, one at a time (:meth:`Aggregator.record`:
+  one store into a preallocated buffer, a few integer additions, one short uncontended lock; the buffer is
+  binned with numpy every 4096 requests) or in batches (:meth:`Aggregator.record_batch`: the agent's model host
+  hands on the latencies and batch sizes its health numbers keep, so serving pays nothing per request for
+  telemetry), and what the telemetry loop reads once per interval
   (:meth:`Aggregator.snapshot_and_reset`): requests, errors, latency percentiles, throughput, process CPU
   and RSS, temperature, plus the caller's fields (model, version, slot, drift).
 * :class:`TelemetrySender`: appends each snapshot to the durable :class:`~.outbox.Outbox` and publishes
