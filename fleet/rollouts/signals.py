@@ -25,20 +25,21 @@ or the rate devices report at. :func:`telemetry_signals` is one cold read. The c
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import statistics
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from edgeml.fleet.rollouts.rules import DeviceSignals
 from edgeml.fleet.store import schema
 from edgeml.fleet.store.db import as_utc, utcnow
-from edgeml.fleet.store.schema import sa
 from edgeml.fleet.telemetry.figures import floor_time
+from edgeml.fleet.telemetry.writers import bind
 
 if TYPE_CHECKING:
     from edgeml.fleet.store.db import Database
@@ -47,8 +48,8 @@ __all__ = ["CHUNK", "LAG_S", "MAX_MINUTES", "Judged", "RolloutSignals", "SignalW
 
 _log = logging.getLogger(__name__)
 
-#: Device ids per query of a device's history (SQLite allows a few thousand bound parameters).
-CHUNK = 500
+#: Device ids per query of the devices' minutes.
+CHUNK = 2000
 #: Minutes that ended this many seconds ago are final: folded once, never read again.
 LAG_S = 90.0
 #: Minutes of p99 kept per device and version for the medians (4 hours).
@@ -71,49 +72,64 @@ def _median_ratio(new: Iterable[float], old: Iterable[float]) -> float | None:
     return statistics.median(new) / statistics.median(old)
 
 
+# A minute rollup row as the driver gives it (times in the driver's form: comparable among themselves):
+# (device_id, bucket, version, requests, errors, sp99_sum, sp99_n, drift_last, drift_at)
+_Row = tuple[Any, ...]
+_COLUMNS = "device_id, bucket, version, requests, errors, sp99_sum, sp99_n, drift_last, drift_at"
+_NONE = DeviceSignals()  # a device without signals (left out of the answer)
+
+
 @dataclass
 class _Track:
-    """One device's folded minutes: what its signals are made of."""
+    """One device's folded minutes (what its signals are made of), and its minutes not final yet."""
 
     previous: str | None
-    since: dt.datetime  # the minute it was notified in: new-version minutes from here count
+    since: Any  # the minute it was notified in, in the driver's form: new-version minutes from here count
+    key: tuple[str | None, dt.datetime]  # (previous, notified_at) it was made for
     new_p99: deque[float] = field(default_factory=lambda: deque(maxlen=MAX_MINUTES))
     old_p99: deque[float] = field(default_factory=lambda: deque(maxlen=MAX_MINUTES))
     requests: float = 0.0
     errors: float = 0.0
-    drift: tuple[dt.datetime, float] | None = None
+    drift: tuple[Any, float] | None = None
+    open_rows: list[_Row] = field(default_factory=list)  # minutes at or after the reader's folded_until
+    windows: int | None = None  # its count of windows when open_rows were read (None: read them)
+    signals: DeviceSignals | None = None  # worked out from the above (None: to do)
 
-    def fold(self, version: str, row: Any) -> None:
+    def fold(self, version: str, row: _Row) -> None:
         """Count one minute rollup row of the device."""
-        bucket = as_utc(row.bucket)
-        p99 = row.sp99_sum / row.sp99_n if row.sp99_n else None
-        if row.version == version and bucket >= self.since:
-            self.requests += row.requests
-            self.errors += row.errors
+        _, bucket, row_version, requests, errors, sp99_sum, sp99_n, drift_last, drift_at = row
+        p99 = sp99_sum / sp99_n if sp99_n else None
+        if row_version == version and bucket >= self.since:
+            self.requests += requests
+            self.errors += errors
             if p99 is not None:
                 self.new_p99.append(p99)
-            at = as_utc(row.drift_at)
-            if at is not None and row.drift_last is not None and (self.drift is None or at >= self.drift[0]):
-                self.drift = (at, float(row.drift_last))
-        elif self.previous is not None and row.version == self.previous and p99 is not None:
+            if drift_at is not None and drift_last is not None and (self.drift is None or drift_at >= self.drift[0]):
+                self.drift = (drift_at, float(drift_last))
+        elif self.previous is not None and row_version == self.previous and p99 is not None:
             self.old_p99.append(p99)
 
-    def with_rows(self, version: str, rows: Iterable[Any]) -> _Track:
-        """A copy with ``rows`` (minutes not final yet) counted too."""
-        copy = _Track(self.previous, self.since, deque(self.new_p99, MAX_MINUTES), deque(self.old_p99, MAX_MINUTES),
-                      self.requests, self.errors, self.drift)
-        for row in rows:
-            copy.fold(version, row)
-        return copy
-
-    def signals(self) -> DeviceSignals:
-        return DeviceSignals(p99_ratio=_median_ratio(self.new_p99, self.old_p99),
-                             error_rate=self.errors / self.requests if self.requests else None,
-                             drift=self.drift[1] if self.drift else None)
+    def work_out(self, version: str) -> DeviceSignals:
+        """The signals: the folded minutes with the open ones counted too."""
+        if self.signals is None:
+            copy = _Track(self.previous, self.since, self.key, deque(self.new_p99, MAX_MINUTES),
+                          deque(self.old_p99, MAX_MINUTES), self.requests, self.errors, self.drift)
+            for row in self.open_rows:
+                copy.fold(version, row)
+            signals = DeviceSignals(p99_ratio=_median_ratio(copy.new_p99, copy.old_p99),
+                                    error_rate=copy.errors / copy.requests if copy.requests else None,
+                                    drift=copy.drift[1] if copy.drift else None)
+            self.signals = _NONE if signals == _NONE else signals
+        return self.signals
 
 
 class RolloutSignals:
     """The signals of one rollout's devices, read incrementally from the minute rollups (module docstring).
+
+    Each read: every judged device's count of windows (``telemetry_devices``, moved by the same transactions as its
+    minute rollups: one short row per device); the minutes not final yet of the devices whose count moved; and,
+    when minutes closed, those folded from what was read before. A device judged for the first time has its
+    history since the baseline read once.
 
     Args:
         db: The fleet database.
@@ -126,9 +142,12 @@ class RolloutSignals:
     def __init__(self, db: Database, version: str, started_at: dt.datetime, *, baseline_s: float = 3600.0,
                  lag_s: float = LAG_S) -> None:
         self.db, self.version, self.lag_s = db, version, lag_s
+        self._bound = bind(schema.telemetry_device_minute.c.bucket, db.engine.dialect)
+        self._pg = db.engine.dialect.name == "postgresql"
         self.since = floor_time(as_utc(started_at) - dt.timedelta(seconds=baseline_s), 60)
         self.folded_until: dt.datetime | None = None  # every tracked device's minutes before this are folded
         self._tracks: dict[str, _Track] = {}
+        self._answer: dict[str, DeviceSignals] = {}  # the devices with signals -> them
 
     def read(self, devices: Iterable[Judged], now: dt.datetime | None = None) -> dict[str, DeviceSignals]:
         """The signals of ``devices`` (those without any are left out).
@@ -138,50 +157,90 @@ class RolloutSignals:
         """
         judged = {d.device_id: d for d in devices}
         closed = max(self.since, floor_time((now or utcnow()) - dt.timedelta(seconds=self.lag_s), 60))
+        folded = self.folded_until or closed
         with self.db.transaction() as conn:
-            fresh = [d for d in judged.values() if self._changed(d)]
+            tracks = self._tracks
+            fresh = [d for d in judged.values() if d.device_id not in tracks or
+                     tracks[d.device_id].key != (d.previous, d.notified_at)]
             for d in fresh:
-                self._tracks[d.device_id] = _Track(d.previous, floor_time(as_utc(d.notified_at), 60))
-            upto = self.folded_until or closed
-            for start in range(0, len(fresh), CHUNK):  # their history, read once
-                ids = [d.device_id for d in fresh[start:start + CHUNK]]
-                self._fold(self._rows(conn, self.since, upto, ids=ids))
-            if upto < closed:  # minutes that closed since the last read, of every device tracked
-                self._fold(self._rows(conn, upto, closed))
-            self.folded_until = closed
-            live: dict[str, list[Any]] = {}
-            for row in self._rows(conn, closed, None):
-                if row.device_id in judged:
-                    live.setdefault(row.device_id, []).append(row)
-        out = {}
-        for device_id in judged:
-            signals = self._tracks[device_id].with_rows(self.version, live.get(device_id, ())).signals()
-            if signals != DeviceSignals():
-                out[device_id] = signals
-        return out
+                self._answer.pop(d.device_id, None)
+                tracks[d.device_id] = _Track(d.previous, self._bound(floor_time(as_utc(d.notified_at), 60)),
+                                             (d.previous, d.notified_at))
+            for ids in _chunks([d.device_id for d in fresh]):  # their history, read once
+                for row in self._rows(conn, ids, self.since, folded):
+                    self._tracks[row[0]].fold(self.version, row)
+            counts = self._moved(conn, {i: tracks[i].windows for i in judged})
+            for ids in _chunks(list(counts)):  # the minutes not final yet, of the devices that reported since
+                rows: dict[str, list[_Row]] = {i: [] for i in ids}
+                for row in self._rows(conn, ids, folded, None):
+                    rows[row[0]].append(row)
+                for i in ids:
+                    track = tracks[i]
+                    track.open_rows, track.windows, track.signals = rows[i], counts[i], None
+                    self._answer.pop(i, None)
+        if closed > folded:
+            self._fold_until(self._bound(closed))
+        self.folded_until = closed
+        for device_id, track in self._tracks.items():
+            if track.signals is None:
+                signals = track.work_out(self.version)
+                if signals is not _NONE:
+                    self._answer[device_id] = signals
+        if judged.keys() == self._tracks.keys():
+            return dict(self._answer)
+        return {i: self._answer[i] for i in judged if i in self._answer}
 
-    def _changed(self, d: Judged) -> bool:
-        track = self._tracks.get(d.device_id)
-        return track is None or track.previous != d.previous or track.since != floor_time(as_utc(d.notified_at), 60)
+    def _moved(self, conn: Any, known: dict[str, int | None]) -> dict[str, int]:
+        """The devices whose count of windows is not ``known`` (None: not read yet) -> their count: the database
+        compares, so that only those rows come back."""
+        if self._pg:
+            return dict(conn.exec_driver_sql(
+                "SELECT t.device_id, t.windows FROM unnest(%s::text[], %s::bigint[]) AS k(d, w) JOIN "
+                "telemetry_devices t ON t.device_id = k.d WHERE t.windows IS DISTINCT FROM k.w",
+                (_pg_array(known), "{" + ",".join("NULL" if w is None else str(w) for w in known.values()) + "}")
+            ).all())
+        return dict(conn.exec_driver_sql(
+            "SELECT t.device_id, t.windows FROM json_each(?) AS k JOIN telemetry_devices t ON t.device_id = k.key "
+            "WHERE t.windows IS NOT k.value", (json.dumps(known),)).all())
 
-    def _fold(self, rows: Iterable[Any]) -> None:
-        for row in rows:
-            track = self._tracks.get(row.device_id)
-            if track is not None:
-                track.fold(self.version, row)
+    def _fold_until(self, closed: Any) -> None:
+        """Fold every tracked device's open minutes before ``closed`` (they are final now)."""
+        for device_id, track in self._tracks.items():
+            final = [r for r in track.open_rows if r[1] < closed]
+            if final:
+                for row in final:
+                    track.fold(self.version, row)
+                track.open_rows = [r for r in track.open_rows if r[1] >= closed]
+                track.signals = None
+                self._answer.pop(device_id, None)
 
-    def _rows(self, conn: Any, start: dt.datetime, end: dt.datetime | None, ids: list[str] | None = None) -> list[Any]:
-        """Minute rows in ``[start, end)`` of the new version and of the devices' previous ones (of ``ids``)."""
-        t = schema.telemetry_device_minute
-        versions = {self.version, *(x.previous for x in self._tracks.values() if x.previous is not None)}
-        where = (t.c.bucket >= start) & t.c.version.in_(sorted(versions))
-        if end is not None:
-            where &= t.c.bucket < end
-        if ids is not None:
-            where &= t.c.device_id.in_(ids)
-        query = sa.select(t.c.device_id, t.c.bucket, t.c.version, t.c.requests, t.c.errors, t.c.sp99_sum,
-                          t.c.sp99_n, t.c.drift_last, t.c.drift_at).where(where).order_by(t.c.bucket)
-        return conn.execute(query).all()
+    def _rows(self, conn: Any, ids: list[str], start: dt.datetime, end: dt.datetime | None) -> list[_Row]:
+        """Minute rows of ``ids`` in ``[start, end)`` of the new version and of their previous ones."""
+        previous = (self._tracks[i].previous for i in ids)
+        versions = sorted({self.version, *(p for p in previous if p is not None)})
+        mark = "%s" if self._pg else "?"
+        where = f"bucket >= {mark}" + (f" AND bucket < {mark}" if end is not None else "")
+        times = [self._bound(start)] + ([self._bound(end)] if end is not None else [])
+        rows = self._select(conn, f"SELECT {_COLUMNS} FROM telemetry_device_minute WHERE {where} AND version "
+                                  f"IN ({', '.join([mark] * len(versions))}) AND device_id ", ids, [*times, *versions])
+        return sorted(rows, key=lambda r: r[1])
+
+    def _select(self, conn: Any, sql: str, ids: list[str], params: list[Any] | None = None) -> list[_Row]:
+        """``sql`` ending in ``device_id `` completed with ``IN ids``, through the driver (no type conversion)."""
+        if self._pg:
+            return conn.exec_driver_sql(sql + "= ANY(%s::text[])", (*(params or ()), _pg_array(ids))).all()
+        return conn.exec_driver_sql(sql + "IN (SELECT value FROM json_each(?))",
+                                    (*(params or ()), json.dumps(ids))).all()
+
+
+def _pg_array(ids: Iterable[str]) -> str:
+    """A ``text[]`` literal of ``ids``: one text parameter (psycopg dumps a list at ~4 µs an element)."""
+    return "{" + ",".join('"' + i.replace("\\", "\\\\").replace('"', '\\"') + '"' for i in ids) + "}"
+
+
+def _chunks(ids: list[str]) -> Iterator[list[str]]:
+    for start in range(0, len(ids), CHUNK):
+        yield ids[start:start + CHUNK]
 
 
 def telemetry_signals(db: Database, version: str, devices: Iterable[Judged], started_at: dt.datetime, *,

@@ -393,6 +393,11 @@ class FleetCollector:
 def render(db: Database, ingest: Any = None) -> bytes:
     """One scrape's body in the Prometheus text format (version 0.0.4).
 
+    The families are :class:`FleetCollector`'s; the text is written here rather than by ``generate_latest``, which
+    spends about 30 µs a sample checking names this module already made valid (a fleet of 1,000 devices exports
+    some 8,000 samples). Label values and help texts are escaped as the format says; label names, metric names and
+    the families' order are as ``generate_latest`` gives them.
+
     Args:
         db: The registry's database.
         ingest: An ingest worker whose counters to include, or None.
@@ -400,11 +405,27 @@ def render(db: Database, ingest: Any = None) -> bytes:
     Raises:
         RegistryError: The database failed.
     """
-    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.utils import floatToGoString as _go_float
 
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(FleetCollector(db, ingest))
-    return bytes(generate_latest(registry))
+    out: list[str] = []
+    for family in FleetCollector(db, ingest).collect():
+        name = family.name + "_total" if family.type == "counter" else family.name
+        help_text = family.documentation.replace("\\", "\\\\").replace("\n", "\\n")
+        out.append(f"# HELP {name} {help_text}\n# TYPE {name} {family.type}\n")
+        for sample in family.samples:
+            if sample.labels:
+                labels = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(sample.labels.items()))
+                out.append(f"{sample.name}{{{labels}}} {_go_float(sample.value)}\n")
+            else:
+                out.append(f"{sample.name} {_go_float(sample.value)}\n")
+    return "".join(out).encode()
+
+
+def _escape(value: str) -> str:
+    """A label value as the text format writes it (backslash, double quote and newline escaped)."""
+    if "\\" in value or '"' in value or "\n" in value:
+        return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return value
 
 
 def metrics_routes(db: Database, *, ingest: Any = None, require_token: bool = False,

@@ -180,7 +180,8 @@ def device_list(db: Database, *, now: dt.datetime | None = None,
     latest = sa.select(t.c.device_id, t.c.last_seq.label("seq"), t.c.latest_received_at.label("received_at"),
                        t.c.latest_metrics.label("metrics")).where(t.c.last_seq.is_not(None))
     with db.transaction() as conn:
-        rows = conn.execute(sa.select(d).order_by(d.c.device_id)).all()
+        rows = conn.execute(sa.select(d.c.device_id, d.c.tags, d.c.status, d.c.revoked, d.c.installed, d.c.last_seen)
+                            .order_by(d.c.device_id)).all()
         telemetry = {r.device_id: r for r in conn.execute(latest)}
     out = []
     for r in rows:

@@ -417,3 +417,16 @@ def test_statements_per_scrape_do_not_grow_with_the_devices(fleet: Fleet) -> Non
     assert (reporting_few, reporting_many) == (3, 50)
     assert few == many == 4, statements
     assert len(fleet.seqs) == 50
+
+
+def test_the_text_is_what_prometheus_client_writes(fleet: Fleet) -> None:
+    """``render`` writes the exposition text itself (generate_latest costs ~30 µs a sample): byte for byte the same."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from edgeml.fleet.web.metrics import FleetCollector, render
+
+    populate(fleet)
+    fleet.send("cam-a", (1, 0, 1.0, 2.0, 'version "quoted"\\and\nnewline', 0.5))  # a label value to escape
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FleetCollector(fleet.db))
+    assert render(fleet.db) == generate_latest(registry)
