@@ -33,7 +33,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -150,6 +150,7 @@ class Maintenance:
         self.last: MaintenanceReport | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._leased = False  # inside run_once, holding the lease
 
     # --- the thread ---------------------------------------------------------------------------------------
 
@@ -186,7 +187,7 @@ class Maintenance:
         report, began = MaintenanceReport(), time.monotonic()
         if not self._acquire():
             return report
-        report.ran = True
+        report.ran, self._leased = True, True
         try:
             if self.db.engine.dialect.name == "postgresql":
                 report.partitions_created = self._create_partitions()
@@ -197,7 +198,7 @@ class Maintenance:
             return report
         finally:
             report.seconds = time.monotonic() - began
-            self.last = report
+            self.last, self._leased = report, False
         self._release(report)
         return report
 
@@ -363,10 +364,14 @@ class Maintenance:
 
     def _create_partitions(self) -> list[str]:
         today = self.clock().astimezone(dt.timezone.utc).date()
+        return self.create_partitions(today + dt.timedelta(days=k) for k in range(self.settings.partitions_ahead + 1))
+
+    def create_partitions(self, days: Iterable[dt.date]) -> list[str]:
+        """PostgreSQL: create the daily partitions of ``days`` that do not exist (e.g. before a bulk load of past
+        days); the names of those made. Holds the lease only while this runs inside :meth:`run_once`."""
         present = self._partitions()
         made = []
-        for k in range(self.settings.partitions_ahead + 1):
-            day = today + dt.timedelta(days=k)
+        for day in days:
             if partition_name(day) not in present and self._create_partition(day):
                 made.append(partition_name(day))
         return made
@@ -379,7 +384,8 @@ class Maintenance:
         high = low + dt.timedelta(days=1)
         try:
             with self.db.transaction() as conn:
-                self._renew(conn)
+                if self._leased:
+                    self._renew(conn)
                 conn.exec_driver_sql("SET LOCAL lock_timeout = '2s'")
                 conn.exec_driver_sql(f'CREATE TABLE "{name}" (LIKE telemetry INCLUDING DEFAULTS)')
                 conn.exec_driver_sql(f'WITH moved AS (DELETE FROM "{default}" WHERE received_at >= %s AND '
