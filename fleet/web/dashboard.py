@@ -8,7 +8,9 @@
 * ``GET /api/devices``: every enrolled device with its tags, status and latest telemetry numbers.
 * ``GET /api/telemetry?metric=M&by=version|device&since=SECONDS&model=NAME&buckets=N``: one metric
   (``latency_p50_ms``, ``latency_p99_ms``, ``error_rate``, ``drift.score``) bucketed over the window, one
-  series per version or device. Defaults: ``by=version``, ``since=3600``, every model, 60 buckets.
+  series per version or device. Defaults: ``by=version``, ``since=3600``, every model, 60 buckets. Drawn from the
+  telemetry rollups, never the rows: per minute for windows up to 6 hours, per hour beyond (then at most one
+  bucket an hour); ``resolution_s`` in the answer says which, and the page shows it.
 * ``GET /api/audit?limit=N``: the newest audit entries (default 50).
 * ``GET /`` and ``/dashboard/...``: the page itself (HTML, JS, CSS; no token needed, it holds no data).
 

@@ -288,8 +288,12 @@
       data.series.forEach((s, j) => legend.appendChild(el("li", { "data-testid": "legend-item" },
         el("span", { class: "swatch", "data-color": PALETTE[j % PALETTE.length] }), s.key)));
       for (const swatch of legend.querySelectorAll(".swatch")) swatch.style.background = swatch.getAttribute("data-color");
-      box.appendChild(el("figure", { "data-testid": "chart-" + METRICS[i].name, "data-metric": METRICS[i].name },
-        el("figcaption", {}, METRICS[i].title + " per " + data.by), lineChart(data, 520, 200), legend));
+      // the server draws short windows from the minute rollups and long ones from the hourly ones
+      const resolution = data.resolution_s >= 3600 ? "hourly" : "per-minute";
+      box.appendChild(el("figure", { "data-testid": "chart-" + METRICS[i].name, "data-metric": METRICS[i].name,
+        "data-resolution": data.resolution_s },
+        el("figcaption", {}, METRICS[i].title + " per " + data.by + " (" + resolution + " rollups)"),
+        lineChart(data, 520, 200), legend));
     });
   }
 
