@@ -327,6 +327,13 @@ def pi_image(log_dir: Path) -> PiImage:
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     wheels = Path(tempfile.mkdtemp(prefix="edgeml-pi-wheels-"))
+    try:
+        return _pi_image(log_dir, wheels)
+    finally:
+        shutil.rmtree(wheels, ignore_errors=True)
+
+
+def _pi_image(log_dir: Path, wheels: Path) -> PiImage:
     with _locked():
         wheel = build_wheel(wheels)
         stage = _final()
@@ -346,7 +353,6 @@ def pi_image(log_dir: Path) -> PiImage:
             image = Image(**json.loads((image_dir / ".edgeml-image.json").read_text()))
             _refresh(machine, image, wheels, log_dir / "refresh.log")
         facts = arm64.describe(machine)
-    shutil.rmtree(wheels, ignore_errors=True)
     return PiImage(machine, image, wheel, facts)
 
 

@@ -191,6 +191,13 @@ class Device:
     def stop(self) -> int:
         return arm64.stop(self.proc) if self.proc is not None else 0
 
+    def clear(self) -> None:
+        """Leave no credentials or state behind in the cached image."""
+        for inside in ("/etc/edgeml", self.pi.image.volumes[0], "/run/edgeml"):
+            path = self.pi.machine.path(inside)
+            for child in path.iterdir() if path.is_dir() else ():
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+
     def status(self) -> dict[str, Any] | None:
         try:
             with urllib.request.urlopen(f"{self.url}/v1/status", timeout=10) as response:
@@ -330,6 +337,7 @@ def test_an_emulated_pi_commits_a_good_model_rolls_back_a_broken_one_and_reports
         assert device.healthcheck() == 0
     finally:
         device.stop()
+        device.clear()
     record("agent start-up until its API answers, no model (emulated)", f"{startup:.1f} s")
     record("agent start-up until it serves its committed model, after a restart (emulated)", f"{serving:.1f} s")
     record("agent RSS under traffic, qemu's own memory included (emulated)", f"{rss} MiB")
