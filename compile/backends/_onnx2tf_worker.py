@@ -21,7 +21,8 @@ The job (JSON object):
     input_names, output_names: The original names, in ONNX graph order.
     result: Where to write the result.
 
-The result (JSON object): ``ok``; on success ``float32`` and ``int8`` (paths or null), ``custom_ops``,
+The result (JSON object): ``ok``; on success ``float32`` and ``int8`` (paths or null; ``int8_error`` says why
+the INT8 model asked for is missing while the FP32 one was written), ``custom_ops``,
 ``inputs``/``outputs`` (name and shape signature per tensor), ``transposed`` (output names),
 ``max_abs_errors`` (per output, FP32 TFLite against onnxruntime); on failure ``error`` (one line),
 ``op_type`` and ``node`` (the ONNX node onnx2tf failed on, when known); always ``network_attempts`` and
@@ -250,8 +251,12 @@ def _collect(job: dict[str, Any], onnx_bytes: bytes) -> dict[str, Any]:
     out = Path(job["output_dir"])
     stem = Path(job["onnx"]).stem
     files = {"float32": out / f"{stem}{_FLOAT32_SUFFIX}", "int8": out / f"{stem}{_INT8_SUFFIX}"}
+    int8_error = None
     if not job["int8"]:
         files.pop("int8")
+    elif not files["int8"].is_file() and files["float32"].is_file():  # the FP32 model still ships
+        files.pop("int8")
+        int8_error = "onnx2tf wrote the FP32 model but no full-integer one (its INT8 quantization failed)"
     missing = [p.name for p in files.values() if not p.is_file()]
     if missing:
         raise RuntimeError(f"onnx2tf finished without writing {', '.join(missing)}")
@@ -263,6 +268,7 @@ def _collect(job: dict[str, Any], onnx_bytes: bytes) -> dict[str, Any]:
         if fixes:
             _add_transposes(path, fixes)
     return {"ok": True, "float32": str(files["float32"]), "int8": str(files.get("int8") or "") or None,
+            "int8_error": int8_error,
             **_describe(files["float32"]), "custom_ops": sorted(custom),
             "transposed": [job["output_names"][pos] for pos in sorted(fixes)], "max_abs_errors": errors}
 
@@ -291,6 +297,9 @@ def _failure(job: dict[str, Any], exc: BaseException) -> dict[str, Any]:
     else:
         text = _ANSI.sub("", str(exc)).strip()
         message = text.splitlines()[0][:300] if text else type(exc).__name__
+        if "Select TensorFlow op" in text:  # LiteRT's interpreter refused the converted model
+            message = ("onnx2tf converted it to TensorFlow ops that LiteRT's built-in kernels lack (Select TF "
+                       "ops, which need the Flex delegate)")
     op_type, node = _failed_node(exc, job["onnx"])
     if isinstance(exc, ModuleNotFoundError) and op_type and str(exc.name).endswith(f".{op_type}"):
         message = f"onnx2tf has no converter for {op_type}"

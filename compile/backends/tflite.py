@@ -71,6 +71,7 @@ class Onnx2tfConversion:
         transposed: Outputs onnx2tf left channels-last, transposed back to the ONNX layout.
         max_abs_errors: Per output, the FP32 model's max abs error against onnxruntime on the worker's check
             inputs (calibration samples, else noise); empty when the model's shapes left nothing to run.
+        int8_error: Why the INT8 model asked for was not written while the FP32 one was (None otherwise).
     """
 
     float32: Path
@@ -85,6 +86,7 @@ class Onnx2tfConversion:
     outputs: tuple[tuple[str, tuple[int, ...]], ...] = ()
     transposed: tuple[str, ...] = ()
     max_abs_errors: tuple[float, ...] = ()
+    int8_error: str | None = None
 
 
 class TFLiteBackend(Backend):
@@ -97,8 +99,9 @@ class TFLiteBackend(Backend):
                             hint="pass --calib DATA (.npz, .npy or images)")
         conversion = shared_conversion(ctx, int8=int8)
         produced = conversion.int8 if int8 else conversion.float32
-        if produced is None:  # not reached: shared_conversion converts again when INT8 is missing
-            raise ConversionError(f"{self.target.name}: onnx2tf wrote no INT8 model")
+        if produced is None:  # the INT8 quantization failed; the FP32 target of the same run still ships
+            raise ConversionError(f"{self.target.name}: {conversion.int8_error or 'onnx2tf wrote no INT8 model'}",
+                                  hint="use the tflite (FP32) or onnx-int8 target for this model")
         out = ctx.workdir / self.target.name / "model.tflite"
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(produced, out)
@@ -135,7 +138,7 @@ class TFLiteBackend(Backend):
 def shared_conversion(ctx: BuildContext, *, int8: bool) -> Onnx2tfConversion:
     """The run's onnx2tf conversion, converting on first use (INT8 too when the run asks for tflite-int8)."""
     cached: Onnx2tfConversion | None = ctx.shared.get(_SHARED_KEY)
-    if cached is not None and (cached.int8 is not None or not int8):
+    if cached is not None and (cached.int8 is not None or cached.int8_error is not None or not int8):
         return cached
     want_int8 = ctx.calib is not None and (int8 or "tflite-int8" in ctx.options.targets)
     calib = ctx.calib.take(ctx.options.calib_samples) if ctx.calib is not None else None
@@ -192,7 +195,7 @@ def convert_with_onnx2tf(model: Path, workdir: Path, *, calib: Dataset | None, i
         inputs=tuple((t["name"], tuple(t["shape"])) for t in result["inputs"]),
         outputs=tuple((t["name"], tuple(t["shape"])) for t in result["outputs"]),
         transposed=tuple(result.get("transposed", ())),
-        max_abs_errors=tuple(result.get("max_abs_errors", ())),
+        max_abs_errors=tuple(result.get("max_abs_errors", ())), int8_error=result.get("int8_error"),
     )
 
 
@@ -213,11 +216,18 @@ def _write_job(model: Path, workdir: Path, calib: Dataset | None, int8: bool,
             np.save(path, np.ascontiguousarray(arr, np.float32 if arr.dtype.kind == "f" else arr.dtype))
             calibration.append([renamed, str(path)])
     job = {"onnx": str(workdir / "model.onnx"), "output_dir": str(workdir / "out"), "int8": int8,
-           "per_channel": per_channel, "calibration": calibration, "keep_nchw": list(inputs.values()),
+           "per_channel": per_channel, "calibration": calibration, "keep_nchw": _channels_first(proto, inputs),
            "input_names": list(inputs), "output_names": list(outputs), "result": str(workdir / "result.json"),
            "sample_sha256": _sha256(workdir / SAMPLE_IMAGES)}
     (workdir / "job.json").write_text(json.dumps(job, indent=1))
     return job
+
+
+def _channels_first(proto: Any, inputs: dict[str, str]) -> list[str]:
+    """The renamed inputs whose layout onnx2tf must keep: those of rank 3 to 5 (NCW, NCHW, NCDHW). onnx2tf
+    refuses the option for any other rank, and a tabular (N x F) input has no layout to change."""
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in proto.graph.input}
+    return [name for name in inputs.values() if 3 <= ranks.get(name, 0) <= 5]
 
 
 def _rename_io(proto: Any) -> tuple[dict[str, str], dict[str, str]]:
