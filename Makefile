@@ -48,12 +48,14 @@ test: services lint typecheck
 
 # Only the emulated Raspberry Pi (also part of `make test`): the Pi image built from deploy/raspberrypi/Dockerfile
 # in an arm64 Debian 12 under qemu (cached in .build/pi-rootfs, or $$EDGEML_PI_CACHE, keyed by what it installs),
-# the agent run in it against a real fleet on this machine (docs/devices.md). About 10 minutes cold, 3-4 cached.
+# the agent run in it against a real fleet on this machine (docs/devices.md). About 11 minutes cold, 3-4 cached.
 test-pi: install services
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest tests/pi
 
 bench: install services
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/compile_bench.py --out benchmarks/results-compile.md
+	# which ONNX op types each target supports, measured; rewrites the table in docs/compile.md (~30 min on 2 cores)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/op_table.py --out benchmarks/results-ops.md --docs docs/compile.md
 	$(PY) benchmarks/distribution_bench.py --out benchmarks/results-distribution.md
 	$(PY) benchmarks/agent_bench.py --out benchmarks/results-agent.md
 	$(PY) benchmarks/ingest_bench.py
