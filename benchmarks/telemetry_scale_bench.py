@@ -467,6 +467,18 @@ def _verdicts(results: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _reachable(url: str) -> bool:
+    try:
+        engine = sa.create_engine(url)
+        with engine.connect():
+            pass
+        engine.dispose()
+    except sa.exc.SQLAlchemyError as exc:
+        print(f"PostgreSQL at {url} cannot be reached, skipped: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return False
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
@@ -479,7 +491,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     results, ingest = [], []
-    for backend in args.backends:
+    for backend in [b for b in args.backends if b == "sqlite" or _reachable(args.db_url)]:
         for rows in sorted(args.rows):
             result = measure(backend, rows, args.db_url, args.repeat, args.rollout_devices)
             print(json.dumps(result, default=str), flush=True)

@@ -16,7 +16,8 @@ what the worker had not stored when it died or lost its connection.
 
 Scaling out: with ``share_group`` (the default, ``"ingest"``) the telemetry filter is a shared
 subscription (``$share/ingest/edgeml/v1/devices/+/telemetry``), so the broker hands each message to one
-worker of the group; duplicates between workers are impossible in the store (unique ``(device, seq)``) and
+worker of the group; duplicates between workers are impossible in the store (each batch's transaction locks its
+devices' books and drops what they say is stored, :mod:`~edgeml.fleet.telemetry.store`) and
 each worker acknowledges what the database holds, whoever stored it.
 
 State is a plain subscription, not a shared one: the broker sends retained messages to a new

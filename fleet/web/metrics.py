@@ -91,6 +91,57 @@ def _timestamp(value: Any) -> float | None:
     return (value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)).timestamp()
 
 
+class _Family:
+    """A metric family, held as the text format writes it (prometheus_client's families cost ~5 µs a sample to
+    build, and a fleet of 1,000 devices exports some 8,000 samples); :meth:`to_client` gives prometheus_client's."""
+
+    __slots__ = ("documentation", "labels", "name", "samples", "type")
+
+    def __init__(self, kind: str, name: str, documentation: str, value: float | None = None,
+                 labels: Iterable[str] | None = None) -> None:
+        self.type, self.name, self.documentation = kind, name, documentation
+        self.labels = list(labels or ())
+        self.samples: list[tuple[tuple[str, ...], float]] = [] if value is None else [((), float(value))]
+
+    def add_metric(self, labels: Iterable[str], value: float) -> None:
+        """One sample: its label values, in the order of the family's label names."""
+        self.samples.append((tuple(labels), float(value)))
+
+    def write(self, out: list[str]) -> None:
+        """Append the family's lines, as ``generate_latest`` writes them (labels sorted by name, values escaped)."""
+        from prometheus_client.utils import floatToGoString
+
+        name = self.name + "_total" if self.type == "counter" else self.name
+        text = self.documentation.replace("\\", "\\\\").replace("\n", "\\n")
+        out.append(f"# HELP {name} {text}\n# TYPE {name} {self.type}\n")
+        order = sorted(range(len(self.labels)), key=self.labels.__getitem__)
+        for values, value in self.samples:
+            if values:
+                labels = ",".join(f'{self.labels[i]}="{_escape(values[i])}"' for i in order)
+                out.append(f"{name}{{{labels}}} {floatToGoString(value)}\n")
+            else:
+                out.append(f"{name} {floatToGoString(value)}\n")
+
+    def to_client(self) -> Any:
+        """The same family as prometheus_client's (for a ``CollectorRegistry``)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        kind = CounterMetricFamily if self.type == "counter" else GaugeMetricFamily
+        family = kind(self.name, self.documentation, labels=self.labels)
+        for values, value in self.samples:
+            family.add_metric(list(values), value)
+        return family
+
+
+def _gauge(name: str, documentation: str, value: float | None = None, labels: Iterable[str] | None = None) -> _Family:
+    return _Family("gauge", name, documentation, value, labels)
+
+
+def _counter(name: str, documentation: str, value: float | None = None,
+             labels: Iterable[str] | None = None) -> _Family:
+    return _Family("counter", name, documentation, value, labels)
+
+
 @dataclass
 class _Snapshot:
     """What one scrape read from the database."""
@@ -149,12 +200,11 @@ class _Wave:
 # --- families built from a snapshot (no I/O) -----------------------------------------------------------------
 
 
-def _device_families(snap: _Snapshot) -> Iterator[Any]:
-    from prometheus_client.core import GaugeMetricFamily
+def _device_families(snap: _Snapshot) -> Iterator[_Family]:
 
     statuses: Counter[str] = Counter(dict.fromkeys(_BASE_STATUSES, 0))
     installed: Counter[tuple[str, str]] = Counter()
-    seen = GaugeMetricFamily("edgeml_device_last_seen_timestamp_seconds",
+    seen = _gauge("edgeml_device_last_seen_timestamp_seconds",
                              "When the device was last heard (state or telemetry), Unix seconds", labels=["device"])
     revoked = 0
     for row in snap.devices:
@@ -167,13 +217,13 @@ def _device_families(snap: _Snapshot) -> Iterator[Any]:
         at = _timestamp(row.last_seen)
         if at is not None:
             seen.add_metric([row.device_id], at)
-    by_status = GaugeMetricFamily("edgeml_devices", "Enrolled, non-revoked devices by their last reported status "
+    by_status = _gauge("edgeml_devices", "Enrolled, non-revoked devices by their last reported status "
                                   "('unknown': never reported)", labels=["status"])
     for status, n in sorted(statuses.items()):
         by_status.add_metric([status], n)
     yield by_status
-    yield GaugeMetricFamily("edgeml_devices_revoked", "Revoked devices", value=revoked)
-    per_version = GaugeMetricFamily("edgeml_devices_installed", "Non-revoked devices reporting this model version "
+    yield _gauge("edgeml_devices_revoked", "Revoked devices", value=revoked)
+    per_version = _gauge("edgeml_devices_installed", "Non-revoked devices reporting this model version "
                                     "as installed", labels=["model", "version"])
     for (model, version), n in sorted(installed.items()):
         per_version.add_metric([model, version], n)
@@ -205,14 +255,13 @@ def _label(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _telemetry_families(snap: _Snapshot) -> Iterator[Any]:
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+def _telemetry_families(snap: _Snapshot) -> Iterator[_Family]:
 
-    gauges = {s: GaugeMetricFamily(f"edgeml_device_{s}", f"The device's {h}", labels=["device", "model", "version"])
+    gauges = {s: _gauge(f"edgeml_device_{s}", f"The device's {h}", labels=["device", "model", "version"])
               for s, _, _, h in _GAUGES}
-    counters = {k: CounterMetricFamily(f"edgeml_device_{k}", f"Inference {k} over every telemetry window ever "
+    counters = {k: _counter(f"edgeml_device_{k}", f"Inference {k} over every telemetry window ever "
                                        "stored of the device", labels=["device"]) for k in _SUMMED}
-    received = GaugeMetricFamily("edgeml_device_telemetry_last_received_timestamp_seconds",
+    received = _gauge("edgeml_device_telemetry_last_received_timestamp_seconds",
                                  "When the device's latest stored telemetry row arrived, Unix seconds",
                                  labels=["device"])
     per_version: dict[tuple[str, str], list[dict[str, float]]] = defaultdict(list)
@@ -236,22 +285,21 @@ def _telemetry_families(snap: _Snapshot) -> Iterator[Any]:
     yield from counters.values()
     yield received
     yield from _version_families(per_version)
-    yield GaugeMetricFamily("edgeml_telemetry_rows", "Telemetry rows ever stored (retention does not lower it)",
+    yield _gauge("edgeml_telemetry_rows", "Telemetry rows ever stored (retention does not lower it)",
                             value=rows)
     if last is not None:
-        yield GaugeMetricFamily("edgeml_telemetry_last_received_timestamp_seconds",
+        yield _gauge("edgeml_telemetry_last_received_timestamp_seconds",
                                 "When the newest stored telemetry row arrived, Unix seconds", value=last)
 
 
-def _version_families(per_version: Mapping[tuple[str, str], list[dict[str, float]]]) -> Iterator[Any]:
-    from prometheus_client.core import GaugeMetricFamily
+def _version_families(per_version: Mapping[tuple[str, str], list[dict[str, float]]]) -> Iterator[_Family]:
 
     labels = ["model", "version"]
-    reporting = GaugeMetricFamily("edgeml_version_devices_reporting", "Devices whose latest telemetry window is on "
+    reporting = _gauge("edgeml_version_devices_reporting", "Devices whose latest telemetry window is on "
                                   "this model version", labels=labels)
-    means = {s: GaugeMetricFamily(f"edgeml_version_mean_{s}", f"Mean over the version's devices of the {h}",
+    means = {s: _gauge(f"edgeml_version_mean_{s}", f"Mean over the version's devices of the {h}",
                                   labels=labels) for s, _, _, h in _GAUGES}
-    maxima = {s: GaugeMetricFamily(f"edgeml_version_max_{s}", f"Highest over the version's devices of the {h}",
+    maxima = {s: _gauge(f"edgeml_version_max_{s}", f"Highest over the version's devices of the {h}",
                                    labels=labels)
               for s, _, _, h in _GAUGES if s in ("latency_p99_seconds", "drift_score")}
     for key in sorted(per_version):
@@ -279,14 +327,13 @@ _RECENT = (
 )
 
 
-def _recent_families(snap: _Snapshot) -> Iterator[Any]:
+def _recent_families(snap: _Snapshot) -> Iterator[_Family]:
     """Per version, over the telemetry windows received in the last few minutes: the minute rollups summed."""
-    from prometheus_client.core import GaugeMetricFamily
 
     labels, over = ["model", "version"], f"over the windows received in the last {RECENT_MINUTES} minutes"
-    counts = {c: GaugeMetricFamily(f"edgeml_version_5m_{c}", f"Telemetry {c} of the version {over}", labels=labels)
+    counts = {c: _gauge(f"edgeml_version_5m_{c}", f"Telemetry {c} of the version {over}", labels=labels)
               for c in ("windows", "requests", "errors")}
-    gauges = {s: GaugeMetricFamily(f"edgeml_version_5m_{s}", f"The version's {h} {over}", labels=labels)
+    gauges = {s: _gauge(f"edgeml_version_5m_{s}", f"The version's {h} {over}", labels=labels)
               for s, _, _, _, h in _RECENT}
     for (model, version), rollup in sorted(snap.recent.items()):
         if not model or not version:
@@ -301,12 +348,11 @@ def _recent_families(snap: _Snapshot) -> Iterator[Any]:
     yield from gauges.values()
 
 
-def _rollout_families(snap: _Snapshot) -> Iterator[Any]:
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+def _rollout_families(snap: _Snapshot) -> Iterator[_Family]:
 
-    info = GaugeMetricFamily("edgeml_rollout_info", "1 per rollout, labelled with its model, version and state",
+    info = _gauge("edgeml_rollout_info", "1 per rollout, labelled with its model, version and state",
                              labels=["rollout", "model", "version", "state"])
-    wave = GaugeMetricFamily("edgeml_rollout_current_wave", "The rollout's current wave (0: canary)",
+    wave = _gauge("edgeml_rollout_current_wave", "The rollout's current wave (0: canary)",
                              labels=["rollout"])
     by_state: Counter[str] = Counter()
     names = {}
@@ -315,16 +361,16 @@ def _rollout_families(snap: _Snapshot) -> Iterator[Any]:
         wave.add_metric([r.id], r.current_wave)
         by_state[r.state] += 1
         names[r.id] = (r.model, r.version)
-    devices = GaugeMetricFamily("edgeml_rollout_devices", "Devices of a rollout by wave (0: canary) and state",
+    devices = _gauge("edgeml_rollout_devices", "Devices of a rollout by wave (0: canary) and state",
                                 labels=["rollout", "model", "version", "wave", "state"])
     for w in sorted(snap.waves, key=lambda w: (w.rollout_id, w.wave, w.state)):
         model, version = names.get(w.rollout_id, ("", ""))
         devices.add_metric([w.rollout_id, model, version, str(w.wave), w.state], int(w.n))
-    counts = GaugeMetricFamily("edgeml_rollouts", "Rollouts by state", labels=["state"])
+    counts = _gauge("edgeml_rollouts", "Rollouts by state", labels=["state"])
     for state, n in sorted(by_state.items()):
         counts.add_metric([state], n)
     yield from (info, wave, devices, counts)
-    yield CounterMetricFamily("edgeml_rollouts_aborted", "Rollouts aborted (by the rules or by an operator)",
+    yield _counter("edgeml_rollouts_aborted", "Rollouts aborted (by the rules or by an operator)",
                               value=by_state["aborted"])
 
 
@@ -341,19 +387,18 @@ _INGEST_COUNTERS = {
 }
 
 
-def _ingest_families(stats: Mapping[str, Any]) -> Iterator[Any]:
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+def _ingest_families(stats: Mapping[str, Any]) -> Iterator[_Family]:
 
     from edgeml.fleet.telemetry.ingest import REJECT_REASONS
 
     for name, text in _INGEST_COUNTERS.items():
-        yield CounterMetricFamily(f"edgeml_ingest_{name}", text, value=int(stats.get(name, 0)))
-    rejected = CounterMetricFamily("edgeml_ingest_rejected", "Messages rejected, by reason", labels=["reason"])
+        yield _counter(f"edgeml_ingest_{name}", text, value=int(stats.get(name, 0)))
+    rejected = _counter("edgeml_ingest_rejected", "Messages rejected, by reason", labels=["reason"])
     reasons = {**dict.fromkeys(REJECT_REASONS, 0), **dict(stats.get("rejected") or {})}
     for reason, n in sorted(reasons.items()):
         rejected.add_metric([reason], int(n))
     yield rejected
-    yield GaugeMetricFamily("edgeml_ingest_queued", "Messages waiting for the database writer",
+    yield _gauge("edgeml_ingest_queued", "Messages waiting for the database writer",
                             value=int(stats.get("queued", 0)))
 
 
@@ -375,11 +420,16 @@ class FleetCollector:
         return []
 
     def collect(self) -> Iterator[Any]:
-        """Every metric family, read fresh (four queries).
+        """Every metric family, read fresh (four queries), as prometheus_client's families.
 
         Raises:
             RegistryError: The database failed.
         """
+        for family in self.families():
+            yield family.to_client()
+
+    def families(self) -> Iterator[_Family]:
+        """Every metric family, read fresh (four queries)."""
         snap = _read(self.db)
         stats = self.ingest.stats() if self.ingest is not None else None
         yield from _device_families(snap)
@@ -391,12 +441,9 @@ class FleetCollector:
 
 
 def render(db: Database, ingest: Any = None) -> bytes:
-    """One scrape's body in the Prometheus text format (version 0.0.4).
-
-    The families are :class:`FleetCollector`'s; the text is written here rather than by ``generate_latest``, which
-    spends about 30 µs a sample checking names this module already made valid (a fleet of 1,000 devices exports
-    some 8,000 samples). Label values and help texts are escaped as the format says; label names, metric names and
-    the families' order are as ``generate_latest`` gives them.
+    """One scrape's body in the Prometheus text format (version 0.0.4), byte for byte what ``generate_latest``
+    writes of a registry holding :class:`FleetCollector`, at a fraction of its cost (families are built and
+    written here, without prometheus_client's per-sample objects and checks).
 
     Args:
         db: The registry's database.
@@ -405,19 +452,9 @@ def render(db: Database, ingest: Any = None) -> bytes:
     Raises:
         RegistryError: The database failed.
     """
-    from prometheus_client.utils import floatToGoString as _go_float
-
     out: list[str] = []
-    for family in FleetCollector(db, ingest).collect():
-        name = family.name + "_total" if family.type == "counter" else family.name
-        help_text = family.documentation.replace("\\", "\\\\").replace("\n", "\\n")
-        out.append(f"# HELP {name} {help_text}\n# TYPE {name} {family.type}\n")
-        for sample in family.samples:
-            if sample.labels:
-                labels = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(sample.labels.items()))
-                out.append(f"{sample.name}{{{labels}}} {_go_float(sample.value)}\n")
-            else:
-                out.append(f"{sample.name} {_go_float(sample.value)}\n")
+    for family in FleetCollector(db, ingest).families():
+        family.write(out)
     return "".join(out).encode()
 
 
