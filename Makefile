@@ -61,6 +61,8 @@ bench: install services
 	$(PY) benchmarks/ingest_bench.py
 	$(PY) benchmarks/drift_bench.py
 	$(PY) benchmarks/fleet_bench.py --out benchmarks/results-fleet.md
+	# telemetry reads (scrape, dashboard, rollout signals) against 100k-10M rows of history, SQLite and PostgreSQL, and ingestion while retention runs (~1.5 h on 2 cores)
+	$(PY) benchmarks/telemetry_scale_bench.py --ingest --out benchmarks/results-telemetry-scale.md
 
 clean:
 	rm -rf .build .edgeml-demo .pytest_cache .mypy_cache .ruff_cache
