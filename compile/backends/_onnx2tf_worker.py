@@ -247,6 +247,10 @@ def _transpose_opcode(model: Any, schema: Any) -> int:
     return len(model.operatorCodes) - 1
 
 
+def _float32_path(job: dict[str, Any]) -> Path:
+    return Path(job["output_dir"]) / f"{Path(job['onnx']).stem}{_FLOAT32_SUFFIX}"
+
+
 def _collect(job: dict[str, Any], onnx_bytes: bytes) -> dict[str, Any]:
     out = Path(job["output_dir"])
     stem = Path(job["onnx"]).stem
@@ -312,8 +316,18 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     start = time.monotonic()
     try:
         onnx_bytes = Path(job["onnx"]).read_bytes()  # before onnx2tf rewrites the file
-        _convert(job)
+        int8_error = None
+        try:
+            _convert(job)
+        except (Exception, SystemExit) as exc:
+            if not job["int8"] or not _float32_path(job).is_file():
+                raise
+            # onnx2tf writes the FP32 model first: its INT8 quantization failed, the FP32 model still ships
+            int8_error = f"onnx2tf's INT8 quantization failed: {_failure(job, exc)['error']}"
+            job = dict(job, int8=False)
         result = _collect(job, onnx_bytes)
+        if int8_error is not None:
+            result["int8_error"] = int8_error
     except (Exception, SystemExit) as exc:
         import traceback
 

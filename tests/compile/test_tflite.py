@@ -374,3 +374,26 @@ def test_a_tabular_model_converts_with_its_two_dimensional_input(tmp_path: Path)
     fp32, int8 = report.outcomes
     assert fp32.gate is not None and fp32.gate.metrics["max_relative_error"] < 1e-3
     assert int8.gate is not None and int8.gate.metrics["max_abs_error"] <= 0.1
+
+
+@pytest.mark.slow
+def test_a_failed_int8_quantization_still_ships_the_fp32_tflite(tmp_path: Path) -> None:
+    """onnx2tf writes the FP32 model, then its INT8 calibration feeds float data to an int64 index input and
+    fails (the onnx package's Embedding test model): the FP32 target ships, the INT8 one fails alone and says
+    why (found by benchmarks/op_table.py, where both used to fail)."""
+    from onnx import numpy_helper
+
+    from edgeml.compile import CompileOptions, compile_model
+
+    folder = Path(onnx.__file__).parent / "backend" / "test" / "data" / "pytorch-converted" / "test_Embedding"
+    x = numpy_helper.to_array(onnx.load_tensor(str(folder / "test_data_set_0" / "input_0.pb")))
+    assert x.dtype == np.int64
+    np.savez(tmp_path / "data.npz", **{"0": x})
+    options = CompileOptions(targets=BOTH, benchmark=False, version="1.0.0", name="embedding", max_error=1.0)
+    report = compile_model(str(folder / "model.onnx"), options, tmp_path / "dist", calib=tmp_path / "data.npz",
+                           val=tmp_path / "data.npz")
+    fp32, int8 = report.outcomes
+    assert fp32.status == "written" and fp32.gate is not None and fp32.gate.metrics["max_relative_error"] < 1e-3
+    assert int8.status == "error" and int8.error is not None
+    assert "onnx2tf's INT8 quantization failed" in int8.error.message and "tflite (FP32)" in str(int8.error)
+    assert sorted(p.name for p in (tmp_path / "dist").iterdir()) == ["embedding-1.0.0-tflite.edgeml"]
