@@ -178,8 +178,12 @@ def judge(reference: list[np.ndarray], compiled: list[np.ndarray], labels: np.nd
     got = _align(reference, compiled)
     ref = [r.astype(np.float64) for r in reference]
     rows = output_errors(ref, got, names, options)
-    err = np.concatenate([np.abs(g - r).ravel() for g, r in zip(got, ref)])
-    scale = max(1.0, max(float(np.abs(r).max()) for r in ref))
+    # where the source itself computes NaN or inf (sqrt of a negative input), there is nothing to compare;
+    # a compiled value that is not finite where the source's is counts as an infinite error
+    err = np.concatenate([np.nan_to_num(np.abs(g - r)[np.isfinite(r)], nan=np.inf) for g, r in zip(got, ref)])
+    err = err if err.size else np.zeros(1)
+    scale = max(1.0, max((float(np.abs(r[np.isfinite(r)]).max()) for r in ref if np.isfinite(r).any()),
+                         default=1.0))
     metrics: dict[str, Any] = {"samples": int(ref[0].shape[0]), "max_abs_error": float(err.max()),
                                "mean_abs_error": float(err.mean()), "output_scale": scale,
                                "max_relative_error": max(row["relative_error"] for row in rows), "outputs": rows}

@@ -178,6 +178,17 @@ def _reference(source: SourceModel, data: Dataset) -> list[np.ndarray]:
                         "its unknown dims with --input-shape NAME:1,3,H,W") from exc
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (an infinite relative error) as None: JSON has no inf or NaN."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 @dataclass
 class _Run:
     """The state shared by the targets of one compile run.
@@ -321,7 +332,7 @@ class _Run:
             model={"file": built.model_file, "format": built.model_format},
             inputs=self.ctx.source.inputs, outputs=self.ctx.source.outputs,
             preprocessing=self.gate_data.preprocessing, labels=self.gate_data.class_names,
-            metrics={"gate": verdict.metrics, "latency": lat,
+            metrics={"gate": _json_safe(verdict.metrics), "latency": lat,
                      "size_bytes": built.files[built.model_file].stat().st_size,
                      "reference_size_bytes": self.ctx.source.path.stat().st_size},
             gate=self._gate_block(target, built, verdict), golden=golden, refstats=refstats,
@@ -337,8 +348,8 @@ class _Run:
         if self.gate_data.generated is not None:
             data = "generated inputs: " + ", ".join(self._label(d) for d in [self.gate_data,
                                                                               *(d for d, _ in self.more_sets)])
-        return {"status": status, "metric": verdict.metric, "drop": verdict.drop, "budget": verdict.budget,
-                "runtime": built.eval_runtime, "proxy": built.proxy, "data": data}
+        return _json_safe({"status": status, "metric": verdict.metric, "drop": verdict.drop, "budget": verdict.budget,
+                           "runtime": built.eval_runtime, "proxy": built.proxy, "data": data})
 
     def _golden(self, target: Target, verdict: GateResult, compiled: list[np.ndarray], path: Path) -> dict[str, Any]:
         """Write the golden vectors; their tolerances are per output, on that output's own magnitude."""

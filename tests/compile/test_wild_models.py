@@ -370,10 +370,12 @@ def test_a_detector_head_with_one_output_channel_gets_the_tensorrt_int8_form(tmp
 
 
 @pytest.mark.parametrize("name", ["pytorch-converted/test_AvgPool1d", "pytorch-operator/test_operator_selu",
-                                  "pytorch-operator/test_operator_index"])
+                                  "pytorch-operator/test_operator_index", "pytorch-operator/test_operator_sqrt"])
 def test_old_ir3_models_from_the_onnx_package_get_their_int8_build(name: str, tmp_path: Path) -> None:
     """IR 3, opset 6: weights listed as inputs, constants the opset-13 upgrade adds, constants onnxruntime's
-    pre-processing merges; none of them may become an input the calibration has to feed."""
+    pre-processing merges; none of them may become an input the calibration has to feed. The sqrt model's test
+    input is partly negative: where the source computes NaN there is nothing to compare, and the manifest
+    still holds only finite numbers."""
     from onnx import numpy_helper
 
     folder = Path(onnx.__file__).parent / "backend" / "test" / "data" / name
@@ -388,7 +390,7 @@ def test_old_ir3_models_from_the_onnx_package_get_their_int8_build(name: str, tm
     np.savez(tmp_path / "data.npz", **{first: batch})
     expected = numpy_helper.to_array(onnx.load_tensor(str(folder / "test_data_set_0" / "output_0.pb")))
     options = CompileOptions(targets=("onnx", "onnx-int8"), benchmark=False, version="1.0.0", name="op",
-                             max_error=0.1 * float(np.abs(expected).max()), calib_samples=len(batch))
+                             max_error=0.1 * float(np.nanmax(np.abs(expected))), calib_samples=len(batch))
     report = compile_model(str(folder / "model.onnx"), options, tmp_path / "dist", calib=tmp_path / "data.npz",
                            val=tmp_path / "data.npz")
     assert report.ok, [(o.target, o.status, o.error, o.gate and o.gate.reason) for o in report.outcomes]
