@@ -97,6 +97,9 @@ def _default_partition(table: sa.Table, connection: Any, **_: Any) -> None:
 
 
 sa.event.listen(telemetry, "after_create", _default_partition)
+#: PostgreSQL storage of the tables every batch updates in place: room on each page for the new row versions, so
+#: that an update that changes no indexed column stays on its page and adds no index entry (a HOT update).
+_UPDATED_IN_PLACE = {"fillfactor": 70}
 # Per device, kept by the ingest transaction with its rows (retention never touches it): what acknowledgements
 # need (the contiguous high, and the seqs stored above a gap in telemetry_pending), running totals that only grow,
 # and the latest row's numbers. Reads that would sum or search telemetry read this instead.
@@ -111,7 +114,7 @@ telemetry_devices = sa.Table(
     sa.Column("errors", sa.Float, nullable=False, server_default="0"),
     sa.Column("first_received_at", UTCDateTime()), sa.Column("last_received_at", UTCDateTime()),
     sa.Column("latest_received_at", UTCDateTime()),  # of the row with last_seq
-    sa.Column("latest_metrics", sa.JSON))
+    sa.Column("latest_metrics", sa.JSON), postgresql_with=_UPDATED_IN_PLACE)
 telemetry_pending = sa.Table(
     "telemetry_pending", metadata, sa.Column("device_id", sa.String(128), primary_key=True),
     sa.Column("seq", sa.BigInteger, primary_key=True))
@@ -129,24 +132,25 @@ def _rollup_columns() -> list[sa.Column[Any]]:
             sa.Column("drift_last", sa.Float), sa.Column("drift_at", UTCDateTime())]
 
 
-def _device_rollup(name: str) -> sa.Table:
+def _device_rollup(name: str, options: dict[str, Any]) -> sa.Table:
     return sa.Table(name, metadata, sa.Column("device_id", sa.String(128), primary_key=True),
                     sa.Column("bucket", UTCDateTime(), primary_key=True),
                     sa.Column("model", sa.String(64), primary_key=True),
                     sa.Column("version", sa.String(128), primary_key=True), *_rollup_columns(),
-                    sa.Index(f"{name}_bucket", "bucket"))
+                    sa.Index(f"{name}_bucket", "bucket"), postgresql_with=options)
 
 
-def _version_rollup(name: str) -> sa.Table:
+def _version_rollup(name: str, options: dict[str, Any]) -> sa.Table:
     return sa.Table(name, metadata, sa.Column("bucket", UTCDateTime(), primary_key=True),
                     sa.Column("model", sa.String(64), primary_key=True),
-                    sa.Column("version", sa.String(128), primary_key=True), *_rollup_columns())
+                    sa.Column("version", sa.String(128), primary_key=True), *_rollup_columns(),
+                    postgresql_with=options)
 
 
-telemetry_device_minute = _device_rollup("telemetry_device_minute")
-telemetry_version_minute = _version_rollup("telemetry_version_minute")
-telemetry_device_hour = _device_rollup("telemetry_device_hour")
-telemetry_version_hour = _version_rollup("telemetry_version_hour")
+telemetry_device_minute = _device_rollup("telemetry_device_minute", _UPDATED_IN_PLACE)
+telemetry_version_minute = _version_rollup("telemetry_version_minute", _UPDATED_IN_PLACE)
+telemetry_device_hour = _device_rollup("telemetry_device_hour", {})
+telemetry_version_hour = _version_rollup("telemetry_version_hour", {})
 # Telemetry maintenance (fleet.telemetry.maintenance): a lease, so that one process at a time rolls up and prunes,
 # and how far the hourly rollups have come.
 telemetry_jobs = sa.Table(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -34,7 +34,12 @@ _MODEL_LEN, _VERSION_LEN = 64, 128  # the rollup tables' key columns
 
 def number(value: Any) -> float | None:
     """``value`` as a float if it is a finite number (bools, strings, NaN and None are not)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    kind = type(value)
+    if kind is float:  # the usual cases first: this runs a few times for every window stored
+        return value if math.isfinite(value) else None
+    if kind is int:
+        return float(value)
+    if kind is bool or not isinstance(value, (int, float)):
         return None
     return float(value) if math.isfinite(value) else None
 
@@ -54,6 +59,8 @@ class Figures(NamedTuple):
 
 def rollup_key(value: Any, length: int) -> str:
     """A model or version as a rollup key: the string (cut to the column), '' for None, the text of anything else."""
+    if type(value) is str and len(value) <= length:
+        return value
     if value is None:
         return ""
     return (value if isinstance(value, str) else str(value))[:length]
@@ -61,11 +68,12 @@ def rollup_key(value: Any, length: int) -> str:
 
 def figures(metrics: Mapping[str, Any]) -> Figures:
     """The numbers of one telemetry window's ``metrics`` (``drift`` is ``{"score": ...}``)."""
-    drift = metrics.get("drift")
-    return Figures(rollup_key(metrics.get("model"), _MODEL_LEN), rollup_key(metrics.get("version"), _VERSION_LEN),
-                   number(metrics.get("requests")), number(metrics.get("errors")),
-                   number(metrics.get("latency_p50_ms")), number(metrics.get("latency_p99_ms")),
-                   number(metrics.get("error_rate")), number(drift.get("score")) if isinstance(drift, dict) else None)
+    get = metrics.get
+    drift = get("drift")
+    return Figures(rollup_key(get("model"), _MODEL_LEN), rollup_key(get("version"), _VERSION_LEN),
+                   number(get("requests")), number(get("errors")), number(get("latency_p50_ms")),
+                   number(get("latency_p99_ms")), number(get("error_rate")),
+                   number(drift.get("score")) if type(drift) is dict else None)
 
 
 def floor_time(at: dt.datetime, seconds: int) -> dt.datetime:
@@ -73,7 +81,7 @@ def floor_time(at: dt.datetime, seconds: int) -> dt.datetime:
     return dt.datetime.fromtimestamp(math.floor(at.timestamp() / seconds) * seconds, dt.timezone.utc)
 
 
-@dataclass
+@dataclass(slots=True)
 class Rollup:
     """One bucket's windows: sums and counts (merge by adding), maxima, and the latest drift score with its time.
 
@@ -88,32 +96,35 @@ class Rollup:
     drift_at: dt.datetime | None = None
 
     def add(self, f: Figures, at: dt.datetime) -> None:
-        """Count one window received at ``at``."""
+        """Count one window received at ``at`` (runs for every window stored: kept to plain local operations)."""
         s = self.sums
+        _, _, requests, errors, p50, p99, error_rate, drift = f
         s[0] += 1
-        if f.requests is not None:
-            s[1] += f.requests
-        if f.errors is not None:
-            s[2] += f.errors
-        if f.p50 is not None:
-            s[3] += f.p50
+        if requests is not None:
+            s[1] += requests
+        if errors is not None:
+            s[2] += errors
+        if p50 is not None:
+            s[3] += p50
             s[4] += 1
-        if f.p99 is not None:
-            s[5] += f.p99
+        if p99 is not None:
+            s[5] += p99
             s[6] += 1
-            self.p99_max = f.p99 if self.p99_max is None else max(self.p99_max, f.p99)
-            if (f.requests or 0.0) > 0:
-                s[7] += f.p99
+            if self.p99_max is None or p99 > self.p99_max:
+                self.p99_max = p99
+            if requests is not None and requests > 0:  # a window that served requests
+                s[7] += p99
                 s[8] += 1
-        if f.error_rate is not None:
-            s[9] += f.error_rate
+        if error_rate is not None:
+            s[9] += error_rate
             s[10] += 1
-        if f.drift is not None:
-            s[11] += f.drift
+        if drift is not None:
+            s[11] += drift
             s[12] += 1
-            self.drift_max = f.drift if self.drift_max is None else max(self.drift_max, f.drift)
+            if self.drift_max is None or drift > self.drift_max:
+                self.drift_max = drift
             if self.drift_at is None or at >= self.drift_at:
-                self.drift_last, self.drift_at = f.drift, at
+                self.drift_last, self.drift_at = drift, at
 
     def merge(self, other: Rollup) -> None:
         """Add ``other``'s windows to this bucket."""
@@ -126,9 +137,9 @@ class Rollup:
 
     def values(self) -> tuple[Any, ...]:
         """The value columns, in :data:`ROLLUP_COLUMNS` order (counts as ints)."""
-        counts = (0, 4, 6, 8, 10, 12)
-        sums = tuple(int(v) if i in counts else v for i, v in enumerate(self.sums))
-        return (*sums, self.p99_max, self.drift_max, self.drift_last, self.drift_at)
+        s = self.sums
+        return (int(s[0]), s[1], s[2], s[3], int(s[4]), s[5], int(s[6]), s[7], int(s[8]), s[9], int(s[10]), s[11],
+                int(s[12]), self.p99_max, self.drift_max, self.drift_last, self.drift_at)
 
     @classmethod
     def of_row(cls, row: Any) -> Rollup:
@@ -162,14 +173,14 @@ class Book:
     pending: frozenset[int] = frozenset()
 
 
-@dataclass
+@dataclass(slots=True)
 class DeviceChange:
     """What a batch changes of one device's bookkeeping and totals."""
 
     high: int
     last_seq: int
-    pending_added: set[int] = field(default_factory=set)
-    pending_removed: set[int] = field(default_factory=set)
+    pending_added: frozenset[int] = frozenset()
+    pending_removed: frozenset[int] = frozenset()
     windows: int = 0
     requests: float = 0.0
     errors: float = 0.0
@@ -186,13 +197,22 @@ class BatchPlan:
     version_minutes: dict[tuple[str, str], Rollup]  # (model, version) -> its windows of this batch
 
 
-def _advance(high: int, seqs: Iterable[int]) -> tuple[int, set[int]]:
-    """The contiguous high after ``seqs`` are stored above ``high``, and the seqs left above a gap."""
-    above = set(seqs)
+def _advance(book: Book, seqs: list[int]) -> tuple[int, frozenset[int], frozenset[int]]:
+    """The contiguous high after ``seqs`` (new, unique) are stored, the seqs now above a gap that were not, and
+    those no longer above one."""
+    high = book.high
+    if not book.pending:
+        ordered = sorted(seqs)
+        if ordered[0] == high + 1 and ordered[-1] - ordered[0] == len(ordered) - 1:  # the usual case: in order
+            return ordered[-1], frozenset(), frozenset()
+    above = set(book.pending).union(seqs)
     while high + 1 in above:
         high += 1
         above.discard(high)
-    return high, above
+    return high, frozenset(above - book.pending), frozenset(book.pending - above)
+
+
+_NOTHING = Book()
 
 
 def plan_batch(rows: Sequence[Telemetry], books: Mapping[str, Book], at: dt.datetime) -> BatchPlan:
@@ -205,7 +225,7 @@ def plan_batch(rows: Sequence[Telemetry], books: Mapping[str, Book], at: dt.date
     """
     new: dict[tuple[str, int], Telemetry] = {}
     for r in rows:
-        book = books.get(r.device_id, Book())
+        book = books.get(r.device_id, _NOTHING)
         if r.seq > book.high and r.seq not in book.pending:
             new.setdefault((r.device_id, r.seq), r)
     by_device: dict[str, list[Telemetry]] = {}
@@ -215,16 +235,25 @@ def plan_batch(rows: Sequence[Telemetry], books: Mapping[str, Book], at: dt.date
     device_minutes: dict[tuple[str, str, str], Rollup] = {}
     version_minutes: dict[tuple[str, str], Rollup] = {}
     for device_id, device_rows in by_device.items():
-        book = books.get(device_id, Book())
-        high, above = _advance(book.high, [*book.pending, *(r.seq for r in device_rows)])
-        top = max(device_rows, key=lambda r: r.seq)
-        change = DeviceChange(high, max(book.last_seq, top.seq), above - book.pending, set(book.pending - above),
-                              windows=len(device_rows), latest=top if top.seq > book.last_seq else None)
+        book = books.get(device_id, _NOTHING)
+        high, added, removed = _advance(book, [r.seq for r in device_rows])
+        top = max(device_rows, key=lambda r: r.seq) if len(device_rows) > 1 else device_rows[0]
+        requests = errors = 0.0
         for r in device_rows:
             f = figures(r.metrics)
-            change.requests += f.requests or 0.0
-            change.errors += f.errors or 0.0
-            device_minutes.setdefault((device_id, f.model, f.version), Rollup()).add(f, at)
-            version_minutes.setdefault((f.model, f.version), Rollup()).add(f, at)
-        changes[device_id] = change
+            if f.requests is not None:
+                requests += f.requests
+            if f.errors is not None:
+                errors += f.errors
+            key = (device_id, f.model, f.version)
+            rollup = device_minutes.get(key)
+            if rollup is None:
+                rollup = device_minutes[key] = Rollup()
+            rollup.add(f, at)
+            version = version_minutes.get(key[1:])
+            if version is None:
+                version = version_minutes[key[1:]] = Rollup()
+            version.add(f, at)
+        changes[device_id] = DeviceChange(high, max(book.last_seq, top.seq), added, removed, len(device_rows),
+                                          requests, errors, top if top.seq > book.last_seq else None)
     return BatchPlan(list(new.values()), changes, device_minutes, version_minutes)

@@ -170,8 +170,11 @@ class TelemetryStore:
 
     @staticmethod
     def _write(conn: Connection, writer: Writer, plan: Any, at: dt.datetime) -> None:
-        writer.insert(conn, plan.rows, at)
-        writer.update_devices(conn, plan.devices, at)
+        texts = [json.dumps(r.metrics) for r in plan.rows]  # as SQLAlchemy's JSON type writes them; once a row
+        writer.insert(conn, plan.rows, at, texts)
+        latest = {(d, c.latest.seq) for d, c in plan.devices.items() if c.latest is not None}
+        writer.update_devices(conn, plan.devices, at, {(r.device_id, r.seq): text for r, text in zip(plan.rows, texts)
+                                                       if (r.device_id, r.seq) in latest})
         added = [(d, s) for d, c in plan.devices.items() for s in sorted(c.pending_added)]
         removed = [(d, s) for d, c in plan.devices.items() for s in sorted(c.pending_removed)]
         if added or removed:

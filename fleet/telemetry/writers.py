@@ -65,12 +65,13 @@ class Writer:
         """The devices' bookkeeping, locked until the transaction ends."""
         raise NotImplementedError
 
-    def insert(self, conn: Connection, rows: Sequence[Telemetry], at: dt.datetime) -> None:
-        """Insert new rows (already known not to be stored)."""
+    def insert(self, conn: Connection, rows: Sequence[Telemetry], at: dt.datetime, texts: Sequence[str]) -> None:
+        """Insert new rows (already known not to be stored), ``texts`` their metrics as JSON."""
         raise NotImplementedError
 
-    def update_devices(self, conn: Connection, changes: Mapping[str, DeviceChange], at: dt.datetime) -> None:
-        """Write each device's new high, pending count, totals and latest row."""
+    def update_devices(self, conn: Connection, changes: Mapping[str, DeviceChange], at: dt.datetime,
+                       texts: Mapping[tuple[str, int], str]) -> None:
+        """Write each device's new high, pending count, totals and latest row (``texts``: the rows' JSON)."""
         raise NotImplementedError
 
     def pending(self, conn: Connection, added: list[tuple[str, int]], removed: list[tuple[str, int]]) -> None:
@@ -87,11 +88,21 @@ def _keys_with_bucket(table: sa.Table) -> list[str]:
     return [c.name for c in table.primary_key.columns]
 
 
-def _rows_of(table: sa.Table, rollups: Mapping[tuple[Any, ...], Rollup], bucket: Any) -> list[tuple[Any, ...]]:
-    """Rows in column order: the key (with the bucket where the table puts it), then the values."""
-    keys = _keys_with_bucket(table)
-    at = keys.index("bucket")
-    return [(*key[:at], bucket, *key[at:], *r.values()) for key, r in rollups.items()]
+def _rows_of(table: sa.Table, rollups: Mapping[tuple[Any, ...], Rollup], bucket: Any,
+             when: Callable[[Any], Any] | None = None) -> list[tuple[Any, ...]]:
+    """Rows in column order: the key (with the bucket where the table puts it), then the values; ``when``
+    converts the drift times (a batch has one or two: each is converted once)."""
+    at = _keys_with_bucket(table).index("bucket")
+    times: dict[Any, Any] = {None: None}
+    rows = []
+    for key, r in rollups.items():
+        *values, drift_at = r.values()
+        if when is not None:
+            if drift_at not in times:
+                times[drift_at] = when(drift_at)
+            drift_at = times[drift_at]
+        rows.append((*key[:at], bucket, *key[at:], *values, drift_at))
+    return rows
 
 
 class SqliteWriter(Writer):
@@ -100,7 +111,6 @@ class SqliteWriter(Writer):
     def __init__(self, conn: Connection) -> None:
         d = conn.dialect
         self.when = bind(schema.telemetry.c.received_at, d)
-        self.to_json = bind(schema.telemetry.c.metrics, d)
 
     def begin(self, conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")  # pysqlite begins lazily, and only before DML
@@ -129,14 +139,15 @@ class SqliteWriter(Writer):
         return {d: Book(-1 if h is None else int(h), -1 if s is None else int(s), frozenset(seqs.get(d, ())))
                 for d, h, s, _ in found}
 
-    def insert(self, conn: Connection, rows: Sequence[Telemetry], at: dt.datetime) -> None:
-        when, to_json = self.when(at), self.to_json
+    def insert(self, conn: Connection, rows: Sequence[Telemetry], at: dt.datetime, texts: Sequence[str]) -> None:
+        when = self.when(at)
         conn.exec_driver_sql(f"INSERT INTO {_name(conn, schema.telemetry)} (device_id, seq, sent_at, received_at, "
                              "metrics) VALUES (?, ?, ?, ?, ?)",
-                             [(r.device_id, r.seq, float(r.sent_at), when, to_json(r.metrics)) for r in rows])
+                             [(r.device_id, r.seq, float(r.sent_at), when, text) for r, text in zip(rows, texts)])
 
-    def update_devices(self, conn: Connection, changes: Mapping[str, DeviceChange], at: dt.datetime) -> None:
-        when, to_json = self.when(at), self.to_json
+    def update_devices(self, conn: Connection, changes: Mapping[str, DeviceChange], at: dt.datetime,
+                       texts: Mapping[tuple[str, int], str]) -> None:
+        when = self.when(at)
         sql = (f"UPDATE {_name(conn, schema.telemetry_devices)} SET contiguous_high = ?, pending = pending + ?, "
                "last_seq = ?, windows = windows + ?, requests = requests + ?, errors = errors + ?, "
                "first_received_at = CASE WHEN first_received_at IS NULL OR first_received_at > ? THEN ? "
@@ -147,7 +158,7 @@ class SqliteWriter(Writer):
                "latest_metrics = coalesce(?, latest_metrics) WHERE device_id = ?")
         params = []
         for device_id, c in changes.items():
-            latest = None if c.latest is None else to_json(c.latest.metrics)
+            latest = None if c.latest is None else texts[(device_id, c.latest.seq)]
             params.append((None if c.high < 0 else c.high, len(c.pending_added) - len(c.pending_removed), c.last_seq,
                            c.windows, c.requests, c.errors, when, when, when, when, latest, when, latest, device_id))
         conn.exec_driver_sql(sql, params)
@@ -166,9 +177,7 @@ class SqliteWriter(Writer):
         sets = _upsert_sets(name, lambda a, b: f"max(coalesce({a}, {b}), coalesce({b}, {a}))")  # max(NULL, x) is NULL
         sql = (f"INSERT INTO {name} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
                f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {sets}")
-        when = self.when
-        conn.exec_driver_sql(sql, [tuple(when(v) if isinstance(v, dt.datetime) else v for v in row)
-                                   for row in _rows_of(table, rollups, bucket)])
+        conn.exec_driver_sql(sql, _rows_of(table, rollups, self.when(bucket), self.when))
 
 
 class PostgresWriter(Writer):
@@ -192,21 +201,19 @@ class PostgresWriter(Writer):
         return {d: Book(-1 if h is None else int(h), -1 if s is None else int(s), frozenset(seqs.get(d, ())))
                 for d, h, s, _ in found}
 
-    def insert(self, conn: Connection, rows: Sequence[Telemetry], at: dt.datetime) -> None:
-        columns: list[list[Any]] = [[], [], [], []]
-        for r in rows:  # metrics as SQLAlchemy's JSON type writes them (json.dumps)
-            for column, value in zip(columns, (r.device_id, r.seq, float(r.sent_at), json.dumps(r.metrics)),
-                                     strict=True):
-                column.append(value)
+    def insert(self, conn: Connection, rows: Sequence[Telemetry], at: dt.datetime, texts: Sequence[str]) -> None:
+        columns: list[list[Any]] = [[r.device_id for r in rows], [r.seq for r in rows],
+                                    [float(r.sent_at) for r in rows], list(texts)]
         # %b: binary parameters (a text array in text format is escaped element by element)
         conn.exec_driver_sql(f"INSERT INTO {_name(conn, schema.telemetry)} (device_id, seq, sent_at, received_at, "
                              "metrics) SELECT d, s, t, %s, m::json FROM unnest(%b::text[], %b::bigint[], "
                              "%b::float8[], %b::text[]) AS v(d, s, t, m)", (at, *columns))
 
-    def update_devices(self, conn: Connection, changes: Mapping[str, DeviceChange], at: dt.datetime) -> None:
+    def update_devices(self, conn: Connection, changes: Mapping[str, DeviceChange], at: dt.datetime,
+                       texts: Mapping[tuple[str, int], str]) -> None:
         columns: list[list[Any]] = [[] for _ in range(8)]
         for device_id, c in changes.items():
-            latest = None if c.latest is None else json.dumps(c.latest.metrics)
+            latest = None if c.latest is None else texts[(device_id, c.latest.seq)]
             values = (device_id, c.high, len(c.pending_added) - len(c.pending_removed), c.last_seq, c.windows,
                       float(c.requests), float(c.errors), latest)
             for column, value in zip(columns, values, strict=True):
