@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgeml.errors import BundleError, ConfigError
+from edgeml.protocol.codec import nests_deeper
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -170,6 +171,8 @@ def load_json(raw: bytes, what: str, *, max_depth: int = DEFAULT_LIMITS.max_json
     Raises:
         BundleError: The bytes are not such JSON.
     """
+    if nests_deeper(raw, max_depth):  # before the parser: its recursion can crash the process (nests_deeper)
+        raise BundleError(f"{what} nests arrays or objects deeper than {max_depth} levels")
     try:
         doc = _DECODER.decode(raw.decode("utf-8"))
     except RecursionError as exc:

@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 from edgeml.errors import EdgeMLError
 
 __all__ = ["INT64_MAX", "MAX_BYTES", "MAX_DEPTH", "FieldTypes", "Message", "ProtocolError", "check_json",
-           "decode_object"]
+           "decode_object", "nests_deeper"]
 
 _KiB = 1024
 #: Largest accepted payload per kind, in bytes (checked before decoding).
@@ -71,6 +71,33 @@ def _reject_constant(name: str) -> None:
 
 
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)  # one decoder: json.loads builds one per call
+
+
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def nests_deeper(data: bytes, limit: int) -> bool:
+    """True when the JSON text ``data`` opens more than ``limit`` arrays or objects inside each other.
+
+    Decided on the bytes, before any parser sees them: Python's C decoder recurses once per level and guards
+    itself only with the interpreter's recursion limit, which a library may raise far above what the thread's
+    stack holds (a deeply nested document then crashes the process instead of raising RecursionError).
+    Brackets inside strings do not count; malformed text may count as deeper than it is (it fails to parse
+    anyway).
+    """
+    if data.count(b"{") + data.count(b"[") <= limit:
+        return False
+    brackets = _STRING.sub(b"", data).translate(None, _NOT_BRACKET)
+    level = 0
+    for byte in brackets:
+        if byte in b"[{":
+            level += 1
+            if level > limit:
+                return True
+        else:
+            level -= 1
+    return False
 
 
 def _needs_walk(payload: bytes) -> bool:
@@ -126,6 +153,8 @@ def decode_object(kind: str, payload: bytes | bytearray) -> dict[str, Any]:
         raise ProtocolError(f"{kind}: payload must be bytes, got {type(payload).__name__}")
     check_size(kind, payload)
     data = bytes(payload)
+    if nests_deeper(data, MAX_DEPTH):
+        raise ProtocolError(f"{kind}: JSON nested deeper than {MAX_DEPTH} levels")
     try:
         obj = _DECODER.decode(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgeml.protocol import MAX_DEPTH, ProtocolError, Telemetry, check_json, parse
-from edgeml.protocol.codec import _needs_walk, decode_object
+from edgeml.protocol.codec import _needs_walk, decode_object, nests_deeper
 
 
 def _telemetry(metrics: Any) -> bytes:
@@ -46,7 +46,7 @@ def _nested(depth: int) -> Any:
     (b'{"schema":"edgeml.telemetry/1","device_id":"cam-1","seq":1,"sent_at":1,"metrics":{"x":"\xed\xa0\x80"}}',
      "not valid UTF-8"),
     (_telemetry(_nested(MAX_DEPTH)), "deeper than"),
-    (b'{"a":' * 5000 + b"1" + b"}" * 5000, "not valid|exceeds"),
+    (b'{"a":' * 5000 + b"1" + b"}" * 5000, "deeper than"),
     (_telemetry({"x": [[[[[[[[[[[1]]]]]]]]]]]}), "deeper than"),
 ])
 def test_out_of_bounds_refused(payload: bytes, match: str) -> None:
@@ -119,3 +119,43 @@ def test_events_have_a_size_limit_before_decoding() -> None:
     huge = b'{"schema":"edgeml.event/1","type":"update","pad":"' + b"x" * (5 * 1024 * 1024) + b'"}'
     with pytest.raises(ProtocolError, match="exceeds the limit of 16384"):
         parse("event", huge)
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
+_BRACKETY = st.text(alphabet='[]{}"\\ab', max_size=8)  # strings full of brackets, quotes and backslashes
+_DEEP = st.recursive(st.integers() | _BRACKETY,
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_BRACKETY, inner, max_size=3),
+                     max_leaves=40)
+
+
+@given(value=_DEEP, limit=st.integers(0, 12))
+def test_nesting_is_measured_on_the_bytes_exactly(value: Any, limit: int) -> None:
+    assert nests_deeper(json.dumps(value).encode(), limit) == (_depth(value) > limit)
+
+
+def test_deep_nesting_is_refused_before_the_parser_even_with_a_raised_recursion_limit() -> None:
+    """Python's C JSON decoder recurses per level, guarded only by the recursion limit: a library that raises
+    it (CI crashed with a segfault in a 100,000-deep manifest) must not turn deep input into a crash."""
+    import subprocess
+    import sys
+    code = (
+        "import sys; sys.setrecursionlimit(10**7)\n"
+        "from edgeml.protocol import parse, ProtocolError\n"
+        "from edgeml.bundle_rules import load_json\n"
+        "from edgeml.errors import BundleError\n"
+        "deep = b'[' * 1_000_000 + b']' * 1_000_000\n"
+        "try:\n    load_json(deep, 'manifest.json')\nexcept BundleError as e:\n    print('bundle:', e)\n"
+        "try:\n    parse('telemetry', b'{\"a\":' * 10_000 + b'1' + b'}' * 10_000)\n"
+        "except ProtocolError as e:\n    print('protocol:', e)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "bundle: manifest.json nests arrays or objects deeper than 32 levels" in done.stdout
+    assert "protocol: telemetry: JSON nested deeper than 10 levels" in done.stdout
