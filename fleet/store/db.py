@@ -131,6 +131,8 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[Any, Any, dict[str, Any]], None]], .
         "telemetry_devices and telemetry_pending (books and running totals), minute and hour rollups per device and "
         "per version, telemetry_jobs; the books and minute rollups written from the stored rows",
      _telemetry_at_scale),
+    (7, "deltas (bundles rebuilt from an earlier version); rollout_devices: transfer (delta or full, bytes)",
+     _steps(_create_missing_tables("deltas"), _add_missing_columns("rollout_devices", ("transfer",)))),
 )
 #: The version of the schema ``_tables`` defines.
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -200,9 +200,19 @@ rollout_devices = sa.Table(
     sa.Column("reason", sa.String(1024)), sa.Column("notified_at", UTCDateTime()),
     sa.Column("finished_at", UTCDateTime()), sa.Column("revert_id", sa.String(64)),
     sa.Column("revert_state", sa.String(16)), sa.Column("cause", sa.String(32)),
+    sa.Column("transfer", sa.JSON),  # how its bundle came: {"kind": delta|full, "bytes", "full_bytes", "fallback"}
     sa.UniqueConstraint("rollout_id", "device_id"),
     sa.Index("rollout_devices_state", "rollout_id", "state"))
 
+# deltas (edgeml.fleet.registry.deltas): a version's bundle rebuilt from an earlier version's members
+deltas = sa.Table(
+    "deltas", metadata, sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("model", sa.String(64), nullable=False), sa.Column("target", sa.String(64), nullable=False),
+    sa.Column("version", sa.String(128), nullable=False), sa.Column("base_version", sa.String(128), nullable=False),
+    sa.Column("tuf_path", sa.String(512), nullable=False), sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("length", sa.BigInteger, nullable=False), sa.Column("full_length", sa.BigInteger, nullable=False),
+    sa.Column("published_at", UTCDateTime(), nullable=False),
+    sa.UniqueConstraint("model", "target", "version", "base_version"))
 
 #: name -> table, for migrations and tests.
 TABLES: dict[str, sa.Table] = {t.name: t for t in metadata.sorted_tables}
