@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 
 __all__ = ["compile_command"]
 
+INT8_TARGETS = ("onnx-int8", "tflite-int8", "tensorrt-int8")
+
 
 def _size(text: str | None) -> tuple[int, ...] | None:
     if not text:
@@ -63,6 +65,11 @@ def compile_command(
     grayscale: Annotated[bool, typer.Option(help="Image folders: one channel.")] = False,
     build_engine: Annotated[bool, typer.Option(help="Also build the TensorRT engine here (GPU).")] = False,
     no_benchmark: Annotated[bool, typer.Option("--no-benchmark", help="Skip latency measurement.")] = False,
+    calibration_percentile: Annotated[float, typer.Option(
+        help="The percentile kept by --calibration-method percentile.")] = 99.99,
+    recover: Annotated[bool, typer.Option("--recover", help="When an INT8 target fails its gate, search "
+                                          "calibrations, rescalings and float layers for one that passes.")] = False,
+    recover_budget: Annotated[float, typer.Option(help="Seconds --recover may search per target.")] = 300.0,
 ) -> None:
     """Compile MODEL into gated, benchmarked bundles, one per --target."""
     from edgeml.compile.data import ImagePreprocessing
@@ -75,7 +82,8 @@ def compile_command(
         max_error=max_error, metric=metric, gate=not no_gate, calibration_method=calibration_method,
         calib_samples=calib_samples, exclude_nodes=tuple(exclude_node or ()),
         exclude_op_types=tuple(exclude_op_type or ()), input_shape=_input_shapes(input_shape),
-        build_engine=build_engine, benchmark=not no_benchmark,
+        build_engine=build_engine, benchmark=not no_benchmark, calibration_percentile=calibration_percentile,
+        recover=recover, recover_budget_s=recover_budget,
     )
     pre = None
     if resize or mean or std or grayscale or layout != "NCHW":
@@ -98,16 +106,30 @@ def _relative(m: dict[str, Any]) -> str:
     return "inf" if rel == float("inf") else f"{100 * rel:.2g}%"
 
 
+def _recovery_cell(block: dict[str, Any] | None) -> str:
+    """What --recover did, in a few words: ``percentile 99.9``, ``equalize``, ``1 float (12%)``."""
+    if block is None:
+        return "-"
+    if block["float_nodes"]:
+        return f"{len(block['float_layers'])} float ({100 * block['float_compute_share']:.0f}%)"
+    if block["rescaled"]:
+        return "+".join(sorted({r["kind"] for r in block["rescaled"]}))
+    cal = block["calibration"]
+    return f"{cal['method']} {cal['percentile']:g}" if cal.get("percentile") is not None else cal["method"]
+
+
 def print_report(report: CompileReport) -> None:
     """The final summary table, then one block per failed target, then the warnings."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
+    from edgeml.recovery import describe_recovery
+
     console = Console(width=None if sys.stdout.isatty() else 160)
     table = Table(title=f"edgeml compile: {report.source.original}")
     for col in ("target", "status", "size", "vs FP32", "accuracy", "agreement", "max err", "rel err",
-                "p50 ms (1t)", "p99 ms (1t)", "bundle"):
+                "p50 ms (1t)", "p99 ms (1t)", "recovery", "bundle"):
         table.add_column(col)
     for o in report.outcomes:
         m = o.gate.metrics if o.gate else {}
@@ -119,9 +141,13 @@ def print_report(report: CompileReport) -> None:
             f"{o.size_bytes / report.reference_size:.2f}x" if o.size_bytes else "-", acc, agree,
             f"{m['max_abs_error']:.3g}" if "max_abs_error" in m else "-", _relative(m),
             f"{lat['p50_ms']:.2f}" if lat else "-", f"{lat['p99_ms']:.2f}" if lat else "-",
-            o.bundle.name if o.bundle else "-",
+            _recovery_cell(o.manifest.recovery if o.manifest else None), o.bundle.name if o.bundle else "-",
         )
     console.print(table)
+    for o in report.outcomes:
+        if o.manifest is not None and o.manifest.recovery is not None:
+            console.print(f"  {o.target}: recovered by --recover: {describe_recovery(o.manifest.recovery)}",
+                          highlight=False, markup=False)
     for o in report.outcomes:
         rows = o.gate.metrics.get("outputs", []) if o.gate else []
         if len(rows) > 1:  # the relative error of each output, when there are several
@@ -134,6 +160,12 @@ def print_report(report: CompileReport) -> None:
             console.print(f"[red]✗ {o.target}: {what}: {escape(o.gate.reason)}; no bundle written[/red]")
             for line in o.diagnosis.lines() if o.diagnosis else []:
                 console.print(line, highlight=False, markup=False)
+            if o.recovery is not None:
+                for line in o.recovery.lines():
+                    console.print(line, highlight=False, markup=False)
+            elif o.gate.metric != "parity" and o.target in INT8_TARGETS:
+                console.print("  try --recover  (searches calibrations, equalization and float layers for an INT8 "
+                              "artifact that passes, cheapest first)", highlight=False, markup=False)
         elif o.status == "error" and o.error:
             console.print(f"[red]✗ {o.target}: {escape(str(o.error))}[/red]", highlight=False)
     for warning in dict.fromkeys(w for o in report.outcomes for w in o.warnings):

@@ -24,6 +24,7 @@ class CompileOptions:
         metric: ``auto`` | ``accuracy`` | ``agreement`` | ``package.module:function``.
         gate: False builds INT8 targets without a validation set; the manifest then says "ungated".
         calibration_method: ``minmax``, ``entropy`` or ``percentile``.
+        calibration_percentile: The percentile ``percentile`` calibration keeps (99.99: clip the top 0.01%).
         calib_samples: At most this many calibration samples are used.
         exclude_nodes: Node names kept in float (not quantized).
         exclude_op_types: Op types kept in float.
@@ -39,6 +40,10 @@ class CompileOptions:
         input_shape: ``--input-shape``: the export shape of a PyTorch source; for an ONNX source the shapes the
             artifacts are built for: one shape (single-input models) or input name -> shape.
         opset: ONNX opset for PyTorch export.
+        recover: ``--recover``: when an INT8 target fails its gate, search calibrations, rescalings and
+            float layers for an artifact that passes (see :mod:`edgeml.compile.recover`).
+        recover_budget_s: Seconds the search may take per target, at most (it stops after the candidate
+            in progress).
     """
 
     targets: tuple[str, ...]
@@ -49,6 +54,7 @@ class CompileOptions:
     metric: str = "auto"
     gate: bool = True
     calibration_method: str = "minmax"
+    calibration_percentile: float = 99.99
     calib_samples: int = 256
     exclude_nodes: tuple[str, ...] = ()
     exclude_op_types: tuple[str, ...] = ()
@@ -63,6 +69,8 @@ class CompileOptions:
     input_shape: tuple[int, ...] | dict[str, tuple[int, ...]] | None = None
     opset: int = 17
     extra: dict[str, str] = field(default_factory=dict)
+    recover: bool = False
+    recover_budget_s: float = 300.0
 
     def __post_init__(self) -> None:
         if not self.targets:
@@ -76,6 +84,10 @@ class CompileOptions:
                 f"unknown calibration method {self.calibration_method!r}; "
                 f"choose one of {', '.join(CALIBRATION_METHODS)}"
             )
+        if not 50.0 < self.calibration_percentile <= 100.0:
+            raise ConfigError(f"--calibration-percentile {self.calibration_percentile} is not in (50, 100]")
+        if not self.recover_budget_s > 0:
+            raise ConfigError(f"--recover-budget {self.recover_budget_s} must be a positive number of seconds")
         if not 0 < self.parity_rtol < 1 or self.parity_atol < 0:
             raise ConfigError(f"parity_rtol must be in (0, 1) and parity_atol >= 0, got {self.parity_rtol}, "
                               f"{self.parity_atol}")

@@ -26,6 +26,7 @@ from edgeml.compile.data import Dataset, ImagePreprocessing, generated_sets, loa
 from edgeml.compile.diagnose import Diagnosis, calibration_warnings, candidate_remedies, diagnose, try_remedies
 from edgeml.compile.gate import GateResult, combine_parity, judge, resolve_metric, run_model
 from edgeml.compile.options import CompileOptions
+from edgeml.compile.recover import RecoveryResult
 from edgeml.compile.shapes import shape_text
 from edgeml.compile.source import SourceModel, load_source
 from edgeml.compile.targets import Target, backend_for, get_target
@@ -55,6 +56,7 @@ class TargetOutcome:
     notes: list[str] = field(default_factory=list)
     manifest: Manifest | None = None
     warnings: list[str] = field(default_factory=list)
+    recovery: RecoveryResult | None = None  # what --recover tried (and found, when the status is "written")
 
 
 @dataclass
@@ -217,22 +219,42 @@ class _Run:
                 compiled = run_model(built.eval_runtime, built.eval_path, self.gate_data)
                 verdict = self._gate(target, built, compiled)
             warnings = self._warnings(target)
+            recovery = None
             if not verdict.passed:
                 notes = list(built.notes)
                 try:
                     diag = self._diagnose(target, built)
                 except EdgeMLError as exc:  # the verdict stands; say why there is no diagnosis
                     diag, notes = None, [*notes, f"diagnosis unavailable: {exc.message}"]
-                return TargetOutcome(target.name, "gate-failed", gate=verdict, diagnosis=diag, notes=notes,
-                                     warnings=warnings)
+                recovery = self._recover(target, verdict) if self.ctx.options.recover and target.quantized else None
+                if recovery is None or recovery.built is None or recovery.verdict is None:
+                    return TargetOutcome(target.name, "gate-failed", gate=verdict, diagnosis=diag, notes=notes,
+                                         warnings=warnings, recovery=recovery)
+                built, verdict = recovery.built, recovery.verdict
+                compiled = recovery.compiled or compiled
             lat = self._latency(target, built) if self.ctx.options.benchmark else {}
-            manifest = self._write(target, built, verdict, compiled, lat)
+            manifest = self._write(target, built, verdict, compiled, lat, recovery.record if recovery else None)
         except EdgeMLError as exc:
             return TargetOutcome(target.name, "error", error=exc)
         path = self.out / manifest.filename
         size = built.files[built.model_file].stat().st_size
         return TargetOutcome(target.name, "written", path, verdict, lat, size, notes=built.notes,
-                             manifest=manifest, warnings=warnings)
+                             manifest=manifest, warnings=warnings, recovery=recovery)
+
+    def _recover(self, target: Target, plain: GateResult) -> RecoveryResult:
+        """``--recover``: search calibrations, rescalings and float layers for an artifact that passes."""
+        from edgeml.compile.recover import Recovery
+
+        def judge_built(built: BuildResult) -> tuple[GateResult, list[np.ndarray]]:
+            compiled = run_model(built.eval_runtime, built.eval_path, self.gate_data)
+            return self._verdict(target, compiled), compiled
+
+        def parity(path: Path) -> GateResult:  # a rescaled FP32 model against the source
+            got = run_model("onnxruntime", path, self.gate_data)
+            return judge(self.reference, got, None, self.ctx.options, precision="fp32", names=self._names,
+                         inputs=self._label(self.gate_data))
+
+        return Recovery(self.ctx, target, self.gate_data, judge_built, parity, plain).run()
 
     @property
     def _names(self) -> list[str]:
@@ -313,7 +335,7 @@ class _Run:
         return result
 
     def _write(self, target: Target, built: BuildResult, verdict: GateResult, compiled: list[np.ndarray],
-               lat: dict[str, Any]) -> Manifest:
+               lat: dict[str, Any], recovery: dict[str, Any] | None = None) -> Manifest:
         tdir = self.ctx.workdir / f"bundle-{target.name}"
         tdir.mkdir(parents=True, exist_ok=True)
         files = dict(built.files)
@@ -337,6 +359,7 @@ class _Run:
                      "reference_size_bytes": self.ctx.source.path.stat().st_size},
             gate=self._gate_block(target, built, verdict), golden=golden, refstats=refstats,
             provenance=self._provenance(), created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            recovery=_json_safe(recovery) if recovery is not None else None,
         )
         return write_bundle(self.out / bundle_filename(self.name, self.version, target.name), manifest, files)
 

@@ -26,6 +26,7 @@ The manifest (``schema = "edgeml.bundle/1"``)::
     golden         {"file": "golden.npz", "count", "atol", "rtol", "top1"} | null
     refstats       {"file": "refstats.json"} | null     (see edgeml.refstats)
     provenance     source sha256, data hashes, tool versions, git commit
+    recovery       {...} | absent     what `edgeml compile --recover` did (see edgeml.recovery)
     files          {arcname: {"sha256", "size"}}        every member except manifest.json
 """
 
@@ -54,6 +55,7 @@ from edgeml.bundle_rules import (
     load_json,
 )
 from edgeml.errors import BundleError, BundleIntegrityError
+from edgeml.recovery import check_recovery
 
 __all__ = [
     "BUNDLE_SUFFIX",
@@ -143,13 +145,16 @@ class Manifest:
     files: dict[str, FileEntry] = field(default_factory=dict)
     created: str = ""
     schema: str = SCHEMA
+    recovery: dict[str, Any] | None = None
 
     @property
     def filename(self) -> str:
         return bundle_filename(self.name, self.version, self.target)
 
     def to_dict(self) -> dict[str, Any]:
+        recovery = {"recovery": self.recovery} if self.recovery is not None else {}  # absent: older readers
         return {
+            **recovery,
             "schema": self.schema,
             "name": self.name,
             "version": self.version,
@@ -205,6 +210,7 @@ class Manifest:
                 refstats=rules.check_reference(data.get("refstats"), "refstats", files, depth, optional=True),
                 provenance=rules.check_object(data.get("provenance") or {}, "provenance", depth) or {},
                 files=files,
+                recovery=check_recovery(data.get("recovery")),
             )
         except KeyError as exc:
             raise BundleError(f"manifest.json is missing or has a malformed field: {exc}") from exc

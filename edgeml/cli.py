@@ -65,6 +65,12 @@ def inspect_command(
         f"provenance  {json.dumps(m.provenance.get('tools', {}))}",
         f"source      {m.provenance.get('source')} sha256 {str(m.provenance.get('source_sha256'))[:16]}…",
     ]
+    if m.recovery is not None:  # what --recover did to pass the gate
+        from edgeml.recovery import describe_recovery
+
+        lines[5:5] = [f"recovery    {describe_recovery(m.recovery)}"] + [
+            f"            float layer {layer['name']} ({layer['op_type']}, {100 * layer['compute_share']:.1f}% of "
+            "compute)" for layer in m.recovery["float_layers"]]
     typer.echo("\n".join(lines))
 
 

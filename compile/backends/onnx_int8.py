@@ -12,7 +12,8 @@ __all__ = ["OnnxInt8Backend", "settings_from_options"]
 def settings_from_options(ctx: BuildContext) -> QdqSettings:
     o = ctx.options
     return QdqSettings(method=o.calibration_method, per_channel=o.per_channel,
-                       exclude_nodes=o.exclude_nodes, exclude_op_types=o.exclude_op_types)
+                       exclude_nodes=o.exclude_nodes, exclude_op_types=o.exclude_op_types,
+                       percentile=o.calibration_percentile)
 
 
 def prepared_model(ctx: BuildContext):  # type: ignore[no-untyped-def]
