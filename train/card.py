@@ -67,8 +67,9 @@ def write_refstats(path: Path, x_val: np.ndarray, outputs: np.ndarray) -> None:
 
 
 def classification_metrics(logits: np.ndarray, y: np.ndarray, class_names: list[str],
-                           slices: np.ndarray | None = None) -> dict[str, Any]:
-    """Accuracy, per-class precision/recall/F1/support and (with slices) per-slice accuracy and count."""
+                           slices: np.ndarray | None = None, sources: np.ndarray | None = None) -> dict[str, Any]:
+    """Accuracy, per-class precision/recall/F1/support, and accuracy and count per slice and per data source
+    (``base`` and each extra data source) when given."""
     pred = logits.argmax(1) if len(logits) else np.zeros(0, np.int64)
     out: dict[str, Any] = {"n": int(len(y)), "accuracy": float((pred == y).mean()) if len(y) else 0.0}
     per_class = {}
@@ -80,9 +81,11 @@ def classification_metrics(logits: np.ndarray, y: np.ndarray, class_names: list[
         f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
         per_class[name] = {"precision": prec, "recall": rec, "f1": f1, "support": r_den}
     out["per_class"] = per_class
-    if slices is not None:
-        out["per_slice"] = {str(s): {"accuracy": float((pred[slices == s] == y[slices == s]).mean()),
-                                     "n": int((slices == s).sum())} for s in sorted(set(slices.tolist()))}
+    for key, groups in (("per_slice", slices), ("per_source", sources)):
+        if groups is not None:  # slices sorted by name, sources in the config's order
+            names = sorted(set(groups.tolist())) if key == "per_slice" else list(dict.fromkeys(groups.tolist()))
+            out[key] = {str(s): {"accuracy": float((pred[groups == s] == y[groups == s]).mean()),
+                                 "n": int((groups == s).sum())} for s in names}
     return out
 
 
@@ -90,6 +93,8 @@ def model_card_markdown(card: dict[str, Any]) -> str:
     """The model card as markdown."""
     lines = [f"# {card['name']} {card['version']}", "", f"Run `{card['run_id']}`, architecture `{card['arch']}`, "
              f"trained {card['epochs']} epochs on `{card['data']}` (dataset sha256 `{card['dataset_sha256'][:16]}…`).",
+             *([f"Fine-tuned from run `{card['init_from']['run_id']}`."] if card.get("init_from") else []),
+             *([f"Data sources: {', '.join(f'`{s}`' for s in card['sources'])}."] if card.get("sources") else []),
              "", "## Overall", "", "| split | samples | accuracy |", "|---|---|---|"]
     for split, m in card["metrics"].items():
         lines.append(f"| {split} | {m['n']} | {100 * m['accuracy']:.2f}% |")
@@ -98,9 +103,10 @@ def model_card_markdown(card: dict[str, Any]) -> str:
                   "|---|---|---|---|---|"]
         lines += [f"| {c} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |"
                   for c, v in m["per_class"].items()]
-        if "per_slice" in m:
-            lines += ["", f"## Per slice ({split})", "", "| slice | samples | accuracy |", "|---|---|---|"]
-            lines += [f"| {s} | {v['n']} | {100 * v['accuracy']:.2f}% |" for s, v in m["per_slice"].items()]
+        for key, title in (("per_slice", "slice"), ("per_source", "source")):
+            if key in m:
+                lines += ["", f"## Per {title} ({split})", "", f"| {title} | samples | accuracy |", "|---|---|---|"]
+                lines += [f"| {s} | {v['n']} | {100 * v['accuracy']:.2f}% |" for s, v in m[key].items()]
     if card.get("warnings"):
         lines += ["", "## Data warnings", ""] + [f"- {w}" for w in card["warnings"]]
     lines += ["", f"ONNX export: opset {card['opset']}, max abs difference to PyTorch {card['parity_max_abs']:.3g}.",

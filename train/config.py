@@ -12,9 +12,11 @@ Example (TOML)::
 
     [data]
     source = "digits"          # digits | a folder of images | a .npz file | a .csv file
+    # extra = ["field/capture-1"]   # more data merged with the source (e.g. labeled capture datasets)
 
     [train]
     epochs = 20
+    # init_from = "runs/digits-0123456789ab"   # fine-tune from a finished run (same architecture)
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ class DataConfig:
     val_fraction: float = 0.15  # random splits: fraction of samples for validation
     test_fraction: float = 0.15  # random splits: fraction for the test split
     split_seed: int = 0  # seed of the random split (recorded in the data manifest)
+    extra: tuple[str, ...] = ()  # more data merged with the source: .npz, .csv, image folders, or labeled
+    #                              capture datasets (a folder holding train.npz); each is split with the
+    #                              fractions above, its hash enters the run id, the card has its metrics
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0  # model init, data order, dropout
     threads: int | None = None  # torch intra-op threads; None: torch's default
+    init_from: str | None = None  # fine-tune: start from this finished run's weights (same architecture)
 
 
 @dataclass(frozen=True)
@@ -110,9 +116,18 @@ class TrainingConfig:
     base_dir: str = field(default=".", compare=False)  # where relative data paths are resolved
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (without ``base_dir``), as written to the run directory."""
+        """Plain data (without ``base_dir``), as written to the run directory.
+
+        Settings added after runs existed (``data.extra``, ``train.init_from``) appear only when set, so a run
+        that uses neither keeps the config hash, and the run id, it had before they existed.
+        """
         out = dataclasses.asdict(self)
         out.pop("base_dir")
+        for section, key, default in _LATER_KEYS:
+            if out[section][key] == default:
+                del out[section][key]
+            elif isinstance(out[section][key], tuple):
+                out[section][key] = list(out[section][key])
         return out
 
     def digest(self) -> str:
@@ -124,6 +139,8 @@ class TrainingConfig:
         p = Path(path).expanduser()
         return p if p.is_absolute() else Path(self.base_dir) / p
 
+
+_LATER_KEYS: tuple[tuple[str, str, Any], ...] = (("data", "extra", ()), ("train", "init_from", None))
 
 _SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
                               "validation": ValidationConfig, "export": ExportConfig}

@@ -20,7 +20,7 @@ from edgeml._deps import require
 from edgeml.train.config import DataConfig, TrainingConfig
 from edgeml.train.validate import Finding
 
-__all__ = ["SPLITS", "Loaded", "SplitData", "load_training_data"]
+__all__ = ["CAPTURE_TRAIN", "SPLITS", "Loaded", "SplitData", "load_training_data", "merge_extra"]
 
 SPLITS = ("train", "val", "test")
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -55,11 +55,27 @@ class Loaded:
 
 @dataclass
 class SplitData:
-    """The loaded data and the index of each split."""
+    """The loaded data and the index of each split.
+
+    Attributes:
+        data: Every sample, the base source's first.
+        index: Split name -> sample indices.
+        kind: The base source's kind (``digits``, ``images``, ``npz:explicit``...).
+        sources: Names of the data sources: ``base`` (the configured source or splits), then each
+            ``data.extra`` entry as written in the config.
+        source_of: Per sample, its index in ``sources``.
+    """
 
     data: Loaded
     index: dict[str, np.ndarray]
     kind: str
+    sources: list[str] = field(default_factory=lambda: ["base"])
+    source_of: np.ndarray | None = None
+
+    def source_array(self) -> np.ndarray:
+        """The source name of every sample (``base`` for all when there is no extra data)."""
+        names = np.asarray(self.sources)
+        return names[self.source_of] if self.source_of is not None else np.full(len(self.data.y), "base")
 
     def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         idx = self.index[split]
@@ -76,10 +92,15 @@ class SplitData:
     def manifest(self) -> dict[str, Any]:
         """The data manifest: files with hashes, and the samples of every split."""
         d = self.data
-        return {"kind": self.kind, "dataset_sha256": self.digest(), "class_names": d.class_names,
-                "files": d.files, "input_shape": list(d.x.shape[1:]),
-                "splits": {s: [{"id": d.ids[i], "sha256": d.hashes[i], "label": int(d.y[i])}
-                               for i in self.index[s]] for s in SPLITS}}
+        out = {"kind": self.kind, "dataset_sha256": self.digest(), "class_names": d.class_names,
+               "files": d.files, "input_shape": list(d.x.shape[1:]),
+               "splits": {s: [{"id": d.ids[i], "sha256": d.hashes[i], "label": int(d.y[i])}
+                              for i in self.index[s]] for s in SPLITS}}
+        if len(self.sources) > 1:  # which samples came from which source, per split
+            of = self.source_array()
+            out["sources"] = {name: {s: int((of[self.index[s]] == name).sum()) for s in SPLITS}
+                              for name in self.sources}
+        return out
 
 
 def _sha(data: bytes) -> str:
@@ -293,6 +314,10 @@ def _random_split(data: Loaded, cfg: DataConfig) -> dict[str, np.ndarray]:
 def load_training_data(cfg: TrainingConfig) -> SplitData:
     """Load the configured source(s) and split them (seeded, or as given by explicit split paths).
 
+    Each ``data.extra`` source is loaded, split with the same fractions and seed, and appended after the base
+    data; the base data's split does not change. An extra sample identical to a base sample joins that
+    sample's split, so merging never leaks.
+
     Problems are returned as findings on ``data.findings``; :func:`edgeml.train.validate.validate` judges them.
     """
     d = cfg.data
@@ -302,6 +327,65 @@ def load_training_data(cfg: TrainingConfig) -> SplitData:
         data, kind = _concat([(s, lk[0]) for s, lk in loaded]), loaded[0][1][1]
         split = data.split if data.split is not None else np.array([], str)
         index = {s: np.flatnonzero(split == s).astype(np.int64) for s in SPLITS}
-        return SplitData(data, index, f"{kind}:explicit")
-    data, kind = _load_one(d.source, cfg)
-    return SplitData(data, _random_split(data, d), kind)
+        base = SplitData(data, index, f"{kind}:explicit")
+    else:
+        data, kind = _load_one(d.source, cfg)
+        base = SplitData(data, _random_split(data, d), kind)
+    for source in d.extra:
+        base = merge_extra(base, source, _load_extra(source, cfg), d)
+    return base
+
+
+CAPTURE_TRAIN = "train.npz"  # what `edgeml fleet capture label` writes into a capture dataset folder
+
+
+def _load_extra(source: str, cfg: TrainingConfig) -> Loaded:
+    """One ``data.extra`` entry: a labeled capture dataset folder (its ``train.npz``), or any data source."""
+    path = cfg.resolve(source)
+    if path.is_dir() and (path / CAPTURE_TRAIN).is_file():
+        return _load_one(str(path / CAPTURE_TRAIN), cfg)[0]
+    if path.is_dir() and (path / "samples.npz").is_file():  # a pulled capture dataset, not labeled yet
+        return Loaded(np.zeros((0, 1), np.float32), np.zeros(0, np.int64), [], [], [], findings=[
+            Finding("fatal", "missing", f"capture dataset {path} has no labels yet ({CAPTURE_TRAIN})",
+                    [f"label it: edgeml fleet capture label {path} --labels FILE.csv (or --teacher MODEL)"])])
+    return _load_one(source, cfg)[0]
+
+
+def merge_extra(base: SplitData, source: str, extra: Loaded, d: DataConfig) -> SplitData:
+    """``base`` with the samples of ``extra`` (named ``source``) appended and split.
+
+    Args:
+        base: The data so far.
+        source: The extra source's name (as written in ``data.extra``).
+        extra: Its samples.
+        d: The data config (fractions and seed of the split).
+    """
+    b = base.data
+    findings = list(extra.findings)
+    if len(extra.x) and len(b.x) and extra.x.shape[1:] != b.x.shape[1:]:
+        findings.append(Finding("fatal", "schema", f"extra data {source} has samples of shape "
+                                f"{'x'.join(map(str, extra.x.shape[1:]))}, the base data "
+                                f"{'x'.join(map(str, b.x.shape[1:]))}", [source]))
+    if any(f.level == "fatal" for f in findings) or not len(extra.x):
+        if not len(extra.x) and not findings:
+            findings.append(Finding("fatal", "schema", f"extra data {source} holds no samples", [source]))
+        b.findings = b.findings + findings
+        return base
+    split = _random_split(extra, d)
+    where = {b.hashes[i]: s for s in SPLITS for i in base.index[s]}  # an identical base sample decides
+    label = np.empty(len(extra.x), dtype=object)
+    for s in SPLITS:
+        label[split[s]] = s
+    for i, h in enumerate(extra.hashes):
+        label[i] = where.get(h, label[i])
+    offset = len(b.x)
+    ids = [f"{source}:{i}" if not i.startswith(source) else i for i in extra.ids]
+    merged = Loaded(np.concatenate([b.x, extra.x.astype(b.x.dtype)]), np.concatenate([b.y, extra.y]),
+                    b.ids + ids, b.hashes + extra.hashes, b.class_names,
+                    None if b.slices is None or extra.slices is None else np.concatenate([b.slices, extra.slices]),
+                    {**b.files, **extra.files}, b.findings + findings)
+    index = {s: np.concatenate([base.index[s], offset + np.flatnonzero(label == s)]).astype(np.int64)
+             for s in SPLITS}
+    of = base.source_of if base.source_of is not None else np.zeros(offset, np.int64)
+    source_of = np.concatenate([of, np.full(len(extra.x), len(base.sources), np.int64)])
+    return SplitData(merged, index, base.kind, [*base.sources, source], source_of)

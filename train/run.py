@@ -8,6 +8,7 @@ seed, to the same metrics). See :mod:`edgeml.rundir` for the layout of the run d
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from edgeml.train.card import (
 )
 from edgeml.train.config import TrainingConfig, config_from_dict, load_config
 from edgeml.train.data import SplitData, load_training_data
+from edgeml.train.finetune import InitSource, check_fits, init_source, load_init_weights
 from edgeml.train.trainer import Dist, Trainer, init_distributed, latest_checkpoint
 from edgeml.train.validate import Finding, validate
 
@@ -50,6 +52,7 @@ class RunPlan:
     run_id: str
     name: str
     version: str
+    init: InitSource | None = None
 
     @property
     def num_classes(self) -> int:
@@ -70,27 +73,36 @@ class RunResult:
 def plan_run(cfg: TrainingConfig) -> RunPlan:
     """Load and validate the data and derive the run identity.
 
+    The run id hashes the dataset hash (extra data included), the config hash and, when fine-tuning, the
+    init run's weights.
+
     Raises:
         DataValidationError: A fatal data finding (names the bad files or rows).
-        ConfigError: An invalid model name or version.
+        ConfigError: An invalid model name or version, or an init run that is not finished or does not match.
     """
+    init = init_source(cfg)
     sd = load_training_data(cfg)
     warnings = validate(sd, cfg)
     dataset, config = sd.digest(), cfg.digest()
-    run_id = make_run_id(dataset, config)
+    if init is not None:
+        check_fits(init, cfg, tuple(sd.data.x.shape[1:]), cfg.data.num_classes or len(sd.data.class_names))
+    identity = config if init is None else hashlib.sha256(f"{config}|init:{init.sha256}".encode()).hexdigest()
+    run_id = make_run_id(dataset, identity)
     try:
         name = check_name(cfg.model.name)
         version = check_semver(cfg.model.version or default_version(run_id))
     except BundleError as exc:
         raise ConfigError(f"[model]: {exc.message}") from exc
-    return RunPlan(cfg, sd, warnings, dataset, config, run_id, name, version)
+    return RunPlan(cfg, sd, warnings, dataset, config, run_id, name, version, init)
 
 
 def _record(plan: RunPlan, status: str, dist: Dist, **extra: Any) -> dict[str, Any]:
     return {"schema": RUN_SCHEMA, "run_id": plan.run_id, "name": plan.name, "version": plan.version,
             "status": status, "dataset_sha256": plan.dataset_sha256, "config_sha256": plan.config_sha256,
             "edgeml_version": __version__, "base_dir": plan.cfg.base_dir, "world_size": dist.world,
-            "warnings": [w.to_dict() for w in plan.warnings], **extra}
+            "warnings": [w.to_dict() for w in plan.warnings],
+            **({"init_from": plan.init.to_dict()} if plan.init else {}),
+            **({"sources": plan.data.sources} if len(plan.data.sources) > 1 else {}), **extra}
 
 
 def _start(plan: RunPlan, run_dir: Path, dist: Dist, config_text: tuple[str, str] | None) -> None:
@@ -119,10 +131,18 @@ def _save_arrays(plan: RunPlan, run_dir: Path) -> None:
         if not len(x):
             continue
         target = run_dir / "data" / ("calib.npz" if split == "train" else f"{split}.npz")
-        arrays = {"input": x[:_CALIB_SAMPLES]} if split == "train" else {"input": x, "labels": y}
+        arrays = {"input": _calibration(plan, x)} if split == "train" else {"input": x, "labels": y}
         with open(target.with_suffix(".tmp"), "wb") as fh:
             np.savez(fh, **arrays)  # type: ignore[arg-type]
         target.with_suffix(".tmp").replace(target)
+
+
+def _calibration(plan: RunPlan, x: np.ndarray) -> np.ndarray:
+    """Calibration samples: the first ones; with extra data, spread evenly over the whole train split so that
+    every source (appended after the base data) is represented."""
+    if len(plan.data.sources) == 1 or len(x) <= _CALIB_SAMPLES:
+        return x[:_CALIB_SAMPLES]
+    return x[np.linspace(0, len(x) - 1, _CALIB_SAMPLES).round().astype(np.int64)]
 
 
 def _finish(plan: RunPlan, trainer: Trainer, run_dir: Path) -> RunResult:
@@ -152,12 +172,17 @@ def _card(plan: RunPlan, trainer: Trainer, parity: float) -> dict[str, Any]:
     d = plan.data
     names = d.data.class_names or [str(i) for i in range(plan.num_classes)]
     metrics = {}
+    sources = d.source_array() if len(d.sources) > 1 else None
     for split in ("val", "test"):
         idx = d.index[split]
         if len(idx):
             slices = d.data.slices[idx] if d.data.slices is not None else None
-            metrics[split] = classification_metrics(trainer.logits(d.data.x[idx]), d.data.y[idx], names, slices)
-    return {"name": plan.name, "version": plan.version, "run_id": plan.run_id, "arch": plan.cfg.model.arch,
+            metrics[split] = classification_metrics(trainer.logits(d.data.x[idx]), d.data.y[idx], names, slices,
+                                                    sources[idx] if sources is not None else None)
+    extra: dict[str, Any] = {"init_from": plan.init.to_dict()} if plan.init else {}
+    if sources is not None:
+        extra["sources"] = d.sources
+    return {**extra, "name": plan.name, "version": plan.version, "run_id": plan.run_id, "arch": plan.cfg.model.arch,
             "epochs": len(trainer.history), "data": plan.cfg.data.source if plan.cfg.data.train is None
             else plan.cfg.data.train, "dataset_sha256": plan.dataset_sha256, "metrics": metrics,
             "opset": plan.cfg.export.opset, "parity_max_abs": parity,
@@ -229,6 +254,9 @@ def _train(plan: RunPlan, run_dir: Path, dist: Dist, log: Callable[[str], None],
     x_val, y_val = plan.data.arrays("val")
     trainer = Trainer(plan.cfg, x_tr, y_tr, x_val, y_val, plan.num_classes, run_dir, dist, log)
     ckpt = latest_checkpoint(run_dir) if resuming else None
+    if plan.init is not None and ckpt is None:
+        load_init_weights(trainer.model, plan.init)
+        log(f"fine-tuning from run {plan.init.run_id} ({plan.init.run_dir})")
     if ckpt is not None:
         trainer.resume(ckpt)
         log(f"resuming {run_dir} after epoch {trainer.start_epoch}")
