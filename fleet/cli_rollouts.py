@@ -62,6 +62,20 @@ def _thresholds(items: list[str] | None) -> dict[str, float]:
     return out
 
 
+def _output_shift(text: str | None) -> dict[str, float | None]:
+    """``--max-output-shift``: nothing given (the options' default), ``off`` (None), or a number."""
+    from edgeml.fleet.rollouts.rules import RolloutError
+
+    if text is None:
+        return {}
+    if text.strip().lower() in ("off", "none"):
+        return {"max_output_shift": None}
+    try:
+        return {"max_output_shift": float(text)}
+    except ValueError:
+        raise RolloutError(f"--max-output-shift must be a number from 0 to 1 or 'off', got {text!r}") from None
+
+
 @rollout_app.command("start")
 def rollout_start_command(
     fleet: Fleet,
@@ -81,6 +95,9 @@ def rollout_start_command(
                                                              help="Abort when new/previous p99 exceeds this.")] = None,
     max_error_rate: Annotated[str | None, typer.Option("--max-error-rate", help="Abort above this error rate.")] = None,
     max_drift: Annotated[float | None, typer.Option("--max-drift", help="Abort above this drift score.")] = None,
+    max_output_shift: Annotated[str | None, typer.Option(
+        "--max-output-shift", help="Abort above this output-shift score (0..1; default: the agents' limit, 0.5; "
+        "'off': not judged by the fleet).")] = None,
     threshold: Annotated[list[str] | None, typer.Option("--threshold", help="More agent health thresholds, "
                                                         "NAME=NUMBER (repeatable).")] = None,
     rollout_id: Annotated[str | None, typer.Option("--id", help="The rollout's id (default: a new one).")] = None,
@@ -109,7 +126,8 @@ def rollout_start_command(
         probation_s=parse_duration(probation, "--probation"),
         max_failure_rate=parse_fraction(max_failure_rate, "--max-failure-rate"), min_devices=min_devices,
         max_p99_regression=max_p99_regression, max_drift=max_drift, device_thresholds=_thresholds(threshold),
-        max_error_rate=None if max_error_rate is None else parse_fraction(max_error_rate, "--max-error-rate"))
+        max_error_rate=None if max_error_rate is None else parse_fraction(max_error_rate, "--max-error-rate"),
+        **_output_shift(max_output_shift))
     target = _fleet(fleet, db_url, _remote(token, token_file, insecure))
     try:
         rid = target.start(model, version, options, rollout_id)

@@ -243,7 +243,8 @@ class RolloutController:
         :class:`~edgeml.fleet.rollouts.signals.SignalWatcher` in its own thread, at most every ``signals_s`` (a tick
         takes the newest signals read and never waits for a read; the watcher is made on first use)."""
         options = view.options
-        wanted = (options.max_p99_regression, options.max_error_rate, options.max_drift) != (None, None, None)
+        wanted = (options.max_p99_regression, options.max_error_rate, options.max_drift,
+                  options.max_output_shift) != (None, None, None, None)
         measured: dict[str, DeviceSignals] = {}
         if wanted and phase_of(row.state) not in TERMINAL_PHASES:
             judged = [Judged(d.device_id, d.previous, _at(d.notified_at)) for d in devices
@@ -258,7 +259,8 @@ class RolloutController:
             t = measured.get(d.device_id, DeviceSignals())
             event = self.intake.drift.get((d.device_id, row.version))
             drift = max((v for v in (event, t.drift) if v is not None), default=None)
-            out[d.device_id] = DeviceSignals(p99_ratio=t.p99_ratio, error_rate=t.error_rate, drift=drift)
+            out[d.device_id] = DeviceSignals(p99_ratio=t.p99_ratio, error_rate=t.error_rate, drift=drift,
+                                             output_shift=t.output_shift)
         return out
 
     def _record(self, row: Any, actions: list[rules.Action], now: float) -> bool:

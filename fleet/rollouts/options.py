@@ -1,7 +1,7 @@
 """The options of a staged rollout, validated once at the boundary (CLI, HTTP API, the stored JSON).
 
 :class:`RolloutOptions` says how a rollout proceeds (targets, selection, canary, waves, timeouts, probation) and
-when it aborts (failure rate, p99 regression, error rate, drift); ``parse_*`` read the CLI's forms
+when it aborts (failure rate, p99 regression, error rate, drift, output shift); ``parse_*`` read the CLI's forms
 (``5%``, ``10m``, ``site=lab,kind=cam``). :mod:`~edgeml.fleet.rollouts.rules` uses them; both are pure.
 """
 
@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from edgeml.errors import ConfigError
+from edgeml.thresholds import Thresholds
 from edgeml.typed_config import convert
 
 __all__ = ["RolloutError", "RolloutOptions", "parse_duration", "parse_fraction", "parse_selection"]
@@ -21,6 +22,7 @@ __all__ = ["RolloutError", "RolloutOptions", "parse_duration", "parse_fraction",
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DEFAULT_OUTPUT_SHIFT = Thresholds.max_output_shift  # the agents' own limit
 
 
 class RolloutError(ConfigError):
@@ -88,6 +90,10 @@ class RolloutOptions:
         max_p99_regression: Abort when new/previous p99 exceeds this factor (> 1; None: no such check).
         max_error_rate: Abort when the devices' error rate exceeds this (0..1; None: no such check).
         max_drift: Abort when the devices' drift score exceeds this (0..1; None: no such check).
+        max_output_shift: Abort when the devices' output-shift score exceeds this (0..1; None: no such check).
+            The default is the agents' own limit (``Thresholds.max_output_shift``): a rollout of a model whose
+            outputs moved stops on the devices' telemetry or their rollbacks for it. Also sent to the agents when
+            it differs from their default.
         device_thresholds: More health thresholds for the agents (``Thresholds`` names, e.g. min_requests).
     """
 
@@ -102,6 +108,7 @@ class RolloutOptions:
     max_p99_regression: float | None = None
     max_error_rate: float | None = None
     max_drift: float | None = None
+    max_output_shift: float | None = _DEFAULT_OUTPUT_SHIFT
     device_thresholds: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -110,7 +117,8 @@ class RolloutOptions:
                 ("--canary", self.canary, 0.0, 1.0, True),
                 ("--max-failure-rate", self.max_failure_rate, 0.0, 1.0, False),
                 ("--max-error-rate", self.max_error_rate, 0.0, 1.0, False),
-                ("--max-drift", self.max_drift, 0.0, 1.0, False)):
+                ("--max-drift", self.max_drift, 0.0, 1.0, False),
+                ("--max-output-shift", self.max_output_shift, 0.0, 1.0, False)):
             if value is not None and not (low < value <= high if open_low else low <= value <= high):
                 shown = f"{value:.4g}" if isinstance(value, float) else repr(value)
                 raise RolloutError(f"{name} must be {'above' if open_low else 'at least'} {low:g} and at most "
@@ -125,8 +133,6 @@ class RolloutOptions:
         if self.max_p99_regression is not None and not self.max_p99_regression > 1.0:
             raise RolloutError(f"--max-p99-regression is a factor on the previous p99 and must be above 1, got "
                                f"{self.max_p99_regression:g}")
-        from edgeml.thresholds import Thresholds
-
         try:
             Thresholds.from_dict(self.thresholds())
         except ConfigError as exc:
@@ -154,6 +160,8 @@ class RolloutOptions:
             out["p99_factor"] = self.max_p99_regression
         if self.max_drift is not None:
             out["max_drift"] = self.max_drift
+        if self.max_output_shift is not None and self.max_output_shift != _DEFAULT_OUTPUT_SHIFT:
+            out["max_output_shift"] = self.max_output_shift
         return {**out, **dict(self.device_thresholds)}
 
     def to_dict(self) -> dict[str, Any]:

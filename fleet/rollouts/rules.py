@@ -28,6 +28,8 @@ of the per-device values must not exceed the limit.
   infinite regression (the agent's own judge found it too slow; its limit is ``max_p99_regression``).
 * error rate: the device's error rate; a rollback with cause ``error_rate`` counts as infinite.
 * drift: the device's drift score (its ``drift`` events); a rollback with cause ``drift`` counts as infinite.
+* output shift: the device's output-shift score (how far its outputs moved from the bundle's reference statistics,
+  from telemetry; any model type); a rollback with cause ``output_shift`` counts as infinite.
 
 The cause is the agent's :class:`~edgeml.protocol.Cause`, stored with the device's row; the reason text is
 for people and is never read by a rule.
@@ -267,6 +269,7 @@ class DeviceSignals:
     p99_ratio: float | None = None
     error_rate: float | None = None
     drift: float | None = None
+    output_shift: float | None = None
 
 
 @dataclass(frozen=True)
@@ -382,7 +385,8 @@ def _abort_reason(rows: Sequence[DeviceRow], wave: int, options: RolloutOptions,
     needed = max(1, min(options.min_devices, size))
     for name, limit, cause, attr in (("p99 regression", options.max_p99_regression, Cause.LATENCY, "p99_ratio"),
                                      ("error rate", options.max_error_rate, Cause.ERROR_RATE, "error_rate"),
-                                     ("drift", options.max_drift, Cause.DRIFT, "drift")):
+                                     ("drift", options.max_drift, Cause.DRIFT, "drift"),
+                                     ("output shift", options.max_output_shift, Cause.OUTPUT_SHIFT, "output_shift")):
         if limit is None:
             continue
         values = _signal_values(sofar, signals, cause, attr)

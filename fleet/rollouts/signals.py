@@ -1,4 +1,5 @@
-"""Model signals of a rollout from the telemetry rollups: each device's p99 ratio, error rate and drift score.
+"""Model signals of a rollout from the telemetry rollups: each device's p99 ratio, error rate, drift score and
+output shift.
 
 The rollout controller judges a new version not only by what the agents decide (their rollback reasons) but
 by what they report while they run it. For every device of a rollout that has been told to update, this
@@ -10,6 +11,8 @@ module reads the device's minute rollups (``telemetry_device_minute``, written b
   averaged first). A device whose previous version reported no latency has no ratio (nothing to compare with).
 * ``error_rate``: errors over requests, summed over its windows on the new version.
 * ``drift``: the drift score of its latest window on the new version that carried one.
+* ``output_shift``: likewise, the output-shift score (the agents' ``output_drift``: how far the model's outputs
+  moved from the bundle's reference statistics; any model type) of its latest window that carried one.
 
 Only minutes from the one the device was notified in count for the new version, and only minutes of the previous
 version from ``baseline_s`` before the rollout started on count as its baseline, so an old outlier does not decide.
@@ -73,9 +76,9 @@ def _median_ratio(new: Iterable[float], old: Iterable[float]) -> float | None:
 
 
 # A minute rollup row as the driver gives it (times in the driver's form: comparable among themselves):
-# (device_id, bucket, version, requests, errors, sp99_sum, sp99_n, drift_last, drift_at)
+# (device_id, bucket, version, requests, errors, sp99_sum, sp99_n, drift_last, drift_at, shift_last, shift_at)
 _Row = tuple[Any, ...]
-_COLUMNS = "device_id, bucket, version, requests, errors, sp99_sum, sp99_n, drift_last, drift_at"
+_COLUMNS = "device_id, bucket, version, requests, errors, sp99_sum, sp99_n, drift_last, drift_at, shift_last, shift_at"
 _NONE = DeviceSignals()  # a device without signals (left out of the answer)
 
 
@@ -91,13 +94,14 @@ class _Track:
     requests: float = 0.0
     errors: float = 0.0
     drift: tuple[Any, float] | None = None
+    shift: tuple[Any, float] | None = None
     open_rows: list[_Row] = field(default_factory=list)  # minutes at or after the reader's folded_until
     windows: int | None = None  # its count of windows when open_rows were read (None: read them)
     signals: DeviceSignals | None = None  # worked out from the above (None: to do)
 
     def fold(self, version: str, row: _Row) -> None:
         """Count one minute rollup row of the device."""
-        _, bucket, row_version, requests, errors, sp99_sum, sp99_n, drift_last, drift_at = row
+        _, bucket, row_version, requests, errors, sp99_sum, sp99_n, drift_last, drift_at, shift_last, shift_at = row
         p99 = sp99_sum / sp99_n if sp99_n else None
         if row_version == version and bucket >= self.since:
             self.requests += requests
@@ -106,6 +110,8 @@ class _Track:
                 self.new_p99.append(p99)
             if drift_at is not None and drift_last is not None and (self.drift is None or drift_at >= self.drift[0]):
                 self.drift = (drift_at, float(drift_last))
+            if shift_at is not None and shift_last is not None and (self.shift is None or shift_at >= self.shift[0]):
+                self.shift = (shift_at, float(shift_last))
         elif self.previous is not None and row_version == self.previous and p99 is not None:
             self.old_p99.append(p99)
 
@@ -113,12 +119,13 @@ class _Track:
         """The signals: the folded minutes with the open ones counted too."""
         if self.signals is None:
             copy = _Track(self.previous, self.since, self.key, deque(self.new_p99, MAX_MINUTES),
-                          deque(self.old_p99, MAX_MINUTES), self.requests, self.errors, self.drift)
+                          deque(self.old_p99, MAX_MINUTES), self.requests, self.errors, self.drift, self.shift)
             for row in self.open_rows:
                 copy.fold(version, row)
             signals = DeviceSignals(p99_ratio=_median_ratio(copy.new_p99, copy.old_p99),
                                     error_rate=copy.errors / copy.requests if copy.requests else None,
-                                    drift=copy.drift[1] if copy.drift else None)
+                                    drift=copy.drift[1] if copy.drift else None,
+                                    output_shift=copy.shift[1] if copy.shift else None)
             self.signals = _NONE if signals == _NONE else signals
         return self.signals
 

@@ -133,6 +133,10 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[Any, Any, dict[str, Any]], None]], .
      _telemetry_at_scale),
     (7, "deltas (bundles rebuilt from an earlier version); rollout_devices: transfer (delta or full, bytes)",
      _steps(_create_missing_tables("deltas"), _add_missing_columns("rollout_devices", ("transfer",)))),
+    (8, "telemetry rollups carry the output shift (the agents' output_drift score) as they carry the drift score",
+     _steps(*(_add_missing_columns(table, ("shift_sum", "shift_n", "shift_max", "shift_last", "shift_at"))
+              for table in ("telemetry_device_minute", "telemetry_version_minute", "telemetry_device_hour",
+                            "telemetry_version_hour")))),
 )
 #: The version of the schema ``_tables`` defines.
 SCHEMA_VERSION = MIGRATIONS[-1][0]

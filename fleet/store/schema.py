@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 else:
     sa = require("sqlalchemy", "fleet")
 
-__all__ = ["ROLLUP_MAXES", "ROLLUP_SUMS", "TABLES", "TELEMETRY_DEFAULT_PARTITION", "UTCDateTime", "metadata"]
+__all__ = ["ROLLUP_LATEST", "ROLLUP_MAXES", "ROLLUP_SUMS", "TABLES", "TELEMETRY_DEFAULT_PARTITION", "UTCDateTime",
+           "metadata"]
 
 
 class UTCDateTime(sa.TypeDecorator[dt.datetime]):
@@ -120,16 +121,22 @@ telemetry_pending = sa.Table(
     sa.Column("seq", sa.BigInteger, primary_key=True))
 # Rollups: per minute (written with the rows) and per hour (written by maintenance as hours close), per device
 # and per version. The columns are sums and counts so that buckets merge by adding (fleet.telemetry.figures).
+# The output shift (shift_*: the agents' ``output_drift`` score, schema 8) is carried like the drift score.
 ROLLUP_SUMS = ("windows", "requests", "errors", "p50_sum", "p50_n", "p99_sum", "p99_n", "sp99_sum", "sp99_n",
-               "err_sum", "err_n", "drift_sum", "drift_n")
-ROLLUP_MAXES = ("p99_max", "drift_max")
+               "err_sum", "err_n", "drift_sum", "drift_n", "shift_sum", "shift_n")
+ROLLUP_MAXES = ("p99_max", "drift_max", "shift_max")
+#: Scores whose latest value is kept with its time (``<name>_last``, ``<name>_at``).
+ROLLUP_LATEST = ("drift", "shift")
 
 
 def _rollup_columns() -> list[sa.Column[Any]]:
-    counts = {"windows", "p50_n", "p99_n", "sp99_n", "err_n", "drift_n"}
-    return [*(sa.Column(name, sa.BigInteger if name in counts else sa.Float, nullable=False) for name in ROLLUP_SUMS),
+    counts = {"windows", "p50_n", "p99_n", "sp99_n", "err_n", "drift_n", "shift_n"}
+    added = {"shift_sum": "0", "shift_n": "0"}  # columns that migration 8 adds to existing tables
+    return [*(sa.Column(name, sa.BigInteger if name in counts else sa.Float, nullable=False,
+                        server_default=added.get(name)) for name in ROLLUP_SUMS),
             *(sa.Column(name, sa.Float) for name in ROLLUP_MAXES),
-            sa.Column("drift_last", sa.Float), sa.Column("drift_at", UTCDateTime())]
+            *(c for name in ROLLUP_LATEST for c in (sa.Column(f"{name}_last", sa.Float),
+                                                     sa.Column(f"{name}_at", UTCDateTime())))]
 
 
 def _device_rollup(name: str, options: dict[str, Any]) -> sa.Table:

@@ -3,7 +3,8 @@
 * :func:`figures` reads the numbers of one telemetry window (its ``metrics``) the way every reader counts them:
   a finite number (not a bool) counts, anything else is left out.
 * :class:`Rollup` sums windows into one bucket (a minute or an hour, of one device or one version): counts and
-  sums that merge by adding, the maxima, and the latest drift score. ``mean(metric)`` is what the dashboard draws.
+  sums that merge by adding, the maxima, and the latest drift and output-shift scores. ``mean(metric)`` is what the
+  dashboard draws.
 * :func:`plan_batch` decides what a batch stores: which rows are new (a seq at or below the device's contiguous
   high, or already stored above a gap, or repeated in the batch, is a duplicate), each device's new contiguous
   high and seqs still above a gap, its running totals and its latest row. The ingest transaction reads the
@@ -18,17 +19,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from edgeml.fleet.store.schema import ROLLUP_MAXES, ROLLUP_SUMS
+from edgeml.fleet.store.schema import ROLLUP_LATEST, ROLLUP_MAXES, ROLLUP_SUMS
 from edgeml.protocol import Telemetry
 
 __all__ = ["ROLLUP_COLUMNS", "SERIES_METRICS", "Book", "BatchPlan", "DeviceChange", "Figures", "Rollup",
            "figures", "floor_time", "number", "plan_batch", "rollup_key"]
 
 #: Every value column of a rollup table, in the order :meth:`Rollup.values` gives them.
-ROLLUP_COLUMNS = (*ROLLUP_SUMS, *ROLLUP_MAXES, "drift_last", "drift_at")
+ROLLUP_COLUMNS = (*ROLLUP_SUMS, *ROLLUP_MAXES, *(f"{name}_{part}" for name in ROLLUP_LATEST for part in ("last", "at")))
 #: Metric name (the dashboard's) -> the (sum, count) columns of its mean in a rollup.
 SERIES_METRICS = {"latency_p50_ms": ("p50_sum", "p50_n"), "latency_p99_ms": ("p99_sum", "p99_n"),
-                  "error_rate": ("err_sum", "err_n"), "drift.score": ("drift_sum", "drift_n")}
+                  "error_rate": ("err_sum", "err_n"), "drift.score": ("drift_sum", "drift_n"),
+                  "output_drift.score": ("shift_sum", "shift_n")}
 _MODEL_LEN, _VERSION_LEN = 64, 128  # the rollup tables' key columns
 
 
@@ -55,6 +57,7 @@ class Figures(NamedTuple):
     p99: float | None
     error_rate: float | None
     drift: float | None
+    shift: float | None = None  # the output shift (``output_drift.score``)
 
 
 def rollup_key(value: Any, length: int) -> str:
@@ -67,13 +70,14 @@ def rollup_key(value: Any, length: int) -> str:
 
 
 def figures(metrics: Mapping[str, Any]) -> Figures:
-    """The numbers of one telemetry window's ``metrics`` (``drift`` is ``{"score": ...}``)."""
+    """The numbers of one telemetry window's ``metrics`` (``drift`` and ``output_drift`` are ``{"score": ...}``)."""
     get = metrics.get
-    drift = get("drift")
+    drift, shift = get("drift"), get("output_drift")
     return Figures(rollup_key(get("model"), _MODEL_LEN), rollup_key(get("version"), _VERSION_LEN),
                    number(get("requests")), number(get("errors")), number(get("latency_p50_ms")),
                    number(get("latency_p99_ms")), number(get("error_rate")),
-                   number(drift.get("score")) if type(drift) is dict else None)
+                   number(drift.get("score")) if type(drift) is dict else None,
+                   number(shift.get("score")) if type(shift) is dict else None)
 
 
 def floor_time(at: dt.datetime, seconds: int) -> dt.datetime:
@@ -83,7 +87,8 @@ def floor_time(at: dt.datetime, seconds: int) -> dt.datetime:
 
 @dataclass(slots=True)
 class Rollup:
-    """One bucket's windows: sums and counts (merge by adding), maxima, and the latest drift score with its time.
+    """One bucket's windows: sums and counts (merge by adding), maxima, and the latest drift and output-shift
+    scores with their times.
 
     ``sp99`` counts the p99 of windows that served requests only (what the rollout signals compare); ``p99`` every
     window's, as the dashboard draws it.
@@ -94,11 +99,14 @@ class Rollup:
     drift_max: float | None = None
     drift_last: float | None = None
     drift_at: dt.datetime | None = None
+    shift_max: float | None = None
+    shift_last: float | None = None
+    shift_at: dt.datetime | None = None
 
     def add(self, f: Figures, at: dt.datetime) -> None:
         """Count one window received at ``at`` (runs for every window stored: kept to plain local operations)."""
         s = self.sums
-        _, _, requests, errors, p50, p99, error_rate, drift = f
+        _, _, requests, errors, p50, p99, error_rate, drift, shift = f
         s[0] += 1
         if requests is not None:
             s[1] += requests
@@ -125,6 +133,13 @@ class Rollup:
                 self.drift_max = drift
             if self.drift_at is None or at >= self.drift_at:
                 self.drift_last, self.drift_at = drift, at
+        if shift is not None:
+            s[13] += shift
+            s[14] += 1
+            if self.shift_max is None or shift > self.shift_max:
+                self.shift_max = shift
+            if self.shift_at is None or at >= self.shift_at:
+                self.shift_last, self.shift_at = shift, at
 
     def merge(self, other: Rollup) -> None:
         """Add ``other``'s windows to this bucket."""
@@ -134,12 +149,15 @@ class Rollup:
             setattr(self, name, theirs if mine is None else mine if theirs is None else max(mine, theirs))
         if other.drift_at is not None and (self.drift_at is None or other.drift_at >= self.drift_at):
             self.drift_last, self.drift_at = other.drift_last, other.drift_at
+        if other.shift_at is not None and (self.shift_at is None or other.shift_at >= self.shift_at):
+            self.shift_last, self.shift_at = other.shift_last, other.shift_at
 
     def values(self) -> tuple[Any, ...]:
         """The value columns, in :data:`ROLLUP_COLUMNS` order (counts as ints)."""
         s = self.sums
         return (int(s[0]), s[1], s[2], s[3], int(s[4]), s[5], int(s[6]), s[7], int(s[8]), s[9], int(s[10]), s[11],
-                int(s[12]), self.p99_max, self.drift_max, self.drift_last, self.drift_at)
+                int(s[12]), s[13], int(s[14]), self.p99_max, self.drift_max, self.shift_max, self.drift_last,
+                self.drift_at, self.shift_last, self.shift_at)
 
     @classmethod
     def of_row(cls, row: Any) -> Rollup:
@@ -147,7 +165,7 @@ class Rollup:
         from edgeml.fleet.store.db import as_utc
 
         return cls([float(getattr(row, name)) for name in ROLLUP_SUMS], row.p99_max, row.drift_max, row.drift_last,
-                   as_utc(row.drift_at))
+                   as_utc(row.drift_at), row.shift_max, row.shift_last, as_utc(row.shift_at))
 
     def get(self, column: str) -> float:
         """One of the summed columns."""

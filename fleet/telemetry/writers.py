@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgeml.errors import RegistryError
 from edgeml.fleet.store import schema
-from edgeml.fleet.store.schema import ROLLUP_MAXES, ROLLUP_SUMS
+from edgeml.fleet.store.schema import ROLLUP_LATEST, ROLLUP_MAXES, ROLLUP_SUMS
 from edgeml.fleet.telemetry.figures import ROLLUP_COLUMNS, Book, DeviceChange, Rollup
 from edgeml.protocol import Telemetry
 
@@ -43,11 +43,14 @@ def _name(conn: Connection, table: sa.Table) -> str:
 
 
 def _upsert_sets(table: str, greatest: Callable[[str, str], str]) -> str:
-    """The ``SET`` of a rollup upsert: sums add, maxima keep the larger, the latest drift score wins by time."""
+    """The ``SET`` of a rollup upsert: sums add, maxima keep the larger, the latest drift and output-shift scores
+    win by time."""
     sets = [f"{c} = {table}.{c} + excluded.{c}" for c in ROLLUP_SUMS]
     sets += [f"{c} = {greatest(f'{table}.{c}', f'excluded.{c}')}" for c in ROLLUP_MAXES]
-    newer = f"excluded.drift_at IS NOT NULL AND ({table}.drift_at IS NULL OR excluded.drift_at >= {table}.drift_at)"
-    sets += [f"{c} = CASE WHEN {newer} THEN excluded.{c} ELSE {table}.{c} END" for c in ("drift_last", "drift_at")]
+    for name in ROLLUP_LATEST:
+        at = f"{name}_at"
+        newer = f"excluded.{at} IS NOT NULL AND ({table}.{at} IS NULL OR excluded.{at} >= {table}.{at})"
+        sets += [f"{c} = CASE WHEN {newer} THEN excluded.{c} ELSE {table}.{c} END" for c in (f"{name}_last", at)]
     return ", ".join(sets)
 
 
@@ -91,17 +94,19 @@ def _keys_with_bucket(table: sa.Table) -> list[str]:
 def _rows_of(table: sa.Table, rollups: Mapping[tuple[Any, ...], Rollup], bucket: Any,
              when: Callable[[Any], Any] | None = None) -> list[tuple[Any, ...]]:
     """Rows in column order: the key (with the bucket where the table puts it), then the values; ``when``
-    converts the drift times (a batch has one or two: each is converted once)."""
+    converts the drift and output-shift times (a batch has one or two: each is converted once)."""
     at = _keys_with_bucket(table).index("bucket")
     times: dict[Any, Any] = {None: None}
     rows = []
     for key, r in rollups.items():
-        *values, drift_at = r.values()
+        *values, drift_at, shift_last, shift_at = r.values()
         if when is not None:
             if drift_at not in times:
                 times[drift_at] = when(drift_at)
-            drift_at = times[drift_at]
-        rows.append((*key[:at], bucket, *key[at:], *values, drift_at))
+            if shift_at not in times:
+                times[shift_at] = when(shift_at)
+            drift_at, shift_at = times[drift_at], times[shift_at]
+        rows.append((*key[:at], bucket, *key[at:], *values, drift_at, shift_last, shift_at))
     return rows
 
 

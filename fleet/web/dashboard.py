@@ -7,10 +7,11 @@
   online rule is in :mod:`~edgeml.fleet.web.views`).
 * ``GET /api/devices``: every enrolled device with its tags, status and latest telemetry numbers.
 * ``GET /api/telemetry?metric=M&by=version|device&since=SECONDS&model=NAME&buckets=N``: one metric
-  (``latency_p50_ms``, ``latency_p99_ms``, ``error_rate``, ``drift.score``) bucketed over the window, one
-  series per version or device. Defaults: ``by=version``, ``since=3600``, every model, 60 buckets. Drawn from the
-  telemetry rollups, never the rows: per minute for windows up to 6 hours, per hour beyond (then at most one
-  bucket an hour); ``resolution_s`` in the answer says which, and the page shows it.
+  (``latency_p50_ms``, ``latency_p99_ms``, ``error_rate``, ``drift.score``, ``output_drift.score``: the output
+  shift) bucketed over the window, one series per version or device. Defaults: ``by=version``, ``since=3600``,
+  every model, 60 buckets. Drawn from the telemetry rollups, never the rows: per minute for windows up to 6 hours,
+  per hour beyond (then at most one bucket an hour); ``resolution_s`` in the answer says which, and the page shows
+  it.
 * ``GET /api/audit?limit=N``: the newest audit entries (default 50).
 * ``GET /`` and ``/dashboard/...``: the page itself (HTML, JS, CSS; no token needed, it holds no data).
 
@@ -126,7 +127,7 @@ def dashboard_routes(db: Database, audit: Any, *, stale_after_s: float = DEFAULT
         q = parse_query(call.query, {"metric": str, "by": str, "since": _finite, "model": str, "buckets": int})
         if "metric" not in q:
             raise ConfigError("the query parameter 'metric' is required",
-                              hint="latency_p50_ms, latency_p99_ms, error_rate or drift.score")
+                              hint="latency_p50_ms, latency_p99_ms, error_rate, drift.score or output_drift.score")
         return telemetry_series(db, q["metric"], by=q.get("by", "version"), since_s=q.get("since", 3600.0),
                                 model=q.get("model"), buckets=q.get("buckets", DEFAULT_BUCKETS), now=now())
 

@@ -21,7 +21,8 @@ Exported series (all prefixed ``edgeml_``; units in the names, ratios as 0..1):
 ``devices_installed{model,version}``               non-revoked devices that report ``model`` at ``version``
 ``device_last_seen_timestamp_seconds{device}``     when each device was last heard (Unix seconds)
 ``device_latency_p50_seconds``, ``..._p99_...``    each device's latest telemetry window, labelled
-``device_error_ratio``, ``device_drift_score``     ``{device,model,version}`` (the model it was measured on)
+``device_error_ratio``, ``device_drift_score``,    ``{device,model,version}`` (the model it was measured on)
+``device_output_shift_score``
 ``device_requests_total{device}``, ``..._errors``  sums over every window ever stored of the device (counters:
                                                    running totals, which retention never lowers)
 ``device_telemetry_last_received_timestamp_...``   when its latest stored row arrived
@@ -30,7 +31,7 @@ Exported series (all prefixed ``edgeml_``; units in the names, ratios as 0..1):
 ``version_5m_windows{model,version}``, ``..._      the version's windows, requests and errors received in the
 requests``, ``..._errors``                         last 5 minutes (its minute rollups), and over those windows
 ``version_5m_mean_latency_p99_seconds`` and        the mean p50, mean and max p99, mean error rate, mean and
-friends                                            max drift score
+friends                                            max drift score, mean and max output shift
 ``rollout_info{rollout,model,version,state}``      1 per rollout; ``rollout_current_wave{rollout}``
 ``rollout_devices{rollout,model,version,wave,      devices of each rollout by wave and state
 state}``
@@ -237,7 +238,10 @@ _GAUGES = (
     ("latency_p99_seconds", "latency_p99_ms", 1e-3, "99th percentile inference latency of the latest window"),
     ("error_ratio", "error_rate", 1.0, "fraction of failed requests (0..1) in the latest window"),
     ("drift_score", "drift", 1.0, "drift score of the latest window (0 when not flagged)"),
+    ("output_shift_score", "output_drift", 1.0, "output-shift score of the latest window (largest KS distance of "
+     "the model's outputs from its reference statistics, 0..1)"),
 )
+_NESTED = ("drift", "output_drift")  # telemetry keys whose value is {"score": ...}
 
 
 def _latest_values(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -245,7 +249,7 @@ def _latest_values(metrics: Mapping[str, Any]) -> dict[str, float]:
     out = {}
     for suffix, key, scale, _ in _GAUGES:
         raw = metrics.get(key)
-        value = _number(raw.get("score") if isinstance(raw, Mapping) else None) if key == "drift" else _number(raw)
+        value = _number(raw.get("score") if isinstance(raw, Mapping) else None) if key in _NESTED else _number(raw)
         if value is not None:
             out[suffix] = value * scale
     return out
@@ -301,7 +305,7 @@ def _version_families(per_version: Mapping[tuple[str, str], list[dict[str, float
                                   labels=labels) for s, _, _, h in _GAUGES}
     maxima = {s: _gauge(f"edgeml_version_max_{s}", f"Highest over the version's devices of the {h}",
                                    labels=labels)
-              for s, _, _, h in _GAUGES if s in ("latency_p99_seconds", "drift_score")}
+              for s, _, _, h in _GAUGES if s in ("latency_p99_seconds", "drift_score", "output_shift_score")}
     for key in sorted(per_version):
         devices = per_version[key]
         reporting.add_metric(list(key), len(devices))
@@ -324,6 +328,8 @@ _RECENT = (
     ("mean_error_ratio", "error_rate", "mean", 1.0, "mean error rate (0..1)"),
     ("mean_drift_score", "drift.score", "mean", 1.0, "mean drift score"),
     ("max_drift_score", "drift_max", "max", 1.0, "highest drift score"),
+    ("mean_output_shift_score", "output_drift.score", "mean", 1.0, "mean output-shift score"),
+    ("max_output_shift_score", "shift_max", "max", 1.0, "highest output-shift score"),
 )
 
 

@@ -12,7 +12,8 @@ it has been silent for that long. Revoked devices are counted apart, as neither.
 Telemetry series (:func:`telemetry_series`) cut the window ``[now - since_s, now]`` into ``buckets`` equal
 buckets and give, per version (``model:version`` as the device reported it in the telemetry row) or per
 device, the mean of the metric over the windows received in each bucket; buckets without windows have no point.
-Metric names are paths into the telemetry's ``metrics`` (:data:`METRICS`; ``drift.score`` is nested). They are
+Metric names are paths into the telemetry's ``metrics`` (:data:`METRICS`; ``drift.score`` and ``output_drift.score``,
+the output shift, are nested). They are
 read from the rollups (:mod:`~edgeml.fleet.telemetry.rollups`), never from the rows: per minute for windows up
 to :data:`MINUTE_WINDOW_S`, per hour beyond (the buckets are then at least an hour wide). A rollup row counts in
 the bucket its last instant falls in, so a series' cost grows with the versions (or devices) and the window's
@@ -64,6 +65,7 @@ METRICS: dict[str, tuple[str, ...]] = {
     "latency_p99_ms": ("latency_p99_ms",),
     "error_rate": ("error_rate",),
     "drift.score": ("drift", "score"),
+    "output_drift.score": ("output_drift", "score"),
 }
 #: The longest window drawn from the minute rollups, in seconds (6 hours); longer ones use the hour rollups.
 MINUTE_WINDOW_S = 6 * 3600
@@ -165,7 +167,8 @@ def device_list(db: Database, *, now: dt.datetime | None = None,
     Each is ``{"device_id", "tags", "status", "online", "revoked", "installed", "model", "version",
     "last_seen", "telemetry"}``; ``model``/``version`` are the first (by model name) of ``installed``;
     ``telemetry`` is None without rows, else ``{"seq", "received_at", "latency_p50_ms", "latency_p99_ms",
-    "error_rate", "drift_score", "drift_flagged"}`` (each None where the row lacks it).
+    "error_rate", "drift_score", "drift_flagged", "output_shift", "output_shift_flagged"}`` (each None where the row
+    lacks it; ``output_shift`` is the score of its ``output_drift``).
 
     Args:
         db: The registry's database.
@@ -199,12 +202,15 @@ def _latest_doc(row: Any) -> dict[str, Any] | None:
         return None
     metrics = row.metrics if isinstance(row.metrics, dict) else {}
     drift: dict[str, Any] = metrics["drift"] if isinstance(metrics.get("drift"), dict) else {}
-    flagged = drift.get("flagged")
+    shift: dict[str, Any] = metrics["output_drift"] if isinstance(metrics.get("output_drift"), dict) else {}
+    flagged, shift_flagged = drift.get("flagged"), shift.get("flagged")
     return {"seq": int(row.seq), "received_at": _iso(row.received_at),
             "latency_p50_ms": _number(metrics.get("latency_p50_ms")),
             "latency_p99_ms": _number(metrics.get("latency_p99_ms")),
             "error_rate": _number(metrics.get("error_rate")), "drift_score": _number(drift.get("score")),
-            "drift_flagged": flagged if isinstance(flagged, bool) else None}
+            "drift_flagged": flagged if isinstance(flagged, bool) else None,
+            "output_shift": _number(shift.get("score")),
+            "output_shift_flagged": shift_flagged if isinstance(shift_flagged, bool) else None}
 
 
 # --- telemetry ---------------------------------------------------------------------------------------------
@@ -235,7 +241,8 @@ def telemetry_series(db: Database, metric: str, *, by: str = "version", since_s:
 
     Args:
         db: The registry's database.
-        metric: One of :data:`METRICS` (``drift.score`` is the nested drift score).
+        metric: One of :data:`METRICS` (``drift.score`` is the nested drift score, ``output_drift.score`` the output
+            shift).
         by: ``version`` or ``device``.
         since_s: The window, in seconds before ``now`` (60 to :data:`MAX_SINCE_S`).
         model: Only rows of this model (None: every model).

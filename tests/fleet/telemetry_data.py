@@ -16,8 +16,10 @@ from edgeml.fleet.store.db import Database, as_utc
 
 #: Rollup value columns compared by the tests.
 SUMS = ("windows", "requests", "errors", "p50_sum", "p50_n", "p99_sum", "p99_n", "sp99_sum", "sp99_n", "err_sum",
-        "err_n", "drift_sum", "drift_n")
-MAXES = ("p99_max", "drift_max")
+        "err_n", "drift_sum", "drift_n", "shift_sum", "shift_n")
+MAXES = ("p99_max", "drift_max", "shift_max")
+#: Scores kept as the bucket's latest (column prefix -> the metrics key whose "score" it is).
+LATEST = {"drift": "drift", "shift": "output_drift"}
 
 
 def window(rng: random.Random, version: str | None, model: str | None = "digits") -> dict[str, Any]:
@@ -33,8 +35,11 @@ def window(rng: random.Random, version: str | None, model: str | None = "digits"
         metrics["model"] = model
     if rng.random() < 0.3:
         metrics["drift"] = {"score": round(rng.random(), 4), "flagged": False}
+    if rng.random() < 0.3:
+        metrics["output_drift"] = {"score": round(rng.random(), 4), "flagged": False, "against": {"own": 0.1}}
     if rng.random() < 0.05:  # junk a reader must leave out
-        metrics.update({"requests": "many", "errors": True, "latency_p99_ms": [1.0], "drift": {"score": "high"}})
+        metrics.update({"requests": "many", "errors": True, "latency_p99_ms": [1.0], "drift": {"score": "high"},
+                        "output_drift": {"score": None}})
     return metrics
 
 
@@ -59,22 +64,21 @@ def raw_rows(db: Database) -> list[dict[str, Any]]:
 def expected(rows: list[dict[str, Any]], seconds: int, devices: bool) -> dict[tuple[Any, ...], dict[str, Any]]:
     """What the rollup rows must hold: key (device_id?, bucket, model, version) -> column -> value.
 
-    ``drift_last`` is given as the set of scores of the bucket's latest drift windows (equal times may tie)."""
+    ``drift_last`` (``shift_last``) is given as the set of scores of the bucket's latest drift (output-shift) windows
+    (equal times may tie)."""
     out: dict[tuple[Any, ...], dict[str, Any]] = {}
     for r in rows:
         m = r["metrics"]
         key = ((r["device_id"],) if devices else ()) + (floor(r["received_at"], seconds), m.get("model") or "",
                                                          m.get("version") or "")
         b = out.setdefault(key, {**dict.fromkeys(SUMS, 0.0), **dict.fromkeys(MAXES), "drift_at": None,
-                                 "drift_last": set()})
+                                 "drift_last": set(), "shift_at": None, "shift_last": set()})
         requests, errors = number(m.get("requests")), number(m.get("errors"))
         p50, p99, err = number(m.get("latency_p50_ms")), number(m.get("latency_p99_ms")), number(m.get("error_rate"))
-        drift = number(m["drift"].get("score")) if isinstance(m.get("drift"), dict) else None
         b["windows"] += 1
         b["requests"] += requests or 0.0
         b["errors"] += errors or 0.0
-        for value, total, n in ((p50, "p50_sum", "p50_n"), (p99, "p99_sum", "p99_n"), (err, "err_sum", "err_n"),
-                                (drift, "drift_sum", "drift_n")):
+        for value, total, n in ((p50, "p50_sum", "p50_n"), (p99, "p99_sum", "p99_n"), (err, "err_sum", "err_n")):
             if value is not None:
                 b[total] += value
                 b[n] += 1
@@ -83,12 +87,17 @@ def expected(rows: list[dict[str, Any]], seconds: int, devices: bool) -> dict[tu
             if (requests or 0) > 0:
                 b["sp99_sum"] += p99
                 b["sp99_n"] += 1
-        if drift is not None:
-            b["drift_max"] = drift if b["drift_max"] is None else max(b["drift_max"], drift)
-            if b["drift_at"] is None or r["received_at"] > b["drift_at"]:
-                b["drift_at"], b["drift_last"] = r["received_at"], {drift}
-            elif r["received_at"] == b["drift_at"]:
-                b["drift_last"].add(drift)
+        for name, path in LATEST.items():
+            score = number(m[path].get("score")) if isinstance(m.get(path), dict) else None
+            if score is None:
+                continue
+            b[f"{name}_sum"] += score
+            b[f"{name}_n"] += 1
+            b[f"{name}_max"] = score if b[f"{name}_max"] is None else max(b[f"{name}_max"], score)
+            if b[f"{name}_at"] is None or r["received_at"] > b[f"{name}_at"]:
+                b[f"{name}_at"], b[f"{name}_last"] = r["received_at"], {score}
+            elif r["received_at"] == b[f"{name}_at"]:
+                b[f"{name}_last"].add(score)
     return out
 
 
@@ -103,13 +112,15 @@ def stored_rollups(db: Database, table: str) -> dict[tuple[Any, ...], dict[str, 
         key = tuple(as_utc(r[k]) if k == "bucket" else r[k] for k in keys)
         if "device_id" in keys:  # (device_id, bucket, model, version) as in expected()
             key = (r["device_id"], as_utc(r["bucket"]), r["model"], r["version"])
-        out[key] = {c: r[c] for c in (*SUMS, *MAXES, "drift_last")} | {"drift_at": as_utc(r["drift_at"])}
+        out[key] = {c: r[c] for c in (*SUMS, *MAXES, *(f"{n}_last" for n in LATEST))} | \
+            {f"{n}_at": as_utc(r[f"{n}_at"]) for n in LATEST}
     return out
 
 
 def assert_rollups_match(stored: dict[tuple[Any, ...], dict[str, Any]],
                          want: dict[tuple[Any, ...], dict[str, Any]]) -> None:
-    """Every bucket, every column: counts exactly, sums to 1e-9, the latest drift score one of the latest."""
+    """Every bucket, every column: counts exactly, sums to 1e-9, the latest drift and output-shift scores one of
+    the latest."""
     assert sorted(stored) == sorted(want)
     for key, w in want.items():
         s = stored[key]
@@ -118,5 +129,7 @@ def assert_rollups_match(stored: dict[tuple[Any, ...], dict[str, Any]],
             assert s[column] == (w[column] if exact else pytest.approx(w[column], rel=1e-9, abs=1e-9)), (key, column)
         for column in MAXES:
             assert s[column] == w[column], (key, column)
-        assert s["drift_at"] == w["drift_at"], key
-        assert (s["drift_last"] is None and not w["drift_last"]) or s["drift_last"] in w["drift_last"], key
+        for name in LATEST:
+            last = s[f"{name}_last"]
+            assert s[f"{name}_at"] == w[f"{name}_at"], (key, name)
+            assert (last is None and not w[f"{name}_last"]) or last in w[f"{name}_last"], (key, name)

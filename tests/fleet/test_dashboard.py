@@ -202,7 +202,8 @@ def test_device_list(fleet: Fleet) -> None:
     assert (devices["cam-3"]["model"], devices["cam-3"]["version"]) == ("digits", "2.0.0")
     assert devices["cam-1"]["telemetry"] == {
         "seq": 4, "received_at": devices["cam-1"]["telemetry"]["received_at"], "latency_p50_ms": 7.0,
-        "latency_p99_ms": 14.0, "error_rate": 0.01, "drift_score": 0.1, "drift_flagged": False}
+        "latency_p99_ms": 14.0, "error_rate": 0.01, "drift_score": 0.1, "drift_flagged": False, "output_shift": None,
+        "output_shift_flagged": None}
     assert devices["cam-2"]["telemetry"]["latency_p99_ms"] is None and devices["cam-2"]["telemetry"]["seq"] == 3
     assert devices["cam-3"]["telemetry"]["drift_score"] == 0.5 and devices["cam-3"]["telemetry"]["drift_flagged"]
     assert devices["cam-4"]["telemetry"] is None and devices["cam-6"]["model"] is None

@@ -62,7 +62,10 @@ def metrics_of(requests: int, errors: int, p50: float | None, p99: float | None,
     return {"window_s": 60.0, "requests": requests, "errors": errors,
             "error_rate": errors / requests if requests else 0.0, "latency_p50_ms": p50, "latency_p95_ms": p99,
             "latency_p99_ms": p99, "model": "digits", "version": version, "slot": "a", "status": "serving",
-            "drift": None if drift is None else {"score": drift, "flagged": drift > 0, "n": 256}}
+            "drift": None if drift is None else {"score": drift, "flagged": drift > 0, "n": 256},
+            # the output shift (edge_agent/drift.py DriftWindow.output_metrics), here twice the drift score
+            "output_drift": None if drift is None else {"score": 2 * drift, "flagged": drift > 0.2,
+                                                        "against": {"own": 2 * drift}}}
 
 
 @dataclass
@@ -191,6 +194,8 @@ def test_a_scrape_reports_exactly_what_the_store_holds(fleet: Fleet) -> None:
                 assert value(m, f"edgeml_device_{metric}", **labels) == pytest.approx(latest[key] * scale, rel=1e-12)
         drift = latest["drift"]
         assert m["edgeml_device_drift_score"].get(frozenset(labels.items())) == (drift and drift["score"])
+        shift = latest["output_drift"]
+        assert m["edgeml_device_output_shift_score"].get(frozenset(labels.items())) == (shift and shift["score"])
         assert value(m, "edgeml_device_requests_total", device=name) == sum(r["metrics"]["requests"] for r in rows)
         assert value(m, "edgeml_device_errors_total", device=name) == sum(r["metrics"]["errors"] for r in rows)
         assert value(m, "edgeml_device_telemetry_last_received_timestamp_seconds", device=name) == \
@@ -205,6 +210,8 @@ def test_a_scrape_reports_exactly_what_the_store_holds(fleet: Fleet) -> None:
     assert value(m, "edgeml_version_max_latency_p99_seconds", **v1) == pytest.approx(0.012, rel=1e-12)
     assert value(m, "edgeml_version_mean_error_ratio", **v1) == pytest.approx((3 / 30 + 1 / 7) / 2, rel=1e-12)
     assert value(m, "edgeml_version_mean_drift_score", **v1) == 0.125
+    assert value(m, "edgeml_version_mean_output_shift_score", **v1) == 0.25
+    assert value(m, "edgeml_version_max_output_shift_score", **v1) == 0.5
     v11 = {"model": "digits", "version": "1.1.0"}
     assert value(m, "edgeml_version_devices_reporting", **v11) == 2  # cam-d reports no latency: left out of means
     assert value(m, "edgeml_version_mean_latency_p50_seconds", **v11) == pytest.approx(0.004, rel=1e-12)
@@ -295,14 +302,15 @@ def test_a_database_failure_is_a_503(tmp_path: Path) -> None:
 def test_malformed_telemetry_values_are_left_out(fleet: Fleet) -> None:
     fleet.enroll("cam-x", "serving", "1.0.0")
     bad = {"requests": "many", "errors": True, "latency_p50_ms": "fast", "latency_p99_ms": [9.0],
-           "error_rate": None, "drift": {"score": "high"}, "model": "digits", "version": "1.0.0"}
+           "error_rate": None, "drift": {"score": "high"}, "output_drift": {"score": None}, "model": "digits",
+           "version": "1.0.0"}
     good = metrics_of(4, 1, 1.0, 2.0, "1.0.0", None)
     assert fleet.store.insert_batch([Telemetry("cam-x", 0, 1.0, good), Telemetry("cam-x", 1, 2.0, bad)]) == 2
     fleet.serve()
     m = fleet.scrape()
     assert value(m, "edgeml_device_requests_total", device="cam-x") == 4  # only numbers are summed
     assert value(m, "edgeml_device_errors_total", device="cam-x") == 1
-    for metric in ("latency_p50_seconds", "latency_p99_seconds", "error_ratio", "drift_score"):
+    for metric in ("latency_p50_seconds", "latency_p99_seconds", "error_ratio", "drift_score", "output_shift_score"):
         assert not m.get(f"edgeml_device_{metric}"), metric
     assert value(m, "edgeml_version_devices_reporting", model="digits", version="1.0.0") == 1
 
@@ -383,7 +391,7 @@ def test_the_grafana_dashboard_uses_only_exported_metrics(ingesting: tuple[Fleet
     titles = " | ".join(p["title"] for p in panels).lower()
     for topic in ("online", "offline", "versions per model", "rollout progress", "p50 latency per version",
                   "p99 latency per version", "p50 latency per device", "p99 latency per device", "error rate",
-                  "drift score", "ingest rate"):
+                  "drift score", "output shift per version", "output shift per device", "ingest rate"):
         assert topic in titles, topic
     exported = set()
     for name in fleet.scrape():  # sample names (counters with _total); no histograms are exported

@@ -12,6 +12,7 @@
     { name: "latency_p99_ms", title: "p99 latency (ms)" },
     { name: "error_rate", title: "error rate" },
     { name: "drift.score", title: "drift score" },
+    { name: "output_drift.score", title: "output shift" },
   ];
   // device row states of a rollout wave, in the order drawn; notifying + notified are shown as "updating"
   const WAVE_STATES = ["committed", "rolled_back", "failed", "timed_out", "incompatible", "updating", "pending"];
@@ -312,13 +313,16 @@
       const state = d.revoked ? "revoked" : d.online ? "online" : "offline";
       const drift = el("td", { class: "num", "data-value": t.drift_score === undefined ? "" : t.drift_score },
         fmt(t.drift_score), t.drift_flagged ? el("span", { class: "flagged", title: "drift flagged" }, " !") : null);
+      const shift = el("td", { class: "num", "data-testid": "output-shift",
+        "data-value": t.output_shift === undefined || t.output_shift === null ? "" : t.output_shift },
+        fmt(t.output_shift), t.output_shift_flagged ? el("span", { class: "flagged", title: "output shift flagged" }, " !") : null);
       body.appendChild(el("tr", { "data-testid": "device-row", "data-device-id": d.device_id, "data-online": String(d.online) },
         el("td", {}, d.device_id), el("td", {}, tags), el("td", {}, d.status || "-"),
         el("td", {}, el("span", { class: "badge " + state }, state)),
         el("td", {}, d.model ? d.model + ":" + d.version : "-"), el("td", {}, when(d.last_seen)),
-        num(t.latency_p50_ms), num(t.latency_p99_ms), num(t.error_rate), drift));
+        num(t.latency_p50_ms), num(t.latency_p99_ms), num(t.error_rate), drift, shift));
     }
-    if (!devices.length) body.appendChild(el("tr", {}, el("td", { colspan: 10, class: "empty" }, "No devices enrolled.")));
+    if (!devices.length) body.appendChild(el("tr", {}, el("td", { colspan: 11, class: "empty" }, "No devices enrolled.")));
   }
 
   function renderAudit(entries) {
