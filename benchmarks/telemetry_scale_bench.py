@@ -24,6 +24,7 @@ subscriber measured in the same run (goal >= 0.7x, as in ``fleet_bench.py``).
 
 Usage:  python benchmarks/telemetry_scale_bench.py [--rows 100000 1000000 10000000] [--backends sqlite postgresql]
             [--db-url postgresql+psycopg://postgres@127.0.0.1:5432/test] [--repeat 5] [--ingest] [--out FILE]
+        python benchmarks/telemetry_scale_bench.py --merge LOG [LOG ...] --out FILE   (the table of earlier runs)
 """
 
 from __future__ import annotations
@@ -405,6 +406,7 @@ def ingest_during_retention(backend: str, base_url: str, backlog: int) -> dict[s
             maintenance._stop.set()  # ends the run in progress after its current transaction
             thread.join(120)
         result["retention_deleted"] = sum(r.raw_deleted for r in reports)
+        result["partitions_dropped"] = sum(len(r.partitions_dropped) for r in reports)
         result["retention_runs"] = len(reports)
         result["backlog"] = backlog
     return result
@@ -441,8 +443,10 @@ def table(results: list[dict[str, Any]], ingest: list[dict[str, Any]]) -> str:
                      f"{r['derive_s']:.0f} s; 10,000-device signal reader keeps {kept:.1f} MiB, a steady read peaks at "
                      f"{peak:.1f} MiB; disk {json.dumps({k: f'{v / 2**20:,.0f} MiB' for k, v in r['disk'].items()})}")
     for i in ingest:
+        dropped = f", {i['partitions_dropped']} daily partitions dropped" if i.get("partitions_dropped") else ""
         lines.append(f"- ingestion into {i['backend']} while retention runs ({i['backlog']:,} rows past the retention, "
-                     f"{i['retention_deleted']:,} deleted meanwhile in {i['retention_runs']} runs): "
+                     f"{i['retention_deleted']:,} deleted one by one meanwhile{dropped}, in {i['retention_runs']} "
+                     "runs): "
                      f"{10000 / i['ingest_s']:,.0f} msg/s against a raw paho subscriber's {10000 / i['raw_s']:,.0f}: "
                      f"{i['ratio']:.2f}x (goal >= {GOAL_INGEST:.2f}x: "
                      f"{'met' if i['ratio'] >= GOAL_INGEST else 'MISSED'})")
@@ -487,16 +491,26 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--rollout-devices", type=int, default=10_000)
     parser.add_argument("--ingest", action="store_true", help="also measure ingestion while retention runs")
+    parser.add_argument("--ingest-only", action="store_true", help="measure only ingestion while retention runs")
     parser.add_argument("--backlog", type=int, default=300_000, help="rows past the retention for --ingest")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="LOG",
+                        help="measure nothing: the table of the JSON lines earlier runs printed (runs of one size "
+                             "each, e.g. 100k and 1M first, 10M later)")
     args = parser.parse_args()
     results, ingest = [], []
+    if args.merge:
+        for line in (ln for log in args.merge for ln in log.read_text().splitlines() if ln.startswith("{")):
+            result = json.loads(line)
+            (ingest if "ingest_s" in result else results).append(result)
+        results.sort(key=lambda r: (r["backend"], r["rows"]))
+        args.backends = []  # measured already
     for backend in [b for b in args.backends if b == "sqlite" or _reachable(args.db_url)]:
-        for rows in sorted(args.rows):
+        for rows in [] if args.ingest_only else sorted(args.rows):
             result = measure(backend, rows, args.db_url, args.repeat, args.rollout_devices)
             print(json.dumps(result, default=str), flush=True)
             results.append(result)
-        if args.ingest:
+        if args.ingest or args.ingest_only:
             result = ingest_during_retention(backend, args.db_url, args.backlog)
             print(json.dumps(result, default=str), flush=True)
             ingest.append(result)

@@ -68,7 +68,10 @@ class RetentionSettings:
     lag_s: float = 120.0  # an hour is rolled up once it ended this long ago
     partitions_ahead: int = 3  # PostgreSQL: days of partitions created ahead
     chunk_rows: int = 5000  # rows deleted per transaction
-    pause_s: float = 0.02  # between two delete transactions
+    pause_s: float = 0.02  # between two delete transactions, at least
+    max_share: float = 0.25  # of the time retention runs, at most this share in delete transactions (0..1]: the
+    # pause after each is at least (1 - max_share) / max_share times what it took, so that ingestion, which waits
+    # for SQLite's one writer and shares the server's CPU and GIL, keeps the rest
     lease_s: float = 600.0  # how long a run holds the lease without renewing it
 
     def __post_init__(self) -> None:
@@ -76,6 +79,8 @@ class RetentionSettings:
                                                             "lag_s", "pause_s")}
         bad = [f"{name}={value!r}" for name, value in numbers.items()
                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e12]
+        if not 0 < self.max_share <= 1:
+            bad.append(f"max_share={self.max_share!r}")
         if self.every_s <= 0 or self.lease_s <= 0 or self.chunk_rows < 1 or self.partitions_ahead < 0:
             bad.append(f"every_s={self.every_s!r}, lease_s={self.lease_s!r}, chunk_rows={self.chunk_rows!r}, "
                        f"partitions_ahead={self.partitions_ahead!r}")
@@ -292,9 +297,13 @@ class Maintenance:
                 schema.telemetry_device_hour, schema.telemetry_version_hour))
 
     def _repeat(self, step: Callable[[Connection], bool]) -> None:
-        """Run ``step`` in transactions of its own (the lease renewed in each, a pause between) until it returns
-        False or maintenance stops."""
+        """Run ``step`` in transactions of its own (the lease renewed in each, a pause between: ``pause_s``, and
+        long enough that the transactions take at most ``max_share`` of the time) until it returns False or
+        maintenance stops."""
+        s = self.settings
+        rest = (1.0 - s.max_share) / s.max_share
         while not self._stop.is_set():
+            began = time.monotonic()
             with self.db.transaction() as conn:
                 if conn.dialect.name == "sqlite":
                     conn.exec_driver_sql("BEGIN IMMEDIATE")
@@ -302,7 +311,7 @@ class Maintenance:
                 more = step(conn)
             if not more:
                 return
-            time.sleep(self.settings.pause_s)
+            self._stop.wait(max(s.pause_s, (time.monotonic() - began) * rest))
 
     def _by_row_id(self, name: str, where: str) -> str:
         """A ``DELETE`` of at most ``:n`` rows of ``name`` matching ``where``, found through an index."""
