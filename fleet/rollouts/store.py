@@ -268,7 +268,7 @@ def rollout_status(db: Database, rollout_id: str | None = None) -> list[RolloutS
 
 def _device_doc(d: Any) -> dict[str, Any]:
     return {"device_id": d.device_id, "wave": d.wave, "target": d.target, "state": d.state, "reason": d.reason,
-            "previous": d.previous, "command_id": d.command_id, "revert_state": d.revert_state,
+            "cause": d.cause, "previous": d.previous, "command_id": d.command_id, "revert_state": d.revert_state,
             "notified_at": _ts(d.notified_at), "finished_at": _ts(d.finished_at)}  # Unix seconds
 
 

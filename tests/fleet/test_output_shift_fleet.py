@@ -177,3 +177,12 @@ def test_the_dashboard_views_show_the_output_shift_per_version_and_device(store:
         conn.execute(t.insert(), [{"device_id": d, "revoked": False} for d in ("cam-1", "cam-2")])
     latest = {d["device_id"]: d["telemetry"] for d in device_list(store.db)}
     assert (latest["cam-1"]["output_shift"], latest["cam-1"]["output_shift_flagged"]) == (0.9, True)
+
+
+def test_the_cli_option_takes_a_number_or_off() -> None:
+    from edgeml.fleet.cli_rollouts import _output_shift
+
+    assert _output_shift(None) == {} and _output_shift("0.3") == {"max_output_shift": 0.3}
+    assert _output_shift("off") == {"max_output_shift": None}
+    with pytest.raises(RolloutError, match="--max-output-shift must be a number from 0 to 1 or 'off'"):
+        _output_shift("high")
