@@ -7,6 +7,7 @@ This package is the one place where the topic layout and the message formats are
     codec.py     bounded JSON (size, depth, 64-bit integers, finite floats, clean strings), the messages' base
     messages.py  Command (and UpdateArgs), Request, Reply, Telemetry, State, DistInfo, and parse()
     events.py    what devices report on ``events``: UpdateEvent (with its Cause), DriftEvent, ...
+    uploads.py   capture uploads: UploadBegin/UploadChunk frames, the UploadAck command, the sample stream
 
 Topic tree (everything under :data:`PREFIX`, ``edgeml/v1/``)::
 
@@ -14,6 +15,7 @@ Topic tree (everything under :data:`PREFIX`, ``edgeml/v1/``)::
     edgeml/v1/devices/{device_id}/telemetry   device -> fleet  Telemetry, periodic metrics
     edgeml/v1/devices/{device_id}/events      device -> fleet  DeviceEvent (update progress and results, drift)
     edgeml/v1/devices/{device_id}/requests    device -> fleet  Request (MQTT 3.1.1 request/response)
+    edgeml/v1/devices/{device_id}/uploads     device -> fleet  UploadBegin/UploadChunk frames (captured samples)
     edgeml/v1/devices/{device_id}/commands    fleet -> device  Command
     edgeml/v1/devices/{device_id}/replies     fleet -> device  Reply to a Request (correlation_id)
     edgeml/v1/dist/{rollout_id}/#             fleet -> devices shared distribution of a rollout (broadcast)
@@ -21,8 +23,8 @@ Topic tree (everything under :data:`PREFIX`, ``edgeml/v1/``)::
     edgeml/v1/dist/{rollout_id}/{file_id}/{index}    chunk ``index`` of that file (retained, raw bytes)
 
 Device ids (also their broker user names, and their MQTT client ids, which the broker enforces) match
-``[a-z0-9][a-z0-9-]{0,62}``. Each device may publish only to its own ``state``, ``telemetry``, ``events`` and
-``requests``, and subscribe only to its own ``commands`` and ``replies`` plus ``edgeml/v1/dist/#``
+``[a-z0-9][a-z0-9-]{0,62}``. Each device may publish only to its own ``state``, ``telemetry``, ``events``,
+``requests`` and ``uploads``, and subscribe only to its own ``commands`` and ``replies`` plus ``edgeml/v1/dist/#``
 (:func:`acl_for_device`); fleet processes read and write everything under ``edgeml/v1/`` with client ids
 that no device id can equal (:func:`fleet_client_id`). Whatever a device sends is checked by every consumer
 against the identity it came from: the topic's device id must equal the payload's, and the device must be
@@ -85,6 +87,7 @@ from edgeml.protocol.topics import (
     tcp_no_delay,
     validate_device_id,
 )
+from edgeml.protocol.uploads import CaptureArgs, CaptureSample, UploadAck, UploadBegin, UploadChunk, decode_frame
 
 Message = Command | Request | Reply | Telemetry | State | DistInfo | DeviceEvent
 
@@ -101,7 +104,9 @@ __all__ = [
     "MAX_REPLY_DATA",
     "PREFIX",
     "UPDATE_STATES",
+    "CaptureArgs",
     "CaptureEvent",
+    "CaptureSample",
     "Cause",
     "Command",
     "DeviceEvent",
@@ -119,8 +124,12 @@ __all__ = [
     "Telemetry",
     "UpdateArgs",
     "UpdateEvent",
+    "UploadAck",
+    "UploadBegin",
+    "UploadChunk",
     "acl_for_device",
     "check_json",
+    "decode_frame",
     "device_topic",
     "dist_chunk_topic",
     "dist_file_filter",

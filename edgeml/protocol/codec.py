@@ -46,6 +46,7 @@ MAX_BYTES: dict[str, int] = {
     "state": 16 * _KiB,
     "event": 16 * _KiB,
     "dist": 4 * _KiB,
+    "upload": 4 * _KiB,  # the JSON header of an upload frame (its chunk's raw bytes: uploads.MAX_CHUNK)
 }
 #: Deepest nesting of JSON containers in any message (the message object itself is level 1).
 MAX_DEPTH = 10

@@ -23,6 +23,7 @@ from edgeml.protocol.codec import (
 )
 from edgeml.protocol.events import EVENT_TYPES
 from edgeml.protocol.topics import is_reply_topic, validate_device_id
+from edgeml.protocol.uploads import UPLOAD_TYPES
 
 __all__ = [
     "COMMAND_TYPES",
@@ -39,13 +40,13 @@ __all__ = [
     "parse",
 ]
 
-COMMAND_TYPES = frozenset({"update", "rollback", "capture", "ping", "telemetry-ack"})
+COMMAND_TYPES = frozenset({"update", "rollback", "capture", "ping", "telemetry-ack", "upload-ack"})
 _KiB = 1024
 #: Most file bytes one get Reply carries: their base64 plus the JSON envelope fit MAX_BYTES["reply"].
 MAX_REPLY_DATA = (64 * _KiB - _KiB) // 4 * 3 // _KiB * _KiB  # 47 KiB
 #: Largest chunk of a broadcast file (raw bytes in one retained message).
 MAX_DIST_CHUNK = 1024 * _KiB
-Kind = Literal["command", "request", "reply", "telemetry", "state", "event", "dist"]
+Kind = Literal["command", "request", "reply", "telemetry", "state", "event", "dist", "upload"]
 
 #: Ids chosen by either side (command ids, correlation ids): short tokens, no spaces or wildcards.
 TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
@@ -345,7 +346,9 @@ _CLASSES: dict[str, type[Message]] = {c.KIND: c for c in (Command, Request, Repl
 def parse(kind: Kind | str, payload: bytes | bytearray) -> Any:
     """Decode and check one message of ``kind`` (``"command"``, ``"request"``, ``"event"``, ...).
 
-    An ``event`` is parsed into the class of its ``type`` (:mod:`.events`).
+    An ``event`` is parsed into the class of its ``type`` (:mod:`.events`), an ``upload`` (the JSON header of
+    an upload frame; :func:`~edgeml.protocol.uploads.decode_frame` reads whole frames) into
+    :class:`~edgeml.protocol.uploads.UploadBegin` or :class:`~edgeml.protocol.uploads.UploadChunk`.
 
     Args:
         kind: The message kind, which the topic determines.
@@ -358,13 +361,13 @@ def parse(kind: Kind | str, payload: bytes | bytearray) -> Any:
         ProtocolError: Unknown kind, payload too large, not JSON, out of bounds, unknown schema version,
             missing or unknown fields, or fields of the wrong type or value.
     """
-    if kind == "event":
+    if kind in ("event", "upload"):
         obj = decode_object(kind, payload)
-        etype = obj.get("type")
-        cls: type[Message] | None = EVENT_TYPES.get(etype) if isinstance(etype, str) else None
+        etype, types = obj.get("type"), EVENT_TYPES if kind == "event" else UPLOAD_TYPES
+        cls: type[Message] | None = types.get(etype) if isinstance(etype, str) else None
         if cls is None:
-            raise ProtocolError(f"event: unknown type {str(obj.get('type'))[:40]!r} "
-                                f"(expected one of {sorted(EVENT_TYPES)})")
+            raise ProtocolError(f"{kind}: unknown type {str(obj.get('type'))[:40]!r} "
+                                f"(expected one of {sorted(types)})")
     else:
         cls = _CLASSES.get(kind)
         if cls is None:

@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 PREFIX = "edgeml/v1/"
-DEVICE_CHANNELS_OUT = ("state", "telemetry", "events", "requests")  # device -> fleet
+DEVICE_CHANNELS_OUT = ("state", "telemetry", "events", "requests", "uploads")  # device -> fleet
 DEVICE_CHANNELS_IN = ("commands", "replies")  # fleet -> device
 #: What every device may subscribe to besides its own commands and replies: the broadcast files.
 DIST_FILTER = f"{PREFIX}dist/#"

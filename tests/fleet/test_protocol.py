@@ -29,6 +29,8 @@ from edgeml.protocol import (
     Telemetry,
     UpdateArgs,
     UpdateEvent,
+    UploadBegin,
+    UploadChunk,
     acl_for_device,
     device_topic,
     dist_topic,
@@ -60,6 +62,9 @@ MESSAGES: list[tuple[str, Message]] = [
     ("event", PongEvent(device_id="cam-1", at=1.7e9, id="p-1")),
     ("event", RollbackEvent(device_id="cam-1", at=1.7e9, id="c-9", accepted=True)),
     ("event", CaptureEvent(device_id="cam-1", at=1.7e9, id="c-3", entries=12, bytes=4096)),
+    ("upload", UploadBegin(device_id="cam-1", upload="u-1", size=70_000, sha256="ab" * 32, chunk=65_536, samples=3,
+                           trigger="drift", command_id=None, tag="site-a", drift={"score": 0.4})),
+    ("upload", UploadChunk(device_id="cam-1", upload="u-1", index=1)),
 ]
 
 
@@ -129,7 +134,7 @@ def test_invalid_fields_rejected(kind: str, change: dict[str, Any], match: str) 
 def test_missing_field_rejected(kind: str) -> None:
     doc = _doc(kind)
     required = {"command": "id", "request": "method", "reply": "ok", "telemetry": "seq", "state": "status",
-                "dist": "size", "event": "state"}
+                "dist": "size", "event": "state", "upload": "upload"}
     del doc[required[kind]]
     with pytest.raises(ProtocolError):
         parse(kind, json.dumps(doc).encode())
@@ -202,6 +207,7 @@ def test_acl_for_device() -> None:
     assert acl_for_device("cam-1") == [
         ("publish", "edgeml/v1/devices/cam-1/state"), ("publish", "edgeml/v1/devices/cam-1/telemetry"),
         ("publish", "edgeml/v1/devices/cam-1/events"), ("publish", "edgeml/v1/devices/cam-1/requests"),
+        ("publish", "edgeml/v1/devices/cam-1/uploads"),
         ("subscribe", "edgeml/v1/devices/cam-1/commands"), ("receive", "edgeml/v1/devices/cam-1/commands"),
         ("subscribe", "edgeml/v1/devices/cam-1/replies"), ("receive", "edgeml/v1/devices/cam-1/replies"),
         ("subscribe", "edgeml/v1/dist/#"), ("receive", "edgeml/v1/dist/#"),
