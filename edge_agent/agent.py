@@ -34,6 +34,7 @@ import paho.mqtt.client as mqtt
 
 from edgeml.edge_agent.api import LocalAPI, ModelNotFound, NotServing, PredictResult
 from edgeml.edge_agent.capabilities import Capabilities, detect
+from edgeml.edge_agent.capture_upload import CaptureUploader
 from edgeml.edge_agent.config import AgentConfig
 from edgeml.edge_agent.device_messages import (
     ack_seq,
@@ -54,10 +55,10 @@ from edgeml.edge_agent.update.states import State
 from edgeml.edge_agent.update.store import UpdateRecord, UpdateRequest
 from edgeml.errors import ConfigError, EdgeMLError
 from edgeml.protocol import (
-    CaptureEvent,
     Cause,
     Command,
     DeviceEvent,
+    DriftEvent,
     PongEvent,
     ProtocolError,
     RejectedEvent,
@@ -98,6 +99,7 @@ class Agent:
         self.host = ModelHost()
         self.client = self._mqtt_client()
         self.telemetry = TelemetryLoop(self, self.state_dir)  # the host's telemetry sink and drift sampler
+        self.uploads = CaptureUploader(self, self.state_dir)  # captured samples to the fleet (capture command)
         self.machine = UpdateMachine(self.state_dir, self.host, self._fetch, drift=self.telemetry.drift_score,
                                      on_transition=self._on_transition, threads=config.threads,
                                      output_shift=self.telemetry.output_shift_score)
@@ -137,6 +139,7 @@ class Agent:
         if self._detect:
             self.capabilities = self._detected()  # now with the execution providers of a loaded onnxruntime
         self.telemetry.start()
+        self.uploads.start()
         try:
             self.api = LocalAPI(self, self.config.api_host, self.config.api_port, self.config.api_socket,
                                 self.config.max_request_bytes)
@@ -160,6 +163,7 @@ class Agent:
         self._updates.put((None, None))
         if self.api is not None:
             self.api.stop()
+        self.uploads.stop()
         self.telemetry.stop()
         try:
             self._publish_state("offline")
@@ -257,6 +261,7 @@ class Agent:
         self._connected.set()
         self._publish_state()
         self.telemetry.on_connect()
+        self.uploads.on_connect()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         self._connected.clear()
@@ -269,6 +274,8 @@ class Agent:
     def send_event(self, event: DeviceEvent | None) -> None:
         """Publish an event on the device's events topic (QoS 1; queued by paho while offline); None: nothing."""
         publish_event(self.client, event)
+        if isinstance(event, DriftEvent):
+            self.uploads.on_drift(event)
 
     def _on_command(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
@@ -303,9 +310,8 @@ class Agent:
         elif command.type == "rollback":
             accepted = self.machine.request_rollback(rollback_reason(command))
             self.send_event(device_event(RollbackEvent, self.device_id, id=command.id, accepted=accepted))
-        elif command.type == "capture":
-            summary = self.telemetry.capture_summary()
-            self.send_event(device_event(CaptureEvent, self.device_id, id=command.id, **summary))
+        elif command.type in ("capture", "upload-ack"):  # the counts, and uploads (capture_upload.py)
+            self.uploads.handle(command)
 
     def _accept_update(self, command: Command) -> None:
         request = update_request(command)

@@ -70,7 +70,7 @@ class TelemetryLoop:
         self._monitors: dict[str, DriftMonitor | None] = {}
         self._windows: dict[str, DriftWindow] = {}
         self._lock = threading.Lock()
-        self._captures: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=_CAPTURE_QUEUE)
+        self._captures: deque[tuple[np.ndarray, np.ndarray, str]] = deque(maxlen=_CAPTURE_QUEUE)
         self._seen = 0  # requests observed for drift
         self._drift_every = 1  # observe one request in this many for drift (see DRIFT_REQUESTS_PER_S)
         self._since = 0  # requests since the rate was last measured
@@ -123,7 +123,7 @@ class TelemetryLoop:
                 self.agent.send_event(device_event(DriftEvent, self.agent.device_id, version=version,
                                                window=window.to_metrics()))
         if probs.ndim == 2 and len(self._captures) < _CAPTURE_QUEUE and not self._seen % _CAPTURE_EVERY:
-            self._captures.append((first, probs))  # the store keeps the low-confidence ones, sampled
+            self._captures.append((first, probs, version))  # the store keeps the low-confidence ones, sampled
 
     def _monitor_for(self, version: str) -> DriftMonitor | None:
         with self._lock:
@@ -203,9 +203,13 @@ class TelemetryLoop:
 
     def _file_captures(self) -> None:
         while self._captures:
-            inputs, probs = self._captures.popleft()
+            inputs, probs, version = self._captures.popleft()
+            host = self.agent.host
+            model = next((m for m in (host.active, host.previous) if m is not None and m.version == version), None)
+            extra = {"version": version} if model is None else {
+                "model": model.manifest.name, "version": version, "target": model.manifest.target}
             try:
-                self.capture.offer(inputs, probs)
+                self.capture.offer(inputs, probs, extra=extra)
             except EdgeMLError as exc:
                 _log.warning("capture failed: %s", exc)
                 return
