@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from edgeml.fleet.cli_admin import register as register_admin_commands
+from edgeml.fleet.cli_capture import register as register_capture_commands
 from edgeml.fleet.cli_devices import register as register_device_commands
 from edgeml.fleet.cli_options import DbUrl, RegistryDir, RemovedPassword, refuse_secret_argument
 from edgeml.fleet.cli_rollouts import register as register_rollout_commands
@@ -307,3 +308,4 @@ def controller_command(
 register_rollout_commands(fleet_app)  # rollout ..., rollback, telemetry (fleet/cli_rollouts.py)
 register_device_commands(fleet_app)  # broker-config, devices ... (fleet/cli_devices.py)
 register_admin_commands(fleet_app)  # audit ..., tokens ... (fleet/cli_admin.py)
+register_capture_commands(fleet_app)  # capture request, ls, pull (fleet/cli_capture.py)

@@ -6,7 +6,9 @@ Roles (:data:`ROLES`), each a part that already exists on its own:
   for metadata and targets over MQTT;
 * ``controller``: the :class:`~edgeml.fleet.rollouts.controller.RolloutController` (one per fleet: it is the only
   writer of rollout decisions), which also broadcasts each rollout's files through a distribution service
-  (its own when ``dist`` runs elsewhere) and signs the audit log's head every ``audit_head_s``;
+  (its own when ``dist`` runs elsewhere) and signs the audit log's head every ``audit_head_s``; with it, one per
+  fleet as well, the :class:`~edgeml.fleet.capture.receiver.UploadReceiver` stores the samples devices upload
+  under this host's registry directory (``capture``: False turns it off);
 * ``ingest``: an :class:`~edgeml.fleet.telemetry.ingest.IngestWorker` storing telemetry and states (add processes
   with only this role to scale ingestion out);
 * ``web``: the HTTP listener: the repository (read-only, the devices' HTTP fallback), the JSON API (rollouts,
@@ -94,6 +96,7 @@ class ServeSettings:
     audit_head_s: float = 3600.0
     broadcast: bool = True
     retention: RetentionSettings | None = field(default_factory=RetentionSettings)
+    capture: bool = True  # receive capture uploads where the controller runs (fleet/capture/receiver.py)
 
     def __post_init__(self) -> None:
         from edgeml.protocol import is_device_id
@@ -143,6 +146,7 @@ class FleetServer:
         self.controller: Any = None
         self.http: Any = None
         self.maintenance: Any = None
+        self.capture: Any = None
         self._stop = threading.Event()
         self._signer: threading.Thread | None = None
 
@@ -184,6 +188,9 @@ class FleetServer:
             self.log(f"controller: rollouts over {where}")
             self._signer = threading.Thread(target=self._sign_heads, name="audit-heads", daemon=True)
             self._signer.start()
+            if s.capture:
+                self.capture = self._capture()
+                self.log(f"capture: uploads from {where} into {self.dir / 'captures'}")
         if "web" in roles:
             self.http = self._web()
             self.log(f"http: dashboard {self.http.url}/ , API {self.http.url}/api/ , metrics {self.http.url}/metrics")
@@ -258,6 +265,16 @@ class FleetServer:
             raise self._broker_error("controller", exc) from exc
         return controller
 
+    def _capture(self) -> Any:
+        from edgeml.fleet.capture.receiver import UploadReceiver
+        from edgeml.fleet.devices.roster import DeviceRoster
+
+        s = self.settings
+        receiver = UploadReceiver(self.database, self.dir, s.broker_host, s.broker_port, username=s.username,
+                                  password=s.password, tls=s.tls, roster=DeviceRoster(self.database))
+        receiver.start()  # ConfigError with the broker's answer when it cannot
+        return receiver
+
     def _web(self) -> Any:
         from edgeml.fleet.web.server import HttpServer, fleet_app
 
@@ -277,13 +294,13 @@ class FleetServer:
     def stop(self) -> None:
         """Stop every part that started, the web listener first (idempotent)."""
         self._stop.set()
-        for part in (self.http, self.maintenance, self.controller, self.ingest, self.dist):
+        for part in (self.http, self.maintenance, self.capture, self.controller, self.ingest, self.dist):
             if part is not None:
                 try:
                     part.stop()
                 except Exception:  # one part failing to stop must not keep the others running
                     _log.exception("stopping %s failed", type(part).__name__)
-        self.http = self.maintenance = self.controller = self.ingest = self.dist = None
+        self.http = self.maintenance = self.capture = self.controller = self.ingest = self.dist = None
         if self.db is not None:
             self.db.close()
             self.db = None

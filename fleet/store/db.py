@@ -137,6 +137,8 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[Any, Any, dict[str, Any]], None]], .
      _steps(*(_add_missing_columns(table, ("shift_sum", "shift_n", "shift_max", "shift_last", "shift_at"))
               for table in ("telemetry_device_minute", "telemetry_version_minute", "telemetry_device_hour",
                             "telemetry_version_hour")))),
+    (9, "captures (samples devices uploaded: device, model version, sha256 of a content-addressed file, provenance)",
+     _create_missing_tables("captures")),
 )
 #: The version of the schema ``_tables`` defines.
 SCHEMA_VERSION = MIGRATIONS[-1][0]

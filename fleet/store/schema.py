@@ -221,5 +221,22 @@ deltas = sa.Table(
     sa.Column("published_at", UTCDateTime(), nullable=False),
     sa.UniqueConstraint("model", "target", "version", "base_version"))
 
+# captures (edgeml.fleet.capture): samples devices uploaded, one row per device and sample; the sample's bytes
+# live in a content-addressed file under the registry's captures/ (``path``), shared by rows with one sha256
+captures = sa.Table(
+    "captures", metadata, sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("device_id", sa.String(63), nullable=False), sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("model", sa.String(64)), sa.Column("version", sa.String(128)), sa.Column("target", sa.String(64)),
+    sa.Column("path", sa.String(256), nullable=False), sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("shape", sa.JSON, nullable=False), sa.Column("dtype", sa.String(16), nullable=False),
+    sa.Column("confidence", sa.Float), sa.Column("predicted", sa.Integer), sa.Column("drift_score", sa.Float),
+    sa.Column("captured_at", UTCDateTime(), nullable=False), sa.Column("received_at", UTCDateTime(), nullable=False),
+    sa.Column("reason", sa.String(16), nullable=False), sa.Column("trigger", sa.String(16), nullable=False),
+    sa.Column("tag", sa.String(64)), sa.Column("upload_id", sa.String(64), nullable=False),
+    sa.Column("command_id", sa.String(64)), sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.UniqueConstraint("device_id", "sha256"),
+    sa.Index("captures_model_version", "model", "version"), sa.Index("captures_device_received", "device_id",
+                                                                         "received_at"))
+
 #: name -> table, for migrations and tests.
 TABLES: dict[str, sa.Table] = {t.name: t for t in metadata.sorted_tables}

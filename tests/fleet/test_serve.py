@@ -153,6 +153,7 @@ def test_serve_answers_over_mqtt_and_http_and_stops_cleanly(
         assert serve.next_line() == f"mqtt: serving {registry.dir / 'repository'} on mqtts://localhost:{port}"
         assert serve.next_line() == f"ingest: telemetry from mqtts://localhost:{port} into the database"
         assert serve.next_line() == f"controller: rollouts over mqtts://localhost:{port}"
+        assert serve.next_line() == f"capture: uploads from mqtts://localhost:{port} into {registry.dir / 'captures'}"
         if http:
             assert re.fullmatch(r"http: dashboard http://127\.0\.0\.1:\d+/ , API \S+/api/ , metrics \S+/metrics",
                                 serve.next_line())
