@@ -79,6 +79,7 @@ class RescalePlan:
     """What :func:`rescale` did: each position's kind, layers and channel count."""
 
     positions: list[dict[str, Any]] = field(default_factory=list)
+    names_assigned: int = 0  # nodes that had no name (the layers' names in ``positions`` are the given ones)
 
 
 def _attr(node: Any, name: str, default: Any) -> Any:
@@ -126,7 +127,7 @@ def _absorbs(node: Any, axis: int, g: GraphIndex) -> bool:
     last = axis == -1 or (rank and axis == rank - 1)
     consts = [g.const(i) for i in node.input[1:]]
     if node.op_type == "Conv":
-        return axis == 1 and consts[:1] != [None]
+        return axis == 1 and len(consts) >= 1 and consts[0] is not None
     if node.op_type in ("Gemm", "MatMul"):
         ok = bool(last) and len(consts) >= 1 and consts[0] is not None and consts[0].ndim == 2
         return ok and not (node.op_type == "Gemm" and _attr(node, "transA", 0)) and g.const(node.input[0]) is None
@@ -209,8 +210,7 @@ class _Weights:
 
         graph = self.model.graph
         keep = [i for i in graph.initializer if i.name not in self.values]
-        added = [numpy_helper.from_array(v.astype(self.g.const(n).dtype if n in self.g.inits else v.dtype), n)
-                 for n, v in self.values.items()]
+        added = [numpy_helper.from_array(v, n) for n, v in self.values.items()]  # each keeps its own dtype
         used = {name for node in graph.node for name in node.input}
         del graph.initializer[:]
         graph.initializer.extend([i for i in keep if i.name in used or i.name in {v.name for v in graph.input}])
@@ -339,7 +339,12 @@ def channel_ranges(model: Any, tensors: list[str], axes: dict[str, int], calib: 
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     sample = calib.take(_MAX_SAMPLES)
     result: dict[str, np.ndarray] = {}
-    for batch in sample.batches(32):
+    first = next((v for v in model.graph.input if v.name in calib.inputs), None)
+    dims = first.type.tensor_type.shape.dim if first is not None else []
+    fixed = dims[0].dim_value if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else 0
+    for batch in sample.batches(fixed or 32):  # a model with a fixed batch takes batches of that size
+        if fixed and len(next(iter(batch.values()))) != fixed:
+            continue
         for name, value in zip(tensors, session.run(tensors, dict(batch))):
             r = _ranges(np.asarray(value), axes[name] % np.asarray(value).ndim)
             result[name] = r if name not in result else np.maximum(result[name], r)
@@ -358,7 +363,7 @@ def rescale(src: Path, out: Path, calib: Dataset, *, data_driven: bool) -> Resca
     """
     onnx = require("onnx", "compile")
     model = onnx.shape_inference.infer_shapes(onnx.load(str(src)))
-    assign_names(model)  # the record names the layers rescaled; a graph without names gets them here
+    named = assign_names(model)  # the record names the layers rescaled; a graph without names gets them here
     ws = _Weights(model)
     positions = find_positions(ws.g)
     if not positions:
@@ -375,4 +380,4 @@ def rescale(src: Path, out: Path, calib: Dataset, *, data_driven: bool) -> Resca
     ws.save(out)
     kind = "smooth" if data_driven else None
     return RescalePlan([{"kind": kind or p.kind, "layers": p.layers, "channels": p.channels}
-                        for p in [*equal, *smooth]])
+                        for p in [*equal, *smooth]], named)

@@ -55,6 +55,7 @@ class Candidate:
     percentile: float
     fp32: Path | None = None  # the rescaled FP32 model; None: the source's
     rescaled: list[dict[str, Any]] = field(default_factory=list)
+    named: int = 0  # nodes the rescaling named
     float_nodes: tuple[str, ...] = ()
     drop: float | None = None
     passed: bool | None = None
@@ -178,7 +179,14 @@ class Recovery:
             out = self.work / f"rescaled-{'smooth' if data_driven else 'equalize'}" / "model.onnx"
             with self.ctx.progress.task(f"recovering {self.target.name}: rescaling "
                                         f"({'smoothing' if data_driven else 'equalization'})", None):
-                plan = rescale(source, out, calib, data_driven=data_driven)
+                try:
+                    plan = rescale(source, out, calib, data_driven=data_driven)
+                except EdgeMLError:
+                    raise
+                except Exception as exc:  # rescaling is one remedy among three: say why, go on to the next stage
+                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                    self.notes.append(f"rescaling skipped: {type(exc).__name__}: {first}")
+                    return
             if plan is None:
                 self.notes.append("rescaling does not apply: no activation between linear layers that an op "
                                   "before it can absorb a per-channel scale into")
@@ -192,7 +200,7 @@ class Recovery:
             calibrations = dict.fromkeys([(method, pct), self._best_calibration()] if self.onnx_based
                                          else [(method, pct)])
             for m, p in calibrations:
-                cand = Candidate("rescale", m, p, out, plan.positions)
+                cand = Candidate("rescale", m, p, out, plan.positions, named=plan.names_assigned)
                 cand.rescaled = [dict(r, fp32_parity=_finite(parity.drop)) for r in plan.positions]
                 if self._out_of_time() or self._try(cand):
                     return
@@ -311,7 +319,7 @@ class Recovery:
             "fp32_parity": next((r.get("fp32_parity") for r in cand.rescaled), None),
             "float_nodes": list(cand.float_nodes), "float_layers": layers,
             "float_compute_share": round(sum(f["compute_share"] for f in layers), 6),
-            "names_assigned": named if cand.float_nodes else 0,
+            "names_assigned": named if cand.float_nodes else cand.named,
             "candidates": len(self.tried), "seconds": round(seconds, 3),
             "budget_s": float(self.options.recover_budget_s),
         }
