@@ -180,8 +180,12 @@ def _activations(model: Any, names: list[str], data: Dataset) -> dict[str, np.nd
         if name not in existing:
             model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    values = session.run(wanted, dict(data.inputs))
-    return {n: np.asarray(v, np.float64) for n, v in zip(wanted, values)}
+    first = session.get_inputs()[0].shape
+    fixed = first[0] if first and isinstance(first[0], int) and first[0] > 0 else len(data)
+    runs = [session.run(wanted, batch) for batch in data.batches(fixed)  # a fixed-batch model: batch by batch
+            if len(next(iter(batch.values()))) == fixed or fixed == len(data)]
+    return {n: np.concatenate([np.atleast_1d(np.asarray(r[i], np.float64)) for r in runs])
+            for i, n in enumerate(wanted)}
 
 
 def diagnose(fp32: Path, qdq: Path, data: Dataset) -> Diagnosis:

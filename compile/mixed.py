@@ -82,10 +82,18 @@ def search_float_set(candidates: Sequence[Island], passes: Callable[[tuple[str, 
         passes: Quantizes with these nodes in float and runs the gate: True passes, False fails, None when
             the time budget ran out (the search stops and returns what passed so far, if anything).
     """
+    judged: dict[frozenset[str], bool | None] = {}
+
+    def once(nodes: tuple[str, ...]) -> bool | None:  # two prefixes can add up to the same nodes: judge once
+        key = frozenset(nodes)
+        if key not in judged:
+            judged[key] = passes(nodes)
+        return judged[key]
+
     best: list[Island] | None = None
     low = 0  # the largest prefix known to fail
     for k in _steps(len(candidates)):
-        verdict = passes(_union(candidates[:k]))
+        verdict = once(_union(candidates[:k]))
         if verdict is None:
             return None
         if verdict:
@@ -97,7 +105,7 @@ def search_float_set(candidates: Sequence[Island], passes: Callable[[tuple[str, 
     high = len(best)
     while high - low > 1:  # bisect for the shortest passing prefix
         mid = (low + high) // 2
-        verdict = passes(_union(candidates[:mid]))
+        verdict = once(_union(candidates[:mid]))
         if verdict is None:
             return _union(best)
         if verdict:
@@ -108,7 +116,7 @@ def search_float_set(candidates: Sequence[Island], passes: Callable[[tuple[str, 
         if len(best) == 1:
             break
         trial = [i for i in best if i is not island]
-        verdict = passes(_union(trial))
+        verdict = once(_union(trial))
         if verdict is None:
             break
         if verdict:

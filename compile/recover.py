@@ -119,7 +119,7 @@ class Recovery:
         self.start = time.monotonic()
         self._prepared: dict[str, tuple[Path, int]] = {}
         self._found: tuple[Candidate, BuildResult, GateResult, list[np.ndarray]] | None = None
-        self._passing: dict[tuple[str, ...], tuple[Candidate, BuildResult, GateResult, list[np.ndarray]]] = {}
+        self._passing: dict[frozenset[str], tuple[Candidate, BuildResult, GateResult, list[np.ndarray]]] = {}
         self.onnx_based = target.runtime != "litert"
 
     # -- the search -------------------------------------------------------------------------------------
@@ -217,7 +217,14 @@ class Recovery:
         built = self._build(base, "mixed-base")
         prepared, _ = self._named_prepared(base.fp32)
         with self.ctx.progress.task(f"recovering {self.target.name}: ranking tensors for mixed precision", None):
-            ranking = diagnose(prepared, built.quantized_onnx or built.eval_path, self.gate_data).ranking
+            try:
+                ranking = diagnose(prepared, built.quantized_onnx or built.eval_path, self.gate_data).ranking
+            except EdgeMLError:
+                raise
+            except Exception as exc:  # no ranking, no islands: say why instead of failing the whole compile
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                self.notes.append(f"mixed precision skipped: the tensors could not be ranked ({first})")
+                return
         onnx = _onnx()
         model = onnx.load(str(prepared), load_external_data=False)
         found = islands([b.tensor for b in ranking], model, excluded=self.options.exclude_nodes)
@@ -230,7 +237,7 @@ class Recovery:
 
         chosen = search_float_set(found, passes)
         if chosen is not None:
-            self._found = self._passing[chosen]
+            self._found = self._passing[frozenset(chosen)]
 
     def _base(self) -> Candidate:
         """The best candidate so far (lowest drop), without float layers; the plain artifact by default."""
@@ -294,9 +301,9 @@ class Recovery:
         cand.drop, cand.passed = verdict.drop, verdict.passed
         self.ctx.progress.log(f"  {cand.line()}")
         if verdict.passed:
-            self._passing[cand.float_nodes] = (cand, built, verdict, compiled)
+            self._passing[frozenset(cand.float_nodes)] = (cand, built, verdict, compiled)
             if ship:
-                self._found = self._passing[cand.float_nodes]
+                self._found = self._passing[frozenset(cand.float_nodes)]
         return verdict.passed
 
     def _record(self, cand: Candidate, verdict: GateResult, seconds: float) -> dict[str, Any]:

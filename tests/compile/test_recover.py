@@ -258,6 +258,22 @@ def test_the_time_budget_bounds_the_search(outlier_mlp: dict[str, dict[str, Path
     assert any("time budget" in n for n in outcome.recovery.notes)
 
 
+def test_a_fixed_batch_zoo_graph_is_diagnosed_and_recovered(zoo_models: dict[str, Path], tmp_path: Path) -> None:
+    """AlexNet as the old zoo wrote it (batch fixed to 1, LRN, Dropout, Softmax), judged strictly (no top-1
+    change at all): its tensors are ranked batch by batch, and the search ends with an artifact that passes."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", data_0=rng.random((64, 3, 32, 32), dtype=np.float32))
+    options = _options(max_accuracy_drop=0.0, metric="agreement", calib_samples=32)
+    plain = compile_model(str(zoo_models["alexnet_opset8"]), options, tmp_path / "plain", calib=tmp_path / "data.npz",
+                          val=tmp_path / "data.npz").outcomes[0]
+    assert plain.status == "gate-failed" and plain.diagnosis is not None and plain.diagnosis.ranking
+    options = _options(max_accuracy_drop=0.0, metric="agreement", calib_samples=32, recover=True)
+    outcome = compile_model(str(zoo_models["alexnet_opset8"]), options, tmp_path / "out", calib=tmp_path / "data.npz",
+                            val=tmp_path / "data.npz").outcomes[0]
+    assert outcome.status == "written" and outcome.gate.drop == 0.0
+    assert outcome.manifest.recovery["stage"] in ("rescale", "mixed")
+
+
 # -- the CLI and the bundle ----------------------------------------------------------------------------
 
 
