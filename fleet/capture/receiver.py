@@ -17,7 +17,9 @@ last chunk is in, the stream is checked against the begin's sha256, its samples 
 (:class:`~edgeml.fleet.capture.store.CaptureArchive`), a ``.done`` marker keeps the answer, and the device is
 told ``done``. A begin for an upload already done is answered ``done`` again, and a restarted fleet resumes
 from its ``.part`` files: neither side loses or repeats a sample. Anything that fails while handling one
-frame is logged and counted (``rejected``); the next frame is handled as usual.
+frame is logged and counted (``rejected``); the next frame is handled as usual. The archive's retention
+limits are applied after each upload to its device, and to every device (age included) every
+``retention_every_s``.
 
 One receiver per fleet: it runs in the ``edgeml fleet serve`` process with the controller (the staging files
 and the samples are on that host's registry directory, where ``capture pull`` reads them).
@@ -65,6 +67,7 @@ class ReceiverSettings:
     max_upload_bytes: int = 32 * _MiB  # an upload's stream, at most (the protocol allows 64 MiB)
     bytes_per_s: float = 8 * _MiB  # frames a second per device, in bytes (a burst of twice that)
     queue_frames: int = 256  # frames waiting for the worker; more are dropped (the device resends)
+    retention_every_s: float = 3600.0  # how often the retention limits are applied to every device (age included)
 
     def __post_init__(self) -> None:
         if not 0 < self.max_upload_bytes <= MAX_UPLOAD_BYTES or self.bytes_per_s <= 0 or self.queue_frames < 1:
@@ -161,8 +164,18 @@ class UploadReceiver:
     # --- the worker -----------------------------------------------------------------------------------------
 
     def _worker(self) -> None:
+        next_retention = time.monotonic()
         while True:
-            item = self._queue.get()
+            if time.monotonic() >= next_retention:
+                next_retention = time.monotonic() + self.settings.retention_every_s
+                try:
+                    self.archive.enforce()
+                except Exception:  # the database may be away for a moment: the next round applies them
+                    _log.exception("capture: applying the retention limits failed")
+            try:
+                item = self._queue.get(timeout=min(60.0, self.settings.retention_every_s))
+            except queue.Empty:
+                continue
             if item is None:
                 return
             try:
