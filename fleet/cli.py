@@ -15,6 +15,7 @@ from edgeml.fleet.cli_admin import register as register_admin_commands
 from edgeml.fleet.cli_capture import register as register_capture_commands
 from edgeml.fleet.cli_devices import register as register_device_commands
 from edgeml.fleet.cli_options import DbUrl, RegistryDir, RemovedPassword, refuse_secret_argument
+from edgeml.fleet.cli_retrain import register as register_retrain_commands
 from edgeml.fleet.cli_rollouts import register as register_rollout_commands
 
 __all__ = ["fleet_app"]
@@ -309,3 +310,4 @@ register_rollout_commands(fleet_app)  # rollout ..., rollback, telemetry (fleet/
 register_device_commands(fleet_app)  # broker-config, devices ... (fleet/cli_devices.py)
 register_admin_commands(fleet_app)  # audit ..., tokens ... (fleet/cli_admin.py)
 register_capture_commands(fleet_app)  # capture request, ls, pull (fleet/cli_capture.py)
+register_retrain_commands(fleet_app)  # capture label, retrain (fleet/cli_retrain.py)
