@@ -81,6 +81,8 @@ def build_model(cfg: TrainingConfig, input_shape: tuple[int, ...], num_classes: 
         model = models.mobilenet_v2(num_classes=num_classes, width_mult=m.width_mult, in_channels=input_shape[0])
     elif m.arch == "mlp":
         model = models.mlp(in_features=int(np.prod(input_shape)), num_classes=num_classes, hidden=m.hidden)
+        if len(input_shape) > 1:  # images (C, H, W): flattened first; tabular rows keep their layout and keys
+            model = torch.nn.Sequential(torch.nn.Flatten(), model)
     else:
         module_name, _, attr = m.arch.partition(":")
         try:

@@ -146,3 +146,14 @@ def test_cli_refuses_extra_data_on_resume(tmp_path: Path) -> None:
     proc = edgeml("train", "--resume", tmp_path, "--extra-data", tmp_path, cwd=tmp_path)
     assert proc.returncode != 0 and "--resume continues one as it began" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_mlp_flattens_image_inputs_and_keeps_tabular_keys(tmp_path: Path) -> None:
+    from edgeml.train.trainer import build_model
+
+    cfg = config_from_dict({"model": {"arch": "mlp", "hidden": [8]}})
+    assert list(build_model(cfg, (6,), 3).state_dict())[0] == "0.weight"  # tabular runs keep their weights' names
+    image = build_model(cfg, (1, 4, 4), 3)
+    import torch
+
+    assert tuple(image(torch.zeros(2, 1, 4, 4)).shape) == (2, 3)  # it used to fail: mat1 and mat2 shapes ...
