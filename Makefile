@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.edgeml-installed
 # torch is pinned here to the CPU wheel this machine carries; the package itself asks for a range.
 TORCH  ?= torch==2.13.0
-EXTRAS ?= agent,ort,litert,compile,tflite,train,fleet,dev
+EXTRAS ?= agent,ort,litert,delta,compile,tflite,train,fleet,dev
 
 .PHONY: install services demo test test-pi lint typecheck bench clean
 

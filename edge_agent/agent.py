@@ -69,8 +69,10 @@ from edgeml.protocol import (
 )
 
 if TYPE_CHECKING:  # imported when the first update comes (python-tuf and its stack cost memory)
+    from pathlib import Path
+
     from edgeml.edge_agent.mqtt_fetcher import MqttFetcher
-    from edgeml.edge_agent.tuf_client import VerifiedBundle
+    from edgeml.edge_agent.tuf_client import TufClient, VerifiedBundle
 
 __all__ = ["Agent"]
 
@@ -102,7 +104,8 @@ class Agent:
         self.uploads = CaptureUploader(self, self.state_dir)  # captured samples to the fleet (capture command)
         self.machine = UpdateMachine(self.state_dir, self.host, self._fetch, drift=self.telemetry.drift_score,
                                      on_transition=self._on_transition, threads=config.threads,
-                                     output_shift=self.telemetry.output_shift_score)
+                                     output_shift=self.telemetry.output_shift_score,
+                                     fetch_delta=self._fetch_delta if self.capabilities.deltas else None)
         self.notifier = SystemdNotifier()
         self.api: LocalAPI | None = None
         self._fetcher: MqttFetcher | None = None
@@ -341,13 +344,18 @@ class Agent:
                                         partial_dir=self.state_dir / "partial")
         return self._fetcher
 
-    def _fetch(self, name: str, version: str, target: str) -> VerifiedBundle:
+    def _tuf(self) -> TufClient:
         from edgeml.edge_agent.mqtt_fetcher import METADATA_URL, TARGETS_URL
         from edgeml.edge_agent.tuf_client import TufClient
 
-        tuf = TufClient(self.config.bootstrap.tuf_root, self.state_dir / "tuf", self.state_dir / "downloads",
-                        METADATA_URL, TARGETS_URL, fetcher=self._ensure_fetcher())
-        return tuf.fetch(name, version, target)
+        return TufClient(self.config.bootstrap.tuf_root, self.state_dir / "tuf", self.state_dir / "downloads",
+                         METADATA_URL, TARGETS_URL, fetcher=self._ensure_fetcher())
+
+    def _fetch(self, name: str, version: str, target: str) -> VerifiedBundle:
+        return self._tuf().fetch(name, version, target)
+
+    def _fetch_delta(self, name: str, version: str, target: str, base: str, slot: Path) -> VerifiedBundle:
+        return self._tuf().fetch_delta(name, version, target, base, slot)
 
     def _update_worker(self) -> None:
         while not self._stop.is_set():

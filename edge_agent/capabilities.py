@@ -38,8 +38,10 @@ def detect(probe_cuda: bool = False) -> Capabilities:
             version = None
         if version:
             versions[name] = version
+    from edgeml import delta
     from edgeml.tensorrt import device_facts
 
     facts = device_facts(probe_cuda=probe_cuda)
     return Capabilities(runtimes=versions, arch=platform.machine(), compute_capability=facts.compute_capability,
-                        l4t=facts.l4t_version, providers=_onnxruntime_providers())
+                        l4t=facts.l4t_version, providers=_onnxruntime_providers(),
+                        deltas=[delta.FORMAT] if delta.supported() else [])

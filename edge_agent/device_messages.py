@@ -56,7 +56,8 @@ def update_event(device_id: str, update: UpdateRequest | Any, state: str, *, eve
     try:
         return UpdateEvent(device_id=device_id, at=time.time(), id=update.id or None, rollout=update.rollout,
                            model=update.model, version=update.version, target=update.target, state=state,
-                           event=event, reason=reason[:_MAX_REASON] if reason else None, cause=cause)
+                           event=event, reason=reason[:_MAX_REASON] if reason else None, cause=cause,
+                           transfer=getattr(update, "transfer", None))
     except ProtocolError as exc:
         _log.warning("cannot report update %s in state %s: %s", update.id, state, exc)
         return None
@@ -94,7 +95,8 @@ def update_request(command: Command) -> UpdateRequest:
     args = UpdateArgs.from_command(command)
     try:
         return UpdateRequest(args.model, args.version, args.target, args.rollout,
-                             Thresholds.from_dict(args.thresholds), id=command.id).validated()
+                             Thresholds.from_dict(args.thresholds), id=command.id,
+                             delta_from=args.delta_from).validated()
     except (ConfigError, TypeError) as exc:
         raise ProtocolError(f"bad update command: {exc}") from exc
 

@@ -13,6 +13,7 @@ in its own fetcher.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -61,6 +62,8 @@ class VerifiedBundle:
             against the signed name, version and target (as :meth:`TufClient.fetch` does), so that an update
             may skip hashing the same file again in the same run (staging still hashes every member as it
             extracts it, before anything can be activated); False (the default) for a fetch that promises less.
+        length: The bundle's signed length in bytes (None where the fetch does not say).
+        fetched_bytes: The bytes fetched for it: the bundle's length, or the delta's for a rebuilt one.
     """
 
     path: Path
@@ -69,6 +72,8 @@ class VerifiedBundle:
     target: str
     sha256: str
     checked: bool = False
+    length: int | None = None
+    fetched_bytes: int | None = None
 
 
 def _translate(exc: Exception, phase: str, what: str) -> UpdateVerificationError:
@@ -147,7 +152,56 @@ class TufClient:
             os.replace(partial, final)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        return VerifiedBundle(final, name, version, target, info.hashes["sha256"], checked=True)
+        return VerifiedBundle(final, name, version, target, info.hashes["sha256"], checked=True, length=info.length,
+                              fetched_bytes=info.length)
+
+    def fetch_delta(self, name: str, version: str, target: str, base_version: str, base_slot: Path) -> VerifiedBundle:
+        """Rebuild ``<name>/<version>/<target>.edgeml`` from the slot serving ``base_version`` and the signed
+        delta between them (:mod:`edgeml.delta`): the delta is a TUF target of its own (downloaded and checked
+        against its signed hash like any target), its signed fields must name this bundle's signed hash and
+        length, the slot must be the delta's base (checked before the download), and the rebuilt file must be
+        the signed bundle before it is placed in the download directory.
+
+        Raises:
+            UpdateVerificationError: A signature or hash check failed, or the registry lists no such delta.
+            DeltaError: The slot is not the delta's base, the patch is damaged, or the result is not the
+                signed bundle.
+            MissingExtraError: zstandard is not installed (``edgeml[delta]``).
+        """
+        from edgeml.delta import FORMAT, DeltaError, apply_delta, base_of_slot, delta_path
+
+        path, patch = f"{name}/{version}/{target}.edgeml", delta_path(name, version, target, base_version)
+        what = f"delta {patch}"
+        with self._phase("refresh", what):
+            updater = self._updater()
+            updater.refresh()
+            full, info = updater.get_targetinfo(path), updater.get_targetinfo(patch)
+        if full is None or info is None:
+            raise UpdateVerificationError(f"refused {what}: the registry does not list it", kind="not-found")
+        spec = (info.custom or {}).get("delta") or {}
+        if (spec.get("base"), spec.get("format"), spec.get("result_sha256"), spec.get("result_length")) != (
+                base_version, FORMAT, full.hashes.get("sha256"), full.length):
+            raise UpdateVerificationError(f"refused {what}: its signed fields do not name {path} from {base_version}",
+                                          kind="manifest-mismatch")
+        base, _names, _version = base_of_slot(base_slot)
+        if spec.get("base_sha256") is not None and hashlib.sha256(base).hexdigest() != spec["base_sha256"]:
+            raise DeltaError(f"this device's {base_version} is not the delta's base: its slot was modified")
+        self.download_dir.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".edgeml-download-", dir=self.download_dir))
+        try:
+            delta = scratch / "delta"
+            with self._phase("download", what):
+                updater.download_target(info, str(delta))
+            partial = scratch / f"{name}-{version}-{target}.edgeml"
+            apply_delta(delta.read_bytes(), base, partial, expect_sha256=full.hashes["sha256"],
+                        expect_length=full.length)
+            _check_manifest(partial, full.custom or {}, f"update {path}")
+            final = self.download_dir / partial.name
+            os.replace(partial, final)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return VerifiedBundle(final, name, version, target, full.hashes["sha256"], checked=True, length=full.length,
+                              fetched_bytes=info.length)
 
 
 def _check_manifest(path: Path, custom: dict[str, Any], what: str) -> None:

@@ -42,6 +42,8 @@ class Capabilities:
         compute_capability: The GPU's compute capability (e.g. ``"8.7"``), None without one.
         l4t: The Jetson L4T release (e.g. ``"36.3.0"``), None elsewhere.
         providers: onnxruntime's execution providers on this device.
+        deltas: The delta formats this device can apply (``["zstd"]`` with ``edgeml[delta]``; empty: full
+            bundles only).
     """
 
     runtimes: dict[str, str]
@@ -49,18 +51,20 @@ class Capabilities:
     compute_capability: str | None = None
     l4t: str | None = None
     providers: list[str] = field(default_factory=list)
+    deltas: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form carried in the state message."""
         return {"runtimes": dict(self.runtimes), "arch": self.arch, "compute_capability": self.compute_capability,
-                "l4t": self.l4t, "providers": list(self.providers)}
+                "l4t": self.l4t, "providers": list(self.providers), "deltas": list(self.deltas)}
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> Capabilities:
         """What a device reported (:meth:`to_dict`'s form), leniently: unknown keys ignored, values as strings."""
         return cls(runtimes={str(k): str(v) for k, v in dict(doc.get("runtimes") or {}).items()},
                    arch=str(doc.get("arch") or ""), compute_capability=_text(doc.get("compute_capability")),
-                   l4t=_text(doc.get("l4t")), providers=[str(p) for p in doc.get("providers") or []])
+                   l4t=_text(doc.get("l4t")), providers=[str(p) for p in doc.get("providers") or []],
+                   deltas=[str(d) for d in doc.get("deltas") or []])
 
     def incompatibility(self, runtime: dict[str, Any]) -> str | None:
         """Why a bundle's ``runtime`` requirement cannot run here, or None when it can.

@@ -48,14 +48,26 @@ def publish_command(
     directory: Annotated[Path, typer.Argument(help="The registry directory.")],
     bundle: Annotated[Path, typer.Argument(help="The .edgeml bundle to publish.")],
     channel: Annotated[str, typer.Option("--channel", help="Channel to point at this version.")] = "stable",
+    delta_bases: Annotated[int, typer.Option(
+        "--delta-bases", min=0, help="Make deltas from this many of the latest earlier versions (0: none).")] = 3,
+    delta_max_ratio: Annotated[float, typer.Option(
+        "--delta-max-ratio", min=0.01, max=1.0,
+        help="Keep a delta only when it is at most this fraction of the full bundle.")] = 0.6,
     db_url: DbUrl = None,
 ) -> None:
-    """Verify a bundle and publish it as a signed TUF target."""
+    """Verify a bundle and publish it as a signed TUF target, with deltas from earlier versions."""
+    from edgeml.delta import supported
+    from edgeml.fleet.registry.deltas import DeltaSettings
     from edgeml.fleet.registry.repository import Registry
 
-    result = Registry(directory, db_url=db_url).publish(bundle, channel=channel)
+    settings = DeltaSettings(bases=delta_bases, max_ratio=delta_max_ratio)
+    result = Registry(directory, db_url=db_url).publish(bundle, channel=channel, deltas=settings)
     state = "published" if result.changed else "already published (unchanged)"
     typer.echo(f"{state}: {result.path} sha256 {result.sha256[:16]}… targets v{result.targets_version}")
+    for base, length in result.deltas:
+        typer.echo(f"  delta from {base}: {length:,} bytes ({length / result.length:.1%} of {result.length:,})")
+    if result.changed and delta_bases and not supported():
+        typer.echo("  no deltas: zstandard is not installed (pip install 'edgeml[delta]')", err=True)
 
 
 @fleet_app.command("timestamp")

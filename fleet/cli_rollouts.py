@@ -161,11 +161,19 @@ def rollout_status_command(
         for wave, counts in enumerate(r.counts()):
             shown = ", ".join(f"{s} {n}" for s, n in sorted(counts.items())) or "no devices"
             typer.echo(f"  {'canary' if wave == 0 else f'wave {wave}'}: {shown}")
+        sent = r.transfer()
+        if sent["delta"] + sent["full"]:
+            saved = 1 - sent["bytes"] / sent["full_bytes"] if sent["full_bytes"] else 0.0
+            typer.echo(f"  transfer: {sent['delta']} delta, {sent['full']} full"
+                       + (f" ({sent['fallback']} fell back from a delta)" if sent["fallback"] else "")
+                       + f"; {sent['bytes']:,} of {sent['full_bytes']:,} bytes ({saved:.0%} saved)")
         if rollout_id is not None:
             for d in r.devices:
                 typer.echo(f"    {d['device_id']}  wave {d['wave']}  {d['target'] or '-'}  {d['state']}"
                            + (f"  {d['reason']}" if d["reason"] else "")
-                           + (f"  revert: {d['revert_state']}" if d["revert_state"] else ""))
+                           + (f"  revert: {d['revert_state']}" if d["revert_state"] else "")
+                           + (f"  [{d['transfer']['kind']} {d['transfer'].get('bytes') or 0:,} B]"
+                              if d.get("transfer") else ""))
 
 
 def _rollout_action(fleet: str, rollout_id: str, action: str, db_url: str | None, remote: _Remote,

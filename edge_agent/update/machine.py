@@ -19,7 +19,7 @@ from edgeml.protocol import Cause
 
 from .slots import Slots
 from .states import RESUME, TERMINAL, TRANSITIONS, Event, State
-from .steps import STEPS, Clock, Fetch, SystemClock, UpdateContext
+from .steps import STEPS, Clock, Fetch, FetchDelta, SystemClock, UpdateContext
 from .store import RecordStore, UpdateRecord, UpdateRequest
 
 __all__ = ["MAX_VISITS", "Transition", "UpdateMachine"]
@@ -41,6 +41,7 @@ class UpdateMachine:
         clock: Wall clock and sleep (default: the real ones).
         drift: ``drift(version)`` -> the live drift score, or None (default: no drift check).
         output_shift: ``output_shift(version)`` -> the live output-shift score, or None (default: no check).
+        fetch_delta: Rebuilds a bundle from a signed delta and the active slot (default None: full bundles only).
         on_transition: Progress callback, called after each persisted transition.
         threads: Runtime threads for the models it loads.
         poll_s: How often probation looks at the health numbers.
@@ -50,12 +51,14 @@ class UpdateMachine:
     def __init__(self, state_dir: str | Path, host: ModelHost, fetch: Fetch, *, clock: Clock | None = None,
                  drift: Callable[[str], float | None] | None = None, on_transition: Transition | None = None,
                  threads: int = 1, poll_s: float = 0.05, max_visits: int = MAX_VISITS,
-                 output_shift: Callable[[str], float | None] | None = None) -> None:
+                 output_shift: Callable[[str], float | None] | None = None,
+                 fetch_delta: FetchDelta | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.store = RecordStore(self.state_dir / "update.json")
         self.slots = Slots(self.state_dir)
         self.host = host
         self.fetch = fetch
+        self.fetch_delta = fetch_delta
         self.clock = clock or SystemClock()
         self.drift = drift
         self.output_shift = output_shift
@@ -141,7 +144,7 @@ class UpdateMachine:
         self._interrupt = None
         ctx = UpdateContext(record, self.store, self.slots, self.host, self.fetch, self.clock, self.drift,
                             self.threads, self.poll_s, interrupt=lambda: self._interrupt,
-                            output_shift=self.output_shift)
+                            output_shift=self.output_shift, fetch_delta=self.fetch_delta)
         while record.current not in TERMINAL:
             state = record.current
             event = self._guard(record) or STEPS[state](ctx)

@@ -6,6 +6,10 @@ state. The record is persisted on entering each state, before its step runs (:mo
 SIGKILL or power loss the persisted state says what was in progress and :data:`RESUME` says where to
 pick up.
 
+An update offered a delta from the version that serves goes NOTIFIED -> PATCH (rebuild the bundle from the
+active slot); a patch that fails for any reason continues in DOWNLOAD with the full bundle, so a delta can
+make an update cheaper but never make it fail.
+
 Before :attr:`State.SWITCH` the device still serves the old model, so a failure ends in
 :attr:`State.ABORT` (discard the candidate) and :attr:`State.FAILED`. From the switch on the new model
 may be serving, so a failure ends in :attr:`State.ROLLBACK` (back to the previous slot) and
@@ -24,6 +28,7 @@ class State(str, Enum):
     """Where an update is. The value is what the record stores."""
 
     NOTIFIED = "notified"  # an update request was accepted and persisted
+    PATCH = "patch"  # rebuilding the bundle from the active slot and a signed delta (falls back to DOWNLOAD)
     DOWNLOAD = "download"  # fetching the bundle (TUF-verified; the fetcher resumes partial downloads)
     VERIFY = "verify"  # the downloaded bundle against its signed hash and its own manifest hashes
     STAGE = "stage"  # extracting into the inactive slot
@@ -44,6 +49,7 @@ class Event(str, Enum):
     OK = "ok"  # the step did its work
     FAIL = "fail"  # the step found a reason to stop (recorded in ``reason``)
     LOOP = "loop"  # the loop guard: this state was entered too many times
+    DELTA = "delta"  # a delta from the version that serves was offered: rebuild rather than download
 
 
 TERMINAL: frozenset[State] = frozenset({State.COMMITTED, State.ROLLED_BACK, State.FAILED})
@@ -52,8 +58,12 @@ S, E = State, Event
 #: (state, event) -> next state: the whole lifecycle, one line per transition.
 TRANSITIONS: dict[tuple[State, Event], State] = {
     (S.NOTIFIED, E.OK): S.DOWNLOAD,
+    (S.NOTIFIED, E.DELTA): S.PATCH,
     (S.NOTIFIED, E.FAIL): S.FAILED,
     (S.NOTIFIED, E.LOOP): S.FAILED,
+    (S.PATCH, E.OK): S.VERIFY,
+    (S.PATCH, E.FAIL): S.DOWNLOAD,  # a delta that cannot rebuild the signed bundle: the full bundle instead
+    (S.PATCH, E.LOOP): S.DOWNLOAD,
     (S.DOWNLOAD, E.OK): S.VERIFY,
     (S.DOWNLOAD, E.FAIL): S.ABORT,
     (S.DOWNLOAD, E.LOOP): S.ABORT,
@@ -81,7 +91,8 @@ del S, E
 
 #: persisted state -> the state to run after a crash or power loss. Every step is idempotent, so most
 #: states run again; VERIFY goes back to DOWNLOAD, because a download that was not yet durable may be
-#: torn (the download step keeps a file whose signed hash still matches and fetches it again otherwise).
+#: torn (the download step keeps a file whose signed hash still matches and fetches it again otherwise;
+#: it also keeps a bundle the patch step rebuilt, which is checked the same way).
 RESUME: dict[State, State] = {state: state for state in State}
 RESUME[State.VERIFY] = State.DOWNLOAD
 

@@ -30,10 +30,14 @@ from .slots import SlotInfo, Slots
 from .states import Event, State
 from .store import RecordStore, UpdateRecord
 
-__all__ = ["STEPS", "Clock", "Fetch", "SystemClock", "UpdateContext"]
+__all__ = ["STEPS", "Clock", "Fetch", "FetchDelta", "SystemClock", "UpdateContext"]
 
 #: ``fetch(name, version, target)``: a verified download (e.g. :meth:`TufClient.fetch`).
 Fetch = Callable[[str, str, str], VerifiedBundle]
+#: ``fetch_delta(name, version, target, base_version, base_slot_dir)``: the bundle rebuilt from a signed delta
+#: and the slot that serves ``base_version``, checked against the bundle's signed hash
+#: (e.g. :meth:`TufClient.fetch_delta`).
+FetchDelta = Callable[[str, str, str, str, Path], VerifiedBundle]
 
 
 class Clock(Protocol):
@@ -77,6 +81,7 @@ class UpdateContext:
             checks the file on disk in full).
         staged: The slot this run staged (in memory only, like ``fetched``): the smoke test loads it
             without hashing it again; after a restart it checks the slot against the record first.
+        fetch_delta: Rebuilds the bundle from a signed delta and the active slot (None: full bundles only).
     """
 
     record: UpdateRecord
@@ -93,6 +98,7 @@ class UpdateContext:
     fetched: VerifiedBundle | None = None
     staged: SlotInfo | None = None
     output_shift: Callable[[str], float | None] | None = None
+    fetch_delta: FetchDelta | None = None
 
     def save(self) -> None:
         self.store.save(self.record)
@@ -131,7 +137,46 @@ def notified(ctx: UpdateContext) -> Event:
     r.active_slot = active.slot if active else None
     r.previous_version = active.version if active else None
     r.previous_manifest_sha256 = active.manifest_sha256 if active else None
+    if r.delta_from is not None:
+        why = _no_delta(ctx, r.delta_from)
+        if why is None:
+            return Event.DELTA
+        r.transfer = {"kind": "full", "fallback": why}
     return Event.OK  # persisted with the next state, before its step runs (this step is cheap to redo)
+
+
+def _no_delta(ctx: UpdateContext, base: str) -> str | None:
+    """Why the delta from ``base`` cannot be used here, or None when it can be tried."""
+    if ctx.fetch_delta is None:
+        return "this device cannot apply deltas (pip install 'edgeml[delta]')"
+    if ctx.record.previous_version != base:
+        return f"the delta's base is {base}, but this device serves {ctx.record.previous_version or 'nothing'}"
+    return None
+
+
+def patch(ctx: UpdateContext) -> Event:
+    """Rebuild the bundle from the active slot and the signed delta, checked against the bundle's signed hash.
+
+    Any failure (the delta missing or refused, the slot modified, a damaged patch, a result that is not the
+    signed bundle) returns FAIL without a reason: the update goes on with the full bundle (DOWNLOAD), and the
+    fallback's reason travels in ``transfer``.
+    """
+    r = ctx.record
+    if r.bundle_path and r.bundle_sha256 and Path(r.bundle_path).is_file() \
+            and sha256_file(r.bundle_path) == r.bundle_sha256:
+        return Event.OK  # rebuilt and durable before a crash
+    assert ctx.fetch_delta is not None and r.delta_from is not None and r.active_slot is not None, "checked"
+    try:
+        got = ctx.fetch_delta(r.model, r.version, r.target, r.delta_from, ctx.slots.path(r.active_slot))
+    except EdgeMLError as exc:
+        r.transfer = {"kind": "full", "fallback": f"delta from {r.delta_from}: {exc.message}"[:1000]}
+        r.bundle_path = r.bundle_sha256 = None
+        return Event.FAIL
+    _make_durable(got.path)
+    r.bundle_path, r.bundle_sha256 = str(got.path), got.sha256
+    r.transfer = {"kind": "delta", "bytes": got.fetched_bytes, "full_bytes": got.length}
+    ctx.fetched = got
+    return Event.OK
 
 
 def download(ctx: UpdateContext) -> Event:
@@ -148,6 +193,9 @@ def download(ctx: UpdateContext) -> Event:
         return ctx.fail(f"download failed: {exc.message}", Cause.DOWNLOAD)
     _make_durable(got.path)  # before the record (persisted on entering VERIFY) says it is downloaded
     r.bundle_path, r.bundle_sha256 = str(got.path), got.sha256
+    fallback = (r.transfer or {}).get("fallback")
+    r.transfer = {"kind": "full", "bytes": got.fetched_bytes, "full_bytes": got.length,
+                  **({"fallback": fallback} if fallback else {})}
     ctx.fetched = got
     return Event.OK
 
@@ -357,6 +405,7 @@ def abort(ctx: UpdateContext) -> Event:
 #: state -> its step (terminal states have none).
 STEPS: dict[State, Callable[[UpdateContext], Event]] = {
     State.NOTIFIED: notified,
+    State.PATCH: patch,
     State.DOWNLOAD: download,
     State.VERIFY: verify,
     State.STAGE: stage,

@@ -6,6 +6,7 @@ mix; the state machine (:mod:`.machine`) writes it on entering every state, befo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -36,6 +37,7 @@ class UpdateRequest:
         rollout: The rollout's id (reported back), if any.
         thresholds: Health limits from the rollout (unset keys keep their defaults).
         id: This update's id (generated when empty).
+        delta_from: The version a signed delta rebuilds this bundle from (offered by the fleet), or None.
     """
 
     model: str
@@ -44,6 +46,7 @@ class UpdateRequest:
     rollout: str | None = None
     thresholds: Thresholds = field(default_factory=Thresholds)
     id: str = ""
+    delta_from: str | None = None
 
     def validated(self) -> UpdateRequest:
         """This request with an id, after checking its fields.
@@ -58,8 +61,12 @@ class UpdateRequest:
             raise ConfigError(f"bad update request: {exc.message}") from exc
         if not self.target or "/" in self.target:
             raise ConfigError(f"bad update request: target {self.target!r}")
-        return self if self.id else UpdateRequest(self.model, self.version, self.target, self.rollout,
-                                                  self.thresholds, uuid.uuid4().hex[:12])
+        if self.delta_from is not None:
+            try:
+                check_semver(self.delta_from)
+            except BundleError as exc:
+                raise ConfigError(f"bad update request: delta base: {exc.message}") from exc
+        return self if self.id else dataclasses.replace(self, id=uuid.uuid4().hex[:12])
 
 
 @dataclass
@@ -83,6 +90,8 @@ class UpdateRecord:
         probation_started: Wall-clock time probation began (survives a reboot; monotonic time does not).
         baseline: ``{"p99_ms", "confidence"}`` measured on this device before the switch.
         history: ``[from, event, to, wall time]`` per transition, oldest first.
+        delta_from: The base version of the delta offered (None: full bundle only).
+        transfer: How the bundle came (``kind`` delta/full, ``bytes``, ``full_bytes``, ``fallback``), once known.
     """
 
     id: str
@@ -106,6 +115,8 @@ class UpdateRecord:
     probation_started: float | None = None
     baseline: dict[str, float | None] | None = None
     history: list[list[Any]] = field(default_factory=list)
+    delta_from: str | None = None
+    transfer: dict[str, Any] | None = None
     schema: str = RECORD_SCHEMA
 
     @classmethod
@@ -113,7 +124,7 @@ class UpdateRecord:
         """A record in NOTIFIED for ``request`` (which must be validated)."""
         return cls(id=request.id, model=request.model, version=request.version, target=request.target,
                    rollout=request.rollout, thresholds=request.thresholds.to_dict(),
-                   visits={State.NOTIFIED.value: 1})
+                   visits={State.NOTIFIED.value: 1}, delta_from=request.delta_from)
 
     @property
     def current(self) -> State:

@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar
 
-from edgeml.protocol.codec import FieldTypes, Message, ProtocolError, check_pattern, check_range
+from edgeml.protocol.codec import INT64_MAX, FieldTypes, Message, ProtocolError, check_pattern, check_range
 from edgeml.protocol.topics import validate_device_id
 
 __all__ = [
     "EVENT_TYPES",
     "STEP_EVENTS",
+    "TRANSFER_KINDS",
     "UPDATE_STATES",
     "CaptureEvent",
     "Cause",
@@ -38,6 +39,7 @@ __all__ = [
     "RejectedEvent",
     "RollbackEvent",
     "UpdateEvent",
+    "check_transfer",
 ]
 
 _TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
@@ -73,12 +75,12 @@ class Cause(str, Enum):
 _CAUSES = frozenset(c.value for c in Cause)
 #: The update lifecycle's states (edge_agent/update/states.py) plus the answers given before it starts.
 UPDATE_STATES = frozenset({
-    "notified", "download", "verify", "stage", "smoke_test", "switch", "probation", "commit", "rollback",
+    "notified", "patch", "download", "verify", "stage", "smoke_test", "switch", "probation", "commit", "rollback",
     "abort", "committed", "rolled_back", "failed", "incompatible", "deferred", "busy",
 })
 #: What moved an update into its state: a step's outcome (ok, fail, loop), or the machine starting, resuming
 #: after a restart, or repeating how a resent command ended.
-STEP_EVENTS = frozenset({"ok", "fail", "loop", "start", "resume", "repeat"})
+STEP_EVENTS = frozenset({"ok", "fail", "loop", "delta", "start", "resume", "repeat"})
 
 
 def _types(**extra: tuple[type, ...]) -> FieldTypes:
@@ -129,6 +131,8 @@ class UpdateEvent(DeviceEvent):
         event: What led there (:data:`STEP_EVENTS`), for lifecycle transitions.
         reason: Why, in words, for people (at most 1,000 characters).
         cause: Why, as a :class:`Cause` value, for rules: set on every failure, rollback and refusal.
+        transfer: How the bundle came, once it did: ``kind`` (``delta`` or ``full``), ``bytes`` fetched,
+            ``full_bytes`` (the full bundle's size), and ``fallback`` (why a delta offered was not used).
     """
 
     id: str | None = None
@@ -140,12 +144,13 @@ class UpdateEvent(DeviceEvent):
     event: str | None = None
     reason: str | None = None
     cause: str | None = None
+    transfer: dict[str, Any] | None = None
     type: str = "update"
 
     TYPE: ClassVar[str] = "update"
     TYPES: ClassVar[FieldTypes] = _types(
         id=(str, _NONE), rollout=(str, _NONE), model=(str,), version=(str,), target=(str,),
-        state=(str,), event=(str, _NONE), reason=(str, _NONE), cause=(str, _NONE))
+        state=(str,), event=(str, _NONE), reason=(str, _NONE), cause=(str, _NONE), transfer=(dict, _NONE))
 
     def _check(self) -> None:
         check_pattern("event", "id", self.id, _TOKEN, "a command id")
@@ -162,6 +167,33 @@ class UpdateEvent(DeviceEvent):
             raise ProtocolError(f"event: 'reason' is longer than {_MAX_REASON} characters")
         if self.cause is not None and self.cause not in _CAUSES:
             raise ProtocolError(f"event: unknown cause {self.cause[:40]!r} (expected one of {sorted(_CAUSES)})")
+        if self.transfer is not None:
+            check_transfer(self.transfer)
+
+
+#: The kinds of :attr:`UpdateEvent.transfer`: a delta rebuilt on the device, or the full bundle.
+TRANSFER_KINDS = frozenset({"delta", "full"})
+
+
+def check_transfer(transfer: dict[str, Any]) -> None:
+    """Check an update event's ``transfer`` (:class:`UpdateEvent`).
+
+    Raises:
+        ProtocolError: An unknown key, a kind other than delta/full, a byte count that is not an integer
+            from 0 to 2^63-1, or a fallback reason that is not text of at most 1,000 characters.
+    """
+    unknown = sorted(set(transfer) - {"kind", "bytes", "full_bytes", "fallback"})
+    if unknown:
+        raise ProtocolError(f"event: unknown transfer fields {unknown[:8]}")
+    if transfer.get("kind") not in TRANSFER_KINDS:
+        raise ProtocolError(f"event: transfer kind must be one of {sorted(TRANSFER_KINDS)}")
+    for name in ("bytes", "full_bytes"):
+        value = transfer.get(name)
+        if value is not None and (type(value) is not int or not 0 <= value <= INT64_MAX):
+            raise ProtocolError(f"event: transfer {name} must be an integer >= 0")
+    fallback = transfer.get("fallback")
+    if fallback is not None and (not isinstance(fallback, str) or len(fallback) > _MAX_REASON):
+        raise ProtocolError(f"event: transfer fallback must be text of at most {_MAX_REASON} characters")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -110,6 +110,8 @@ class UpdateArgs:
         thresholds: Health limits for probation (name -> number; the agent checks names and meanings).
         runtime: What the bundle needs of the device (the registry's signed custom field, as a hint).
         broadcast: ``{"rollout", "path"}`` when the bundle is broadcast (a hint: the fetch falls back to get).
+        delta_from: The version a published delta rebuilds this bundle from, offered because the device
+            reported it serves that version (a hint: the device checks its slot and falls back to the bundle).
     """
 
     model: str
@@ -119,6 +121,7 @@ class UpdateArgs:
     thresholds: dict[str, float] = field(default_factory=dict)
     runtime: dict[str, Any] | None = None
     broadcast: dict[str, str] | None = None
+    delta_from: str | None = None
 
     @classmethod
     def from_command(cls, command: Command) -> UpdateArgs:
@@ -160,13 +163,18 @@ class UpdateArgs:
                     and all(isinstance(v, str) for v in broadcast.values())):
                 raise ProtocolError("update: 'broadcast' must be {\"rollout\": str, \"path\": str}")
             validate_device_id(broadcast["rollout"])
-        return cls(model, version, target, rollout, dict(thresholds), runtime, broadcast)
+        delta_from = args.get("delta_from")
+        if delta_from is not None:
+            if not isinstance(delta_from, str):
+                raise ProtocolError("update: 'delta_from' must be a string")
+            check_pattern("update", "delta_from", delta_from, VERSION, f"matching {VERSION.pattern}")
+        return cls(model, version, target, rollout, dict(thresholds), runtime, broadcast, delta_from)
 
     def to_dict(self) -> dict[str, Any]:
         """The arguments as a command carries them (None values left out)."""
         out: dict[str, Any] = {"model": self.model, "version": self.version, "target": self.target,
                                "thresholds": self.thresholds}
-        for name in ("rollout", "runtime", "broadcast"):
+        for name in ("rollout", "runtime", "broadcast", "delta_from"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         return out

@@ -41,6 +41,8 @@ from typing import Any
 
 from edgeml._deps import require
 from edgeml.errors import BundleError, MetadataError, RegistryError
+from edgeml.fleet.registry import deltas as deltas_mod
+from edgeml.fleet.registry.deltas import DeltaSettings
 from edgeml.fsutil import atomic_output_dir, atomic_write_bytes
 
 __all__ = ["SCHEMA", "Published", "Registry", "init_registry"]
@@ -59,6 +61,7 @@ class Published:
         length: Its size in bytes.
         targets_version: The targets version that lists it.
         changed: False when the same file was already published (nothing was written).
+        deltas: ``(base version, bytes)`` of each delta published with it.
     """
 
     path: str
@@ -66,6 +69,7 @@ class Published:
     length: int
     targets_version: int
     changed: bool
+    deltas: tuple[tuple[str, int], ...] = ()
 
 
 def init_registry(directory: Path, *, root_keys: int = 1, root_threshold: int = 1,
@@ -202,13 +206,16 @@ class Registry:
         """Target path -> TargetFile, as currently signed."""
         return dict(self.load_roles()["targets"].signed.targets)
 
-    def publish(self, bundle: Path, *, channel: str | None = "stable", actor: str | None = None) -> Published:
-        """Verify a bundle and publish it as a signed target (recorded in the audit log).
+    def publish(self, bundle: Path, *, channel: str | None = "stable", actor: str | None = None,
+                deltas: DeltaSettings | None = None) -> Published:
+        """Verify a bundle and publish it as a signed target (recorded in the audit log), with deltas from the
+        most recent earlier versions of the same model and target where they are small enough (:mod:`.deltas`).
 
         Args:
             bundle: The ``.edgeml`` file.
             channel: The channel to point at this version (None: none).
             actor: Who publishes, for the audit log (default: ``$EDGEML_ACTOR`` or the local user).
+            deltas: Which deltas to make (default :class:`DeltaSettings`; ``bases=0``: none).
 
         Raises:
             BundleError: The bundle is malformed or its files do not match its manifest.
@@ -225,15 +232,27 @@ class Registry:
         with atomic_output_dir(self.dir, "publish") as work:
             staged = work / "bundle.edgeml"
             target = _stage(bundle, staged)  # what is signed is this copy, re-verified
+            sha = target.hashes["sha256"]
+            made = self._deltas(staged, target, deltas or DeltaSettings())  # earlier versions never change
             with self.locked():
                 signers = self.online_signers()
                 roles = self.load_roles()
-                sha = target.hashes["sha256"]
                 stored = self.target_file(target.path, sha)  # checked before anything is signed
-                if not tuf_repo.add_target(roles, target, signers):
+                delta_files = [(m, deltas_mod.target_file(m, target)) for m in made]
+                if not tuf_repo.add_targets(roles, [target, *(f for _, f in delta_files)], signers):
                     return Published(target.path, sha, target.length, roles["targets"].signed.version, False)
-                self._commit(staged, stored, roles, target, channel, actor)
-        return Published(target.path, sha, target.length, roles["targets"].signed.version, changed=True)
+                self._commit(staged, stored, roles, target, channel, actor, delta_files)
+        return Published(target.path, sha, target.length, roles["targets"].signed.version, changed=True,
+                         deltas=tuple((m.base_version, f.length) for m, f in delta_files))
+
+    def _deltas(self, staged: Path, target: Any, settings: DeltaSettings) -> list[deltas_mod.Made]:
+        custom = target.custom
+        db = self.database()
+        try:
+            return deltas_mod.make(db, self.target_file, staged, custom["name"], custom["version"], custom["target"],
+                                   target.length, settings)
+        finally:
+            db.close()
 
     def target_file(self, path: str, sha256: str) -> Path:
         """Where target ``path`` with hash ``sha256`` is stored: resolved, inside ``DIR/repository/targets/``.
@@ -247,7 +266,7 @@ class Registry:
         return _inside(self.targets_dir, hashed_target_path(path, sha256))
 
     def _commit(self, staged: Path, stored: Path, roles: dict[str, Any], target: Any, channel: str | None,
-                actor: str | None) -> None:
+                actor: str | None, delta_files: list[tuple[deltas_mod.Made, Any]]) -> None:
         from edgeml.fleet.audit.log import local_actor, open_audit
 
         custom = target.custom
@@ -267,6 +286,13 @@ class Registry:
                     raise RegistryError(f"{stored} moved while it was being published; publish again")
                 if not stored.exists():  # content-addressed: an existing name holds the same bytes
                     staged.replace(stored)
+                for made, file in delta_files:
+                    deltas_mod.record(conn, made, file, custom["name"], custom["version"], custom["target"],
+                                      target.length)
+                    path = self.target_file(file.path, file.hashes["sha256"])
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    if not path.exists():
+                        atomic_write_bytes(path, made.data)
                 _write_roles(self.metadata_dir, roles, ("targets", "snapshot", "timestamp"))
         finally:
             db.close()

@@ -44,6 +44,7 @@ __all__ = [
     "Expiry",
     "Roles",
     "add_target",
+    "add_targets",
     "check_target_path",
     "hashed_target_path",
     "new_repository",
@@ -219,6 +220,40 @@ def add_target(roles: Roles, target: TargetFile, online: Mapping[str, Signer], e
     targets.signed.targets[target.path] = target
     now = now or _utcnow()
     _bump(targets, [online["targets"]], expiry.targets, now)
+    _refresh_snapshot_and_timestamp(roles, online, expiry, now)
+    return True
+
+
+def add_targets(roles: Roles, targets: list[TargetFile], online: Mapping[str, Signer], expiry: Expiry = Expiry(),
+                now: datetime | None = None) -> bool:
+    """Add several targets in one signed change (a bundle and its deltas): the first is the one that decides.
+
+    Returns:
+        False if the first is already published with the same file (nothing changed), else True.
+
+    Raises:
+        TargetExistsError: A different file is already published under one of the paths.
+        RegistryError: A path is not a safe target path; nothing changed.
+    """
+    for target in targets:
+        check_target_path(target.path)
+    signed: Metadata[Targets] = roles["targets"]
+    fresh = []
+    for i, target in enumerate(targets):
+        existing = signed.signed.targets.get(target.path)
+        if existing is None:
+            fresh.append(target)
+        elif existing.hashes != target.hashes or existing.length != target.length:
+            raise TargetExistsError(
+                f"{target.path} is already published with a different file (sha256 "
+                f"{existing.hashes.get('sha256', '?')[:16]}…); published versions are immutable",
+                hint="publish the new build under a new version")
+        elif i == 0:
+            return False
+    for target in fresh:
+        signed.signed.targets[target.path] = target
+    now = now or _utcnow()
+    _bump(signed, [online["targets"]], expiry.targets, now)
     _refresh_snapshot_and_timestamp(roles, online, expiry, now)
     return True
 

@@ -138,6 +138,7 @@ class RolloutController:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._targets: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+        self._deltas: dict[tuple[str, str, str, str], str | None] = {}  # (model, version, target, base) -> path
 
     @property
     def states(self) -> dict[str, State]:
@@ -314,16 +315,43 @@ class RolloutController:
                 self._targets[key] = _published(self.db, conn, model, version)
         return self._targets[key]
 
+    def _delta_of(self, model: str, version: str, target: str, base: str) -> str | None:
+        """The repository path of the published delta that rebuilds ``version`` from ``base``, or None."""
+        key = (model, version, target, base)
+        if key not in self._deltas:
+            from edgeml.fleet.registry.deltas import find
+            from edgeml.fleet.registry.tuf_repo import hashed_target_path
+
+            with self.db.transaction() as conn:
+                found = find(conn, model, version, target, base)
+            self._deltas[key] = None if found is None else \
+                f"targets/{hashed_target_path(found['tuf_path'], found['sha256'])}"
+        return self._deltas[key]
+
+    def _offer(self, row: Any, device_id: str, target: str, previous: str | None) -> tuple[str, str | None]:
+        """What a device is told to fetch: ``(repository path, delta base)``; a delta when one was published
+        from the version the device serves (``previous``) and the device reported it can apply deltas."""
+        full = self._targets_of(row.model, row.version)[target]["path"]
+        if previous is None or previous == row.version:
+            return full, None
+        from edgeml.delta import FORMAT
+
+        if FORMAT not in ((self._capabilities(device_id) or {}).get("deltas") or []):
+            return full, None
+        path = self._delta_of(row.model, row.version, target, previous)
+        return (full, None) if path is None else (path, previous)
+
     def _broadcast(self, row: Any) -> None:
-        """Publish the rollout's target files once (before any command names them) and remember them."""
+        """Publish the rollout's files once (before any command names them) and remember them: each target's
+        bundle, or the delta a device will be offered instead (devices on the same base share one)."""
         if self.dist is None:
             return
-        targets = self._targets_of(row.model, row.version)
         rd = schema.rollout_devices
         with self.db.transaction() as conn:
-            used = set(conn.execute(sa.select(rd.c.target).where(rd.c.rollout_id == row.id)
-                                    .where(rd.c.target.isnot(None)).distinct()).scalars())
-        infos = self.dist.broadcast(row.id, sorted(targets[t]["path"] for t in used))
+            used = conn.execute(sa.select(rd.c.device_id, rd.c.target, rd.c.previous).where(rd.c.rollout_id == row.id)
+                                .where(rd.c.target.isnot(None))).all()
+        paths = {self._offer(row, d.device_id, d.target, d.previous)[0] for d in used}
+        infos = self.dist.broadcast(row.id, sorted(paths))
         t = schema.rollouts
         with self.db.transaction() as conn:
             conn.execute(t.update().where(t.c.id == row.id).values(
@@ -386,8 +414,11 @@ class RolloutController:
         target = self._targets_of(row.model, row.version)[d.target]
         args: dict[str, Any] = {"model": row.model, "version": row.version, "target": d.target, "rollout": row.id,
                                 "thresholds": options.thresholds(), "runtime": target["runtime"]}
+        path, base = self._offer(row, d.device_id, d.target, d.previous)
+        if base is not None:
+            args["delta_from"] = base
         if row.broadcast:
-            args["broadcast"] = {"rollout": row.id, "path": target["path"]}
+            args["broadcast"] = {"rollout": row.id, "path": path}
         return Command(id=d.command_id, type="update", args=args, issued_at=self.clock())
 
     def _undo_command(self, row: Any, d: Any, options: RolloutOptions) -> Command | None:

@@ -207,7 +207,7 @@ class DeviceIntake:
             reason = f"busy: {reason}" if result is RowEvent.BUSY else reason
             conn.execute(rd.update().where(rd.c.id == row.id).values(
                 state=moved.value, reason=reason, cause=None if moved is RowState.COMMITTED else event.cause,
-                finished_at=utcnow()))
+                finished_at=utcnow(), **({"transfer": event.transfer} if event.transfer is not None else {})))
         elif event.id == row.revert_id and row.revert_state == RevertState.REVERT_SENT.value:
             how = RevertEvent.COMMITTED if result is RowEvent.COMMITTED else RevertEvent.OTHER_RESULT
             conn.execute(rd.update().where(rd.c.id == row.id).values(

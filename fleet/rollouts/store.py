@@ -238,6 +238,20 @@ class RolloutStatus:
     options: dict[str, Any]
     devices: list[dict[str, Any]]
 
+    def transfer(self) -> dict[str, int]:
+        """How the bundles came to the devices that reported it: counts by kind (``delta``, ``full``, and
+        ``fallback`` for a delta offered but not used), the ``bytes`` fetched and the ``full_bytes`` the full
+        bundles would have been."""
+        out = {"delta": 0, "full": 0, "fallback": 0, "bytes": 0, "full_bytes": 0}
+        for d in self.devices:
+            t = d.get("transfer") or {}
+            if t.get("kind") in ("delta", "full"):
+                out[t["kind"]] += 1
+                out["fallback"] += 1 if t.get("fallback") else 0
+                out["bytes"] += int(t.get("bytes") or 0)
+                out["full_bytes"] += int(t.get("full_bytes") or t.get("bytes") or 0)
+        return out
+
     def counts(self) -> list[dict[str, int]]:
         """Per wave: device state -> count."""
         waves: list[dict[str, int]] = [{} for _ in range(len(self.options["waves"]) + 1)]
@@ -269,7 +283,8 @@ def rollout_status(db: Database, rollout_id: str | None = None) -> list[RolloutS
 def _device_doc(d: Any) -> dict[str, Any]:
     return {"device_id": d.device_id, "wave": d.wave, "target": d.target, "state": d.state, "reason": d.reason,
             "cause": d.cause, "previous": d.previous, "command_id": d.command_id, "revert_state": d.revert_state,
-            "notified_at": _ts(d.notified_at), "finished_at": _ts(d.finished_at)}  # Unix seconds
+            "notified_at": _ts(d.notified_at), "finished_at": _ts(d.finished_at),  # Unix seconds
+            "transfer": d.transfer}
 
 
 # --- the HTTP API -------------------------------------------------------------------------------------------

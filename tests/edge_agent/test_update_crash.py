@@ -118,7 +118,8 @@ def device(template: Device, tmp_path: Path) -> Device:
 @pytest.mark.parametrize("state", TABLE_STATES, ids=[s.value for s in TABLE_STATES])
 def test_sigkill_at_every_state_then_restart(device: Device, state: State) -> None:
     version, outcome = SCENARIO.get(state, (GOOD, "committed"))
-    killed = device.run("--version", version, "--kill-at", state.value, kill=True)
+    delta = ("--delta-from", "1.0.0") if state is State.PATCH else ()  # the one way into PATCH
+    killed = device.run("--version", version, *delta, "--kill-at", state.value, kill=True)
     assert killed == {"at": state.value}
     after = device.run("--resume")
     final = assert_consistent(device.state_dir, after)
@@ -126,6 +127,16 @@ def test_sigkill_at_every_state_then_restart(device: Device, state: State) -> No
     assert final["serving"] == (GOOD if outcome == "committed" else "1.0.0")
     assert state.value in final["chain"] and final["chain"].count(state.value) >= 2  # ran again on resume
     assert after["served"].get(final["serving"], 0) > 0  # the restarted agent served requests
+
+
+def test_a_delta_update_rebuilds_the_bundle_and_survives_sigkill_mid_download(device: Device) -> None:
+    killed = device.run("--version", GOOD, "--delta-from", "1.0.0", "--kill-mid-download", kill=True)
+    assert killed == {"at": "mid-download"}  # the delta's own download, in PATCH
+    after = device.run("--resume")
+    final = assert_consistent(device.state_dir, after)
+    assert (final["state"], final["serving"]) == ("committed", GOOD)
+    assert final["chain"][:4] == ["notified", "patch", "patch", "verify"], after["transfer"]
+    assert after["transfer"]["kind"] == "delta" and after["transfer"]["bytes"] < after["transfer"]["full_bytes"]
 
 
 def test_sigkill_in_the_middle_of_a_download(device: Device) -> None:

@@ -88,11 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kill-at")
     p.add_argument("--kill-mid-download", action="store_true")
     p.add_argument("--thresholds", default="{}")
+    p.add_argument("--delta-from", help="the update is offered a delta from this version")
     args = p.parse_args(argv)
 
     host = ModelHost()
     traffic = Traffic(host, np.load(args.traffic))
-    fetcher = HangingFetcher(chunk_size=4096) if args.kill_mid_download else None
+    fetcher = HangingFetcher(chunk_size=256 if args.delta_from else 4096) if args.kill_mid_download else None
     client = TufClient(args.root.read_bytes(), args.state_dir / "metadata", args.state_dir / "downloads",
                        f"{args.registry}/metadata/", f"{args.registry}/targets/", fetcher=fetcher)
 
@@ -101,14 +102,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.kill_at == to.value:
             wait_for_kill(to.value)
 
-    machine = UpdateMachine(args.state_dir, host, client.fetch, on_transition=on_transition, poll_s=0.02)
+    machine = UpdateMachine(args.state_dir, host, client.fetch, on_transition=on_transition, poll_s=0.02,
+                            fetch_delta=client.fetch_delta)
     machine.boot()
     traffic.thread.start()
     if args.resume:
         record = machine.resume()
     else:
         record = machine.start(UpdateRequest("digits", args.version, "onnx", rollout="r1",
-                                             thresholds=Thresholds.from_dict(json.loads(args.thresholds))))
+                                             thresholds=Thresholds.from_dict(json.loads(args.thresholds)),
+                                             delta_from=args.delta_from))
     traffic.stopped.set()
     traffic.thread.join()
     pointer = machine.slots.active()
@@ -116,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     say(result={"state": record and record.state, "version": record and record.version,
                 "reason": record and record.reason, "chain": record and record.chain(),
                 "crashes": record and record.crashes, "history": record and record.history,
+                "transfer": record and record.transfer,
                 "serving": active and active.version, "pointer": pointer and pointer.version,
                 "served": traffic.served, "errors": traffic.errors})
     host.close()

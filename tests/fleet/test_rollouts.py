@@ -10,6 +10,7 @@ written), and the CLI and HTTP front ends (operator tokens, audited actors).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -178,7 +179,7 @@ def make_devices(fleet: Fleet, tmp_path: Path, request: pytest.FixtureRequest) -
     made: list[Devices] = []
 
     def make(n: int, tags: dict[str, str] | None = None, newer: Callable[[str], bool] = lambda d: False,
-             prefix: str | None = None) -> Devices:
+             prefix: str | None = None, plain: Callable[[str], bool] = lambda d: False) -> Devices:
         prefix = prefix or f"{fleet.name}-{request.node.name.split('[')[0][5:17].replace('_', '-')}"
         ids = [f"{prefix}-{i}" for i in range(n)]
         recorder = Recorder(fleet.port)
@@ -188,6 +189,8 @@ def make_devices(fleet: Fleet, tmp_path: Path, request: pytest.FixtureRequest) -
             caps = detect()
             if newer(device_id):
                 caps = Capabilities({**caps.runtimes, "onnxruntime": "1.99.0"}, caps.arch, providers=caps.providers)
+            if plain(device_id):  # cannot apply deltas (no zstandard)
+                caps = dataclasses.replace(caps, deltas=[])
             config = load_config(write_agent_config(tmp_path / device_id, device_id, fleet.port, root))
             agents[device_id] = Agent(config, capabilities=caps)
         _record_devices(fleet, agents, tags or {"site": prefix})  # enrolled before they speak, as in the field
@@ -305,6 +308,38 @@ def test_a_good_rollout_goes_through_every_wave_and_a_rollback_undoes_it(
     assert (status.kind, status.state, len(status.devices)) == ("rollback", "completed", 4)
     assert devices.versions() == dict.fromkeys(devices.agents, "1.0.0")
     assert _audit(fleet, back) == [(ACTOR, "rollback")]
+
+
+def test_devices_on_the_base_of_a_delta_get_the_delta_and_the_others_the_full_bundle(
+        fleet: Fleet, make_devices: MakeDevices, controller: RolloutController) -> None:
+    """GOOD was published after 1.0.0 with a delta from it: devices serving 1.0.0 that can apply deltas are
+    offered it (broadcast too) and rebuild GOOD from their slot; a device that cannot, and one serving a version
+    without a delta to GOOD (2.1.0), get the full bundle."""
+    devices = make_devices(4, plain=lambda d: d.endswith("-2"))
+    ids = sorted(devices.agents)
+    elsewhere = ids[3]
+    cid = fleet.operator.send(elsewhere, "update", model="digits", version=MIXED, target="onnx",
+                              thresholds={"probation_s": 0.5, **QUICK})
+    assert fleet.operator.update_end(elsewhere, cid)["state"] == "committed"
+    _wait_installed(fleet, [elsewhere], MIXED)
+    rid = start_rollout(fleet.db, fleet.audit, "digits", GOOD, _options(select={"site": devices.site}), actor=ACTOR)
+    status = _settled(fleet, rid)
+    assert status.state == "completed" and devices.versions() == dict.fromkeys(ids, GOOD)
+    rows = {d["device_id"]: d for d in status.devices}
+    full_length = fleet.registry.targets()[f"digits/{GOOD}/onnx.edgeml"].length
+    for device_id in ids:
+        (command,) = devices.recorder.updates(device_id, rid)
+        transfer = rows[device_id]["transfer"]
+        if device_id in ids[:2]:
+            assert command.args["delta_from"] == "1.0.0"
+            assert command.args["broadcast"]["path"].endswith(".edgeml-delta")
+            assert transfer["kind"] == "delta" and transfer["bytes"] < 0.5 * full_length
+        else:
+            assert "delta_from" not in command.args and command.args["broadcast"]["path"].endswith(".edgeml")
+            assert transfer == {"kind": "full", "bytes": full_length, "full_bytes": full_length}
+    sent = status.transfer()
+    assert (sent["delta"], sent["full"], sent["fallback"], sent["full_bytes"]) == (2, 2, 0, 4 * full_length)
+    assert "transfer: 2 delta, 2 full" in _cli(fleet, "rollout", "status", str(fleet.registry.dir), rid)
 
 
 def test_a_version_failing_on_30_percent_aborts_at_the_canary_and_the_canary_goes_back(
