@@ -196,6 +196,7 @@ class Recovery:
             if not parity.passed:
                 self.tried.append(Candidate("rescale", method, pct, out, plan.positions,
                                             error=f"FP32 parity broken ({parity.reason}); not used"))
+                self.ctx.progress.log(f"  {self.tried[-1].line()}")
                 continue
             calibrations = dict.fromkeys([(method, pct), self._best_calibration()] if self.onnx_based
                                          else [(method, pct)])
@@ -204,6 +205,8 @@ class Recovery:
                 cand.rescaled = [dict(r, fp32_parity=_finite(parity.drop)) for r in plan.positions]
                 if self._out_of_time() or self._try(cand):
                     return
+            if not any(r["kind"] == "equalize" for r in plan.positions):
+                return  # every activation was smoothed already: the data-driven variant is the same model
 
     def _mixed(self) -> None:
         if not self.onnx_based:
