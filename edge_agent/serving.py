@@ -38,7 +38,7 @@ from edgeml.edge_agent.update.health import HealthSnapshot, mean_confidence
 from edgeml.errors import EdgeMLError, RuntimeBackendError
 
 __all__ = ["OUTPUTS_PER_S", "FeedSpec", "LatencySink", "LoadedModel", "ModelHost", "Observer", "Sampler",
-           "ServingStats", "load_model"]
+           "RuntimeFactory", "ServingStats", "load_model"]
 
 #: Requests per second up to which every output is kept for the mean confidence (see :class:`ServingStats`).
 OUTPUTS_PER_S = 1000
@@ -265,8 +265,13 @@ class LoadedModel:
         return self.runtime.infer(inputs)
 
 
-def load_model(slot_dir: Path, slot: str, *, threads: int = 1) -> LoadedModel:
-    """Load the model staged in ``slot_dir`` into the runtime its manifest names.
+#: ``open_runtime(name, model_path, *, threads, **options) -> Runtime``: how a model's runtime is made
+#: (:func:`~edgeml.edge_agent.runtimes.base.open_runtime`; the fleet simulator passes its own).
+RuntimeFactory = Callable[..., Runtime]
+
+
+def load_model(slot_dir: Path, slot: str, *, threads: int = 1, runtimes: RuntimeFactory = open_runtime) -> LoadedModel:
+    """Load the model staged in ``slot_dir`` into the runtime its manifest names, made by ``runtimes``.
 
     Raises:
         RuntimeBackendError: The runtime refuses the model.
@@ -276,7 +281,7 @@ def load_model(slot_dir: Path, slot: str, *, threads: int = 1) -> LoadedModel:
     # TensorRT builds its engine on the device: cache it beside the slots (keyed by the model's hash, the GPU and
     # the TensorRT version), so a restart or a rollback does not rebuild it.
     options = {"cache_dir": slot_dir.parent / "engine-cache"} if manifest.runtime["name"] == "tensorrt" else {}
-    runtime = open_runtime(manifest.runtime["name"], slot_dir / manifest.model["file"], threads=threads, **options)
+    runtime = runtimes(manifest.runtime["name"], slot_dir / manifest.model["file"], threads=threads, **options)
     runtime.load()
     return LoadedModel(manifest.version, slot, manifest, runtime)
 

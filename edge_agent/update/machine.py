@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from edgeml.edge_agent.serving import ModelHost, load_model
+from edgeml.edge_agent.runtimes.base import open_runtime
+from edgeml.edge_agent.serving import ModelHost, RuntimeFactory, load_model
 from edgeml.errors import ConfigError
 from edgeml.protocol import Cause
 
@@ -42,6 +43,7 @@ class UpdateMachine:
         drift: ``drift(version)`` -> the live drift score, or None (default: no drift check).
         output_shift: ``output_shift(version)`` -> the live output-shift score, or None (default: no check).
         fetch_delta: Rebuilds a bundle from a signed delta and the active slot (default None: full bundles only).
+        runtimes: Makes the runtime of every model it loads (default: the runtime registry's).
         on_transition: Progress callback, called after each persisted transition.
         threads: Runtime threads for the models it loads.
         poll_s: How often probation looks at the health numbers.
@@ -52,13 +54,14 @@ class UpdateMachine:
                  drift: Callable[[str], float | None] | None = None, on_transition: Transition | None = None,
                  threads: int = 1, poll_s: float = 0.05, max_visits: int = MAX_VISITS,
                  output_shift: Callable[[str], float | None] | None = None,
-                 fetch_delta: FetchDelta | None = None) -> None:
+                 fetch_delta: FetchDelta | None = None, runtimes: RuntimeFactory = open_runtime) -> None:
         self.state_dir = Path(state_dir)
         self.store = RecordStore(self.state_dir / "update.json")
         self.slots = Slots(self.state_dir)
         self.host = host
         self.fetch = fetch
         self.fetch_delta = fetch_delta
+        self.runtimes = runtimes
         self.clock = clock or SystemClock()
         self.drift = drift
         self.output_shift = output_shift
@@ -93,7 +96,8 @@ class UpdateMachine:
         if info is None or (active is not None and (active.slot, active.version) == (info.slot, info.version)):
             return
         self.slots.verify(info)
-        self.host.swap(load_model(self.slots.path(info.slot), info.slot, threads=self.threads), keep_previous=False)
+        self.host.swap(load_model(self.slots.path(info.slot), info.slot, threads=self.threads, runtimes=self.runtimes),
+                       keep_previous=False)
 
     def start(self, request: UpdateRequest) -> UpdateRecord:
         """Accept ``request`` and run it to a terminal state; returns the final record.
@@ -144,7 +148,7 @@ class UpdateMachine:
         self._interrupt = None
         ctx = UpdateContext(record, self.store, self.slots, self.host, self.fetch, self.clock, self.drift,
                             self.threads, self.poll_s, interrupt=lambda: self._interrupt,
-                            output_shift=self.output_shift, fetch_delta=self.fetch_delta)
+                            output_shift=self.output_shift, fetch_delta=self.fetch_delta, runtimes=self.runtimes)
         while record.current not in TERMINAL:
             state = record.current
             event = self._guard(record) or STEPS[state](ctx)

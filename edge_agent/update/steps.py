@@ -19,8 +19,8 @@ import numpy as np
 
 from edgeml import fsutil
 from edgeml.bundle import Bundle, sha256_file
-from edgeml.edge_agent.runtimes.base import latency_ms
-from edgeml.edge_agent.serving import LoadedModel, ModelHost, load_model
+from edgeml.edge_agent.runtimes.base import latency_ms, open_runtime
+from edgeml.edge_agent.serving import LoadedModel, ModelHost, RuntimeFactory, load_model
 from edgeml.edge_agent.tuf_client import VerifiedBundle
 from edgeml.errors import EdgeMLError, UpdateVerificationError
 from edgeml.protocol import Cause
@@ -82,6 +82,7 @@ class UpdateContext:
         staged: The slot this run staged (in memory only, like ``fetched``): the smoke test loads it
             without hashing it again; after a restart it checks the slot against the record first.
         fetch_delta: Rebuilds the bundle from a signed delta and the active slot (None: full bundles only).
+        runtimes: Makes the runtime of every model it loads (the fleet simulator passes its own).
     """
 
     record: UpdateRecord
@@ -99,9 +100,14 @@ class UpdateContext:
     staged: SlotInfo | None = None
     output_shift: Callable[[str], float | None] | None = None
     fetch_delta: FetchDelta | None = None
+    runtimes: RuntimeFactory = open_runtime
 
     def save(self) -> None:
         self.store.save(self.record)
+
+    def load(self, slot: str) -> LoadedModel:
+        """Load the model of ``slot`` (threads and runtime factory as configured)."""
+        return load_model(self.slots.path(slot), slot, threads=self.threads, runtimes=self.runtimes)
 
     def fail(self, reason: str, cause: Cause) -> Event:
         self.record.reason, self.record.cause = reason, cause.value
@@ -248,7 +254,7 @@ def smoke_test(ctx: UpdateContext) -> Event:
         if ctx.staged != info:  # staged before a restart: check the slot against the record first
             ctx.slots.verify(info)
         ctx.drop_candidate()
-        ctx.candidate = load_model(ctx.slots.path(info.slot), info.slot, threads=ctx.threads)
+        ctx.candidate = ctx.load(info.slot)
         inputs, expected = _golden(ctx.slots.path(info.slot), ctx.candidate)
         actual = ctx.candidate.infer(inputs)
     except EdgeMLError as exc:
@@ -322,7 +328,7 @@ def switch(ctx: UpdateContext) -> Event:
         if model is None:  # restarted since the smoke test
             try:
                 ctx.slots.verify(info)
-                model = load_model(ctx.slots.path(info.slot), info.slot, threads=ctx.threads)
+                model = ctx.load(info.slot)
             except EdgeMLError as exc:
                 return ctx.fail(f"switch: the staged model no longer loads: {exc.message}", Cause.LOAD)
         ctx.slots.set_active(info)
@@ -334,7 +340,7 @@ def switch(ctx: UpdateContext) -> Event:
     if previous is not None and (held is None or held.slot != previous.slot):
         try:  # keep the old model loaded so that a rollback is a pointer swap
             ctx.slots.verify(previous)
-            ctx.host.set_previous(load_model(ctx.slots.path(previous.slot), previous.slot, threads=ctx.threads))
+            ctx.host.set_previous(ctx.load(previous.slot))
         except EdgeMLError:
             pass  # a rollback will try again (and say why it cannot)
     return Event.OK
@@ -383,7 +389,7 @@ def rollback(ctx: UpdateContext) -> Event:
         model = next((m for m in (host.previous, host.active) if m is not None and m.slot == previous.slot), None)
         if model is None:
             ctx.slots.verify(previous)
-            model = load_model(ctx.slots.path(previous.slot), previous.slot, threads=ctx.threads)
+            model = ctx.load(previous.slot)
         ctx.slots.set_active(previous)
         host.swap(model, keep_previous=False)
     ctx.drop_candidate()

@@ -32,7 +32,7 @@ from edgeml.edge_agent.device_messages import (
 )
 from edgeml.edge_agent.mqtt_fetcher import METADATA_URL, TARGETS_URL, MqttFetcher
 from edgeml.edge_agent.outbox import Outbox
-from edgeml.edge_agent.runtimes.base import RUNTIMES, Runtime
+from edgeml.edge_agent.runtimes.base import Runtime, open_runtime
 from edgeml.edge_agent.telemetry import Aggregator, TelemetrySender
 from edgeml.edge_agent.tuf_client import TufClient, VerifiedBundle
 from edgeml.edge_agent.update.machine import UpdateMachine
@@ -59,7 +59,6 @@ if TYPE_CHECKING:
 __all__ = ["SimDevice", "SimRuntime"]
 
 _log = logging.getLogger(__name__)
-RUNTIMES.setdefault("sim", "edgeml.fleet.sim.device:SimRuntime")  # bundles may name the stand-in directly
 
 
 class SimRuntime(Runtime):
@@ -147,22 +146,6 @@ class _DeviceRuntime(Runtime):
         self.inner.unload()
 
 
-_devices_by_dir: dict[Path, SimDevice] = {}  # state directory -> simulated device (the runtime routing)
-_original_open_runtime = serving.open_runtime
-
-
-def _open_runtime(name: str, model_path: str | Path, *, threads: int = 0, **options: Any) -> Runtime:
-    """:func:`serving.open_runtime` for every model; a simulated device's model gets its device runtime."""
-    path = Path(model_path)
-    device = next((_devices_by_dir[p] for p in path.parents if p in _devices_by_dir), None)
-    if device is None:
-        return _original_open_runtime(name, model_path, threads=threads, **options)
-    knobs = device.sim.knobs
-    inner = SimRuntime(path, threads=threads, latency_ms=knobs.latency_ms) if knobs.standin \
-        else _original_open_runtime(name, model_path, threads=threads, **options)
-    return _DeviceRuntime(inner, device)
-
-
 class _Stopped(Exception):
     """The simulator stops: an update stops where it is (its record resumes it, as after a power cut)."""
 
@@ -192,10 +175,10 @@ class SimDevice:
         self.device_id = profile.device_id
         self.state_dir = (sim.workdir / self.device_id).absolute()
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        _devices_by_dir[self.state_dir] = self
         self.host = serving.ModelHost([self._observe])
         self.machine = UpdateMachine(self.state_dir, self.host, self._fetch, clock=sim.clock, drift=self.drift,
-                                     on_transition=self._on_transition, poll_s=sim.knobs.poll_s)
+                                     on_transition=self._on_transition, poll_s=sim.knobs.poll_s,
+                                     runtimes=self.open_runtime)
         self.aggregator = Aggregator()
         self.outbox = Outbox(self.state_dir / "telemetry.sqlite", self.device_id)
         self.client = self._mqtt_client()
@@ -362,6 +345,14 @@ class SimDevice:
         if to in (State.SWITCH, State.COMMITTED, State.ROLLED_BACK, State.FAILED):
             self.publish_state()
 
+    def open_runtime(self, name: str, model_path: str | Path, *, threads: int = 0, **options: Any) -> Runtime:
+        """This device's runtime factory (the update machine's): the stand-in or the runtime the bundle names,
+        with the device's faults applied to misbehaving versions."""
+        knobs = self.sim.knobs
+        inner = SimRuntime(Path(model_path), threads=threads, latency_ms=knobs.latency_ms) if knobs.standin \
+            else open_runtime(name, model_path, threads=threads, **options)
+        return _DeviceRuntime(inner, self)
+
     def faults_for(self, version: str) -> frozenset[str]:
         """The faults this device shows on ``version``."""
         bad = self.sim.knobs.bad_versions
@@ -459,6 +450,5 @@ class SimDevice:
         self.client.disconnect()
         self.host.close()
         self.outbox.close()
-        _devices_by_dir.pop(self.state_dir, None)
 
 

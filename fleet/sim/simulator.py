@@ -13,9 +13,8 @@ What differs from the agent, on purpose:
 
 * The runtime: by default a **stand-in runtime (fixed latency)**, :class:`SimRuntime`, which sleeps a fixed
   time and answers with the bundle's golden outputs (so the smoke test passes) instead of running the
-  model; ``Knobs(standin=False)`` runs the runtime the bundle names. The simulator routes models loaded
-  from its devices' slots to it by wrapping :func:`edgeml.edge_agent.serving.open_runtime` for paths under
-  their state directories only (the update machine has no runtime-factory parameter yet).
+  model; ``Knobs(standin=False)`` runs the runtime the bundle names. Each device's update machine is given
+  the device's runtime factory (:meth:`SimDevice.open_runtime`); nothing global is replaced.
 * Traffic is synthetic: each serving device gets ``rps`` requests per second, made of its model's golden
   inputs, run on its model and counted in its :class:`ModelHost` health numbers and telemetry (so probation
   judges real counts, errors and confidence). With the stand-in, a live request does not sleep: its nominal
@@ -47,9 +46,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from edgeml.edge_agent import serving
 from edgeml.errors import ConfigError, EdgeMLError
-from edgeml.fleet.sim.device import SimDevice, SimRuntime, _Clock, _open_runtime
+from edgeml.fleet.sim.device import SimDevice, SimRuntime, _Clock
 from edgeml.fleet.sim.knobs import JETSON, PI, REAL_LABEL, STANDIN_LABEL, DeviceProfile, Knobs, parse_tags
 from edgeml.protocol import ProtocolError, device_topic
 
@@ -131,7 +129,6 @@ class Simulator:
             return
         from edgeml.fleet.sim.mqtt_pool import ClientPool
 
-        serving.open_runtime = _open_runtime  # routes only this simulator's slots
         self._pool = ClientPool()
         self._pool.start()
         for index in self._shard:
