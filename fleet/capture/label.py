@@ -278,7 +278,8 @@ def _write(root: Path, inputs: dict[str, np.ndarray], hashes: list[str], keep: l
     idx = np.asarray(keep, np.int64)
     arrays = {name: a[idx] for name, a in inputs.items()}
     buf = io.BytesIO()
-    np.savez(buf, **arrays, y=np.asarray(labels, np.int64), sha256=np.asarray([hashes[i] for i in keep]))
+    arrays.update(y=np.asarray(labels, np.int64), sha256=np.asarray([hashes[i] for i in keep]))
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
     atomic_write_bytes(root / "train.npz", buf.getvalue())
     dataset_sha = None
     if (root / "dataset.json").is_file():

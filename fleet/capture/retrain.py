@@ -192,8 +192,8 @@ def _training_run_of(registry: Any, model: str, version: str) -> str | None:
 
     for path, target in sorted(registry.targets().items()):
         custom = target.custom or {}
-        if custom.get("name") != model or custom.get("version") != version:
-            continue
+        if custom.get("name") != model or custom.get("version") != version or "delta" in custom:
+            continue  # another model or version, or a delta update (not a bundle)
         with Bundle(registry.target_file(path, target.hashes["sha256"])) as bundle:
             run = bundle.manifest.provenance.get("training_run")
         if run:
