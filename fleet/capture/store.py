@@ -17,17 +17,17 @@ import datetime as dt
 import hashlib
 import io
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgeml.errors import ConfigError, DataError
+from edgeml.errors import ConfigError, DataError, StorageError
 from edgeml.fleet.store import schema
 from edgeml.fleet.store.db import utcnow
 from edgeml.fleet.store.schema import sa
-from edgeml.fsutil import atomic_write_bytes
 from edgeml.protocol.uploads import CaptureSample, UploadBegin
 
 if TYPE_CHECKING:
@@ -56,6 +56,18 @@ class CaptureRetention:
 def sample_sha256(array: np.ndarray) -> str:
     """The identity of a sample: sha256 hex of its raw array bytes in C order."""
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def _write_object(path: Path, data: bytes) -> None:
+    """Write a sample file under a temporary name and rename it into place (the caller flushes the disk)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StorageError(f"cannot write captured sample {path}: {exc.strerror}") from exc
 
 
 def load_sample(npy: bytes, meta: CaptureSample) -> np.ndarray:
@@ -97,7 +109,7 @@ class CaptureArchive:
 
         A sample whose bytes are not a plain array of its declared shape and dtype is left out and counted.
         """
-        rows, seen, invalid = [], set(), 0
+        rows, seen, invalid, written = [], set(), 0, 0
         now = utcnow()
         score = begin.drift.get("score") if begin.drift else None
         for meta, npy in samples:
@@ -113,8 +125,8 @@ class CaptureArchive:
             seen.add(sha)
             path = self.object_path(sha)
             if not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_bytes(path, npy)
+                _write_object(path, npy)
+                written += 1
             rows.append({
                 "device_id": device_id, "sha256": sha, "model": meta.model, "version": meta.version,
                 "target": meta.target, "path": str(path.relative_to(self.root)), "bytes": len(npy),
@@ -123,6 +135,8 @@ class CaptureArchive:
                 "captured_at": dt.datetime.fromtimestamp(meta.captured_at, dt.timezone.utc), "received_at": now,
                 "reason": meta.reason, "trigger": begin.trigger, "tag": begin.tag, "upload_id": begin.upload,
                 "command_id": begin.command_id, "seq": meta.seq})
+        if written:
+            os.sync()  # the files reach the disk before the index names them (one flush, not one per file)
         t = schema.captures
         with self.db.transaction() as conn:
             have = {r[0] for r in conn.execute(sa.select(t.c.sha256).where(

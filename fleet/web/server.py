@@ -268,6 +268,7 @@ def fleet_app(registry_dir: Path, db: Database, audit: Any, *, ingest: Any = Non
     Raises:
         RegistryError: ``registry_dir`` is not a registry.
     """
+    from edgeml.fleet.capture.web import capture_routes
     from edgeml.fleet.operator_api import telemetry_routes
     from edgeml.fleet.rollouts.store import rollout_routes
     from edgeml.fleet.web.dashboard import dashboard_routes
@@ -276,7 +277,7 @@ def fleet_app(registry_dir: Path, db: Database, audit: Any, *, ingest: Any = Non
 
     return build_app([*rollout_routes(db, audit), *dashboard_routes(db, audit, **dashboard), *telemetry_routes(db),
                       *metrics_routes(db, ingest=ingest, require_token=metrics_token),
-                      *repository_routes(registry_dir)], settings)
+                      *capture_routes(db, registry_dir), *repository_routes(registry_dir)], settings)
 
 
 class _GuardedH11(H11Protocol):

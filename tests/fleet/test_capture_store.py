@@ -119,3 +119,60 @@ def test_the_receiver_resumes_from_its_staging_and_bounds_each_devices_rate(data
     assert slow.rejected.get("rate", 0) >= 4  # a burst of 20 KB passes, the rest of 41 KB is dropped at once
     assert slow.handle(device_topic("cam-2", "uploads"), frames[0]) is None  # ...by device: cam-2's own bucket
     assert slow.rejected.get("device-mismatch") == 1  # (a frame naming cam-1 on cam-2's topic is not cam-2's)
+
+
+def test_the_http_api_counts_links_drift_uploads_and_pulls_for_operators(tmp_path: Path) -> None:
+    import json
+    import tarfile
+    import urllib.error
+    import urllib.request
+
+    from edgeml.fleet.audit.log import open_audit
+    from edgeml.fleet.registry.repository import init_registry
+    from edgeml.fleet.web.auth import create_token
+    from edgeml.fleet.web.server import HttpServer, fleet_app
+
+    registry = init_registry(tmp_path / "reg")
+    db = registry.database()
+    audit = open_audit(registry.dir, db=db)
+    samples = _samples(6, seed=4)
+    CaptureArchive(db, registry.dir).add("cam-1", _begin("cam-1", "drift-7", b"x", 6), [(m, b) for m, b, _ in samples])
+    tokens = {role: create_token(db, f"{role}-1", role, audit=audit, actor="local:test")
+              for role in ("viewer", "operator")}
+    http = HttpServer(fleet_app(registry.dir, db, audit), "127.0.0.1", 0)
+    http.start()
+
+    def call(path: str, role: str, body: dict[str, object] | None = None) -> tuple[int, bytes, dict[str, str]]:
+        request = urllib.request.Request(f"{http.url}{path}", method="POST" if body is not None else "GET",
+                                         data=None if body is None else json.dumps(body).encode(),
+                                         headers={"Authorization": f"Bearer {tokens[role]}",
+                                                  "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, response.read(), {k.lower(): v for k, v in response.headers.items()}
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read(), {}
+
+    try:
+        status, data, _ = call("/api/captures", "viewer")
+        assert status == 200 and json.loads(data)["samples"] == 6
+        status, data, _ = call("/api/captures/drift", "viewer")
+        (upload,) = json.loads(data)["uploads"]
+        assert (upload["device_id"], upload["upload_id"], upload["drift_score"], upload["samples"]) == \
+            ("cam-1", "drift-7", 0.42, 6)
+        assert call("/api/captures/pull", "viewer", {"model": "tiny"})[0] == 403  # field data: operators only
+        status, data, headers = call("/api/captures/pull", "operator", upload["pull"])
+        assert status == 200 and headers["x-edgeml-count"] == "6"
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            names = sorted(tar.getnames())
+            x = np.load(io.BytesIO(tar.extractfile("samples.npz").read()))["x"]  # type: ignore[union-attr]
+        assert names == ["dataset.json", "labels.csv", "provenance.jsonl", "samples.npz"]
+        assert np.array_equal(x, np.stack([s for _, _, s in samples]))
+        assert call("/api/captures/pull", "operator", {"model": "tiny", "path": "/etc"})[0] == 400
+        with urllib.request.urlopen(f"{http.url}/dashboard/captures.js", timeout=30) as response:
+            assert b"capture-body" in response.read()
+        with urllib.request.urlopen(f"{http.url}/", timeout=30) as response:
+            assert b"/dashboard/captures.js" in response.read()
+    finally:
+        http.stop()
+        db.close()
