@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from edgeml.fleet.cli_options import DbUrl, RegistryDir
+from edgeml.fleet.cli_options import DbUrl, Insecure, TokenFile
 
 __all__ = ["register"]
 
@@ -28,6 +28,12 @@ Reason = Annotated[str | None, typer.Option("--reason", help="Only samples kept 
 Since = Annotated[str | None, typer.Option("--since", help="Captured at or after this time (ISO-8601, UTC "
                                            "unless it says otherwise), or this long ago (90m, 36h, 7d).")]
 Until = Annotated[str | None, typer.Option("--until", help="Captured before this time (same forms).")]
+Fleet = Annotated[str, typer.Argument(help="The registry directory, or a fleet server's URL (https://...; a token "
+                                      "from $EDGEML_TOKEN or --token-file).")]
+
+
+def _remote(target: str) -> bool:
+    return target.startswith(("http://", "https://"))
 
 
 def _when(value: str | None, option: str) -> dt.datetime | None:
@@ -60,18 +66,25 @@ def _database(directory: Path, db_url: str | None) -> Any:
 
 
 @capture_app.command("ls")
-def capture_ls_command(directory: RegistryDir, model: Model = None, version: Version = None, device: Device = None,
+def capture_ls_command(fleet: Fleet, model: Model = None, version: Version = None, device: Device = None,
                        tag: Tag = None, reason: Reason = None, since: Since = None, until: Until = None,
                        as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-                       db_url: DbUrl = None) -> None:
+                       db_url: DbUrl = None, token_file: TokenFile = None, insecure: Insecure = False) -> None:
     """Count the captured samples the fleet holds, per model, version, device and reason."""
     from edgeml.fleet.capture.pull import list_captures
 
-    db = _database(directory, db_url)
-    try:
-        rows = list_captures(db, _filters(model, version, device, tag, reason, since, until))
-    finally:
-        db.close()
+    filters = _filters(model, version, device, tag, reason, since, until)
+    if _remote(fleet):
+        from edgeml.fleet.capture.remote import remote_list
+        from edgeml.fleet.web.auth import operator_token
+
+        rows = remote_list(fleet, operator_token(token_file), filters, insecure=insecure)
+    else:
+        db = _database(Path(fleet), db_url)
+        try:
+            rows = list_captures(db, filters)
+        finally:
+            db.close()
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -85,21 +98,28 @@ def capture_ls_command(directory: RegistryDir, model: Model = None, version: Ver
 
 
 @capture_app.command("pull")
-def capture_pull_command(directory: RegistryDir,
+def capture_pull_command(fleet: Fleet,
                          model: Annotated[str, typer.Option("--model", help="The model whose samples to pull.")],
                          out: Annotated[Path, typer.Option("--out", help="The dataset folder to write (new).")],
                          version: Version = None, device: Device = None, tag: Tag = None, reason: Reason = None,
-                         since: Since = None, until: Until = None, db_url: DbUrl = None) -> None:
+                         since: Since = None, until: Until = None, db_url: DbUrl = None,
+                         token_file: TokenFile = None, insecure: Insecure = False) -> None:
     """Write the matching samples as a dataset folder: samples.npz, provenance.jsonl, dataset.json, labels.csv."""
     from edgeml.fleet.capture.pull import pull
 
     f = _filters(model, version, device, tag, reason, since, until)
-    db = _database(directory, db_url)
-    try:
-        result = pull(db, directory, out, model=model, version=f.version, device=f.device, tag=f.tag,
-                      since=f.since, until=f.until, reason=f.reason)
-    finally:
-        db.close()
+    if _remote(fleet):
+        from edgeml.fleet.capture.remote import remote_pull
+        from edgeml.fleet.web.auth import operator_token
+
+        result = remote_pull(fleet, operator_token(token_file), out, f, insecure=insecure)
+    else:
+        db = _database(Path(fleet), db_url)
+        try:
+            result = pull(db, fleet, out, model=model, version=f.version, device=f.device, tag=f.tag,
+                          since=f.since, until=f.until, reason=f.reason)
+        finally:
+            db.close()
     typer.echo(f"{result.count} samples in {result.path} (dataset sha256 {result.sha256[:16]}…); "
                f"fill {result.path / 'labels.csv'} or label them with a teacher")
 

@@ -169,6 +169,16 @@ def test_the_http_api_counts_links_drift_uploads_and_pulls_for_operators(tmp_pat
         assert names == ["dataset.json", "labels.csv", "provenance.jsonl", "samples.npz"]
         assert np.array_equal(x, np.stack([s for _, _, s in samples]))
         assert call("/api/captures/pull", "operator", {"model": "tiny", "path": "/etc"})[0] == 400
+        # the CLI's remote path: `capture ls|pull https://...` (plain http to this machine is allowed)
+        from edgeml.fleet.capture.pull import CaptureFilters
+        from edgeml.fleet.capture.remote import remote_list, remote_pull
+
+        rows = remote_list(http.url, tokens["viewer"], CaptureFilters(model="tiny"))
+        assert [(r["device_id"], r["samples"]) for r in rows] == [("cam-1", 6)]
+        pulled = remote_pull(http.url, tokens["operator"], tmp_path / "remote-ds", CaptureFilters(model="tiny"))
+        local = pull(db, registry.dir, tmp_path / "local-ds", model="tiny")
+        assert (pulled.count, pulled.sha256) == (local.count, local.sha256) == (6, local.sha256)
+        assert (pulled.path / "provenance.jsonl").read_text() == (local.path / "provenance.jsonl").read_text()
         with urllib.request.urlopen(f"{http.url}/dashboard/captures.js", timeout=30) as response:
             assert b"capture-body" in response.read()
         with urllib.request.urlopen(f"{http.url}/", timeout=30) as response:
