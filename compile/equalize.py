@@ -126,8 +126,10 @@ def _absorbs(node: Any, axis: int, g: GraphIndex) -> bool:
     rank = len(g.shapes.get(node.output[0], ()))
     last = axis == -1 or (rank and axis == rank - 1)
     consts = [g.const(i) for i in node.input[1:]]
+    if node.op_type in ("Conv", "Gemm") and any(c is None for c, name in zip(consts, node.input[1:]) if name):
+        return False  # a weight or bias computed at run time cannot be rescaled here
     if node.op_type == "Conv":
-        return axis == 1 and len(consts) >= 1 and consts[0] is not None
+        return axis == 1 and len(consts) >= 1
     if node.op_type in ("Gemm", "MatMul"):
         ok = bool(last) and len(consts) >= 1 and consts[0] is not None and consts[0].ndim == 2
         return ok and not (node.op_type == "Gemm" and _attr(node, "transA", 0)) and g.const(node.input[0]) is None
@@ -289,9 +291,10 @@ def _apply(p: Position, s: np.ndarray, ws: _Weights) -> None:
             if k < len(a.input) and a.input[k]:
                 ws.set(a, k, _bias(ws.get(a, k), s))
     for node in p.chain:
-        if node.op_type == "Add":
+        if node.op_type == "Add":  # past a Flatten (N x C x 1 x 1 -> N x C) the channels are the last axis
             k = next(i for i, name in enumerate(node.input) if g.const(name) is not None)
-            ws.set(node, k, _along(ws.get(node, k), s, axis, rank))
+            own = len(g.shapes.get(node.output[0], ())) or rank
+            ws.set(node, k, _along(ws.get(node, k), s, axis if own == rank else own - 1, own))
     for c in p.consumers:
         w = ws.get(c, 1)
         ws.set(c, 1, _scale_weight(w, s, _in_axis(c, w), divide=False))

@@ -378,6 +378,43 @@ def test_rescaling_keeps_the_fp32_function_and_removes_the_outlier(which: str, d
     assert spread(model) > 300 and spread(rescaled) < 20
 
 
+@pytest.mark.parametrize("data_driven", [False, True])
+def test_rescaling_a_sequence_model_with_matmul_bias_and_layernorm(data_driven: bool, tmp_path: Path) -> None:
+    """N x T x F through MatMul + Add (the bias torch exports for 3-D inputs), Relu, MatMul + Add, then a
+    LayerNormalization whose scale has an outlier channel, then MatMul: equalization across the Add chain,
+    smoothing into the LayerNorm's scale and bias; the FP32 function stays."""
+    from edgeml.compile.data import Dataset
+
+    rng = np.random.default_rng(7)
+    gamma = np.ones(H)
+    gamma[4] = 1000.0
+    w2 = rng.normal(0, H**-0.5, (H, C))
+    w2[4] /= 1000.0
+    node = helper.make_node
+    nodes = [node("MatMul", ["x", "w0"], ["m0"]), node("Add", ["m0", "b0"], ["h0"]), node("Relu", ["h0"], ["a0"]),
+             node("MatMul", ["a0", "w1"], ["m1"]), node("Add", ["m1", "b1"], ["h1"]),
+             node("LayerNormalization", ["h1", "g", "beta"], ["n"], axis=-1),
+             node("MatMul", ["n", "w2"], ["m2"]), node("ReduceMean", ["m2"], ["logits"], axes=[1], keepdims=0)]
+    graph = helper.make_graph(
+        nodes, "seq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, F])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", C])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in {
+            "w0": rng.normal(0, F**-0.5, (F, H)) * np.r_[np.ones(H - 1), 300.0], "b0": rng.normal(0, 0.1, H),
+            "w1": rng.normal(0, H**-0.5, (H, H)), "b1": rng.normal(0, 0.1, H), "g": gamma,
+            "beta": rng.normal(0, 0.1, H) * gamma, "w2": w2}.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "src.onnx"))
+    x = rng.normal(0, 1, (64, 4, F)).astype(np.float32)
+    plan = rescale(tmp_path / "src.onnx", tmp_path / "out.onnx", Dataset({"x": x}), data_driven=data_driven)
+    assert plan is not None
+    kinds = {tuple(p["layers"]): p["kind"] for p in plan.positions}
+    assert kinds[("LayerNormalization_5", "MatMul_6")] == "smooth"
+    assert kinds[("MatMul_0", "MatMul_3")] == ("smooth" if data_driven else "equalize")
+    before, after = _run(model, x), _run(onnx.load(str(tmp_path / "out.onnx")), x)
+    assert np.abs(after - before).max() <= 1e-5 * np.abs(before).max()
+
+
 def test_positions_stop_at_ops_that_do_not_commute_with_a_scale() -> None:
     rng = np.random.default_rng(0)
     w = [rng.normal(size=(H, F)), rng.normal(size=(C, H))]
