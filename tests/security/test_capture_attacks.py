@@ -158,3 +158,47 @@ def test_a_revoked_device_cannot_upload(deployment: Deployment) -> None:
     assert acks == [] and _captures(deployment, STOLEN) == 0
     assert not (deployment.registry.dir / "captures" / "staging" / STOLEN).exists()
     honest_upload_stored_once(deployment)
+
+
+def test_a_drift_alert_uploads_when_the_fleet_turned_it_on_at_most_hourly(deployment: Deployment) -> None:
+    """The honest path of drift uploads: off until a capture command turns it on, then once per hour at most."""
+    from edgeml.edge_agent.device_messages import device_event
+    from edgeml.protocol import DriftEvent
+
+    agent, device = deployment.agents[HONEST[1]], HONEST[1]
+    rng = np.random.default_rng(11)
+
+    def fill(n: int) -> set[str]:
+        hashes = set()
+        for _ in range(n):
+            x = rng.standard_normal(4).astype(np.float32)
+            hashes.add(sample_sha256(x))
+            agent.telemetry.capture.add(x, {"confidence": 0.1, "predicted": 1, "model": "tiny", "version": "1.0.0"})
+        return hashes
+
+    def drift_rows() -> list[tuple[str, float]]:
+        return [(r[0], float(r[1])) for r in deployment.query(
+            "SELECT sha256, drift_score FROM captures WHERE device_id = :d AND drift_score IS NOT NULL", d=device)]
+
+    alert = device_event(DriftEvent, device, version="1.0.0", window={"score": 0.61, "flagged": True})
+    first = fill(3)
+    agent.send_event(alert)  # not turned on: nothing leaves the device
+    time.sleep(2.0)
+    assert drift_rows() == [] and len(agent.telemetry.capture) >= 3
+    deployment.command(device, "capture", drift=True, bytes_per_s=_MiB)  # turn it on; upload nothing now
+    deadline = time.monotonic() + 30
+    while not (agent.uploads.dir / "policy.json").exists():
+        assert time.monotonic() < deadline, "the device never kept the drift setting"
+        time.sleep(0.1)
+    agent.send_event(alert)
+    deadline = time.monotonic() + 60
+    while not first <= {sha for sha, _ in drift_rows()}:
+        assert time.monotonic() < deadline, "the drift alert's upload was not stored"
+        time.sleep(0.2)
+    assert {score for _, score in drift_rows()} == {0.61}  # each sample linked to the window that sent it
+    second = fill(2)
+    agent.send_event(alert)  # within the hour: no second upload
+    time.sleep(3.0)
+    assert not second & {sha for sha, _ in drift_rows()}
+    assert second <= {sample_sha256(e.load()) for e in agent.telemetry.capture.list()}
+    deployment.command(device, "capture", drift=False)
