@@ -82,7 +82,8 @@ class Fleet:
         _wait(online, 60, f"{device} online")
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "NO_COLOR": "1", "COLUMNS": "200"}
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "NO_COLOR": "1", "COLUMNS": "200",
+               "EDGEML_BROKER_PASSWORD": self.creds["fleet"]}
         return subprocess.run([sys.executable, "-m", "edgeml.cli", *args], env=env, capture_output=True, text=True,
                               timeout=120, check=False)
 
@@ -169,7 +170,10 @@ def test_a_capture_command_uploads_every_sample_and_pull_writes_the_dataset(flee
     agent = _start_agent(home)
     try:
         fleet.wait_online(DEVICES[0])
-        fleet.request(DEVICES[0], tag="field-1", bytes_per_s=4 * 1024 * 1024)
+        sent = fleet.cli("fleet", "capture", "request", DEVICES[0], "--tag", "field-1", "--rate", str(4 * 1024 * 1024),
+                         "--broker-host", "localhost", "--broker-port", str(fleet.port), "--username", "fleet",
+                         "--ca", str(fleet.ca))
+        assert sent.returncode == 0 and f"{DEVICES[0]}: capture command cap-" in sent.stdout, sent.stderr
         _wait(lambda: len(fleet.rows(DEVICES[0])) == 40, 60, "40 samples in the fleet's index")
         store_dir = home / "state" / "capture"
         _wait(lambda: not list(store_dir.glob("*.json")), 30, "the device to delete what the fleet acknowledged")
