@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edgeml.bundle import MANIFEST_NAME, Manifest
-from edgeml.edge_agent.preprocess import preprocess
+from edgeml.edge_agent.preprocess import FeedSpec
 from edgeml.edge_agent.runtimes.base import Runtime, open_runtime
 from edgeml.edge_agent.update.health import HealthSnapshot, mean_confidence
 from edgeml.errors import EdgeMLError, RuntimeBackendError
@@ -177,60 +177,6 @@ class ServingStats:
         return HealthSnapshot(requests=n + errors, errors=errors,
                               p99_ms=float(np.percentile(lat, 99)) * 1000.0 if lat.size else None,
                               confidence=confidence)
-
-
-@dataclass(frozen=True)
-class FeedSpec:
-    """What a model's inputs must be, read once from its manifest: the agent checks every request against it.
-
-    Attributes:
-        model: The model's name.
-        first: The name of its first input (where a bare array goes).
-        dtype: The first input's dtype.
-        tail: The first input's shape after the batch axis when every dimension of it is fixed, else None.
-        inputs: Per input: name, rank, the fixed dimensions after the batch axis as (axis, size), dtype.
-        preprocessing: The manifest's preprocessing.
-    """
-
-    model: str
-    first: str
-    dtype: np.dtype[Any]
-    tail: tuple[int, ...] | None
-    inputs: tuple[tuple[str, int, tuple[tuple[int, int], ...], np.dtype[Any]], ...]
-    preprocessing: Any
-
-    @classmethod
-    def of(cls, manifest: Manifest) -> FeedSpec:
-        specs = tuple((s.name, len(s.shape), tuple((i, d) for i, d in enumerate(s.shape) if i and isinstance(d, int)),
-                       np.dtype(s.dtype)) for s in manifest.inputs)
-        shape = manifest.inputs[0].shape
-        tail = tuple(shape[1:]) if all(isinstance(d, int) for d in shape[1:]) else None
-        return cls(manifest.name, specs[0][0], specs[0][3], tail, specs, manifest.preprocessing)  # type: ignore[arg-type]
-
-    def feeds(self, inputs: Mapping[str, np.ndarray] | np.ndarray, preprocessed: bool) -> dict[str, np.ndarray]:
-        """The runtime's feeds: preprocessing applied unless ``preprocessed``, names, ranks, fixed dimensions
-        and dtypes checked (a bad request is the caller's error, not the model's).
-
-        Raises:
-            ValueError: The inputs do not fit the model.
-        """
-        if not isinstance(inputs, Mapping):
-            inputs = {self.first: inputs}
-        if len(inputs) != len(self.inputs) or any(name not in inputs for name, *_ in self.inputs):
-            raise ValueError(f"the model takes inputs {[s[0] for s in self.inputs]}, got {sorted(inputs)}")
-        feeds = {}
-        for name, ndim, fixed, dtype in self.inputs:
-            raw = inputs[name]
-            array = np.asarray(raw) if preprocessed else preprocess(raw, self.preprocessing)
-            if array.ndim == ndim - 1:
-                array = array[None]
-            if array.ndim != ndim or any(array.shape[i] != d for i, d in fixed):
-                want = ["N"] + [dict(fixed).get(i, "?") for i in range(1, ndim)]
-                raise ValueError(f"input {name!r} must have shape {want}, got {list(array.shape)}")
-            if array.dtype != dtype or not array.flags.c_contiguous:
-                array = np.ascontiguousarray(array, dtype=dtype)
-            feeds[name] = array
-        return feeds
 
 
 @dataclass(eq=False)

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from edgeml.fleet.store.db import Database
 
-__all__ = ["DeltaSettings", "Made", "find", "make", "record", "target_file"]
+__all__ = ["DeltaPaths", "DeltaSettings", "Made", "find", "make", "record", "target_file"]
 
 
 @dataclass(frozen=True)
@@ -124,3 +124,24 @@ def find(conn: Connection, name: str, version: str, target: str, base_version: s
     row = conn.execute(sa.select(d).where((d.c.model == name) & (d.c.version == version) & (d.c.target == target)
                                           & (d.c.base_version == base_version))).first()
     return dict(row._mapping) if row is not None else None
+
+
+class DeltaPaths:
+    """The repository paths of published deltas, as the rollout controller offers them (cached: published
+    deltas never change, and one that is not there yet is looked up again by a new controller)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._paths: dict[tuple[str, str, str, str], str | None] = {}
+
+    def path(self, model: str, version: str, target: str, base: str) -> str | None:
+        """``targets/...`` of the delta that rebuilds ``model`` ``version`` ``target`` from ``base``, or None."""
+        key = (model, version, target, base)
+        if key not in self._paths:
+            from edgeml.fleet.registry.tuf_repo import hashed_target_path
+
+            with self.db.transaction() as conn:
+                found = find(conn, *key)
+            self._paths[key] = None if found is None else \
+                f"targets/{hashed_target_path(found['tuf_path'], found['sha256'])}"
+        return self._paths[key]

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import paho.mqtt.client as mqtt
 
 from edgeml.errors import EdgeMLError
+from edgeml.fleet.registry.deltas import DeltaPaths
 from edgeml.fleet.rollouts import rules
 from edgeml.fleet.rollouts.intake import DeviceIntake
 from edgeml.fleet.rollouts.rules import DeviceRow, DeviceSignals, RolloutError, RolloutOptions, RolloutView
@@ -138,7 +139,7 @@ class RolloutController:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._targets: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
-        self._deltas: dict[tuple[str, str, str, str], str | None] = {}  # (model, version, target, base) -> path
+        self._deltas = DeltaPaths(db)
 
     @property
     def states(self) -> dict[str, State]:
@@ -315,19 +316,6 @@ class RolloutController:
                 self._targets[key] = _published(self.db, conn, model, version)
         return self._targets[key]
 
-    def _delta_of(self, model: str, version: str, target: str, base: str) -> str | None:
-        """The repository path of the published delta that rebuilds ``version`` from ``base``, or None."""
-        key = (model, version, target, base)
-        if key not in self._deltas:
-            from edgeml.fleet.registry.deltas import find
-            from edgeml.fleet.registry.tuf_repo import hashed_target_path
-
-            with self.db.transaction() as conn:
-                found = find(conn, model, version, target, base)
-            self._deltas[key] = None if found is None else \
-                f"targets/{hashed_target_path(found['tuf_path'], found['sha256'])}"
-        return self._deltas[key]
-
     def _offer(self, row: Any, device_id: str, target: str, previous: str | None) -> tuple[str, str | None]:
         """What a device is told to fetch: ``(repository path, delta base)``; a delta when one was published
         from the version the device serves (``previous``) and the device reported it can apply deltas."""
@@ -338,7 +326,7 @@ class RolloutController:
 
         if FORMAT not in ((self._capabilities(device_id) or {}).get("deltas") or []):
             return full, None
-        path = self._delta_of(row.model, row.version, target, previous)
+        path = self._deltas.path(row.model, row.version, target, previous)
         return (full, None) if path is None else (path, previous)
 
     def _broadcast(self, row: Any) -> None:
