@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,8 +64,9 @@ class RetrainSettings:
         work: The work folder (pulled data, field splits, bundles, ``retrain.json``); default
             ``RUNS/retrain-MODEL-<UTC time>``.
         base_run: The run to fine-tune from; default: the run that produced the deployed version.
-        labels: The operator's ``sha256,label`` CSV.
-        teacher: A teacher: an ONNX model or a finished FP32 training run.
+        labels: The operator's ``sha256,label`` CSV (class indices, or the base run's class names).
+        teacher: A teacher: an ONNX model or a finished FP32 training run. Without labels and teacher, the
+            dataset must be labeled already (``edgeml fleet capture label``).
         min_confidence: Teacher labels below this top-1 probability stay unlabeled.
         holdout: Fraction of the labeled field samples held out for the gate and the comparison (0..1).
         from_scratch: Train new weights instead of fine-tuning the base run's.
@@ -105,8 +107,6 @@ class RetrainSettings:
     def __post_init__(self) -> None:
         if not 0.0 < self.holdout < 1.0:
             raise ConfigError(f"--holdout {self.holdout} must be between 0 and 1 (exclusive)")
-        if self.labels is None and self.teacher is None:
-            raise ConfigError("give labels: --labels FILE.csv (sha256,label), --teacher MODEL, or both")
         if self.max_regression < 0 or not 0 <= self.max_accuracy_drop <= 100:
             raise ConfigError("--max-regression and --max-accuracy-drop are points, at least 0")
 
@@ -162,6 +162,9 @@ def split_field_data(dataset: Path, work: Path, holdout: float, seed: int = 0) -
         DataError: Fewer than 2 labeled samples.
     """
     with np.load(dataset / "train.npz", allow_pickle=False) as npz:
+        if "x" not in npz.files:
+            raise DataError(f"{dataset / 'train.npz'} holds several inputs ({', '.join(npz.files)}); edgeml train, "
+                            "and so retrain, trains single-input models")
         x, y, hashes = npz["x"], npz["y"], [str(h) for h in npz["sha256"]]
     if len(y) < 2:
         raise DataError(f"{len(y)} labeled field sample(s): too few to train on and hold some out",
@@ -170,7 +173,7 @@ def split_field_data(dataset: Path, work: Path, holdout: float, seed: int = 0) -
     n_hold = min(len(y) - 1, max(1, round(holdout * len(y))))
     parts = {"field-holdout": np.sort(order[:n_hold]), "field-train": np.sort(order[n_hold:])}
     for name, idx in parts.items():
-        buf = __import__("io").BytesIO()
+        buf = io.BytesIO()
         np.savez(buf, input=x[idx], labels=y[idx])
         atomic_write_bytes(work / f"{name}.npz", buf.getvalue())
     return {"train": int(len(y) - n_hold), "holdout": int(n_hold)}
@@ -309,6 +312,50 @@ def _gate(s: RetrainSettings, result: RetrainResult, base: Path, work: Path, pro
     return bundles
 
 
+def _labels(s: RetrainSettings, dataset: Path, base: Path, progress: Progress) -> dict[str, Any]:
+    """Label the dataset (class names from the base run, for a CSV that names classes); without labels or a
+    teacher, the labels ``edgeml fleet capture label`` already wrote into it."""
+    from edgeml.fleet.capture.label import label_dataset
+
+    if s.labels is None and s.teacher is None:
+        if not (dataset / "labels.json").is_file() or not (dataset / "train.npz").is_file():
+            raise ConfigError(f"{dataset} is not labeled yet",
+                              hint="give --labels FILE.csv (sha256,label) and/or --teacher MODEL")
+        counts = json.loads((dataset / "labels.json").read_text())["counts"]
+        progress.log(f"using the labels in {dataset}: {counts['labeled']} of {counts['total']} samples")
+        return {"total": counts["total"], "labeled": counts["labeled"], "by_source": counts["by_source"],
+                "unlabeled": counts["unlabeled_by_reason"], "teacher_agreement": None}
+    names = None
+    if (base / "data_manifest.json").is_file():
+        names = json.loads((base / "data_manifest.json").read_text()).get("class_names") or None
+    with progress.task("labeling the field samples"):
+        report = label_dataset(dataset, csv_path=s.labels, teacher=s.teacher, min_confidence=s.min_confidence,
+                               class_names=names)
+    progress.log(f"labeled {report.labeled} of {report.total} samples ({report.unlabeled_total} unlabeled: "
+                 f"{', '.join(f'{k} {v}' for k, v in report.unlabeled.items()) or 'none'})")
+    return {"total": report.total, "labeled": report.labeled, "by_source": report.by_source,
+            "unlabeled": report.unlabeled, "teacher_agreement": report.teacher_agreement}
+
+
+def _train(cfg: Any, s: RetrainSettings, what: str, progress: Progress) -> Path:
+    """Train the candidate into ``s.runs``; a finished run of the same data and config (a retry) is reused."""
+    from edgeml.rundir import read_run_record
+    from edgeml.train.run import plan_run, train_run
+
+    plan = plan_run(cfg)
+    existing = Path(s.runs) / f"{plan.name}-{plan.run_id}"
+    if (existing / "run.json").is_file() and read_run_record(existing).get("status") == "complete":
+        progress.log(f"reusing the finished run {existing} (same data, config and weights)")
+        return existing
+    resume = existing if (existing / "run.json").is_file() else None  # a run stopped midway continues
+    with progress.task(f"training {what}", cfg.train.epochs) as tick:
+        trained = train_run(None if resume else cfg, s.runs, resume=resume, log=progress.log,
+                            on_epoch=lambda history: tick(1))
+    if trained is None:
+        raise EdgeMLError("training returned no result (a distributed rank)")
+    return trained.run_dir
+
+
 def _write_report(result: RetrainResult) -> None:
     atomic_write_bytes(result.work / "retrain.json",
                        json.dumps(result.to_dict(), indent=1, sort_keys=True, default=str).encode() + b"\n")
@@ -328,22 +375,13 @@ def retrain(s: RetrainSettings, progress: Progress | None = None) -> RetrainResu
             ``retrain.json`` says which, nothing is published.
         EdgeMLError: Anything that stops earlier (no samples, no labels, no base run, bad data...).
     """
-    from edgeml.fleet.capture.label import label_dataset
     from edgeml.fleet.registry.repository import Registry
-    from edgeml.train.run import train_run
 
     progress = progress or Progress()
     work = Path(s.work or Path(s.runs) / f"retrain-{s.model}-{_now()}")
     work.mkdir(parents=True, exist_ok=True)
     dataset = _dataset(s, work, progress)
     result = RetrainResult(work, dataset)
-    with progress.task("labeling the field samples"):
-        report = label_dataset(dataset, csv_path=s.labels, teacher=s.teacher, min_confidence=s.min_confidence)
-    result.labels = {"total": report.total, "labeled": report.labeled, "by_source": report.by_source,
-                     "unlabeled": report.unlabeled, "teacher_agreement": report.teacher_agreement}
-    progress.log(f"labeled {report.labeled} of {report.total} samples ({report.unlabeled_total} unlabeled: "
-                 f"{', '.join(f'{k} {v}' for k, v in report.unlabeled.items()) or 'none'})")
-    result.field_split = split_field_data(dataset, work, s.holdout, s.seed)
     deployed = _deployed_version(dataset)
     base = s.base_run
     if base is None:
@@ -351,17 +389,16 @@ def retrain(s: RetrainSettings, progress: Progress | None = None) -> RetrainResu
             raise ConfigError("the captured samples name no model version", hint="pass --base-run RUN_DIR")
         base = deployed_run(s.registry, s.model, deployed, s.runs, s.db_url)
     result.base_run = base
+    result.labels = _labels(s, dataset, base, progress)
+    result.field_split = split_field_data(dataset, work, s.holdout, s.seed)
     from edgeml.rundir import read_run_record
 
     result.version = s.version or next_version(deployed or str(read_run_record(base)["version"]),
                                                _published_versions(s))
     cfg = _candidate_config(s, base, work / "field-train.npz", result.version)
     how = "from scratch" if s.from_scratch else f"fine-tuning run {read_run_record(base)['run_id']}"
-    with progress.task(f"training {s.model} {result.version} ({how}) on the base data and "
-                       f"{result.field_split['train']} field samples", cfg.train.epochs) as tick:
-        trained = train_run(cfg, s.runs, log=progress.log, on_epoch=lambda history: tick(1))
-    assert trained is not None, "a single-process run returns its result"
-    result.run_dir = trained.run_dir
+    result.run_dir = _train(cfg, s, f"{s.model} {result.version} ({how}) on the base data and "
+                            f"{result.field_split['train']} field samples", progress)
     _compare(s, result, base, work, progress)
     acc = result.accuracy["original_val"]
     if 100 * (acc["deployed"] - acc["candidate"]) > s.max_regression + 1e-9:

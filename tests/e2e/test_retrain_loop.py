@@ -262,8 +262,10 @@ def test_a_regressing_candidate_is_refused_and_nothing_is_published(trained: Tra
     """The same chain from a dataset folder in the pull format (no devices): a candidate trained from scratch
     for one epoch is worse on the original validation set, so it is refused, recorded, and not published."""
     from edgeml.errors import ConfigError
+    from edgeml.fleet.capture.label import label_dataset
     from edgeml.fleet.capture.retrain import RetrainRefused, RetrainSettings, deployed_run, retrain
     from edgeml.fleet.registry.repository import init_registry
+    from edgeml.progress import Progress
     from tests.train.capture_format import write_capture_dataset
 
     registry = init_registry(tmp_path / "registry")
@@ -275,12 +277,19 @@ def test_a_regressing_candidate_is_refused_and_nothing_is_published(trained: Tra
     assert deployed_run(registry.dir, MODEL, "1.0.0", trained.runs) == trained.base
 
     write_capture_dataset(tmp_path / "ds", _field_inputs(trained.base)[:200], model=MODEL, version="1.0.0")
+    label_dataset(tmp_path / "ds", teacher=trained.teacher)  # labeled beforehand: retrain takes those labels
     before = set(registry.targets())
     settings = RetrainSettings(model=MODEL, registry=registry.dir, capture=tmp_path / "ds", runs=tmp_path / "runs",
-                               base_run=trained.base, work=tmp_path / "work", teacher=trained.teacher,
-                               from_scratch=True, epochs=1, max_regression=0.0)
+                               base_run=trained.base, work=tmp_path / "work", from_scratch=True, epochs=1,
+                               max_regression=0.0)
     with pytest.raises(RetrainRefused, match="less accurate than the deployed model on the original validation"):
         retrain(settings)
+    lines: list[str] = []
+    progress = type("Lines", (Progress,), {"log": lambda self, line: lines.append(line)})()
+    with pytest.raises(RetrainRefused):  # a retry in the same work folder reuses the finished candidate run
+        retrain(settings, progress)
+    assert any(line.startswith("reusing the finished run") for line in lines)
+    assert len(list((tmp_path / "runs").iterdir())) == 1
     report = json.loads((tmp_path / "work" / "retrain.json").read_text())
     acc = report["accuracy"]["original_val"]
     assert acc["candidate"] < acc["deployed"] and report["refused"] and report["published"] == []
