@@ -351,6 +351,23 @@ def _load_extra(source: str, cfg: TrainingConfig) -> Loaded:
     return _load_one(source, cfg)[0]
 
 
+def _same_classes(names: list[str], extra: Loaded, source: str) -> tuple[Loaded, Finding | None]:
+    """``extra`` with its labels as indices into the base's classes, where its classes have names (image
+    folders, CSV label names) rather than indices: an extra folder that lacks a class numbers the others
+    differently."""
+    own = extra.class_names
+    if own == [str(i) for i in range(len(own))] or own == names[:len(own)]:
+        return extra, None
+    missing = [n for n in own if n not in names]
+    if missing:
+        return extra, Finding("fatal", "label-range", f"extra data {source} has classes the base data does not",
+                              missing)
+    index = np.array([names.index(n) for n in own], np.int64)
+    y = index[extra.y] if len(extra.y) else extra.y
+    return Loaded(extra.x, y, extra.ids, extra.hashes, names, extra.slices, extra.files, extra.findings,
+                  extra.split), None
+
+
 def merge_extra(base: SplitData, source: str, extra: Loaded, d: DataConfig) -> SplitData:
     """``base`` with the samples of ``extra`` (named ``source``) appended and split.
 
@@ -362,6 +379,8 @@ def merge_extra(base: SplitData, source: str, extra: Loaded, d: DataConfig) -> S
     """
     b = base.data
     findings = list(extra.findings)
+    extra, problem = _same_classes(b.class_names, extra, source)
+    findings += [problem] if problem else []
     if len(extra.x) and len(b.x) and extra.x.shape[1:] != b.x.shape[1:]:
         findings.append(Finding("fatal", "schema", f"extra data {source} has samples of shape "
                                 f"{'x'.join(map(str, extra.x.shape[1:]))}, the base data "

@@ -157,3 +157,23 @@ def test_mlp_flattens_image_inputs_and_keeps_tabular_keys(tmp_path: Path) -> Non
     import torch
 
     assert tuple(image(torch.zeros(2, 1, 4, 4)).shape) == (2, 3)  # it used to fail: mat1 and mat2 shapes ...
+
+
+def test_extra_classes_are_matched_by_name(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+
+    def table(path: Path, labels: list[str], n: int) -> None:
+        rows = ["a,b,label"] + [f"{rng.normal():.4f},{rng.normal():.4f},{labels[i % len(labels)]}" for i in range(n)]
+        path.write_text("\n".join(rows) + "\n")
+
+    table(tmp_path / "base.csv", ["cat", "dog", "owl"], 90)
+    table(tmp_path / "field.csv", ["dog", "owl"], 40)  # no cat: its own numbering would make dog 0
+    table(tmp_path / "odd.csv", ["dog", "yak"], 40)
+    raw = {"model": {"arch": "mlp"}, "data": {"source": "base.csv", "extra": ["field.csv"]}}
+    plan = plan_run(config_from_dict(raw, tmp_path))
+    field = plan.data.source_array() == "field.csv"
+    assert plan.data.data.class_names == ["cat", "dog", "owl"]
+    assert sorted(set(plan.data.data.y[field].tolist())) == [1, 2]
+    raw["data"]["extra"] = ["odd.csv"]  # type: ignore[index]
+    with pytest.raises(DataValidationError, match="has classes the base data does not: yak"):
+        plan_run(config_from_dict(raw, tmp_path))
