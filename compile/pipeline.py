@@ -226,7 +226,10 @@ class _Run:
                     diag = self._diagnose(target, built)
                 except EdgeMLError as exc:  # the verdict stands; say why there is no diagnosis
                     diag, notes = None, [*notes, f"diagnosis unavailable: {exc.message}"]
-                recovery = self._recover(target, verdict) if self.ctx.options.recover and target.quantized else None
+                try:
+                    recovery = self._recover(target, verdict) if self.ctx.options.recover and target.quantized else None
+                except EdgeMLError as exc:  # the plain verdict stands; say why the search stopped
+                    notes.append(f"--recover stopped: {exc.message}")
                 if recovery is None or recovery.built is None or recovery.verdict is None:
                     return TargetOutcome(target.name, "gate-failed", gate=verdict, diagnosis=diag, notes=notes,
                                          warnings=warnings, recovery=recovery)
