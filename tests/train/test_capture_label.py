@@ -135,3 +135,38 @@ def test_cli_label_prints_the_counts(field: tuple, tmp_path: Path) -> None:
     assert f"labeled {doc['counts']['labeled']} of 12 samples (teacher {doc['counts']['labeled']}); unlabeled " \
            f"{doc['counts']['unlabeled']} (below_min_confidence {doc['counts']['unlabeled']})" in proc.stdout
     assert f"--extra-data {ds}" in proc.stdout
+
+
+def test_retrain_pulls_from_the_capture_store_and_names_the_missing_base_run(tmp_path: Path) -> None:
+    """``--from-capture REGISTRY``: the samples are pulled (A's pull) into the work folder, their version read
+    from the provenance, and with no bundle of that version naming a run, retrain stops before training."""
+    import hashlib
+    import io
+
+    from edgeml.fleet.capture.retrain import RetrainSettings, retrain
+    from edgeml.fleet.capture.store import CaptureArchive
+    from edgeml.fleet.registry.repository import init_registry
+    from edgeml.protocol.uploads import CaptureSample, UploadBegin
+
+    registry = init_registry(tmp_path / "registry")
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(6):
+        buf = io.BytesIO()
+        np.save(buf, rng.standard_normal(3).astype(np.float32))
+        samples.append((CaptureSample(seq=i, captured_at=1.7e9 + i, shape=[3], dtype="float32", model="m",
+                                      version="1.4.0", confidence=0.3), buf.getvalue()))
+    stream = b"".join(b for _, b in samples)
+    begin = UploadBegin(device_id="cam-1", upload="u1", size=len(stream), sha256=hashlib.sha256(stream).hexdigest(),
+                        chunk=4096, samples=6, trigger="command", tag="t1")
+    db = registry.database()
+    try:
+        CaptureArchive(db, registry.dir).add("cam-1", begin, samples)
+    finally:
+        db.close()
+    settings = RetrainSettings(model="m", registry=registry.dir, capture=registry.dir, runs=tmp_path / "runs",
+                               work=tmp_path / "work", teacher=tmp_path / "none.onnx", pull={"tag": "t1"})
+    with pytest.raises(ConfigError, match="m 1.4.0 has no published bundle naming its training run"):
+        retrain(settings)
+    with np.load(tmp_path / "work" / "capture" / "samples.npz") as npz:
+        assert npz["x"].shape == (6, 3)
