@@ -16,7 +16,10 @@ digits, then broken the way real models break, with the FP32 function kept:
   diagnosis test's culprit): nothing in the weights shows it, only the activations do;
 * ``input-outlier-mlp``: input pixel 36 given 1,000x larger (the first layer's weights for it divided by
   1,000): nothing before the input can absorb a scale, so a layer must stay in float;
-* ``outlier-cnn``: the digits CNN with one channel of its first block (after BatchNorm) 1,000x larger.
+* ``outlier-cnn``: the digits CNN with one channel of its first block (after BatchNorm) 1,000x larger;
+* ``input-outlier-mobilenet-96``: the MobileNetV2-style network on 96x96x3 digits (3 epochs), its first
+  input channel given 1,000x larger (the first convolution's weights for it divided by 1,000): a model
+  large enough (0.4 ms) for its latency ratios to mean something.
 
 The MLPs have two hidden layers of 64 units (512 where the name says so, and for ``input-outlier-mlp``).
 tensorrt-int8's rows show no latency: its gate runs the QDQ ONNX in onnxruntime (a proxy), whose speed says
@@ -31,6 +34,7 @@ Usage:  python benchmarks/compile_bench.py [--quick] [--recover-only] [--out ben
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import tempfile
@@ -175,23 +179,32 @@ def _outlier_cnn(model: Any) -> None:
         model[3].weight[:, 3] /= 1000.0
 
 
-#: name -> (factory, breaker, flatten the input, input pixel scaled by 1,000 in the data)
+def _input_outlier_mobilenet(model: Any) -> None:
+    import torch
+
+    with torch.no_grad():
+        model[0][0].weight[:, 0] /= 1000.0
+
+
+#: name -> (factory, breaker, flatten the input, input pixel (or channel, for images) scaled by 1,000 in the data)
 CASES: dict[str, tuple[Any, Any, bool, int | None]] = {
     "outlier-mlp": (lambda: mlp(64, 10, (64, 64)), _outlier_mlp, True, None),
     "outlier-mlp-512": (lambda: mlp(64, 10, (512, 512)), _outlier_mlp, True, None),
     "dead-unit-mlp": (lambda: mlp(64, 10, (64, 64)), _dead_unit_mlp, True, None),
     "input-outlier-mlp": (lambda: mlp(64, 10, (512, 512)), _input_outlier_mlp, True, 36),
     "outlier-cnn": (lambda: small_cnn(), _outlier_cnn, False, None),
+    "input-outlier-mobilenet-96": (lambda: mobilenet_v2(10, 0.5), _input_outlier_mobilenet, False, 0),
 }
 
 
 def _prepare_broken(name: str, work: Path, epochs: int) -> tuple[Path, Path, Path]:
     factory, breaker, flat, pixel = CASES[name]
-    d = digits_arrays(seed=0)
+    image = name.endswith("-96")
+    d = digits_arrays(size=96, channels=3, seed=0) if image else digits_arrays(seed=0)
     x, xv = d["x_train"], d["x_val"]
     if flat:
         x, xv = x.reshape(len(x), -1), xv.reshape(len(xv), -1)
-    model = fit(factory(), x, d["y_train"], epochs=epochs, seed=0, lr=2e-3)
+    model = fit(factory(), x, d["y_train"], epochs=min(epochs, 3) if image else epochs, seed=0, lr=2e-3)
     breaker(model)
     if pixel is not None:
         x, xv = x.copy(), xv.copy()
@@ -259,10 +272,14 @@ def _how(record: dict[str, Any] | None) -> str:
 
 
 def recover_rows(work: Path, *, quick: bool, budget: float) -> list[dict[str, Any]]:
-    """Every case on onnx-int8 (and tensorrt-int8's proxy); the issue's case on tflite-int8 too (not --quick)."""
+    """Every case on onnx-int8 and (the MLPs and the CNN) tensorrt-int8's proxy; the issue's case on tflite-int8
+    too and the MobileNet case only without --quick."""
     rows: list[dict[str, Any]] = []
     for name in CASES:
-        int8 = ("onnx-int8", "tensorrt-int8") + (("tflite-int8",) if name == "outlier-mlp" and not quick else ())
+        if name.endswith("-96") and quick:
+            continue
+        int8 = ("onnx-int8",) if name.endswith("-96") else ("onnx-int8", "tensorrt-int8")
+        int8 += ("tflite-int8",) if name == "outlier-mlp" and not quick else ()
         rows += _case_rows(name, work, int8, 3 if quick else 15, budget)
     return rows
 
@@ -294,7 +311,8 @@ RECOVER_START, RECOVER_END = "<!-- recover:start -->", "<!-- recover:end -->"
 
 
 def _recover_section(rows: list[dict[str, Any]]) -> str:
-    when = f"{platform.machine()}, {platform.python_version()}, {time.strftime('%Y-%m-%d')}"
+    load = f", load average {os.getloadavg()[1]:.1f} on {os.cpu_count()} cores" if hasattr(os, "getloadavg") else ""
+    when = f"{platform.machine()}, {platform.python_version()}, {time.strftime('%Y-%m-%d')}{load}"
     return (f"{RECOVER_START}\n## --recover ({when})\n\n{recover_table(rows)}\n{RECOVER_END}\n")
 
 
