@@ -158,15 +158,17 @@ def derive(db: Database) -> None:
     """What the ingest transaction would have kept, from the rows in SQL: each device's books and totals (every
     seq from 0 is stored), its latest window, and the minute rollups per device and per version."""
     pg = db.engine.dialect.name == "postgresql"
+    # PostgreSQL: each row's json parsed once (as jsonb), not once per value; SQLite's json_extract is cheap
     num = (lambda path: f"(metrics #>> '{{{','.join(path)}}}')::float8") if pg else \
         (lambda path: f"json_extract(metrics, '$.{'.'.join(path)}')")
     text = (lambda key: f"coalesce(metrics ->> '{key}', '')") if pg else \
         (lambda key: f"coalesce(json_extract(metrics, '$.{key}'), '')")
+    rows = "(SELECT device_id, seq, received_at, metrics::jsonb AS metrics FROM telemetry) t" if pg else "telemetry"
     minute = "date_trunc('minute', received_at)" if pg else "strftime('%Y-%m-%d %H:%M:00.000000', received_at)"
     values = (f"SELECT device_id, received_at, {minute} AS bucket, {text('model')} AS model, {text('version')} AS "
               f"version, {num(['requests'])} AS req, {num(['errors'])} AS err, {num(['latency_p50_ms'])} AS p50, "
               f"{num(['latency_p99_ms'])} AS p99, {num(['error_rate'])} AS er, {num(['drift', 'score'])} AS drift "
-              "FROM telemetry")
+              f"FROM {rows}")
     sums = ("count(*), coalesce(sum(req), 0), coalesce(sum(err), 0), coalesce(sum(p50), 0), count(p50), "
             "coalesce(sum(p99), 0), count(p99), coalesce(sum(CASE WHEN req > 0 THEN p99 END), 0), "
             "count(CASE WHEN req > 0 THEN p99 END), coalesce(sum(er), 0), count(er), coalesce(sum(drift), 0), "
@@ -174,6 +176,8 @@ def derive(db: Database) -> None:
     columns = "windows, requests, errors, p50_sum, p50_n, p99_sum, p99_n, sp99_sum, sp99_n, err_sum, err_n, " \
               "drift_sum, drift_n, p99_max, drift_max, drift_last, drift_at"
     with db.transaction() as conn:
+        if pg:  # the groups in memory rather than spilled to disk (10M rows: 31 min with the default 4 MB)
+            conn.exec_driver_sql("SET LOCAL work_mem = '512MB'")
         conn.exec_driver_sql(f"INSERT INTO telemetry_device_minute (device_id, bucket, model, version, {columns}) "
                              f"SELECT device_id, bucket, model, version, {sums} FROM ({values}) x "
                              "GROUP BY device_id, bucket, model, version")
@@ -186,7 +190,7 @@ def derive(db: Database) -> None:
             "INSERT INTO telemetry_devices (device_id, contiguous_high, pending, last_seq, windows, requests, errors, "
             "first_received_at, last_received_at, latest_received_at) SELECT device_id, max(seq), 0, max(seq), "
             f"count(*), sum({num(['requests'])}), sum({num(['errors'])}), min(received_at), max(received_at), "
-            "max(received_at) FROM telemetry GROUP BY device_id")
+            f"max(received_at) FROM {rows} GROUP BY device_id")
         conn.exec_driver_sql("UPDATE telemetry_devices SET latest_metrics = (SELECT metrics FROM telemetry t WHERE "
                              "t.device_id = telemetry_devices.device_id ORDER BY received_at DESC LIMIT 1)")
         if pg:
@@ -385,6 +389,40 @@ def measure(backend: str, rows: int, base_url: str, repeat: int, rollout_devices
     return out
 
 
+def interleaved(backend: str, sizes: list[int], base_url: str, repeat: int) -> list[dict[str, Any]]:
+    """The scrape, a dashboard refresh, the devices summary and a restarted worker's highs of one store per size,
+    timed in turns (one call of each read on each store per round, ``repeat`` rounds after a warm-up one), so that
+    whatever else loads the machine weighs on every size alike: on a shared machine the flatness goal compares
+    like with like only so. Returns one result per size (medians, ms)."""
+    from contextlib import ExitStack
+
+    now = dt.datetime.now(dt.timezone.utc)
+    fleet = [f"dev-{d:05d}" for d in range(DEVICES)]
+    with ExitStack() as stack:
+        stores = []
+        for rows in sizes:
+            db, _ = stack.enter_context(fresh_store(backend, base_url))
+            fill_fleet(db, rows, now)
+            derive(db)
+            Maintenance(db, RetentionSettings(raw_s=0, minute_s=0, hour_s=0, pause_s=0)).run_once()
+            record_rollout(db, now)
+            audit, store = AuditLog(db, None), TelemetryStore(db)
+            reads = {"scrape_ms": lambda db=db: render(db),
+                     "dashboard_ms": lambda db=db, audit=audit: dashboard_refresh(db, audit),
+                     "summary_ms": store.devices_summary,
+                     "highs_ms": lambda db=db: TelemetryStore(db).contiguous_highs(fleet)}
+            stores.append((rows, reads, {k: [] for k in reads}))
+        for round_ in range(repeat + 1):
+            for _, reads, times in stores:
+                for key, fn in reads.items():
+                    began = time.perf_counter()
+                    fn()
+                    if round_:
+                        times[key].append((time.perf_counter() - began) * 1000)
+        return [{"backend": backend, "rows": rows, "interleaved": True, "load": os.getloadavg()[0],
+                 **{k: statistics.median(v) for k, v in times.items()}} for rows, _, times in stores]
+
+
 def ingest_during_retention(backend: str, base_url: str, backlog: int) -> dict[str, Any]:
     """:func:`ingest_bench.measure` on a store with ``backlog`` rows past the retention, maintenance looping."""
     with fresh_store(backend, base_url) as (db, url):
@@ -492,6 +530,8 @@ def main() -> None:
     parser.add_argument("--rollout-devices", type=int, default=10_000)
     parser.add_argument("--ingest", action="store_true", help="also measure ingestion while retention runs")
     parser.add_argument("--ingest-only", action="store_true", help="measure only ingestion while retention runs")
+    parser.add_argument("--interleaved", action="store_true",
+                        help="only the four fleet reads, every size's store filled first and timed in turns")
     parser.add_argument("--backlog", type=int, default=300_000, help="rows past the retention for --ingest")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="LOG",
@@ -506,6 +546,10 @@ def main() -> None:
         results.sort(key=lambda r: (r["backend"], r["rows"]))
         args.backends = []  # measured already
     for backend in [b for b in args.backends if b == "sqlite" or _reachable(args.db_url)]:
+        if args.interleaved:
+            for result in interleaved(backend, sorted(args.rows), args.db_url, args.repeat):
+                print(json.dumps(result), flush=True)
+            continue
         for rows in [] if args.ingest_only else sorted(args.rows):
             result = measure(backend, rows, args.db_url, args.repeat, args.rollout_devices)
             print(json.dumps(result, default=str), flush=True)
