@@ -60,6 +60,7 @@ class Candidate:
     drop: float | None = None
     passed: bool | None = None
     error: str | None = None
+    metric: str = ""  # the gate's metric, once judged
 
     @property
     def label(self) -> str:
@@ -76,7 +77,10 @@ class Candidate:
         if self.error:
             return f"{self.stage}: {self.label}: {self.error}"
         verdict = "PASSES" if self.passed else "fails"
-        drop = f", drop {self.drop:.2f}" if self.drop is not None and math.isfinite(self.drop) else ""
+        word = "max error" if self.metric == "max-error" else "drop"
+        drop = f", {word} {self.drop:.4g}" if self.drop is not None and math.isfinite(self.drop) else ""
+        if self.metric != "max-error" and drop:
+            drop = f", drop {self.drop:.2f}"
         return f"{self.stage}: {self.label}: {verdict}{drop}"
 
 
@@ -301,7 +305,7 @@ class Recovery:
                 cand.error, cand.passed = f"error: {exc.message}", False
                 self.ctx.progress.log(f"  {cand.line()}")
                 return False
-        cand.drop, cand.passed = verdict.drop, verdict.passed
+        cand.drop, cand.passed, cand.metric = verdict.drop, verdict.passed, verdict.metric
         self.ctx.progress.log(f"  {cand.line()}")
         if verdict.passed:
             self._passing[frozenset(cand.float_nodes)] = (cand, built, verdict, compiled)
