@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import queue
 import ssl
 import threading
 import time
@@ -37,42 +36,27 @@ from edgeml.edge_agent.capabilities import Capabilities, detect
 from edgeml.edge_agent.capture_upload import CaptureUploader
 from edgeml.edge_agent.config import AgentConfig
 from edgeml.edge_agent.device_messages import (
-    ack_seq,
-    device_event,
     publish_event,
     publish_state,
-    rollback_reason,
     set_last_will,
     state_message,
-    update_event,
-    update_request,
 )
 from edgeml.edge_agent.host import SystemdNotifier, clock_synced
 from edgeml.edge_agent.serving import FeedSpec, ModelHost
+from edgeml.edge_agent.session import DeviceSession, SessionPolicy
 from edgeml.edge_agent.telemetry_loop import TelemetryLoop
-from edgeml.edge_agent.update.machine import UpdateMachine
-from edgeml.edge_agent.update.states import State
-from edgeml.edge_agent.update.store import UpdateRecord, UpdateRequest
 from edgeml.errors import ConfigError, EdgeMLError
 from edgeml.protocol import (
-    Cause,
     Command,
     DeviceEvent,
     DriftEvent,
-    PongEvent,
-    ProtocolError,
-    RejectedEvent,
-    RollbackEvent,
     device_topic,
-    parse,
     tcp_no_delay,
 )
 
 if TYPE_CHECKING:  # imported when the first update comes (python-tuf and its stack cost memory)
-    from pathlib import Path
 
-    from edgeml.edge_agent.mqtt_fetcher import MqttFetcher
-    from edgeml.edge_agent.tuf_client import TufClient, VerifiedBundle
+    pass
 
 __all__ = ["Agent"]
 
@@ -102,22 +86,24 @@ class Agent:
         self.client = self._mqtt_client()
         self.telemetry = TelemetryLoop(self, self.state_dir)  # the host's telemetry sink and drift sampler
         self.uploads = CaptureUploader(self, self.state_dir)  # captured samples to the fleet (capture command)
-        self.machine = UpdateMachine(self.state_dir, self.host, self._fetch, drift=self.telemetry.drift_score,
-                                     on_transition=self._on_transition, threads=config.threads,
-                                     output_shift=self.telemetry.output_shift_score,
-                                     fetch_delta=self._fetch_delta if self.capabilities.deltas else None)
+        self._connected = threading.Event()
+        policy = SessionPolicy(
+            trusted_root=config.bootstrap.tuf_root, capabilities=lambda: self.capabilities, send_event=self.send_event,
+            publish_state=self._publish_state, on_ack=self.telemetry.on_ack, on_capture=self.uploads.handle,
+            clock_synced=lambda: bool(self._clock_check()))
+        self.session = DeviceSession(self.device_id, self.state_dir, self.client, self._connected, self.host, policy,
+                                     drift=self.telemetry.drift_score, output_shift=self.telemetry.output_shift_score,
+                                     threads=config.threads)
+        self.machine = self.session.machine
         self.notifier = SystemdNotifier()
         self.api: LocalAPI | None = None
-        self._fetcher: MqttFetcher | None = None
-        self._updates: queue.Queue[tuple[Command | None, UpdateRequest | None]] = queue.Queue()
-        self._deferred: list[tuple[Command, UpdateRequest]] = []
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._connected = threading.Event()
-        self._reject_lock = threading.Lock()
-        self._rejected_at = -1e9
-        self._rejected_quiet = 0
-        self.updating = False
+
+    @property
+    def updating(self) -> bool:
+        """Whether an update is running (or queued)."""
+        return self.session.updating
 
     def _detected(self) -> Capabilities:
         """This device's capabilities, with only the runtimes the config offers."""
@@ -153,17 +139,16 @@ class Agent:
         boot = self.config.bootstrap
         self.client.connect_async(boot.host, boot.port, keepalive=30)
         self.client.loop_start()
-        for target in (self._update_worker, self._tick_worker):
-            thread = threading.Thread(target=target, name=f"edgeml-{target.__name__.strip('_')}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
-        self._updates.put((None, None))  # resume an interrupted update first
+        thread = threading.Thread(target=self._tick_worker, name="edgeml-tick-worker", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+        self.session.resume()  # an interrupted update first
         self.notifier.notify("READY=1")
 
     def stop(self) -> None:
         """Stop everything; the state on disk stays consistent (an update resumes at the next start)."""
         self._stop.set()
-        self._updates.put((None, None))
+        self.session.close()
         if self.api is not None:
             self.api.stop()
         self.uploads.stop()
@@ -252,7 +237,8 @@ class Agent:
         client.reconnect_delay_set(1, 30)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
-        client.message_callback_add(device_topic(self.device_id, "commands"), self._on_command)
+        client.message_callback_add(device_topic(self.device_id, "commands"),
+                                    lambda *args: self.session.on_command(*args))
         return client
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
@@ -280,125 +266,9 @@ class Agent:
         if isinstance(event, DriftEvent):
             self.uploads.on_drift(event)
 
-    def _on_command(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        try:
-            command = parse("command", bytes(msg.payload))
-            assert isinstance(command, Command)
-            self.handle(command)
-        except ProtocolError as exc:
-            self._reject(str(exc))
-        except Exception:  # a bug must not take the agent down; it is logged with its traceback
-            _log.exception("command handling failed")
-            self._reject("internal error")
-
-    def _reject(self, reason: str) -> None:
-        """Log and report a rejected command; at most one event per second (a flood is counted, not echoed)."""
-        now = time.monotonic()
-        with self._reject_lock:
-            if now - self._rejected_at < 1.0:
-                self._rejected_quiet += 1
-                return
-            quiet, self._rejected_quiet, self._rejected_at = self._rejected_quiet, 0, now
-        _log.warning("rejected a command: %s%s", reason, f" ({quiet} more since the last report)" if quiet else "")
-        self.send_event(device_event(RejectedEvent, self.device_id, reason=reason[:500], suppressed=quiet))
-
     def handle(self, command: Command) -> None:
         """Act on one validated command (called on the MQTT thread; never blocks on an update)."""
-        if command.type == "telemetry-ack":
-            self.telemetry.on_ack(ack_seq(command))
-        elif command.type == "ping":
-            self.send_event(device_event(PongEvent, self.device_id, id=command.id))
-        elif command.type == "update":
-            self._accept_update(command)
-        elif command.type == "rollback":
-            accepted = self.machine.request_rollback(rollback_reason(command))
-            self.send_event(device_event(RollbackEvent, self.device_id, id=command.id, accepted=accepted))
-        elif command.type in ("capture", "upload-ack"):  # the counts, and uploads (capture_upload.py)
-            self.uploads.handle(command)
-
-    def _accept_update(self, command: Command) -> None:
-        request = update_request(command)
-        runtime = command.args.get("runtime")
-        why = self.capabilities.incompatibility(runtime) if isinstance(runtime, dict) else None
-        if why is not None:
-            self._update_event(request, "incompatible", why, Cause.INCOMPATIBLE)
-            return
-        if not self._clock_check():
-            self._deferred.append((command, request))
-            self._update_event(request, "deferred", "clock unsynced", Cause.CLOCK)
-            return
-        self._updates.put((command, request))
-
-    def _update_event(self, request: UpdateRequest, state: str, reason: str, cause: Cause) -> None:
-        self.send_event(update_event(self.device_id, request, state, reason=reason, cause=cause.value))
-
-    # --- updates ---------------------------------------------------------------------------------------
-
-    def _ensure_fetcher(self) -> MqttFetcher:
-        from edgeml.edge_agent.mqtt_fetcher import MqttFetcher
-
-        if self._fetcher is None:
-            if not self._connected.wait(30):
-                raise EdgeMLError("not connected to the broker; the download will be retried")
-            self._fetcher = MqttFetcher(self.client, self.device_id, timeout=30,
-                                        partial_dir=self.state_dir / "partial")
-        return self._fetcher
-
-    def _tuf(self) -> TufClient:
-        from edgeml.edge_agent.mqtt_fetcher import METADATA_URL, TARGETS_URL
-        from edgeml.edge_agent.tuf_client import TufClient
-
-        return TufClient(self.config.bootstrap.tuf_root, self.state_dir / "tuf", self.state_dir / "downloads",
-                         METADATA_URL, TARGETS_URL, fetcher=self._ensure_fetcher())
-
-    def _fetch(self, name: str, version: str, target: str) -> VerifiedBundle:
-        return self._tuf().fetch(name, version, target)
-
-    def _fetch_delta(self, name: str, version: str, target: str, base: str, slot: Path) -> VerifiedBundle:
-        return self._tuf().fetch_delta(name, version, target, base, slot)
-
-    def _update_worker(self) -> None:
-        while not self._stop.is_set():
-            command, request = self._updates.get()
-            if self._stop.is_set():
-                return
-            self.updating = True
-            try:
-                if request is None:
-                    self.machine.resume()
-                else:
-                    assert command is not None
-                    self._listen_broadcast(command)
-                    self.machine.start(request)
-            except ConfigError as exc:  # another update is in progress
-                if request is not None:
-                    self._update_event(request, "busy", exc.message, Cause.BUSY)
-            except Exception:
-                _log.exception("the update worker failed")
-            finally:
-                self.updating = False
-                self._publish_state()
-
-    def _listen_broadcast(self, command: Command) -> None:
-        hint = command.args.get("broadcast")
-        if not isinstance(hint, dict):
-            if self._fetcher is not None:
-                self._fetcher.broadcast = None
-            return
-        rollout, path = hint.get("rollout"), hint.get("path")
-        if isinstance(rollout, str) and isinstance(path, str):
-            try:
-                fetcher = self._ensure_fetcher()
-                fetcher.broadcast = rollout
-                fetcher.listen(rollout, path)
-            except Exception as exc:  # only a hint: the fetch falls back to get requests
-                _log.warning("cannot listen to broadcast %s: %s", rollout, exc)
-
-    def _on_transition(self, record: UpdateRecord, frm: State | None, event: str, to: State) -> None:
-        self.send_event(update_event(self.device_id, record, to.value, event=event, reason=record.reason,
-                                 cause=record.cause))
-        if to in (State.SWITCH, State.COMMITTED, State.ROLLED_BACK, State.FAILED):
-            self._publish_state()
+        self.session.handle(command)
 
     # --- periodic work ---------------------------------------------------------------------------------
 
@@ -407,10 +277,7 @@ class Agent:
         next_report = time.monotonic() + self.config.telemetry_interval_s
         while not self._stop.wait(interval):
             self.notifier.notify("WATCHDOG=1")
-            if self._deferred and self._clock_check():
-                deferred, self._deferred = self._deferred, []
-                for item in deferred:
-                    self._updates.put(item)
+            self.session.retry_deferred()
             if time.monotonic() >= next_report:
                 next_report += self.config.telemetry_interval_s
                 try:

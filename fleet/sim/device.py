@@ -20,37 +20,24 @@ import paho.mqtt.client as mqtt
 from edgeml.bundle import MANIFEST_NAME, Manifest
 from edgeml.edge_agent import serving
 from edgeml.edge_agent.device_messages import (
-    ack_seq,
     device_event,
     publish_event,
     publish_state,
-    rollback_reason,
     set_last_will,
     state_message,
-    update_event,
-    update_request,
 )
-from edgeml.edge_agent.mqtt_fetcher import METADATA_URL, TARGETS_URL, MqttFetcher
 from edgeml.edge_agent.outbox import Outbox
 from edgeml.edge_agent.runtimes.base import Runtime, open_runtime
+from edgeml.edge_agent.session import DeviceSession, SessionPolicy
 from edgeml.edge_agent.telemetry import Aggregator, TelemetrySender
-from edgeml.edge_agent.tuf_client import TufClient, VerifiedBundle
-from edgeml.edge_agent.update.machine import UpdateMachine
-from edgeml.edge_agent.update.states import State
-from edgeml.edge_agent.update.store import UpdateRecord, UpdateRequest
-from edgeml.errors import ConfigError, EdgeMLError, RuntimeBackendError
+from edgeml.edge_agent.update.store import UpdateRecord
+from edgeml.errors import EdgeMLError, RuntimeBackendError
 from edgeml.fleet.sim.knobs import DeviceProfile
 from edgeml.protocol import (
     CaptureEvent,
-    Cause,
     Command,
     DeviceEvent,
-    PongEvent,
-    ProtocolError,
-    RejectedEvent,
-    RollbackEvent,
     device_topic,
-    parse,
 )
 
 if TYPE_CHECKING:
@@ -176,9 +163,6 @@ class SimDevice:
         self.state_dir = (sim.workdir / self.device_id).absolute()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.host = serving.ModelHost([self._observe])
-        self.machine = UpdateMachine(self.state_dir, self.host, self._fetch, clock=sim.clock, drift=self.drift,
-                                     on_transition=self._on_transition, poll_s=sim.knobs.poll_s,
-                                     runtimes=self.open_runtime)
         self.aggregator = Aggregator()
         self.outbox = Outbox(self.state_dir / "telemetry.sqlite", self.device_id)
         self.client = self._mqtt_client()
@@ -186,11 +170,15 @@ class SimDevice:
         self.connected = threading.Event()
         self.subscribed = threading.Event()  # the broker confirmed the commands subscription
         self._commands_mid = -1
-        self.updating = False
-        self.outcomes: list[dict[str, Any]] = []  # terminal update events, in order
-        self._fetcher: MqttFetcher | None = None
-        self._pending: list[tuple[Command, UpdateRequest]] = []
-        self._lock = threading.Lock()
+        self.outcomes: list[dict[str, Any]] = []  # terminal update records (as dicts), in order
+        policy = SessionPolicy(trusted_root=sim.root, capabilities=lambda: profile.capabilities,
+                               send_event=self.send_event, publish_state=self.publish_state, on_ack=self.sender.on_ack,
+                               on_capture=self._on_capture, fetch_gate=lambda: sim.fetch_slots, stopped=(_Stopped,),
+                               on_outcome=self._on_outcome)
+        self.session = DeviceSession(self.device_id, self.state_dir, self.client, self.connected, self.host, policy,
+                                     clock=sim.clock, drift=self.drift, poll_s=sim.knobs.poll_s,
+                                     runtimes=self.open_runtime)
+        self.machine = self.session.machine
         self._inputs: tuple[str, dict[str, np.ndarray]] | None = None
         self._row = 0
         self._owed = 0.0
@@ -204,7 +192,8 @@ class SimDevice:
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.on_disconnect = lambda *a: self.connected.clear()
-        client.message_callback_add(device_topic(self.device_id, "commands"), self._on_command)
+        client.message_callback_add(device_topic(self.device_id, "commands"),
+                                    lambda *args: self.session.on_command(*args))
         return client
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
@@ -224,6 +213,11 @@ class SimDevice:
         self.publish_state()
         self.sender.on_connect()
 
+    @property
+    def updating(self) -> bool:
+        """Whether an update is running (or queued)."""
+        return self.session.updating
+
     def status(self) -> str:
         """``updating``, ``serving`` or ``idle``, as the agent reports it."""
         return "updating" if self.updating else "serving" if self.host.active is not None else "idle"
@@ -237,113 +231,20 @@ class SimDevice:
         """Publish an event on the device's events topic (None: nothing)."""
         publish_event(self.client, event)
 
-    # --- commands -----------------------------------------------------------------------------------------
-
-    def _on_command(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        try:
-            command = parse("command", bytes(msg.payload))
-            assert isinstance(command, Command)
-            self.handle(command)
-        except ProtocolError as exc:
-            self.send_event(device_event(RejectedEvent, self.device_id, reason=str(exc)[:500], suppressed=0))
-        except Exception:
-            _log.exception("%s: command handling failed", self.device_id)
-            self.send_event(device_event(RejectedEvent, self.device_id, reason="internal error", suppressed=0))
+    # --- what the session leaves to it ---------------------------------------------------------------------
 
     def handle(self, command: Command) -> None:
-        """Act on one validated command, as the agent does (never blocks on an update).
+        """Act on one validated command, as the agent does (never blocks on an update)."""
+        self.session.handle(command)
 
-        Raises:
-            ProtocolError: Its arguments are malformed.
-        """
-        if command.type == "telemetry-ack":
-            self.sender.on_ack(ack_seq(command))
-        elif command.type == "ping":
-            self.send_event(device_event(PongEvent, self.device_id, id=command.id))
-        elif command.type == "update":
-            self._accept_update(command)
-        elif command.type == "rollback":
-            accepted = self.machine.request_rollback(rollback_reason(command))
-            self.send_event(device_event(RollbackEvent, self.device_id, id=command.id, accepted=accepted))
-        elif command.type == "capture":
+    def _on_capture(self, command: Command) -> None:
+        if command.type == "capture":  # a simulated device captures nothing
             self.send_event(device_event(CaptureEvent, self.device_id, id=command.id, entries=0, bytes=0))
 
-    def _accept_update(self, command: Command) -> None:
-        request = update_request(command)
-        runtime = command.args.get("runtime")
-        why = self.profile.capabilities.incompatibility(runtime) if isinstance(runtime, dict) else None
-        if why is not None:
-            self._update_event(request, "incompatible", why, Cause.INCOMPATIBLE)
-            return
-        with self._lock:
-            self._pending.append((command, request))
-            if self.updating:
-                return
-            self.updating = True
-        threading.Thread(target=self._update_worker, name=f"sim-update-{self.device_id}", daemon=True).start()
-
-    def _update_event(self, request: UpdateRequest, state: str, reason: str, cause: Cause) -> None:
-        self.send_event(update_event(self.device_id, request, state, reason=reason, cause=cause.value))
-
-    # --- updates ----------------------------------------------------------------------------------------
-
-    def _update_worker(self) -> None:
-        while True:
-            with self._lock:
-                if not self._pending or self.sim.stopping.is_set():
-                    self._pending.clear()
-                    self.updating = False
-                    break
-                command, request = self._pending.pop(0)
-            try:
-                self._listen_broadcast(command)
-                self.machine.start(request)
-            except ConfigError as exc:
-                self._update_event(request, "busy", exc.message, Cause.BUSY)
-            except _Stopped:  # the record resumes the update if this state directory is used again
-                break
-            except Exception:
-                _log.exception("%s: the update failed", self.device_id)
-        self.publish_state()
-
-    def _ensure_fetcher(self) -> MqttFetcher:
-        if self._fetcher is None:
-            if not self.connected.wait(30):
-                raise EdgeMLError("not connected to the broker; the download will be retried")
-            self._fetcher = MqttFetcher(self.client, self.device_id, timeout=30, partial_dir=self.state_dir / "partial")
-        return self._fetcher
-
-    def _listen_broadcast(self, command: Command) -> None:
-        hint = command.args.get("broadcast")
-        if not isinstance(hint, dict):
-            if self._fetcher is not None:
-                self._fetcher.broadcast = None
-            return
-        rollout, path = hint.get("rollout"), hint.get("path")
-        if isinstance(rollout, str) and isinstance(path, str):
-            try:
-                fetcher = self._ensure_fetcher()
-                fetcher.broadcast = rollout
-                fetcher.listen(rollout, path)
-            except Exception as exc:  # only a hint: the fetch falls back to get requests
-                _log.warning("%s: cannot listen to broadcast %s: %s", self.device_id, rollout, exc)
-
-    def _fetch(self, name: str, version: str, target: str) -> VerifiedBundle:
-        with self.sim.fetch_slots:
-            tuf = TufClient(self.sim.root, self.state_dir / "tuf", self.state_dir / "downloads", METADATA_URL,
-                            TARGETS_URL, fetcher=self._ensure_fetcher())
-            return tuf.fetch(name, version, target)
-
-    def _on_transition(self, record: UpdateRecord, frm: State | None, event: str, to: State) -> None:
-        doc = {"id": record.id, "rollout": record.rollout, "model": record.model, "version": record.version,
-               "target": record.target, "state": to.value, "event": event, "reason": record.reason,
-               "cause": record.cause}
-        self.send_event(update_event(self.device_id, record, to.value, event=event, reason=record.reason,
-                                 cause=record.cause))
-        if to in (State.COMMITTED, State.ROLLED_BACK, State.FAILED):
-            self.outcomes.append(doc)
-        if to in (State.SWITCH, State.COMMITTED, State.ROLLED_BACK, State.FAILED):
-            self.publish_state()
+    def _on_outcome(self, record: UpdateRecord) -> None:
+        self.outcomes.append({"id": record.id, "rollout": record.rollout, "model": record.model,
+                              "version": record.version, "target": record.target, "state": record.state,
+                              "reason": record.reason, "cause": record.cause})
 
     def open_runtime(self, name: str, model_path: str | Path, *, threads: int = 0, **options: Any) -> Runtime:
         """This device's runtime factory (the update machine's): the stand-in or the runtime the bundle names,
@@ -446,6 +347,7 @@ class SimDevice:
 
     def close(self) -> None:
         """Say offline, disconnect and release everything (the state directory stays)."""
+        self.session.close(timeout=0)
         self.publish_state("offline")
         self.client.disconnect()
         self.host.close()

@@ -2,7 +2,8 @@
 
 Every simulated device is its own MQTT connection (all of a process's connections driven by one
 :class:`~edgeml.fleet.sim.mqtt_pool.ClientPool` thread) with its own state directory, TUF metadata, telemetry
-outbox and update record, and it answers commands as :class:`~edgeml.edge_agent.agent.Agent` does: a
+outbox and update record, and it answers commands through the agent's own
+:class:`~edgeml.edge_agent.session.DeviceSession` (the same code, with a :class:`SessionPolicy` of its own): a
 retained ``State`` (with a last will ``offline``), ``update`` commands run through the real
 :class:`~edgeml.edge_agent.update.machine.UpdateMachine` (download over :class:`MqttFetcher` with the
 broadcast hint, TUF and bundle verification, staging into A/B slots, golden-vector smoke test, switch,
@@ -21,10 +22,11 @@ What differs from the agent, on purpose:
   latency is recorded (see :meth:`SimDevice.serve`); the smoke test's latency baseline does sleep.
 * Drift is not computed from inputs: a device chosen to drift reports ``drift_score`` (flagged) for the
   misbehaving versions and 0 otherwise, to the health judge and in telemetry.
-* Updates run in a thread per updating device (not one idle worker per device); commands are handled on
-  the pool's network thread; rejected commands are reported without the agent's rate limit; a dropped
-  connection is not re-established; the clock counts as synchronised; no local HTTP API, capture store or
-  systemd notification.
+* Its session policy: downloads at once are bounded per process (``fetch_slots``); the clock counts as
+  synchronised; ``capture`` answers that nothing was captured; an update's end is also kept in
+  :attr:`SimDevice.outcomes`; stopping the simulator stops an update where it is (its record resumes it).
+  Commands are handled on the pool's network thread; a dropped connection is not re-established; no local
+  HTTP API, capture store or systemd notification.
 
 Misbehaviour is chosen deterministically (:class:`Knobs`): for each knob, exactly ``round(fraction * n)``
 devices, the first ones in an order given by a seeded hash of their index, misbehave on the versions named

@@ -224,3 +224,60 @@ def test_cli_root_imports_only_thin_cli_modules_at_top_level() -> None:
     top += [a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names if _is_forbidden(a.name)]
     assert top, "edgeml/cli.py mounts no package command"
     assert all(m.endswith(".cli") for m in top), top
+
+
+_MUTATORS = {"setdefault", "update", "append", "extend", "insert", "pop", "popitem", "clear", "remove", "__setitem__"}
+
+
+def patched_globals(source: str) -> list[str]:
+    """What a module changes of the edgeml modules it imports: ``module.name = ...`` anywhere, and at import
+    time ``name[...] = ...`` or ``name.setdefault(...)`` (and other mutators) on a name imported from one.
+    (The standard library is left alone: onnx2tf's worker process cuts its own network off on purpose.)"""
+    tree = ast.parse(source)
+    modules, imported = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules |= {a.asname or a.name for a in node.names if a.name.startswith("edgeml")}
+        elif isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("edgeml")):
+            imported |= {a.asname or a.name for a in node.names}
+    found = []
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else \
+            [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+        for t in targets:
+            if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and \
+                    (t.value.id in modules or t.value.id in imported and t.value.id[:1].islower()):
+                found.append(f"{t.value.id}.{t.attr} = ...")
+    for stmt in tree.body:  # import-time mutations of another module's containers
+        for node in ast.walk(stmt):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _MUTATORS \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id in imported:
+                found.append(f"{node.func.value.id}.{node.func.attr}(...)")
+            if isinstance(node, ast.Assign):
+                found += [f"{t.value.id}[...] = ..." for t in node.targets
+                          if isinstance(t, ast.Subscript) and isinstance(t.value, ast.Name) and t.value.id in imported]
+    return found
+
+
+@pytest.mark.parametrize(("source", "expected"), [
+    ("from edgeml.edge_agent import serving\nserving.open_runtime = f", ["serving.open_runtime = ..."]),
+    ("import edgeml.edge_agent.serving as s\ndef f():\n    s.x = 1", ["s.x = ..."]),
+    ("import socket\nsocket.getaddrinfo = f", []),
+    ("from edgeml.edge_agent.runtimes.base import RUNTIMES\nRUNTIMES.setdefault('sim', 'x')",
+     ["RUNTIMES.setdefault(...)"]),
+    ("from edgeml.edge_agent.runtimes.base import RUNTIMES\nRUNTIMES['sim'] = 'x'", ["RUNTIMES[...] = ..."]),
+    ("from x import y\ndef f(self):\n    self.a = 1\n    local = {}\n    local.update(y)", []),
+])
+def test_patched_globals_finder(source: str, expected: list[str]) -> None:
+    assert patched_globals(source) == expected
+
+
+def test_no_product_module_patches_another_modules_globals() -> None:
+    """The simulator once replaced serving.open_runtime for everyone and added itself to the runtime registry at
+    import; behaviour comes in through parameters (the update machine's ``runtimes``, a session's policy)."""
+    offenders = {}
+    for folder in ("edgeml", "edge_agent", "fleet", "compile", "train"):
+        for f in sorted((REPO_ROOT / folder).rglob("*.py")):
+            if found := patched_globals(f.read_text(encoding="utf-8")):
+                offenders[str(f.relative_to(REPO_ROOT))] = found
+    assert offenders == {}

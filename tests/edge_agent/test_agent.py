@@ -286,7 +286,7 @@ def test_fuzzed_commands_never_crash_the_agent(fleet: Fleet, make_agent: AgentFa
     @given(st.one_of(st.binary(max_size=300), _COMMAND_FIELDS.map(lambda d: json.dumps(d).encode())))
     def fuzz(payload: bytes) -> None:
         count["n"] += 1
-        agent._on_command(agent.client, None, _Message(payload))  # type: ignore[arg-type]
+        agent.session.on_command(agent.client, None, _Message(payload))  # type: ignore[arg-type]
 
     fuzz()
     for payload in (b"x" * 100_000, b"\xff\xfe", b"[]", b'{"schema": "edgeml.command/9"}'):  # through the broker

@@ -81,7 +81,7 @@ def test_twenty_devices_commit_from_a_broadcast(fleet: Fleet) -> None:
         assert {e["state"] for e in ends.values()} == {"committed"}
         for device in sim.devices:
             assert fleet.operator.states_of(device.device_id, ends[device.device_id]["id"]) == CHAIN
-            assert device._fetcher is not None and device._fetcher.stats["broadcast_bytes"] > 300_000
+            assert device.session._fetcher is not None and device.session._fetcher.stats["broadcast_bytes"] > 300_000
             assert (device.state_dir / "tuf" / "timestamp.json").is_file()  # its own trusted metadata
         fleet.operator.wait_for(lambda s: all(s.states.get(d.device_id, {}).get("version") == "1.0.0"
                                               and s.states[d.device_id]["status"] == "serving"
