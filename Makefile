@@ -57,6 +57,8 @@ bench: install services
 	# which ONNX op types each target supports, measured; rewrites the table in docs/compile.md (~30 min on 2 cores)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/op_table.py --out benchmarks/results-ops.md --docs docs/compile.md
 	$(PY) benchmarks/distribution_bench.py --out benchmarks/results-distribution.md
+	# captured samples uploaded to the fleet vs raw MQTT publishes of the same bytes
+	$(PY) benchmarks/capture_bench.py --out benchmarks/results-capture.md
 	# delta updates of a MobileNet-style model: head-only, last block, full fine-tune, re-calibration (~15 min)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/delta_bench.py --out benchmarks/results-delta.md
 	$(PY) benchmarks/agent_bench.py --out benchmarks/results-agent.md
