@@ -1,14 +1,14 @@
 """A detector's broken release stopped by the output shift, with the real fleet (issue 13, point 3).
 
 A small text detector (no class scores: tests/edge_agent/test_output_shift.py's) is compiled by ``compile_model``
-(ONNX Runtime INT8, gated), 1.0.0 and a 2.0.0 whose export scales every output by 0.1 (the compile gate passes
-it: it matches its own source), both published in a signed registry (SQLite, then the local PostgreSQL). The
-fleet runs as a deployment would: this process runs ``dist``, ``ingest`` and ``web``, and ``edgeml fleet serve
---role controller`` runs as a subprocess; a real Mosquitto carries everything to a real agent, fed images by an application thread. The
-controller rolls out 1.0.0, then 2.0.0: the agent's outputs on 2.0.0 move away from the reference statistics, it
-rolls back on cause ``output_shift`` (or the controller, reading the same shift from the telemetry rollups,
-aborts first and tells it to roll back: both orders are legitimate and both end here), the rollout aborts on the
-output-shift rule, and the fleet's API, dashboard data and ``/metrics`` show the shift of 2.0.0.
+(ONNX Runtime INT8, gated), 1.0.0 and a 2.0.0 whose export scales every output by 0.1 (the compile gate passes it:
+it matches its own source), both published in a signed registry (SQLite, then the local PostgreSQL). The fleet runs
+as a deployment would: this process runs ``dist``, ``ingest`` and ``web``, and ``edgeml fleet serve --role
+controller`` runs as a subprocess; a real Mosquitto carries everything to a real agent, fed images by an application
+thread. The controller rolls out 1.0.0, then 2.0.0: the agent's outputs on 2.0.0 move away from the reference
+statistics, it rolls back on cause ``output_shift`` (or the controller, reading the same shift from the telemetry
+rollups, aborts first and tells it to roll back: both orders are legitimate and both end here), the rollout aborts
+on the output-shift rule, and the fleet's API, dashboard data and ``/metrics`` show the shift of 2.0.0.
 """
 
 from __future__ import annotations
