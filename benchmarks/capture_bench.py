@@ -44,7 +44,7 @@ from edgeml.edge_agent.capture_upload import CaptureUploader, UploadSettings
 from edgeml.fleet.capture.receiver import ReceiverSettings, UploadReceiver
 from edgeml.fleet.store.db import Database
 from edgeml.protocol import Command, device_topic
-from edgeml.protocol.uploads import CaptureArgs
+from edgeml.protocol.messages import CaptureArgs
 from tests.fleet.mosquitto import anonymous_mosquitto
 
 DEVICE = "bench-cam"

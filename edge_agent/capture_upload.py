@@ -1,6 +1,6 @@
 """Uploads of the captured samples to the fleet: chunked, rate-bounded, resumable, deleted only once acknowledged.
 
-A ``capture`` command with ``upload`` (:class:`~edgeml.protocol.uploads.CaptureArgs`), or a drift alert when the
+A ``capture`` command with ``upload`` (:class:`~edgeml.protocol.messages.CaptureArgs`), or a drift alert when the
 fleet turned drift uploads on, files a *request*: upload the samples the store holds now (at most
 ``max_samples``). The worker thread cuts the request into *sessions* of at most ``max_upload_bytes``, each a
 stream of samples (:func:`~edgeml.protocol.uploads.pack_samples`) sent on the device's ``uploads`` topic as a
@@ -34,12 +34,11 @@ from edgeml.edge_agent.capture import CaptureEntry, CaptureStore
 from edgeml.edge_agent.device_messages import device_event
 from edgeml.errors import ConfigError
 from edgeml.fsutil import atomic_write_bytes
-from edgeml.protocol import CaptureEvent, Command, DriftEvent, ProtocolError, device_topic
+from edgeml.protocol import CaptureArgs, CaptureEvent, Command, DriftEvent, ProtocolError, device_topic
 from edgeml.protocol.uploads import (
     MAX_CHUNK,
     MAX_SAMPLES,
     MAX_UPLOAD_BYTES,
-    CaptureArgs,
     CaptureSample,
     UploadAck,
     UploadBegin,

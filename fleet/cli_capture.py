@@ -148,7 +148,8 @@ def capture_request_command(
     """Ask devices to upload their captured samples (a ``capture`` command each); the fleet server stores them."""
     from edgeml.fleet.capture.request import send_capture
     from edgeml.fleet.cli import _broker_password, _tls_context
-    from edgeml.protocol.uploads import MAX_SAMPLES, CaptureArgs
+    from edgeml.protocol.messages import CaptureArgs
+    from edgeml.protocol.uploads import MAX_SAMPLES
 
     args = CaptureArgs(upload=not no_upload, tag=tag, max_samples=max_samples or MAX_SAMPLES, bytes_per_s=rate,
                        drift=drift)

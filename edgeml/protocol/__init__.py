@@ -59,6 +59,7 @@ from edgeml.protocol.messages import (
     COMMAND_TYPES,
     MAX_DIST_CHUNK,
     MAX_REPLY_DATA,
+    CaptureArgs,
     Command,
     DistInfo,
     Kind,
@@ -87,7 +88,7 @@ from edgeml.protocol.topics import (
     tcp_no_delay,
     validate_device_id,
 )
-from edgeml.protocol.uploads import CaptureArgs, CaptureSample, UploadAck, UploadBegin, UploadChunk, decode_frame
+from edgeml.protocol.uploads import CaptureSample, UploadAck, UploadBegin, UploadChunk, decode_frame
 
 Message = Command | Request | Reply | Telemetry | State | DistInfo | DeviceEvent
 

@@ -23,10 +23,11 @@ from edgeml.protocol.codec import (
 )
 from edgeml.protocol.events import EVENT_TYPES
 from edgeml.protocol.topics import is_reply_topic, validate_device_id
-from edgeml.protocol.uploads import UPLOAD_TYPES
+from edgeml.protocol.uploads import MAX_SAMPLES, UPLOAD_TYPES
 
 __all__ = [
     "COMMAND_TYPES",
+    "CaptureArgs",
     "MAX_DIST_CHUNK",
     "MAX_REPLY_DATA",
     "Command",
@@ -391,3 +392,57 @@ def parse(kind: Kind | str, payload: bytes | bytearray) -> Any:
         return cls(**obj)
     except TypeError as exc:  # missing required fields
         raise ProtocolError(f"{kind}: {exc}") from exc
+
+
+_CAPTURE_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+
+
+@dataclass(frozen=True)
+class CaptureArgs:
+    """The arguments of a ``capture`` command (all optional: without ``upload`` the device only reports counts).
+
+    Attributes:
+        upload: Upload the captured samples now.
+        tag: A label the operator gives this collection (stored with every sample).
+        max_samples: Most samples to upload for this command (the oldest first).
+        bytes_per_s: Upload at most this fast (the device caps it with its own limit).
+        drift: Turn uploads on (True) or off (False) when the device flags drift; None leaves it as it is.
+    """
+
+    upload: bool = False
+    tag: str | None = None
+    max_samples: int = MAX_SAMPLES
+    bytes_per_s: int | None = None
+    drift: bool | None = None
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> CaptureArgs:
+        """The checked arguments of a ``capture`` command.
+
+        Raises:
+            ProtocolError: An argument is unknown, of the wrong type or out of range.
+        """
+        unknown = sorted(set(args) - set(field_names(cls)))
+        if unknown:
+            raise ProtocolError(f"capture: unknown arguments {unknown[:8]}")
+        upload, tag, drift = args.get("upload", False), args.get("tag"), args.get("drift")
+        max_samples, rate = args.get("max_samples", MAX_SAMPLES), args.get("bytes_per_s")
+        if not isinstance(upload, bool) or not (drift is None or isinstance(drift, bool)):
+            raise ProtocolError("capture: 'upload' and 'drift' must be booleans")
+        if tag is not None and not isinstance(tag, str):
+            raise ProtocolError("capture: 'tag' must be a string")
+        check_pattern("capture", "tag", tag, _CAPTURE_TAG, "a tag (up to 64 letters, digits, '.', ':', '_', '-')")
+        for name, value in (("max_samples", max_samples), ("bytes_per_s", rate)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ProtocolError(f"capture: {name!r} must be a positive integer")
+        return cls(upload, tag, min(int(max_samples), MAX_SAMPLES), rate, drift)
+
+    def to_args(self) -> dict[str, Any]:
+        """The arguments as a command carries them (defaults left out)."""
+        out: dict[str, Any] = {"upload": self.upload}
+        for name in ("tag", "bytes_per_s", "drift"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        if self.max_samples != MAX_SAMPLES:
+            out["max_samples"] = self.max_samples
+        return out

@@ -50,7 +50,6 @@ __all__ = [
     "STREAM_MAGIC",
     "TRIGGERS",
     "UPLOAD_TYPES",
-    "CaptureArgs",
     "CaptureSample",
     "UploadAck",
     "UploadBegin",
@@ -407,54 +406,3 @@ def _field(view: memoryview, pos: int, limit: int) -> tuple[bytes, int]:
     if length > limit or pos + 4 + length > len(view):
         raise ProtocolError(f"upload: a field of {length} bytes is over its limit or past the stream's end")
     return bytes(view[pos + 4:pos + 4 + length]), pos + 4 + length
-
-
-@dataclass(frozen=True)
-class CaptureArgs:
-    """The arguments of a ``capture`` command (all optional: without ``upload`` the device only reports counts).
-
-    Attributes:
-        upload: Upload the captured samples now.
-        tag: A label the operator gives this collection (stored with every sample).
-        max_samples: Most samples to upload for this command (the oldest first).
-        bytes_per_s: Upload at most this fast (the device caps it with its own limit).
-        drift: Turn uploads on (True) or off (False) when the device flags drift; None leaves it as it is.
-    """
-
-    upload: bool = False
-    tag: str | None = None
-    max_samples: int = MAX_SAMPLES
-    bytes_per_s: int | None = None
-    drift: bool | None = None
-
-    @classmethod
-    def from_args(cls, args: dict[str, Any]) -> CaptureArgs:
-        """The checked arguments of a ``capture`` command.
-
-        Raises:
-            ProtocolError: An argument is unknown, of the wrong type or out of range.
-        """
-        unknown = sorted(set(args) - set(field_names(cls)))
-        if unknown:
-            raise ProtocolError(f"capture: unknown arguments {unknown[:8]}")
-        upload, tag, drift = args.get("upload", False), args.get("tag"), args.get("drift")
-        max_samples, rate = args.get("max_samples", MAX_SAMPLES), args.get("bytes_per_s")
-        if not isinstance(upload, bool) or not (drift is None or isinstance(drift, bool)):
-            raise ProtocolError("capture: 'upload' and 'drift' must be booleans")
-        if tag is not None and not isinstance(tag, str):
-            raise ProtocolError("capture: 'tag' must be a string")
-        check_pattern("capture", "tag", tag, _TAG, "a tag (up to 64 letters, digits, '.', ':', '_', '-')")
-        for name, value in (("max_samples", max_samples), ("bytes_per_s", rate)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ProtocolError(f"capture: {name!r} must be a positive integer")
-        return cls(upload, tag, min(int(max_samples), MAX_SAMPLES), rate, drift)
-
-    def to_args(self) -> dict[str, Any]:
-        """The arguments as a command carries them (defaults left out)."""
-        out: dict[str, Any] = {"upload": self.upload}
-        for name in ("tag", "bytes_per_s", "drift"):
-            if getattr(self, name) is not None:
-                out[name] = getattr(self, name)
-        if self.max_samples != MAX_SAMPLES:
-            out["max_samples"] = self.max_samples
-        return out

@@ -12,7 +12,7 @@ import paho.mqtt.client as mqtt
 
 from edgeml.errors import ConfigError
 from edgeml.protocol import Command, ProtocolError, device_topic, fleet_client_id, validate_device_id
-from edgeml.protocol.uploads import CaptureArgs
+from edgeml.protocol.messages import CaptureArgs
 
 __all__ = ["capture_command", "send_capture"]
 

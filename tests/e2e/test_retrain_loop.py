@@ -172,7 +172,7 @@ def _captured(agent: object) -> set[str]:
 
 def test_drift_to_a_retrained_gated_published_candidate(trained: Trained, loop: Loop) -> None:
     from edgeml.fleet.capture.request import send_capture
-    from edgeml.protocol.uploads import CaptureArgs
+    from edgeml.protocol.messages import CaptureArgs
 
     fleet = loop.fleet
     with np.load(trained.base / "data" / "val.npz") as val:

@@ -28,7 +28,7 @@ from edgeml.fleet.capture.store import sample_sha256
 from edgeml.fleet.devices.broker import write_broker_config
 from edgeml.fleet.devices.enrollment import enroll
 from edgeml.fleet.registry.repository import Registry, init_registry
-from edgeml.protocol.uploads import CaptureArgs
+from edgeml.protocol.messages import CaptureArgs
 from tests.conftest import REPO_ROOT, require_service
 from tests.fleet.mosquitto import MOSQUITTO, run_mosquitto
 from tests.security.conftest import ServeProcess
