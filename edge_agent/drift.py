@@ -48,12 +48,18 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from edgeml.edge_agent.drift_stats import ReferenceLayout, chi2_sf, class_test, ks_pvalue, top_confidence
+from edgeml.edge_agent.drift_stats import (
+    ReferenceLayout,
+    WindowTotals,
+    chi2_sf,
+    evaluate_window,
+    ks_pvalue,
+    top_confidence,
+)
 from edgeml.edge_agent.drift_window import DriftConfig, DriftWindow, FeatureDrift
 from edgeml.errors import DataError
 from edgeml.refstats import ReferenceStats, feature_matrix
@@ -63,21 +69,6 @@ __all__ = ["DriftConfig", "DriftMonitor", "DriftWindow", "FeatureDrift", "chi2_s
 _DEFER_BYTES = 1 << 20
 _NO_TOP = np.zeros(0, dtype=np.int64)
 _NO_CONF = np.zeros(0)
-
-
-@dataclass
-class _Snapshot:
-    """Window totals copied under the lock, tested outside it."""
-
-    index: int
-    end: int
-    n: int
-    counts: np.ndarray  # (features, bins + 1), last column: non-finite values
-    sums: np.ndarray
-    classes: np.ndarray | None
-    confidence: np.ndarray | None
-    conf_sum: float
-    conf_n: int
 
 
 class DriftMonitor:
@@ -303,7 +294,7 @@ class DriftMonitor:
         probs = self._check_probabilities(probabilities, rows.shape[0])
         if out_rows is not None:
             rows = np.hstack([rows, out_rows])
-        snaps: list[_Snapshot] = []
+        snaps: list[WindowTotals] = []
         stride, start = self.config.stride, 0
         with self._lock:
             while start < rows.shape[0]:
@@ -319,7 +310,7 @@ class DriftMonitor:
                 start += take
                 if self._fill == stride:
                     snaps.append(self._close_block())
-        return [self._finish(self._evaluate(snap)) for snap in snaps]
+        return [self._finish(evaluate_window(self._ref, self.config, snap)) for snap in snaps]
 
     def _feature_rows(self, inputs: np.ndarray | Mapping[str, np.ndarray]) -> np.ndarray:
         names, layout = self._ref.inputs, self.config.layout
@@ -353,7 +344,7 @@ class DriftMonitor:
             raise DataError(f"drift monitor: {probs.shape[1]} output classes, the reference has {width}")
         return probs
 
-    def _close_block(self) -> _Snapshot:
+    def _close_block(self) -> WindowTotals:
         """Bin the full staging buffer into the ring's next block and copy the window totals (lock held)."""
         r, k = self._ref, self._blocks % self.config.looks
         rows = self._rows
@@ -374,7 +365,7 @@ class DriftMonitor:
         self._conf_sum[k], self._conf_n[k] = conf.sum(), conf.size
         self._blocks += 1
         self._fill = 0
-        return _Snapshot(
+        return WindowTotals(
             index=self._blocks - 1, end=self._blocks * self.config.stride, n=int(self._block_n.sum()),
             counts=self._counts.sum(axis=0), sums=self._sums.sum(axis=0),
             classes=self._classes.sum(axis=0) if r.classes is not None else None,
@@ -382,37 +373,9 @@ class DriftMonitor:
             conf_sum=float(self._conf_sum.sum()), conf_n=int(self._conf_n.sum()),
         )
 
-    def _evaluate(self, snap: _Snapshot) -> dict[str, Any]:
-        """The tests of one window (no lock needed: works on the snapshot)."""
-        r, cfg = self._ref, self.config
-        counts = snap.counts[:, : r.bins].astype(np.float64)
-        n_f = counts.sum(axis=1)
-        inv = 1.0 / np.maximum(n_f, 1.0)
-        ks = np.abs(np.cumsum(counts, axis=1) * inv[:, None] - r.cdf).max(axis=1) * (n_f > 0)
-        obs = np.maximum(counts * inv[:, None], cfg.psi_epsilon)
-        psi = ((obs - r.prop) * (np.log(obs) - r.log_prop) * r.mask).sum(axis=1) * (n_f > 0)
-        mean = snap.sums * inv
-        mean[n_f == 0] = np.nan
-        out: dict[str, Any] = {"snap": snap, "ks": ks, "psi": psi, "mean": mean, "shift": (mean - r.mean) * r.inv_std,
-                               "class_chi2": None, "class_p": None, "class_tv": None, "conf_ks": None, "conf_p": None}
-        sizes, ref_sizes, dists = n_f, r.n, ks
-        if r.classes is not None and snap.classes is not None and snap.confidence is not None:
-            out["class_chi2"], out["class_p"], out["class_tv"] = class_test(
-                r.classes, snap.classes.astype(np.float64), cfg.min_expected)
-            n_c = float(snap.confidence.sum())
-            conf_cdf = np.cumsum(snap.confidence) / max(n_c, 1.0)
-            out["conf_ks"] = float(np.abs(conf_cdf - r.conf_cdf).max()) if n_c else 0.0
-            sizes, ref_sizes = np.append(n_f, n_c), np.append(r.n, r.conf_counts.sum())
-            dists = np.append(ks, out["conf_ks"])
-        p = ks_pvalue(dists, sizes, ref_sizes)
-        out["p"] = p[: len(ks)]
-        if out["conf_ks"] is not None:
-            out["conf_p"] = float(p[-1])
-        return out
-
     def _finish(self, res: dict[str, Any]) -> DriftWindow:
         """Combine the tests into a window result, record it and track the alert state."""
-        snap: _Snapshot = res["snap"]
+        snap: WindowTotals = res["snap"]
         ni = self._ref.n_inputs
         ks, p, psi = res["ks"][:ni], res["p"][:ni], res["psi"][:ni]
         names = list(self._ref.names)
@@ -450,7 +413,7 @@ class DriftMonitor:
                             psi=float(res["psi"][column]), mean=float(res["mean"][column]),
                             shift_sigma=float(res["shift"][column]))
 
-    def _output_fields(self, res: dict[str, Any], snap: _Snapshot) -> dict[str, Any]:
+    def _output_fields(self, res: dict[str, Any], snap: WindowTotals) -> dict[str, Any]:
         """The output-shift fields of a window (empty without output sketches or output data in it)."""
         r = self._ref
         ni = r.n_inputs

@@ -1,5 +1,6 @@
 """The statistics under the drift monitor, without state: the reference laid out for vectorised tests, the
-Kolmogorov-Smirnov p-value, the chi-square survival function and the class test (no scipy on a device).
+Kolmogorov-Smirnov p-value, the chi-square survival function, the class test (no scipy on a device), and the
+evaluation of one window's totals against the reference (:func:`evaluate_window`).
 
 :class:`~edgeml.edge_agent.drift.DriftMonitor` keeps the windows; this module only computes.
 """
@@ -8,13 +9,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgeml.errors import ConfigError
 from edgeml.refstats import FeatureStats, ReferenceStats, output_matrix, to_probabilities
 
-__all__ = ["ReferenceLayout", "chi2_sf", "class_test", "ks_pvalue", "top_confidence"]
+if TYPE_CHECKING:
+    from edgeml.edge_agent.drift_window import DriftConfig
+
+__all__ = ["ReferenceLayout", "WindowTotals", "chi2_sf", "class_test", "evaluate_window", "ks_pvalue",
+           "top_confidence"]
 
 _KS_TERMS = np.arange(1, 21, dtype=np.float64)  # enough: terms past k = 20 are below 1e-30 where used
 _KS_SIGNS = np.where(_KS_TERMS % 2 == 1, 1.0, -1.0)
@@ -183,3 +190,47 @@ def class_test(ref: np.ndarray, obs: np.ndarray, min_expected: float) -> tuple[f
     e_obs, e_ref = total * n / (n + n_ref), total * n_ref / (n + n_ref)
     chi2 = float(((obs - e_obs) ** 2 / e_obs).sum() + ((ref - e_ref) ** 2 / e_ref).sum())
     return chi2, chi2_sf(chi2, ref.size - 1), tv
+
+
+@dataclass
+class WindowTotals:
+    """A window's totals, copied under the monitor's lock and tested outside it (:func:`evaluate_window`)."""
+
+    index: int
+    end: int
+    n: int
+    counts: np.ndarray  # (features, bins + 1), last column: non-finite values
+    sums: np.ndarray
+    classes: np.ndarray | None
+    confidence: np.ndarray | None
+    conf_sum: float
+    conf_n: int
+
+
+def evaluate_window(r: ReferenceLayout, cfg: DriftConfig, snap: WindowTotals) -> dict[str, Any]:
+    """The tests of one window's totals against the reference (KS and PSI per feature, the class and confidence
+    tests where both sides have them), as the monitor's window result is built from them."""
+    counts = snap.counts[:, : r.bins].astype(np.float64)
+    n_f = counts.sum(axis=1)
+    inv = 1.0 / np.maximum(n_f, 1.0)
+    ks = np.abs(np.cumsum(counts, axis=1) * inv[:, None] - r.cdf).max(axis=1) * (n_f > 0)
+    obs = np.maximum(counts * inv[:, None], cfg.psi_epsilon)
+    psi = ((obs - r.prop) * (np.log(obs) - r.log_prop) * r.mask).sum(axis=1) * (n_f > 0)
+    mean = snap.sums * inv
+    mean[n_f == 0] = np.nan
+    out: dict[str, Any] = {"snap": snap, "ks": ks, "psi": psi, "mean": mean, "shift": (mean - r.mean) * r.inv_std,
+                           "class_chi2": None, "class_p": None, "class_tv": None, "conf_ks": None, "conf_p": None}
+    sizes, ref_sizes, dists = n_f, r.n, ks
+    if r.classes is not None and snap.classes is not None and snap.confidence is not None:
+        out["class_chi2"], out["class_p"], out["class_tv"] = class_test(
+            r.classes, snap.classes.astype(np.float64), cfg.min_expected)
+        n_c = float(snap.confidence.sum())
+        conf_cdf = np.cumsum(snap.confidence) / max(n_c, 1.0)
+        out["conf_ks"] = float(np.abs(conf_cdf - r.conf_cdf).max()) if n_c else 0.0
+        sizes, ref_sizes = np.append(n_f, n_c), np.append(r.n, r.conf_counts.sum())
+        dists = np.append(ks, out["conf_ks"])
+    p = ks_pvalue(dists, sizes, ref_sizes)
+    out["p"] = p[: len(ks)]
+    if out["conf_ks"] is not None:
+        out["conf_p"] = float(p[-1])
+    return out
