@@ -173,6 +173,9 @@ class RolloutController:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        watcher = getattr(self, "_signal_watcher", None)
+        if watcher is not None:
+            watcher.close()
         self._client.disconnect()
         self._client.loop_stop()
 

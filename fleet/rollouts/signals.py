@@ -314,6 +314,15 @@ class SignalWatcher:
             self._wake.set()
         return {d.device_id: result[d.device_id] for d in judged if d.device_id in result}
 
+    def close(self, timeout: float = 5.0) -> None:
+        """Forget every rollout and end the thread (its read in progress, if any, finishes first)."""
+        with self._lock:
+            self._watched.clear()
+            thread = self._thread
+        self._wake.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
     def _run(self) -> None:
         while True:
             self._wake.wait(self.every_s)
