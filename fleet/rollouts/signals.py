@@ -36,7 +36,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from edgeml.fleet.rollouts.rules import DeviceSignals
 from edgeml.fleet.store import schema
@@ -45,6 +45,8 @@ from edgeml.fleet.telemetry.figures import floor_time
 from edgeml.fleet.telemetry.writers import bind
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
     from edgeml.fleet.store.db import Database
 
 __all__ = ["CHUNK", "LAG_S", "MAX_MINUTES", "Judged", "RolloutSignals", "SignalWatcher", "telemetry_signals"]
@@ -197,7 +199,7 @@ class RolloutSignals:
             return dict(self._answer)
         return {i: self._answer[i] for i in judged if i in self._answer}
 
-    def _moved(self, conn: Any, known: dict[str, int | None]) -> dict[str, int]:
+    def _moved(self, conn: Connection, known: dict[str, int | None]) -> dict[str, int]:
         """The devices whose count of windows is not ``known`` (None: not read yet) -> their count: the database
         compares, so that only those rows come back."""
         if self._pg:
@@ -221,7 +223,7 @@ class RolloutSignals:
                 track.signals = None
                 self._answer.pop(device_id, None)
 
-    def _rows(self, conn: Any, ids: list[str], start: dt.datetime, end: dt.datetime | None) -> list[_Row]:
+    def _rows(self, conn: Connection, ids: list[str], start: dt.datetime, end: dt.datetime | None) -> list[_Row]:
         """Minute rows of ``ids`` in ``[start, end)`` of the new version and of their previous ones."""
         previous = (self._tracks[i].previous for i in ids)
         versions = sorted({self.version, *(p for p in previous if p is not None)})
@@ -232,12 +234,14 @@ class RolloutSignals:
                                   f"IN ({', '.join([mark] * len(versions))}) AND device_id ", ids, [*times, *versions])
         return sorted(rows, key=lambda r: r[1])
 
-    def _select(self, conn: Any, sql: str, ids: list[str], params: list[Any] | None = None) -> list[_Row]:
+    def _select(self, conn: Connection, sql: str, ids: list[str], params: list[Any] | None = None) -> list[_Row]:
         """``sql`` ending in ``device_id `` completed with ``IN ids``, through the driver (no type conversion)."""
         if self._pg:
-            return conn.exec_driver_sql(sql + "= ANY(%s::text[])", (*(params or ()), _pg_array(ids))).all()
-        return conn.exec_driver_sql(sql + "IN (SELECT value FROM json_each(?))",
-                                    (*(params or ()), json.dumps(ids))).all()
+            rows = conn.exec_driver_sql(sql + "= ANY(%s::text[])", (*(params or ()), _pg_array(ids))).all()
+        else:
+            rows = conn.exec_driver_sql(sql + "IN (SELECT value FROM json_each(?))",
+                                        (*(params or ()), json.dumps(ids))).all()
+        return cast("list[_Row]", rows)  # rows as the driver gives them: no per-row conversion
 
 
 def _pg_array(ids: Iterable[str]) -> str:
