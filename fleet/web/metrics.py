@@ -59,6 +59,7 @@ from edgeml.fleet.store import schema
 from edgeml.fleet.store.db import utcnow
 from edgeml.fleet.store.schema import sa
 from edgeml.fleet.telemetry.figures import Rollup, floor_time
+from edgeml.fleet.web.prometheus_text import Family, counter, gauge
 
 if TYPE_CHECKING:
     from edgeml.fleet.store.db import Database
@@ -90,57 +91,6 @@ def _timestamp(value: Any) -> float | None:
     if value is None:
         return None
     return (value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)).timestamp()
-
-
-class _Family:
-    """A metric family, held as the text format writes it (prometheus_client's families cost ~5 µs a sample to
-    build, and a fleet of 1,000 devices exports some 8,000 samples); :meth:`to_client` gives prometheus_client's."""
-
-    __slots__ = ("documentation", "labels", "name", "samples", "type")
-
-    def __init__(self, kind: str, name: str, documentation: str, value: float | None = None,
-                 labels: Iterable[str] | None = None) -> None:
-        self.type, self.name, self.documentation = kind, name, documentation
-        self.labels = list(labels or ())
-        self.samples: list[tuple[tuple[str, ...], float]] = [] if value is None else [((), float(value))]
-
-    def add_metric(self, labels: Iterable[str], value: float) -> None:
-        """One sample: its label values, in the order of the family's label names."""
-        self.samples.append((tuple(labels), float(value)))
-
-    def write(self, out: list[str]) -> None:
-        """Append the family's lines, as ``generate_latest`` writes them (labels sorted by name, values escaped)."""
-        from prometheus_client.utils import floatToGoString
-
-        name = self.name + "_total" if self.type == "counter" else self.name
-        text = self.documentation.replace("\\", "\\\\").replace("\n", "\\n")
-        out.append(f"# HELP {name} {text}\n# TYPE {name} {self.type}\n")
-        order = sorted(range(len(self.labels)), key=self.labels.__getitem__)
-        for values, value in self.samples:
-            if values:
-                labels = ",".join(f'{self.labels[i]}="{_escape(values[i])}"' for i in order)
-                out.append(f"{name}{{{labels}}} {floatToGoString(value)}\n")
-            else:
-                out.append(f"{name} {floatToGoString(value)}\n")
-
-    def to_client(self) -> Any:
-        """The same family as prometheus_client's (for a ``CollectorRegistry``)."""
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        kind = CounterMetricFamily if self.type == "counter" else GaugeMetricFamily
-        family = kind(self.name, self.documentation, labels=self.labels)
-        for values, value in self.samples:
-            family.add_metric(list(values), value)
-        return family
-
-
-def _gauge(name: str, documentation: str, value: float | None = None, labels: Iterable[str] | None = None) -> _Family:
-    return _Family("gauge", name, documentation, value, labels)
-
-
-def _counter(name: str, documentation: str, value: float | None = None,
-             labels: Iterable[str] | None = None) -> _Family:
-    return _Family("counter", name, documentation, value, labels)
 
 
 @dataclass
@@ -201,11 +151,11 @@ class _Wave:
 # --- families built from a snapshot (no I/O) -----------------------------------------------------------------
 
 
-def _device_families(snap: _Snapshot) -> Iterator[_Family]:
+def _device_families(snap: _Snapshot) -> Iterator[Family]:
 
     statuses: Counter[str] = Counter(dict.fromkeys(_BASE_STATUSES, 0))
     installed: Counter[tuple[str, str]] = Counter()
-    seen = _gauge("edgeml_device_last_seen_timestamp_seconds",
+    seen = gauge("edgeml_device_last_seen_timestamp_seconds",
                              "When the device was last heard (state or telemetry), Unix seconds", labels=["device"])
     revoked = 0
     for row in snap.devices:
@@ -218,13 +168,13 @@ def _device_families(snap: _Snapshot) -> Iterator[_Family]:
         at = _timestamp(row.last_seen)
         if at is not None:
             seen.add_metric([row.device_id], at)
-    by_status = _gauge("edgeml_devices", "Enrolled, non-revoked devices by their last reported status "
+    by_status = gauge("edgeml_devices", "Enrolled, non-revoked devices by their last reported status "
                                   "('unknown': never reported)", labels=["status"])
     for status, n in sorted(statuses.items()):
         by_status.add_metric([status], n)
     yield by_status
-    yield _gauge("edgeml_devices_revoked", "Revoked devices", value=revoked)
-    per_version = _gauge("edgeml_devices_installed", "Non-revoked devices reporting this model version "
+    yield gauge("edgeml_devices_revoked", "Revoked devices", value=revoked)
+    per_version = gauge("edgeml_devices_installed", "Non-revoked devices reporting this model version "
                                     "as installed", labels=["model", "version"])
     for (model, version), n in sorted(installed.items()):
         per_version.add_metric([model, version], n)
@@ -259,13 +209,13 @@ def _label(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _telemetry_families(snap: _Snapshot) -> Iterator[_Family]:
+def _telemetry_families(snap: _Snapshot) -> Iterator[Family]:
 
-    gauges = {s: _gauge(f"edgeml_device_{s}", f"The device's {h}", labels=["device", "model", "version"])
+    gauges = {s: gauge(f"edgeml_device_{s}", f"The device's {h}", labels=["device", "model", "version"])
               for s, _, _, h in _GAUGES}
-    counters = {k: _counter(f"edgeml_device_{k}", f"Inference {k} over every telemetry window ever "
+    counters = {k: counter(f"edgeml_device_{k}", f"Inference {k} over every telemetry window ever "
                                        "stored of the device", labels=["device"]) for k in _SUMMED}
-    received = _gauge("edgeml_device_telemetry_last_received_timestamp_seconds",
+    received = gauge("edgeml_device_telemetry_last_received_timestamp_seconds",
                                  "When the device's latest stored telemetry row arrived, Unix seconds",
                                  labels=["device"])
     per_version: dict[tuple[str, str], list[dict[str, float]]] = defaultdict(list)
@@ -289,21 +239,21 @@ def _telemetry_families(snap: _Snapshot) -> Iterator[_Family]:
     yield from counters.values()
     yield received
     yield from _version_families(per_version)
-    yield _gauge("edgeml_telemetry_rows", "Telemetry rows ever stored (retention does not lower it)",
+    yield gauge("edgeml_telemetry_rows", "Telemetry rows ever stored (retention does not lower it)",
                             value=rows)
     if last is not None:
-        yield _gauge("edgeml_telemetry_last_received_timestamp_seconds",
+        yield gauge("edgeml_telemetry_last_received_timestamp_seconds",
                                 "When the newest stored telemetry row arrived, Unix seconds", value=last)
 
 
-def _version_families(per_version: Mapping[tuple[str, str], list[dict[str, float]]]) -> Iterator[_Family]:
+def _version_families(per_version: Mapping[tuple[str, str], list[dict[str, float]]]) -> Iterator[Family]:
 
     labels = ["model", "version"]
-    reporting = _gauge("edgeml_version_devices_reporting", "Devices whose latest telemetry window is on "
+    reporting = gauge("edgeml_version_devices_reporting", "Devices whose latest telemetry window is on "
                                   "this model version", labels=labels)
-    means = {s: _gauge(f"edgeml_version_mean_{s}", f"Mean over the version's devices of the {h}",
+    means = {s: gauge(f"edgeml_version_mean_{s}", f"Mean over the version's devices of the {h}",
                                   labels=labels) for s, _, _, h in _GAUGES}
-    maxima = {s: _gauge(f"edgeml_version_max_{s}", f"Highest over the version's devices of the {h}",
+    maxima = {s: gauge(f"edgeml_version_max_{s}", f"Highest over the version's devices of the {h}",
                                    labels=labels)
               for s, _, _, h in _GAUGES if s in ("latency_p99_seconds", "drift_score", "output_shift_score")}
     for key in sorted(per_version):
@@ -333,13 +283,13 @@ _RECENT = (
 )
 
 
-def _recent_families(snap: _Snapshot) -> Iterator[_Family]:
+def _recent_families(snap: _Snapshot) -> Iterator[Family]:
     """Per version, over the telemetry windows received in the last few minutes: the minute rollups summed."""
 
     labels, over = ["model", "version"], f"over the windows received in the last {RECENT_MINUTES} minutes"
-    counts = {c: _gauge(f"edgeml_version_5m_{c}", f"Telemetry {c} of the version {over}", labels=labels)
+    counts = {c: gauge(f"edgeml_version_5m_{c}", f"Telemetry {c} of the version {over}", labels=labels)
               for c in ("windows", "requests", "errors")}
-    gauges = {s: _gauge(f"edgeml_version_5m_{s}", f"The version's {h} {over}", labels=labels)
+    gauges = {s: gauge(f"edgeml_version_5m_{s}", f"The version's {h} {over}", labels=labels)
               for s, _, _, _, h in _RECENT}
     for (model, version), rollup in sorted(snap.recent.items()):
         if not model or not version:
@@ -354,11 +304,11 @@ def _recent_families(snap: _Snapshot) -> Iterator[_Family]:
     yield from gauges.values()
 
 
-def _rollout_families(snap: _Snapshot) -> Iterator[_Family]:
+def _rollout_families(snap: _Snapshot) -> Iterator[Family]:
 
-    info = _gauge("edgeml_rollout_info", "1 per rollout, labelled with its model, version and state",
+    info = gauge("edgeml_rollout_info", "1 per rollout, labelled with its model, version and state",
                              labels=["rollout", "model", "version", "state"])
-    wave = _gauge("edgeml_rollout_current_wave", "The rollout's current wave (0: canary)",
+    wave = gauge("edgeml_rollout_current_wave", "The rollout's current wave (0: canary)",
                              labels=["rollout"])
     by_state: Counter[str] = Counter()
     names = {}
@@ -367,16 +317,16 @@ def _rollout_families(snap: _Snapshot) -> Iterator[_Family]:
         wave.add_metric([r.id], r.current_wave)
         by_state[r.state] += 1
         names[r.id] = (r.model, r.version)
-    devices = _gauge("edgeml_rollout_devices", "Devices of a rollout by wave (0: canary) and state",
+    devices = gauge("edgeml_rollout_devices", "Devices of a rollout by wave (0: canary) and state",
                                 labels=["rollout", "model", "version", "wave", "state"])
     for w in sorted(snap.waves, key=lambda w: (w.rollout_id, w.wave, w.state)):
         model, version = names.get(w.rollout_id, ("", ""))
         devices.add_metric([w.rollout_id, model, version, str(w.wave), w.state], int(w.n))
-    counts = _gauge("edgeml_rollouts", "Rollouts by state", labels=["state"])
+    counts = gauge("edgeml_rollouts", "Rollouts by state", labels=["state"])
     for state, n in sorted(by_state.items()):
         counts.add_metric([state], n)
     yield from (info, wave, devices, counts)
-    yield _counter("edgeml_rollouts_aborted", "Rollouts aborted (by the rules or by an operator)",
+    yield counter("edgeml_rollouts_aborted", "Rollouts aborted (by the rules or by an operator)",
                               value=by_state["aborted"])
 
 
@@ -393,18 +343,18 @@ _INGEST_COUNTERS = {
 }
 
 
-def _ingest_families(stats: Mapping[str, Any]) -> Iterator[_Family]:
+def _ingest_families(stats: Mapping[str, Any]) -> Iterator[Family]:
 
     from edgeml.fleet.telemetry.ingest import REJECT_REASONS
 
     for name, text in _INGEST_COUNTERS.items():
-        yield _counter(f"edgeml_ingest_{name}", text, value=int(stats.get(name, 0)))
-    rejected = _counter("edgeml_ingest_rejected", "Messages rejected, by reason", labels=["reason"])
+        yield counter(f"edgeml_ingest_{name}", text, value=int(stats.get(name, 0)))
+    rejected = counter("edgeml_ingest_rejected", "Messages rejected, by reason", labels=["reason"])
     reasons = {**dict.fromkeys(REJECT_REASONS, 0), **dict(stats.get("rejected") or {})}
     for reason, n in sorted(reasons.items()):
         rejected.add_metric([reason], int(n))
     yield rejected
-    yield _gauge("edgeml_ingest_queued", "Messages waiting for the database writer",
+    yield gauge("edgeml_ingest_queued", "Messages waiting for the database writer",
                             value=int(stats.get("queued", 0)))
 
 
@@ -434,7 +384,7 @@ class FleetCollector:
         for family in self.families():
             yield family.to_client()
 
-    def families(self) -> Iterator[_Family]:
+    def families(self) -> Iterator[Family]:
         """Every metric family, read fresh (four queries)."""
         snap = _read(self.db)
         stats = self.ingest.stats() if self.ingest is not None else None
@@ -462,13 +412,6 @@ def render(db: Database, ingest: Any = None) -> bytes:
     for family in FleetCollector(db, ingest).families():
         family.write(out)
     return "".join(out).encode()
-
-
-def _escape(value: str) -> str:
-    """A label value as the text format writes it (backslash, double quote and newline escaped)."""
-    if "\\" in value or '"' in value or "\n" in value:
-        return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return value
 
 
 def metrics_routes(db: Database, *, ingest: Any = None, require_token: bool = False,
