@@ -156,7 +156,7 @@ def measure(base: Path, new: Path) -> dict[str, Any]:
         import bsdiff4
     except ImportError:
         return row
-    view, _ = _inflated_view(new.read_bytes())
+    view, _, _ = _inflated_view(new.read_bytes())
     start = time.perf_counter()
     patch = bsdiff4.diff(base_bytes, view)
     row.update(bsdiff=len(patch), bsdiff_make_s=time.perf_counter() - start)

@@ -14,15 +14,20 @@ deflates it again while rebuilding (the method of Google's archive-patcher). A d
 differently rebuilds a file whose hash differs, and falls back to the full bundle like any failed delta: the
 result is checked against the full bundle's signed sha256 and length before anything else happens.
 
+A member that a fine-tune left aligned with its base (the same name and size, and at least a fifth of its bytes
+equal where they stand: floats nudged by training keep their sign and exponent bytes) travels XORed with the
+base's member: zeros where bytes are equal, which the patch compresses, where the raw bytes would match nothing.
+The device XORs it back with its slot's bytes.
+
 Layout of a ``.edgeml-delta`` file::
 
     b"EDGEMLD1" | 4-byte big-endian header length | header JSON | zstd frame of the inflated view
 
 Header (``edgeml.delta/1``): ``base`` (``version``, ``sha256`` and ``length`` of the base bytes, the member
-names in order), ``result`` (``sha256`` and ``length`` of the bundle it rebuilds), ``view`` (its ``length``
-and the ``inflated`` spans ``[offset, size, level]``). Nothing in a delta is trusted before its own signed hash
-is checked (it is a TUF target of its own), and nothing it produces is used before the result matches the full
-bundle's signed hash.
+names in order), ``result`` (``sha256`` and ``length`` of the bundle it rebuilds), ``view`` (its ``length``,
+the ``inflated`` spans ``[offset, size, level]`` and the ``xor`` spans ``[offset, size, offset in the base]``).
+Nothing in a delta is trusted before its own signed hash is checked (it is a TUF target of its own), and nothing
+it produces is used before the result matches the full bundle's signed hash.
 
 zstandard (``pip install 'edgeml[delta]'``) is needed to make or apply one; a device without it simply
 receives full bundles.
@@ -40,6 +45,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from edgeml._deps import require
 from edgeml.bundle import MANIFEST_NAME, Bundle, Manifest, load_json
@@ -77,12 +84,14 @@ class DeltaHeader:
     result_length: int
     view_length: int = 0
     inflated: tuple[tuple[int, int, int], ...] = ()  # (offset in the view, size, deflate level)
+    xor: tuple[tuple[int, int, int], ...] = ()  # (offset in the view, size, offset in the base)
 
     def to_json(self) -> bytes:
         return json.dumps({"schema": DELTA_SCHEMA, "base": {
             "version": self.base_version, "sha256": self.base_sha256, "length": self.base_length,
             "members": list(self.members)}, "result": {"sha256": self.result_sha256, "length": self.result_length},
-            "view": {"length": self.view_length, "inflated": [list(span) for span in self.inflated]}},
+            "view": {"length": self.view_length, "inflated": [list(span) for span in self.inflated],
+                     "xor": [list(span) for span in self.xor]}},
             sort_keys=True, separators=(",", ":")).encode()
 
     def check(self) -> None:
@@ -94,6 +103,12 @@ class DeltaHeader:
             if offset < at or size < 0 or offset + size > self.view_length or level not in range(-1, 10):
                 raise DeltaError("the delta's header is damaged: inflated spans out of order or range")
             at = offset + size
+        at = 0
+        for offset, size, base_at in self.xor:
+            outside = offset + size > self.view_length or not 0 <= base_at <= self.base_length - size
+            if offset < at or size < 0 or outside:
+                raise DeltaError("the delta's header is damaged: xor spans out of order or range")
+            at = offset + size
 
 
 def _deflate(data: bytes, level: int) -> bytes:
@@ -101,19 +116,25 @@ def _deflate(data: bytes, level: int) -> bytes:
     return packer.compress(data) + packer.flush()
 
 
-def _inflated_view(bundle: bytes) -> tuple[bytes, tuple[tuple[int, int, int], ...]]:
-    """The bundle with every deflated member whose stream zlib reproduces replaced by its content."""
+def _inflated_view(bundle: bytes) -> tuple[bytes, tuple[tuple[int, int, int], ...], dict[str, tuple[int, int]]]:
+    """The bundle with every deflated member whose stream zlib reproduces replaced by its content; the spans it
+    inflated, and where each member's content lies in the view (``name -> (offset, size)``: stored members and
+    inflated ones)."""
     parts: list[bytes] = []
     spans: list[tuple[int, int, int]] = []
-    pos = size = 0
+    members: dict[str, tuple[int, int]] = {}
+    pos = size = 0  # position in the bundle, and the view's size up to it
     with zipfile.ZipFile(io.BytesIO(bundle)) as zf:
         infos = sorted(zf.infolist(), key=lambda i: i.header_offset)
     for info in infos:
-        if info.compress_type != zipfile.ZIP_DEFLATED:
-            continue
         head = info.header_offset
         names, extra = struct.unpack("<HH", bundle[head + 26:head + 30])
         start = head + 30 + names + extra
+        if info.compress_type == zipfile.ZIP_STORED:
+            members[info.filename] = (size + start - pos, info.file_size)
+            continue
+        if info.compress_type != zipfile.ZIP_DEFLATED:
+            continue
         stream = bundle[start:start + info.compress_size]
         content = zlib.decompressobj(-15).decompress(stream, info.file_size + 1)
         level = next((lv for lv in _LEVELS if _deflate(content, lv) == stream), None)
@@ -122,10 +143,37 @@ def _inflated_view(bundle: bytes) -> tuple[bytes, tuple[tuple[int, int, int], ..
         parts += [bundle[pos:start], content]
         size += start - pos
         spans.append((size, len(content), level))
+        members[info.filename] = (size, len(content))
         size += len(content)
         pos = start + info.compress_size
     parts.append(bundle[pos:])
-    return b"".join(parts), tuple(spans)
+    return b"".join(parts), tuple(spans), members
+
+
+def _xor(a: bytes | memoryview, b: bytes | memoryview) -> bytes:
+    return np.bitwise_xor(np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8)).tobytes()
+
+
+#: A member of the new bundle is carried XORed with the same member of the base when they have the same size
+#: and at least this share of their bytes are equal where they stand (a fine-tune keeps most floats' sign and
+#: exponent bytes: the XOR is zero there, which compresses; the raw bytes would not match anywhere).
+_XOR_MIN_EQUAL = 0.2
+
+
+def _xor_members(view: bytes, members: dict[str, tuple[int, int]], base: bytes,
+                 base_members: dict[str, tuple[int, int]]) -> tuple[bytes, tuple[tuple[int, int, int], ...]]:
+    """``view`` with every member that a fine-tune left aligned with its base XORed with it, and those spans."""
+    out = bytearray(view)
+    spans = []
+    for name, (at, size) in sorted(members.items(), key=lambda m: m[1][0]):
+        b, base_size = base_members.get(name, (0, -1))
+        if size == 0 or base_size != size or b + size > len(base):
+            continue
+        new, old = np.frombuffer(view, np.uint8, size, at), np.frombuffer(base, np.uint8, size, b)
+        if np.count_nonzero(new == old) >= _XOR_MIN_EQUAL * size:
+            out[at:at + size] = np.bitwise_xor(new, old).tobytes()
+            spans.append((at, size, b))
+    return bytes(out), tuple(spans)
 
 
 def _deflated(view: bytes, spans: tuple[tuple[int, int, int], ...]) -> bytes:
@@ -187,9 +235,15 @@ def make_delta(base_bundle: Path, new_bundle: Path, *, level: int = _LEVEL) -> b
     zstd = require("zstandard", "delta")
     base, names, version = base_of_bundle(base_bundle)
     target = Path(new_bundle).read_bytes()
-    view, spans = _inflated_view(target)
+    view, spans, members = _inflated_view(target)
+    with Bundle(base_bundle) as b:  # where each member of the base lies in the base bytes
+        at, base_members = len(b.manifest.to_json()), {}
+        for name in names:
+            base_members[name] = (at, b.manifest.files[name].size)
+            at += b.manifest.files[name].size
+    view, xor = _xor_members(view, members, base, base_members)
     header = DeltaHeader(version, hashlib.sha256(base).hexdigest(), len(base), names,
-                         hashlib.sha256(target).hexdigest(), len(target), len(view), spans)
+                         hashlib.sha256(target).hexdigest(), len(target), len(view), spans, xor)
     window = max(10, min(_MAX_WINDOW_LOG, (len(base) + len(view)).bit_length()))
     params = zstd.ZstdCompressionParameters.from_level(level, window_log=window, enable_ldm=True,
                                                        source_size=len(view), write_checksum=True)
@@ -219,7 +273,8 @@ def read_header(delta: bytes) -> tuple[DeltaHeader, int]:
         view = doc["view"]
         header = DeltaHeader(str(base["version"]), str(base["sha256"]), int(base["length"]),
                              tuple(str(m) for m in base["members"]), str(result["sha256"]), int(result["length"]),
-                             int(view["length"]), tuple((int(a), int(n), int(lv)) for a, n, lv in view["inflated"]))
+                             int(view["length"]), tuple((int(a), int(n), int(lv)) for a, n, lv in view["inflated"]),
+                             tuple((int(a), int(n), int(b)) for a, n, b in view.get("xor", [])))
     except (ValueError, KeyError, TypeError) as exc:
         raise DeltaError(f"the delta's header is damaged: {exc}") from exc
     header.check()
@@ -254,6 +309,11 @@ def apply_delta(delta: bytes, base: bytes, out: Path, *, expect_sha256: str, exp
         raise DeltaError(f"the delta's patch is damaged: {exc}") from exc
     if len(view) != header.view_length:
         raise DeltaError("the delta's patch is damaged: it rebuilt a view of another length")
+    if header.xor:
+        unxored = bytearray(view)
+        for at, size, base_at in header.xor:
+            unxored[at:at + size] = _xor(memoryview(view)[at:at + size], memoryview(base)[base_at:base_at + size])
+        view = bytes(unxored)
     result = _deflated(view, header.inflated)
     if len(result) != expect_length or hashlib.sha256(result).hexdigest() != expect_sha256:
         raise DeltaError("the rebuilt bundle does not match its signed sha256 (a damaged patch, or a zlib that "

@@ -98,6 +98,21 @@ def test_deflated_members_are_carried_inflated_and_deflated_again(tmp_path: Path
     assert len(delta) < 0.1 * new.stat().st_size, (len(delta), new.stat().st_size)
 
 
+def test_weights_a_fine_tune_moved_travel_as_their_xor_with_the_base(tmp_path: Path) -> None:
+    """Every float changed a little (a full fine-tune): the raw bytes match nothing in the base, but their sign
+    and exponent bytes are the base's, so the member travels XORed with it and compresses."""
+    rng = np.random.default_rng(0)
+    weights = (rng.standard_normal(500_000) * 0.05).astype(np.float32)
+    old = _compressible_bundle(tmp_path, "1.0.0", weights)
+    new = _compressible_bundle(tmp_path, "1.1.0", weights * (1 + 1e-3 * rng.standard_normal(weights.size)
+                                                            ).astype(np.float32))
+    delta = make_delta(old, new)
+    header, _ = read_header(delta)
+    assert header.xor  # (the writer may also deflate them: both transforms then apply)
+    assert _rebuild(delta, old, tmp_path / "out.edgeml") == new.read_bytes()
+    assert len(delta) < 0.75 * new.stat().st_size, (len(delta), new.stat().st_size)
+
+
 def test_every_wrong_delta_is_refused(digits_bundles: DigitsBundles, tmp_path: Path) -> None:
     old, new, other = (digits_bundles.paths[v] for v in ("1.0.0", GOOD, BROKEN))
     delta = make_delta(old, new)
@@ -117,11 +132,12 @@ def test_every_wrong_delta_is_refused(digits_bundles: DigitsBundles, tmp_path: P
         apply_delta(bytes(damaged), base, out, **good)
     with pytest.raises(DeltaError, match="bad magic"):
         apply_delta(b"PK\x03\x04" + delta[4:], base, out, **good)
-    doc = json.loads(delta[12:start])
-    doc["view"]["inflated"] = [[10, 2**40, 6]]  # a span past the view's end
-    head = json.dumps(doc).encode()
-    with pytest.raises(DeltaError, match="header is damaged"):
-        apply_delta(delta[:8] + len(head).to_bytes(4, "big") + head + delta[start:], base, out, **good)
+    for field, spans in (("inflated", [[10, 2**40, 6]]), ("xor", [[0, 10, 2**40]])):  # past the view or the base
+        doc = json.loads(delta[12:start])
+        doc["view"][field] = spans
+        head = json.dumps(doc).encode()
+        with pytest.raises(DeltaError, match="header is damaged"):
+            apply_delta(delta[:8] + len(head).to_bytes(4, "big") + head + delta[start:], base, out, **good)
     assert not out.exists()  # nothing is written before the result is the signed bundle
 
 
