@@ -141,19 +141,24 @@ class TufClient:
             info = updater.get_targetinfo(path)
         if info is None:
             raise UpdateVerificationError(f"refused {what}: the registry does not list it", kind="not-found")
-        self.download_dir.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=".edgeml-download-", dir=self.download_dir))
-        try:
-            partial = scratch / f"{name}-{version}-{target}.edgeml"
+        with self._scratch(f"{name}-{version}-{target}.edgeml") as (scratch, partial):
             with self._phase("download", what):
                 updater.download_target(info, str(partial))
             _check_manifest(partial, info.custom or {}, what)
-            final = self.download_dir / partial.name
-            os.replace(partial, final)
+        return VerifiedBundle(self.download_dir / partial.name, name, version, target, info.hashes["sha256"],
+                              checked=True, length=info.length, fetched_bytes=info.length)
+
+    @contextmanager
+    def _scratch(self, name: str) -> Iterator[tuple[Path, Path]]:
+        """A hidden scratch directory in the download directory and the file ``name`` to build in it, moved into
+        the download directory when the block ends without an error; the scratch is removed either way."""
+        self.download_dir.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".edgeml-download-", dir=self.download_dir))
+        try:
+            yield scratch, scratch / name
+            os.replace(scratch / name, self.download_dir / name)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        return VerifiedBundle(final, name, version, target, info.hashes["sha256"], checked=True, length=info.length,
-                              fetched_bytes=info.length)
 
     def fetch_delta(self, name: str, version: str, target: str, base_version: str, base_slot: Path) -> VerifiedBundle:
         """Rebuild ``<name>/<version>/<target>.edgeml`` from the slot serving ``base_version`` and the signed
@@ -186,22 +191,14 @@ class TufClient:
         base, _names, _version = base_of_slot(base_slot)
         if spec.get("base_sha256") is not None and hashlib.sha256(base).hexdigest() != spec["base_sha256"]:
             raise DeltaError(f"this device's {base_version} is not the delta's base: its slot was modified")
-        self.download_dir.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=".edgeml-download-", dir=self.download_dir))
-        try:
-            delta = scratch / "delta"
+        with self._scratch(f"{name}-{version}-{target}.edgeml") as (scratch, partial):
             with self._phase("download", what):
-                updater.download_target(info, str(delta))
-            partial = scratch / f"{name}-{version}-{target}.edgeml"
-            apply_delta(delta.read_bytes(), base, partial, expect_sha256=full.hashes["sha256"],
+                updater.download_target(info, str(scratch / "delta"))
+            apply_delta((scratch / "delta").read_bytes(), base, partial, expect_sha256=full.hashes["sha256"],
                         expect_length=full.length)
             _check_manifest(partial, full.custom or {}, f"update {path}")
-            final = self.download_dir / partial.name
-            os.replace(partial, final)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        return VerifiedBundle(final, name, version, target, full.hashes["sha256"], checked=True, length=full.length,
-                              fetched_bytes=info.length)
+        return VerifiedBundle(self.download_dir / partial.name, name, version, target, full.hashes["sha256"],
+                              checked=True, length=full.length, fetched_bytes=info.length)
 
 
 def _check_manifest(path: Path, custom: dict[str, Any], what: str) -> None:

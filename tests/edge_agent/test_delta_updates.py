@@ -12,11 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import threading
 import zipfile
 from collections.abc import Iterator
-from functools import partial
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +38,8 @@ from edgeml.edge_agent.update.store import UpdateRecord, UpdateRequest
 from edgeml.fleet.registry.deltas import DeltaSettings
 from edgeml.fleet.registry.repository import Registry, init_registry
 from edgeml.fleet.store import schema
-from tests.edge_agent.conftest import BROKEN, GOOD, SOFT, DigitsBundles, _Quiet
+from tests.edge_agent.conftest import BROKEN, GOOD, SOFT, DigitsBundles
+from tests.fleet.conftest import serve_repository
 
 QUICK = Thresholds(probation_s=0.02, max_probation_s=0.05)
 
@@ -196,14 +194,8 @@ def test_publish_keeps_only_deltas_that_save_enough(digits_bundles: DigitsBundle
 
 @pytest.fixture(scope="module")
 def served(registry: Registry) -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Quiet, directory=str(registry.dir / "repository")))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_repository(registry) as url:
+        yield url
 
 
 class Device:

@@ -93,8 +93,8 @@ class _Quiet(SimpleHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def served(registry: Registry) -> Iterator[str]:
+@contextmanager
+def serve_repository(registry: Registry) -> Iterator[str]:
     """Serve ``DIR/repository`` over HTTP on 127.0.0.1; yields the base URL."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Quiet, directory=str(registry.dir / "repository")))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -105,6 +105,13 @@ def served(registry: Registry) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+@pytest.fixture
+def served(registry: Registry) -> Iterator[str]:
+    """Serve ``DIR/repository`` over HTTP on 127.0.0.1; yields the base URL."""
+    with serve_repository(registry) as url:
+        yield url
 
 
 def tree_hash(directory: Path) -> str:
