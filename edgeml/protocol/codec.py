@@ -212,6 +212,9 @@ def check_range(kind: str, name: str, value: float, low: float, high: float) -> 
         raise ProtocolError(f"{kind}: field {name!r} must be within [{low:g}, {high:g}], got {value:g}")
 
 
+_CHECKS: dict[type, tuple[tuple[str, tuple[type, ...]], ...]] = {}  # message class -> (field, types), no schema
+
+
 class Message:
     """Shared encoding and checks of the message dataclasses (each sets KIND, SCHEMA and TYPES)."""
 
@@ -221,10 +224,14 @@ class Message:
     schema: str  # a dataclass field in every subclass
 
     def __post_init__(self) -> None:
-        kind, types = self.KIND, self.TYPES
-        for name in field_names(type(self)):
-            if name != "schema":
-                check_type(kind, name, getattr(self, name), types[name])
+        checks = _CHECKS.get(type(self))
+        if checks is None:
+            declared = self.TYPES
+            checks = _CHECKS[type(self)] = tuple((n, declared[n]) for n in field_names(type(self)) if n != "schema")
+        for name, allowed in checks:
+            value = getattr(self, name)
+            if type(value) not in allowed or type(value) is float:  # exact hits pass here; bool only where listed
+                check_type(self.KIND, name, value, allowed)  # subclasses, floats (finite?) and every error
         if self.schema != self.SCHEMA:
             raise ProtocolError(f"{self.KIND}: unsupported schema {self.schema!r}",
                                 hint=f"this edgeml speaks {self.SCHEMA}; upgrade the older side")
