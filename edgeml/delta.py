@@ -16,8 +16,9 @@ result is checked against the full bundle's signed sha256 and length before anyt
 
 A member that a fine-tune left aligned with its base (the same name and size, and at least a fifth of its bytes
 equal where they stand: floats nudged by training keep their sign and exponent bytes) travels XORed with the
-base's member: zeros where bytes are equal, which the patch compresses, where the raw bytes would match nothing.
-The device XORs it back with its slot's bytes.
+base's member, as byte planes when its size is a multiple of 4 (the floats' first bytes together, then the
+second...): zeros where bytes are equal, in long runs, which the patch compresses, where the raw bytes would
+match nothing. The device XORs it back with its slot's bytes.
 
 Layout of a ``.edgeml-delta`` file::
 
@@ -150,8 +151,18 @@ def _inflated_view(bundle: bytes) -> tuple[bytes, tuple[tuple[int, int, int], ..
     return b"".join(parts), tuple(spans), members
 
 
-def _xor(a: bytes | memoryview, b: bytes | memoryview) -> bytes:
-    return np.bitwise_xor(np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8)).tobytes()
+def _planes(xored: np.ndarray) -> bytes:
+    """A XORed span as byte planes when its size is a multiple of 4 (every float's first bytes together, then the
+    second...): the sign and exponent bytes training left alone become long runs of zeros."""
+    return xored.reshape(-1, 4).T.tobytes() if xored.size % 4 == 0 else xored.tobytes()
+
+
+def _unxor(span: bytes | memoryview, base: bytes | memoryview) -> bytes:
+    """The inverse of :func:`_planes` of the XOR with ``base``."""
+    data = np.frombuffer(span, np.uint8)
+    if data.size % 4 == 0:
+        data = data.reshape(4, -1).T.reshape(-1)
+    return np.bitwise_xor(data, np.frombuffer(base, np.uint8)).tobytes()
 
 
 #: A member of the new bundle is carried XORed with the same member of the base when they have the same size
@@ -171,7 +182,7 @@ def _xor_members(view: bytes, members: dict[str, tuple[int, int]], base: bytes,
             continue
         new, old = np.frombuffer(view, np.uint8, size, at), np.frombuffer(base, np.uint8, size, b)
         if np.count_nonzero(new == old) >= _XOR_MIN_EQUAL * size:
-            out[at:at + size] = np.bitwise_xor(new, old).tobytes()
+            out[at:at + size] = _planes(np.bitwise_xor(new, old))
             spans.append((at, size, b))
     return bytes(out), tuple(spans)
 
@@ -312,7 +323,7 @@ def apply_delta(delta: bytes, base: bytes, out: Path, *, expect_sha256: str, exp
     if header.xor:
         unxored = bytearray(view)
         for at, size, base_at in header.xor:
-            unxored[at:at + size] = _xor(memoryview(view)[at:at + size], memoryview(base)[base_at:base_at + size])
+            unxored[at:at + size] = _unxor(memoryview(view)[at:at + size], memoryview(base)[base_at:base_at + size])
         view = bytes(unxored)
     result = _deflated(view, header.inflated)
     if len(result) != expect_length or hashlib.sha256(result).hexdigest() != expect_sha256:
