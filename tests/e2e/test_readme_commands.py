@@ -41,6 +41,8 @@ NOT_HERE: list[tuple[str, str]] = [
     (r"^docker ", "needs a Docker engine (the Dockerfiles are linted in tests/deploy)"),
     (r"^(pip |python3 -m venv |sudo )", "installs into the system (tests/core/test_packaging.py)"),
     (r"^python -m torch\.distributed\.run --nnodes", "needs several machines (one machine: --nproc 2 above)"),
+    (r"^edgeml train .*--(extra-data|init-from) ", "needs a labeled dataset pulled from a fleet and an earlier run "
+                                                  "(tests/train/test_extra_data.py, tests/e2e/test_retrain_loop.py)"),
 ]
 DOCS = ("README.md", "docs/compile.md", "docs/training.md")
 
