@@ -37,13 +37,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeml._deps import require
 from edgeml.errors import BundleError, MetadataError, RegistryError
-from edgeml.fleet.registry import deltas as deltas_mod
-from edgeml.fleet.registry.deltas import DeltaSettings
 from edgeml.fsutil import atomic_output_dir, atomic_write_bytes
+
+if TYPE_CHECKING:  # the registry's database layer (SQLAlchemy) is imported when a publish needs it
+    from edgeml.fleet.registry.deltas import DeltaSettings, Made
 
 __all__ = ["SCHEMA", "Published", "Registry", "init_registry"]
 
@@ -225,6 +226,7 @@ class Registry:
                 ``repository/targets/`` (:meth:`target_file`); the registry is unchanged.
         """
         from edgeml.bundle import Bundle
+        from edgeml.fleet.registry import deltas as deltas_mod
         from edgeml.fleet.registry import tuf_repo
 
         with Bundle(bundle) as b:  # the user's file: errors name it
@@ -233,7 +235,7 @@ class Registry:
             staged = work / "bundle.edgeml"
             target = _stage(bundle, staged)  # what is signed is this copy, re-verified
             sha = target.hashes["sha256"]
-            made = self._deltas(staged, target, deltas or DeltaSettings())  # earlier versions never change
+            made = self._deltas(staged, target, deltas or deltas_mod.DeltaSettings())  # earlier versions never change
             with self.locked():
                 signers = self.online_signers()
                 roles = self.load_roles()
@@ -245,7 +247,9 @@ class Registry:
         return Published(target.path, sha, target.length, roles["targets"].signed.version, changed=True,
                          deltas=tuple((m.base_version, f.length) for m, f in delta_files))
 
-    def _deltas(self, staged: Path, target: Any, settings: DeltaSettings) -> list[deltas_mod.Made]:
+    def _deltas(self, staged: Path, target: Any, settings: DeltaSettings) -> list[Made]:
+        from edgeml.fleet.registry import deltas as deltas_mod
+
         custom = target.custom
         db = self.database()
         try:
@@ -266,8 +270,9 @@ class Registry:
         return _inside(self.targets_dir, hashed_target_path(path, sha256))
 
     def _commit(self, staged: Path, stored: Path, roles: dict[str, Any], target: Any, channel: str | None,
-                actor: str | None, delta_files: list[tuple[deltas_mod.Made, Any]]) -> None:
+                actor: str | None, delta_files: list[tuple[Made, Any]]) -> None:
         from edgeml.fleet.audit.log import local_actor, open_audit
+        from edgeml.fleet.registry import deltas as deltas_mod
 
         custom = target.custom
         fields = {"name": custom["name"], "version": custom["version"], "target": custom["target"],
