@@ -233,13 +233,16 @@ def _advance(book: Book, seqs: list[int]) -> tuple[int, frozenset[int], frozense
 _NOTHING = Book()
 
 
-def plan_batch(rows: Sequence[Telemetry], books: Mapping[str, Book], at: dt.datetime) -> BatchPlan:
+def plan_batch(rows: Sequence[Telemetry], books: Mapping[str, Book], at: dt.datetime,
+               read: Mapping[tuple[str, int], Figures] | None = None) -> BatchPlan:
     """Which rows of ``rows`` are new given the devices' ``books``, and everything that changes with them.
 
     Args:
         rows: The batch (any order, repeats allowed).
         books: Each device's bookkeeping, read under the transaction's lock (a device missing: nothing stored).
         at: When the batch was received (its minute is the rollup bucket).
+        read: The :func:`figures` of each ``(device_id, seq)``'s first row in ``rows``, worked out already
+            (the store does it before its transaction takes the lock); None: worked out here.
     """
     new: dict[tuple[str, int], Telemetry] = {}
     for r in rows:
@@ -258,7 +261,7 @@ def plan_batch(rows: Sequence[Telemetry], books: Mapping[str, Book], at: dt.date
         top = max(device_rows, key=lambda r: r.seq) if len(device_rows) > 1 else device_rows[0]
         requests = errors = 0.0
         for r in device_rows:
-            f = figures(r.metrics)
+            f = figures(r.metrics) if read is None else read[(device_id, r.seq)]
             if f.requests is not None:
                 requests += f.requests
             if f.errors is not None:

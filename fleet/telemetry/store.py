@@ -35,13 +35,13 @@ import json
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from edgeml.errors import ConfigError
 from edgeml.fleet.store import schema
 from edgeml.fleet.store.db import Database, as_utc, utcnow
 from edgeml.fleet.store.schema import sa
-from edgeml.fleet.telemetry.figures import Book, floor_time, plan_batch
+from edgeml.fleet.telemetry.figures import Book, Figures, figures, floor_time, plan_batch
 from edgeml.fleet.telemetry.writers import _SQLITE_JSON, Writer, bind, writer_for
 from edgeml.protocol import State, Telemetry
 
@@ -51,6 +51,27 @@ if TYPE_CHECKING:
 __all__ = ["BatchResult", "TelemetryStore"]
 
 _DEVICES_PER_QUERY = 500  # device ids per read of the books
+
+
+class _Prepared(NamedTuple):
+    """What a batch's store needs of each row that no device's books decide, by ``(device_id, seq)`` (the first
+    of repeats, as :func:`~edgeml.fleet.telemetry.figures.plan_batch` keeps)."""
+
+    figures: dict[tuple[str, int], Figures]
+    texts: dict[tuple[str, int], str]  # its metrics as the JSON text SQLAlchemy's JSON type writes
+
+
+def _prepare(rows: Sequence[Telemetry]) -> _Prepared:
+    """A batch's :class:`_Prepared`, worked out before the transaction takes its lock: on SQLite one writer at a
+    time holds it, and each worker of a group waits out the others' time under it."""
+    read: dict[tuple[str, int], Figures] = {}
+    texts: dict[tuple[str, int], str] = {}
+    for r in rows:
+        key = (r.device_id, r.seq)
+        if key not in read:
+            read[key] = figures(r.metrics)
+            texts[key] = json.dumps(r.metrics)
+    return _Prepared(read, texts)
 
 
 @dataclass(frozen=True)
@@ -127,16 +148,17 @@ class TelemetryStore:
         touch = {r.device_id for r in rows}
         if self.last_seen_s > 0:
             touch = {d for d in touch if now - self._seen_at.get(d, float("-inf")) >= self.last_seen_s}
+        prepared = _prepare(rows)  # outside the lock: SQLite lets one writer at a time hold it
         with self.db.transaction() as conn:
-            inserted, after = self._store_rows(conn, rows, at) if rows else ([], {})
+            inserted, after = self._store_rows(conn, rows, at, prepared) if rows else ([], {})
             applied = sum(self._apply_state(conn, s, at if seen else None) for s, seen in states)
             self._touch(conn, touch, at)
         self._seen_at.update(dict.fromkeys(touch, now))
         self._booked.update(after)
         return BatchResult(frozenset(inserted), len(rows) - len(inserted), after if highs else {}, applied)
 
-    def _store_rows(self, conn: Connection, rows: Sequence[Telemetry],
-                    at: dt.datetime) -> tuple[list[tuple[str, int]], dict[str, int | None]]:
+    def _store_rows(self, conn: Connection, rows: Sequence[Telemetry], at: dt.datetime,
+                    prepared: _Prepared) -> tuple[list[tuple[str, int]], dict[str, int | None]]:
         """The rows' part of :meth:`store_batch`: lock the books, decide, write. (inserted, highs after)"""
         writer = writer_for(conn)
         writer.begin(conn)
@@ -147,9 +169,9 @@ class TelemetryStore:
         if missing:
             self._ensure(conn, writer, missing)
             books.update(self._books(conn, writer, missing))
-        plan = plan_batch(rows, books, at)
+        plan = plan_batch(rows, books, at, prepared.figures)
         if plan.rows:
-            self._write(conn, writer, plan, at)
+            self._write(conn, writer, plan, at, prepared)
         after = {d: None if b.high < 0 else b.high for d, b in books.items()}
         after.update({d: None if c.high < 0 else c.high for d, c in plan.devices.items()})
         return [(r.device_id, r.seq) for r in plan.rows], after
@@ -169,8 +191,8 @@ class TelemetryStore:
         return books
 
     @staticmethod
-    def _write(conn: Connection, writer: Writer, plan: Any, at: dt.datetime) -> None:
-        texts = [json.dumps(r.metrics) for r in plan.rows]  # as SQLAlchemy's JSON type writes them; once a row
+    def _write(conn: Connection, writer: Writer, plan: Any, at: dt.datetime, prepared: _Prepared) -> None:
+        texts = [prepared.texts[(r.device_id, r.seq)] for r in plan.rows]
         writer.insert(conn, plan.rows, at, texts)
         latest = {(d, c.latest.seq) for d, c in plan.devices.items() if c.latest is not None}
         writer.update_devices(conn, plan.devices, at, {(r.device_id, r.seq): text for r, text in zip(plan.rows, texts)

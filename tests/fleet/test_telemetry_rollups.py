@@ -14,6 +14,7 @@ import pytest
 from edgeml.fleet.rollouts.rules import DeviceSignals
 from edgeml.fleet.rollouts.signals import Judged, RolloutSignals, SignalWatcher, telemetry_signals
 from edgeml.fleet.store.db import Database
+from edgeml.fleet.store.schema import sa
 from edgeml.fleet.telemetry.maintenance import Maintenance, RetentionSettings
 from edgeml.fleet.telemetry.store import TelemetryStore
 from edgeml.fleet.web.views import telemetry_series
@@ -76,6 +77,25 @@ def test_rollups_equal_the_raw_aggregates_they_summarize(db: Database, seed: int
     again = Maintenance(db, KEEP, clock=lambda: NOW + dt.timedelta(hours=2)).run_once()
     assert again.ran and again.hours_rolled == 0  # rolled once
     assert_rollups_match(stored_rollups(db, "telemetry_device_hour"), expected(rows, 3600, devices=True))
+
+
+def test_a_seq_repeated_in_one_batch_is_stored_and_summed_as_its_first_copy(db: Database) -> None:
+    """The store works out each row's figures and JSON before its transaction locks the books: the copy it
+    stores, the one the totals count and the one the rollups sum must still be the same (the first)."""
+    store = TelemetryStore(db)
+    rng = random.Random(3)
+    first, second = window(rng, "1.0"), window(rng, "2.0")
+    first["requests"], second["requests"] = 10, 250
+    batch = [Telemetry("cam-0", 0, NOW.timestamp(), first), Telemetry("cam-1", 0, NOW.timestamp(), second),
+             Telemetry("cam-0", 0, NOW.timestamp(), second)]
+    assert store.insert_batch(batch, received_at=NOW) == 2
+    rows = raw_rows(db)
+    assert {(r["device_id"], r["metrics"]["version"]) for r in rows} == {("cam-0", "1.0"), ("cam-1", "2.0")}
+    assert_rollups_match(stored_rollups(db, "telemetry_device_minute"), expected(rows, 60, devices=True))
+    assert_rollups_match(stored_rollups(db, "telemetry_version_minute"), expected(rows, 60, devices=False))
+    t = db.tables["telemetry_devices"]
+    with db.transaction() as conn:
+        assert conn.execute(sa.select(t.c.requests, t.c.windows).where(t.c.device_id == "cam-0")).one() == (10, 1)
 
 
 def test_a_day_window_reads_hours_and_the_open_hour_from_minutes(db: Database) -> None:
