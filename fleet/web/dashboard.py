@@ -13,12 +13,15 @@
   per hour beyond (then at most one bucket an hour); ``resolution_s`` in the answer says which, and the page shows
   it.
 * ``GET /api/audit?limit=N``: the newest audit entries (default 50).
+* ``GET /api/rollout-waves``: every rollout, newest first, with its devices counted by wave and state (what the
+  rollout cards draw; :func:`~edgeml.fleet.web.views.rollout_waves`): its size grows with the rollouts, not with
+  their devices.
 * ``GET /`` and ``/dashboard/...``: the page itself (HTML, JS, CSS; no token needed, it holds no data).
 
 Every ``/api/`` route needs a viewer token (401 without a valid one). A bad query (an unknown or repeated
 parameter, a value out of range) is a 400, a database that cannot be reached a 503, each as the listener's
-JSON error (:func:`~edgeml.fleet.web.server.error_response`). Rollouts are served at ``/api/rollouts`` by
-:func:`~edgeml.fleet.rollouts.store.rollout_routes`, which the page reads too.
+JSON error (:func:`~edgeml.fleet.web.server.error_response`). Rollouts with every device are served at
+``/api/rollouts`` by :func:`~edgeml.fleet.rollouts.store.rollout_routes`; the page reads the counts instead.
 
 The page asks for a token (kept in the tab's ``sessionStorage``; ``/#token=...`` sets it and is then removed
 from the address bar), sends it as ``Authorization: Bearer``, and refreshes every few seconds. It sets its
@@ -39,6 +42,7 @@ from edgeml.fleet.web.views import (
     audit_entries,
     device_list,
     fleet_overview,
+    rollout_waves,
     telemetry_series,
 )
 
@@ -131,6 +135,10 @@ def dashboard_routes(db: Database, audit: Any, *, stale_after_s: float = DEFAULT
         return telemetry_series(db, q["metric"], by=q.get("by", "version"), since_s=q.get("since", 3600.0),
                                 model=q.get("model"), buckets=q.get("buckets", DEFAULT_BUCKETS), now=now())
 
+    def waves(call: ApiCall) -> Any:
+        parse_query(call.query, {})
+        return rollout_waves(db)
+
     def audit_log(call: ApiCall) -> Any:
         return audit_entries(audit, parse_query(call.query, {"limit": int}).get("limit", 50))
 
@@ -143,7 +151,7 @@ def dashboard_routes(db: Database, audit: Any, *, stale_after_s: float = DEFAULT
     return [
         *(api_route(path, handler, db=db, role=Role.VIEWER) for path, handler in (
             ("/api/overview", overview), ("/api/devices", devices), ("/api/telemetry", telemetry),
-            ("/api/audit", audit_log))),
+            ("/api/audit", audit_log), ("/api/rollout-waves", waves))),
         *(Route(path, page("index.html"), methods=["GET"]) for path in ("/", "/dashboard", "/dashboard/")),
         *(Route(f"/dashboard/{name}", page(name), methods=["GET"]) for name in _FILES),
     ]

@@ -50,6 +50,7 @@ __all__ = [
     "device_list",
     "fleet_overview",
     "is_online",
+    "rollout_waves",
     "telemetry_series",
 ]
 
@@ -155,6 +156,44 @@ def fleet_overview(db: Database, *, now: dt.datetime | None = None,
         "stale_after_s": stale_after_s,
         "generated_at": _iso(now),
     }
+
+
+# --- rollouts ----------------------------------------------------------------------------------------------
+
+
+def rollout_waves(db: Database) -> list[dict[str, Any]]:
+    """Every rollout, newest first, with its devices counted by wave and state: what the dashboard's rollout
+    cards draw. Two queries, the devices counted by the database, so that the answer grows with the rollouts and
+    their waves, not with their devices (``GET /api/rollouts`` lists every device of every rollout).
+
+    Each is ``{"id", "kind", "model", "version", "state", "current_wave", "abort_reason", "created_by",
+    "options", "waves"}``, ``waves`` holding one ``{state: devices}`` per wave (canary first), as
+    :meth:`~edgeml.fleet.rollouts.store.RolloutStatus.counts` gives them.
+
+    Raises:
+        RegistryError: The database failed.
+    """
+    t, rd = schema.rollouts, schema.rollout_devices
+    with db.transaction() as conn:
+        rollouts = conn.execute(sa.select(t.c.id, t.c.kind, t.c.model, t.c.version, t.c.state, t.c.current_wave,
+                                          t.c.abort_reason, t.c.created_by, t.c.options)
+                                .order_by(t.c.created_at.desc(), t.c.id)).all()
+        counted = conn.execute(sa.select(rd.c.rollout_id, rd.c.wave, rd.c.state, sa.func.count())
+                               .group_by(rd.c.rollout_id, rd.c.wave, rd.c.state)).all()
+    by_rollout: dict[str, list[tuple[int, str, int]]] = defaultdict(list)
+    for rollout_id, wave, state, n in counted:
+        by_rollout[rollout_id].append((int(wave), str(state), int(n)))
+    out = []
+    for r in rollouts:
+        options = dict(r.options or {})
+        waves: list[dict[str, int]] = [{} for _ in range(len(options.get("waves") or ()) + 1)]
+        for wave, state, n in sorted(by_rollout.get(r.id, ())):
+            if 0 <= wave < len(waves):
+                waves[wave][state] = n
+        out.append({"id": r.id, "kind": r.kind, "model": r.model, "version": r.version, "state": r.state,
+                    "current_wave": r.current_wave, "abort_reason": r.abort_reason, "created_by": r.created_by,
+                    "options": options, "waves": waves})
+    return out
 
 
 # --- devices -----------------------------------------------------------------------------------------------

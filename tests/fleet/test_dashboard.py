@@ -269,10 +269,17 @@ def test_api_answers_the_store(fleet: Fleet, server: str) -> None:
     status, _, rollouts = get(f"{server}/api/rollouts", fleet.viewer)
     assert status == 200 and {r["id"]: r["abort_reason"] for r in rollouts} == {
         "ro-bad": f"aborted by {ACTOR}: {ABORT}", "ro-good": None}
+    status, _, waves = get(f"{server}/api/rollout-waves", fleet.viewer)  # the rollout cards: counts, not devices
+    assert status == 200 and [r["id"] for r in waves] == [r["id"] for r in rollouts]
+    for counted, full in zip(waves, rollout_status(fleet.db), strict=True):
+        assert counted["waves"] == full.counts() and "devices" not in counted
+        assert {k: counted[k] for k in ("state", "abort_reason", "current_wave", "options")} == {
+            "state": full.state, "abort_reason": full.abort_reason, "current_wave": full.current_wave,
+            "options": full.options}
 
 
 @pytest.mark.parametrize("path", ["/api/overview", "/api/devices", "/api/telemetry?metric=error_rate",
-                                  "/api/audit"])
+                                  "/api/audit", "/api/rollout-waves"])
 def test_api_needs_a_viewer_token(fleet: Fleet, server: str, path: str) -> None:
     for token in (None, "edgeml_not-a-token", fleet.revoked):
         status, headers, body = get(server + path, token)

@@ -118,7 +118,7 @@
       const charts = METRICS.map((m) => api("/api/telemetry?metric=" + encodeURIComponent(m.name) +
         "&by=" + encodeURIComponent(by) + "&since=" + encodeURIComponent(since)));
       const [overview, rollouts, devices, audit, ...series] = await Promise.all(
-        [api("/api/overview"), api("/api/rollouts"), api("/api/devices"), api("/api/audit?limit=50"), ...charts]);
+        [api("/api/overview"), api("/api/rollout-waves"), api("/api/devices"), api("/api/audit?limit=50"), ...charts]);
       renderOverview(overview);
       renderRollouts(rollouts);
       renderCharts(series);
@@ -186,11 +186,13 @@
     const waves = (rollout.options && rollout.options.waves ? rollout.options.waves.length : 0) + 1;
     const counts = [];
     for (let w = 0; w < waves; w++) counts.push(Object.fromEntries(WAVE_STATES.map((s) => [s, 0])));
-    for (const d of rollout.devices) {
-      const state = d.state === "notifying" || d.state === "notified" ? "updating" : d.state;
-      if (!counts[d.wave]) continue;
-      counts[d.wave][state] = (counts[d.wave][state] || 0) + 1;
-    }
+    (rollout.waves || []).forEach((byState, w) => {
+      if (!counts[w]) return;
+      for (const [s, n] of Object.entries(byState)) {
+        const state = s === "notifying" || s === "notified" ? "updating" : s;
+        counts[w][state] = (counts[w][state] || 0) + n;
+      }
+    });
     return counts;
   }
 
