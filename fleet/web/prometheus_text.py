@@ -31,18 +31,26 @@ class Family:
 
     def write(self, out: list[str]) -> None:
         """Append the family's lines, as ``generate_latest`` writes them (labels sorted by name, values escaped)."""
-        from prometheus_client.utils import floatToGoString
-
         name = self.name + "_total" if self.type == "counter" else self.name
         text = self.documentation.replace("\\", "\\\\").replace("\n", "\\n")
         out.append(f"# HELP {name} {text}\n# TYPE {name} {self.type}\n")
+        if not self.labels:
+            out.extend(f"{name} {_go(value)}\n" for _, value in self.samples)
+            return
         order = sorted(range(len(self.labels)), key=self.labels.__getitem__)
+        line = name + "{" + ",".join(f'{self.labels[i]}="%s"' for i in order) + "} %s\n"  # names hold no '%'
+        # one scan of every label value for a character to escape: fleets' ids and versions almost never have one
+        plain = not any(c in "".join(v for values, _ in self.samples for v in values) for c in '\\"\n')
+        same_order = order == list(range(len(order)))
         for values, value in self.samples:
-            if values:
-                labels = ",".join(f'{self.labels[i]}="{escape(values[i])}"' for i in order)
-                out.append(f"{name}{{{labels}}} {floatToGoString(value)}\n")
-            else:
-                out.append(f"{name} {floatToGoString(value)}\n")
+            if not plain:
+                values = tuple(escape(v) for v in values)
+            if not same_order:
+                values = tuple(values[i] for i in order)
+            number = repr(value)
+            if number[-1] in "fn" or (value > 0 and number.find(".") > 6):  # inf, nan, or Go's exponent form
+                number = _go(value)
+            out.append(line % (*values, number))
 
     def to_client(self) -> Any:
         """The same family as prometheus_client's (for a ``CollectorRegistry``)."""
@@ -61,6 +69,13 @@ def gauge(name: str, documentation: str, value: float | None = None, labels: Ite
 
 def counter(name: str, documentation: str, value: float | None = None, labels: Iterable[str] | None = None) -> Family:
     return Family("counter", name, documentation, value, labels)
+
+
+def _go(value: float) -> str:
+    """A sample value as Go (and so ``generate_latest``) writes it."""
+    from prometheus_client.utils import floatToGoString
+
+    return str(floatToGoString(value))
 
 
 def escape(value: str) -> str:

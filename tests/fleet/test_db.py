@@ -3,6 +3,7 @@ processes are all signed and listed, versions strictly increase, and the databas
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -10,10 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tuf.api.metadata import Metadata
 
 from edgeml.fleet.registry.repository import init_registry
-from edgeml.fleet.store.db import Database
+from edgeml.fleet.store.db import Database, json_loads
+from edgeml.fleet.store.schema import sa
 from tests.fleet.conftest import MakeBundle
 
 PUBLISHERS = 10
@@ -71,3 +75,39 @@ def test_the_sqlite_database_and_its_wal_files_are_created_readable_by_their_own
         os.umask(previous)
     assert files == {"registry.db": 0o600, "registry.db-wal": 0o600, "registry.db-shm": 0o600}
     assert stat.S_IMODE((tmp_path / "other.db").stat().st_mode) == 0o600
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+                     lambda inner: st.lists(inner, max_size=4)
+                     | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                     max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_JSON, st.sampled_from(["", " ", "\n", "\t "]), st.sampled_from(["", " ", "\n", "x", "]", ","]),
+       st.booleans())
+def test_the_json_columns_read_documents_as_json_loads_does(value: object, before: str, after: str,
+                                                            as_bytes: bool) -> None:
+    """The JSON columns' reader (a shortcut past json.loads's per-call work) gives what json.loads gives, or
+    refuses what it refuses, for any document with any whitespace or junk around it, as text or bytes."""
+    text = before + json.dumps(value) + after
+    data: str | bytes = text.encode() if as_bytes else text
+    try:
+        expected = json.loads(text)
+    except json.JSONDecodeError:
+        with pytest.raises(json.JSONDecodeError):
+            json_loads(data)
+        return
+    got = json_loads(data)
+    assert json.dumps(got) == json.dumps(expected)  # NaN != NaN: compare the texts
+
+
+def test_json_columns_come_back_as_they_were_stored(db_url: str) -> None:
+    db = Database(db_url)
+    db.create()
+    doc = {"site": "b", "nested": {"list": [1, 2.5, None, True, "é ✓"], "deep": [[[]]]}, "n": -3}
+    d = db.tables["devices"]
+    with db.transaction() as conn:
+        conn.execute(d.insert().values(device_id="json-1", revoked=False, tags=doc, installed={}))
+        assert conn.execute(sa.select(d.c.tags).where(d.c.device_id == "json-1")).scalar() == doc
+    db.close()

@@ -438,3 +438,32 @@ def test_the_text_is_what_prometheus_client_writes(fleet: Fleet) -> None:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FleetCollector(fleet.db))
     assert render(fleet.db) == generate_latest(registry)
+
+
+def test_a_family_is_written_as_prometheus_client_writes_it() -> None:
+    """Every float form (Go's exponents, infinities, NaN, -0.0), unsorted label names, and label values holding
+    '%', quotes, backslashes and newlines: the same bytes as generate_latest."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from edgeml.fleet.web.prometheus_text import counter, gauge
+
+    values = [0.0, -0.0, 0.1, 1.5, 123456.5, 1234567.5, -1234567.5, 1e22, 1e-7, 2.5e300, float("inf"), float("-inf"),
+              float("nan"), 10.0**6, 7.0, 123456789.0]
+    plain = gauge("edgeml_test_plain", "values\nwith a \\ in the help", labels=["version", "device", "a"])
+    odd = counter("edgeml_test_odd", "escaped label values", labels=["z", "b"])
+    single = gauge("edgeml_test_single", "no labels", value=1234567.25)
+    for i, v in enumerate(values):
+        plain.add_metric([f"1.{i}", f"cam-{i}", "%s %d"], v)
+        odd.add_metric([f'v "{i}"', "back\\slash\nline%"], abs(v))
+    families = [plain, odd, single]
+
+    class Collector:
+        def collect(self):  # type: ignore[no-untyped-def]
+            return [f.to_client() for f in families]
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collector())  # type: ignore[arg-type]
+    out: list[str] = []
+    for family in families:
+        family.write(out)
+    assert "".join(out).encode() == generate_latest(registry)
