@@ -55,14 +55,13 @@ from benchmarks import ingest_bench
 from edgeml.fleet.audit.log import AuditLog
 from edgeml.fleet.rollouts.rules import RolloutOptions
 from edgeml.fleet.rollouts.signals import Judged, RolloutSignals
-from edgeml.fleet.rollouts.store import rollout_status
 from edgeml.fleet.store import schema
-from edgeml.fleet.store.db import Database
+from edgeml.fleet.store.db import Database, as_utc
 from edgeml.fleet.telemetry.figures import ROLLUP_COLUMNS as _ROLLUP_COLUMNS
 from edgeml.fleet.telemetry.maintenance import Maintenance, RetentionSettings
 from edgeml.fleet.telemetry.store import TelemetryStore
 from edgeml.fleet.web.metrics import render
-from edgeml.fleet.web.views import audit_entries, device_list, fleet_overview, telemetry_series
+from edgeml.fleet.web.views import audit_entries, device_list, fleet_overview, rollout_waves, telemetry_series
 from edgeml.protocol import Telemetry
 
 GOAL_MS = 100.0  # each read at 10M rows on PostgreSQL
@@ -276,6 +275,56 @@ def fresh_store(backend: str, base_url: str) -> Iterator[tuple[Database, str]]:
         admin.dispose()
 
 
+@contextmanager
+def kept_store(backend: str, base_url: str, rows: int) -> Iterator[tuple[Database, str, bool]]:
+    """The store of ``rows`` rows that ``--keep`` leaves in place for a later run (a PostgreSQL schema
+    ``edgeml_scale_keep_<rows>``, or ``edgeml-scale-keep/<rows>.db`` in the temporary directory):
+    ``(db, url, filled)``, ``filled`` False when it is new (then fill it)."""
+    if backend == "sqlite":
+        root = Path(tempfile.gettempdir()) / "edgeml-scale-keep"
+        root.mkdir(exist_ok=True)
+        url = f"sqlite:///{root / f'{rows}.db'}"
+    else:
+        name = f"edgeml_scale_keep_{rows}"
+        admin = sa.create_engine(base_url)
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{name}"')
+        admin.dispose()
+        url = f"{base_url}?options=-csearch_path%3D{name}"
+    db = Database(url)
+    try:
+        db.create()
+        with db.transaction() as conn:  # the last step of a fill: the rollout recorded
+            filled = conn.execute(sa.select(sa.func.count()).select_from(schema.rollouts)
+                                  .where(schema.rollouts.c.id == "ro-bench")).scalar() == 1
+        yield db, url, filled
+    finally:
+        db.close()
+
+
+def catch_up(db: Database, now: dt.datetime) -> int:
+    """The fleet's reports from the store's newest row until ``now`` (at most the last hour), one every
+    :data:`INTERVAL_S` per device, stored as ingestion stores them (rows, books, minute rollups): a store filled
+    a while ago then holds what a live fleet's would in the windows the reads look at (the scrape's last 5
+    minutes, the dashboard's last hour). Returns the rows stored."""
+    t = schema.telemetry_devices
+    with db.transaction() as conn:
+        books = {d: (int(s), as_utc(at)) for d, s, at in conn.execute(
+            sa.select(t.c.device_id, t.c.last_seq, t.c.last_received_at).where(t.c.device_id.like("dev-%")))}
+    if not books:
+        return 0
+    newest = max(at for _, at in books.values())
+    step = dt.timedelta(seconds=INTERVAL_S)
+    at, k, stored = max(newest + step, now - dt.timedelta(hours=1)), 1, 0
+    store = TelemetryStore(db)
+    while at <= now:
+        batch = [Telemetry(d, seq + k, at.timestamp(), _metrics(int(d[4:]), seq + k, "1.1.0"))
+                 for d, (seq, _) in sorted(books.items())]
+        stored += store.insert_batch(batch, received_at=at)
+        at, k = at + step, k + 1
+    return stored
+
+
 def _ms(fn: Callable[[], Any], repeat: int) -> float:
     """Median milliseconds of ``fn`` over ``repeat`` calls, after one warm-up call."""
     fn()
@@ -290,7 +339,7 @@ def _ms(fn: Callable[[], Any], repeat: int) -> float:
 def dashboard_refresh(db: Database, audit: AuditLog) -> None:
     """The 8 calls of one refresh of the dashboard page (fleet/web/static/app.js), as its routes make them."""
     fleet_overview(db)
-    [vars(s) for s in rollout_status(db)]
+    rollout_waves(db)
     device_list(db)
     audit_entries(audit, 50)
     for metric in ("latency_p50_ms", "latency_p99_ms", "error_rate", "drift.score"):
@@ -389,38 +438,52 @@ def measure(backend: str, rows: int, base_url: str, repeat: int, rollout_devices
     return out
 
 
-def interleaved(backend: str, sizes: list[int], base_url: str, repeat: int) -> list[dict[str, Any]]:
+def interleaved(backend: str, sizes: list[int], base_url: str, repeat: int, keep: bool = False) -> list[dict[str, Any]]:
     """The scrape, a dashboard refresh, the devices summary and a restarted worker's highs of one store per size,
     timed in turns (one call of each read on each store per round, ``repeat`` rounds after a warm-up one), so that
     whatever else loads the machine weighs on every size alike: on a shared machine the flatness goal compares
-    like with like only so. Returns one result per size (medians, ms)."""
+    like with like only so. Every store first catches up with the clock (:func:`catch_up`: the larger ones take
+    half an hour to fill). ``keep``: the stores of :func:`kept_store`, filled only when new and left for the next
+    run. Returns one result per size (medians, ms)."""
     from contextlib import ExitStack
 
-    now = dt.datetime.now(dt.timezone.utc)
     fleet = [f"dev-{d:05d}" for d in range(DEVICES)]
     with ExitStack() as stack:
         stores = []
         for rows in sizes:
-            db, _ = stack.enter_context(fresh_store(backend, base_url))
-            fill_fleet(db, rows, now)
-            derive(db)
-            Maintenance(db, RetentionSettings(raw_s=0, minute_s=0, hour_s=0, pause_s=0)).run_once()
-            record_rollout(db, now)
+            if keep:
+                db, _, filled = stack.enter_context(kept_store(backend, base_url, rows))
+            else:
+                db, _ = stack.enter_context(fresh_store(backend, base_url))
+                filled = False
+            if not filled:
+                began, now = time.perf_counter(), dt.datetime.now(dt.timezone.utc)
+                fill_fleet(db, rows, now)
+                derive(db)
+                Maintenance(db, RetentionSettings(raw_s=0, minute_s=0, hour_s=0, pause_s=0)).run_once()
+                record_rollout(db, now)
+                print(f"{backend} {rows:,} rows filled in {time.perf_counter() - began:.0f} s", file=sys.stderr,
+                      flush=True)
+            stores.append((rows, db))
+        caught = {rows: catch_up(db, dt.datetime.now(dt.timezone.utc)) for rows, db in stores}
+        timed = []
+        for rows, db in stores:
             audit, store = AuditLog(db, None), TelemetryStore(db)
             reads = {"scrape_ms": lambda db=db: render(db),
                      "dashboard_ms": lambda db=db, audit=audit: dashboard_refresh(db, audit),
                      "summary_ms": store.devices_summary,
                      "highs_ms": lambda db=db: TelemetryStore(db).contiguous_highs(fleet)}
-            stores.append((rows, reads, {k: [] for k in reads}))
+            timed.append((rows, reads, {k: [] for k in reads}))
         for round_ in range(repeat + 1):
-            for _, reads, times in stores:
+            for _, reads, times in timed:
                 for key, fn in reads.items():
                     began = time.perf_counter()
                     fn()
                     if round_:
                         times[key].append((time.perf_counter() - began) * 1000)
         return [{"backend": backend, "rows": rows, "interleaved": True, "load": os.getloadavg()[0],
-                 **{k: statistics.median(v) for k, v in times.items()}} for rows, _, times in stores]
+                 "caught_up": caught[rows], **{k: statistics.median(v) for k, v in times.items()}}
+                for rows, _, times in timed]
 
 
 def ingest_during_retention(backend: str, base_url: str, backlog: int) -> dict[str, Any]:
@@ -532,6 +595,10 @@ def main() -> None:
     parser.add_argument("--ingest-only", action="store_true", help="measure only ingestion while retention runs")
     parser.add_argument("--interleaved", action="store_true",
                         help="only the four fleet reads, every size's store filled first and timed in turns")
+    parser.add_argument("--keep", action="store_true",
+                        help="with --interleaved: fill the stores only where an earlier --keep run did not, and "
+                             "leave them for the next (drop them yourself: PostgreSQL schemas edgeml_scale_keep_*, "
+                             "SQLite files in $TMPDIR/edgeml-scale-keep)")
     parser.add_argument("--backlog", type=int, default=300_000, help="rows past the retention for --ingest")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="LOG",
@@ -547,7 +614,7 @@ def main() -> None:
         args.backends = []  # measured already
     for backend in [b for b in args.backends if b == "sqlite" or _reachable(args.db_url)]:
         if args.interleaved:
-            for result in interleaved(backend, sorted(args.rows), args.db_url, args.repeat):
+            for result in interleaved(backend, sorted(args.rows), args.db_url, args.repeat, args.keep):
                 print(json.dumps(result), flush=True)
             continue
         for rows in [] if args.ingest_only else sorted(args.rows):
