@@ -12,8 +12,8 @@ __all__ = ["DOCKERFILES", "Stage", "parse_dockerfile", "stages"]
 
 #: name -> (Dockerfile, the edgeml extras its image installs)
 DOCKERFILES = {
-    "jetson": (REPO_ROOT / "Dockerfile.jetson", {"agent", "tensorrt"}),
-    "raspberrypi": (REPO_ROOT / "deploy" / "raspberrypi" / "Dockerfile", {"agent", "litert"}),
+    "jetson": (REPO_ROOT / "Dockerfile.jetson", {"agent", "tensorrt", "delta"}),
+    "raspberrypi": (REPO_ROOT / "deploy" / "raspberrypi" / "Dockerfile", {"agent", "litert", "delta"}),
 }
 
 

@@ -37,7 +37,7 @@ from tests.conftest import REPO_ROOT, RunCli, require_service
 from tests.deploy.dockerfile import DOCKERFILES, Stage, parse_dockerfile
 
 UNIT_FILE = REPO_ROOT / "deploy" / "systemd" / "edgeml-agent.service"
-DEVICE_EXTRAS = {"agent", "ort", "litert", "tensorrt"}
+DEVICE_EXTRAS = {"agent", "ort", "litert", "tensorrt", "delta"}
 HEAVY = {"torch", "tensorflow", "tensorflow-cpu", "tf-keras", "sqlalchemy", "onnx"}
 ENTRYPOINT = ["edgeml", "agent", "run", "--config", "/etc/edgeml/agent.toml"]
 API_PORT = next(f.default for f in fields(AgentConfig) if f.name == "api_port")

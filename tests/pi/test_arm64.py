@@ -77,5 +77,5 @@ def test_the_jetson_and_readme_commands_are_read_from_their_files() -> None:
     command = jetson_command()
     assert "onnxruntime-gpu" not in command and '"onnxruntime==1.20.*"' in command  # same minor, from PyPI
     assert f"python3 -m venv --system-site-packages {JETSON_VENV}" in command and "/opt/edgeml/" not in command
-    assert '"cuda-python==12.6.2.post1" "numpy==1.26.4"' in command and "[agent,tensorrt]" in command
+    assert '"cuda-python==12.6.2.post1" "numpy==1.26.4"' in command and "[agent,tensorrt,delta]" in command
     assert readme_venv_command() == ("/opt/edgeml", "/opt/edgeml", "edgeml[agent,ort]")

@@ -1,7 +1,7 @@
 """An emulated Raspberry Pi: the Pi image made from its Dockerfile in arm64 Debian 12 under qemu, and the agent
 run the way the image runs it, against a real fleet on this machine (``make test-pi``).
 
-1. The image holds what the Dockerfile and the README say: Debian's Python 3.11, ``edgeml[agent,litert]`` in
+1. The image holds what the Dockerfile and the README say: Debian's Python 3.11, ``edgeml[agent,litert,delta]`` in
    ``/opt/edgeml`` and ``edgeml[agent,ort]`` in a venv of its own, nothing heavy; each runtime passes a
    bundle's golden vectors on arm64.
 2. The device, enrolled on the running broker, runs the image's ENTRYPOINT as its USER (UID 10001). A
@@ -122,7 +122,8 @@ def test_the_image_holds_what_the_dockerfile_and_the_readme_say(pi: PiImage, bun
         assert list(result["capabilities"]["runtimes"]) == [runtime] and result["capabilities"]["arch"] == "aarch64"
 
     record("python (emulated arm64 Debian)", f"{docker['python']} on Debian {pi.facts['debian']}")
-    for venv, what in (("/opt/edgeml", "edgeml[agent,litert], the image"), (ORT_VENV, "edgeml[agent,ort], the README")):
+    for venv, what in (("/opt/edgeml", "edgeml[agent,litert,delta], the image"),
+                       (ORT_VENV, "edgeml[agent,ort], the README")):
         record(f"installed size, {venv} ({what})", f"{_du_mib(pi.machine.path(venv))} MiB")
 
 
