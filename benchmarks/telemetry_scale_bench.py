@@ -482,7 +482,7 @@ def interleaved(backend: str, sizes: list[int], base_url: str, repeat: int, keep
                     if round_:
                         times[key].append((time.perf_counter() - began) * 1000)
         return [{"backend": backend, "rows": rows, "interleaved": True, "load": os.getloadavg()[0],
-                 "caught_up": caught[rows], **{k: statistics.median(v) for k, v in times.items()}}
+                 "caught_up": caught[rows], **{k: statistics.median(v) if v else None for k, v in times.items()}}
                 for rows, _, times in timed]
 
 
@@ -598,7 +598,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true",
                         help="with --interleaved: fill the stores only where an earlier --keep run did not, and "
                              "leave them for the next (drop them yourself: PostgreSQL schemas edgeml_scale_keep_*, "
-                             "SQLite files in $TMPDIR/edgeml-scale-keep)")
+                             "SQLite files in $TMPDIR/edgeml-scale-keep); --repeat 0 only fills them")
     parser.add_argument("--backlog", type=int, default=300_000, help="rows past the retention for --ingest")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="LOG",
