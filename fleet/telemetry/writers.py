@@ -247,6 +247,26 @@ class PostgresWriter(Writer):
 
     def upsert(self, conn: Connection, table: sa.Table, rollups: Mapping[tuple[Any, ...], Rollup],
                bucket: dt.datetime) -> None:
+        """The rows as one JSON document the server reads into rows of the table's own type: a rollup row has
+        some 30 columns, and psycopg dumps an array parameter element by element in Python (about 75 µs an
+        array of 100 devices), where :func:`json.dumps` writes them all at C speed. A value JSON cannot carry
+        (a sum that overflowed to infinity) goes through the arrays instead."""
+        name, keys = _name(conn, table), _keys_with_bucket(table)
+        columns = [*keys, *ROLLUP_COLUMNS]
+        try:
+            doc = json.dumps([dict(zip(columns, row, strict=True)) for row in
+                              _rows_of(table, rollups, bucket.isoformat(), _isoformat)], allow_nan=False)
+        except ValueError:
+            self._upsert_arrays(conn, table, rollups, bucket)
+            return
+        listed = ", ".join(columns)
+        sets = _upsert_sets(name, lambda a, b: f"GREATEST({a}, {b})")  # GREATEST ignores NULLs
+        conn.exec_driver_sql(f"INSERT INTO {name} ({listed}) SELECT {listed} FROM json_populate_recordset("
+                             f"NULL::{name}, %s::json) ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {sets}", (doc,))
+
+    def _upsert_arrays(self, conn: Connection, table: sa.Table, rollups: Mapping[tuple[Any, ...], Rollup],
+                       bucket: dt.datetime) -> None:
+        """:meth:`upsert` with one array parameter a column."""
         name, keys = _name(conn, table), _keys_with_bucket(table)
         columns = [*keys, *ROLLUP_COLUMNS]
         types = [_pg_array_type(table.c[c]) for c in columns]
@@ -258,6 +278,10 @@ class PostgresWriter(Writer):
         unnest = ", ".join(f"%b::{t}[]" for t in types)
         conn.exec_driver_sql(f"INSERT INTO {name} ({', '.join(columns)}) SELECT * FROM unnest({unnest}) "
                              f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {sets}", tuple(arrays))
+
+
+def _isoformat(value: dt.datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
 
 
 def _pg_array_type(column: Any) -> str:

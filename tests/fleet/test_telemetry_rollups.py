@@ -98,6 +98,18 @@ def test_a_seq_repeated_in_one_batch_is_stored_and_summed_as_its_first_copy(db: 
         assert conn.execute(sa.select(t.c.requests, t.c.windows).where(t.c.device_id == "cam-0")).one() == (10, 1)
 
 
+def test_rollup_sums_that_overflow_are_still_stored(db: Database) -> None:
+    """Two finite windows whose sums overflow a float (the PostgreSQL writer's JSON document cannot carry the
+    infinity; its arrays can): the batch is stored, and so are the rollups."""
+    store = TelemetryStore(db)
+    huge = {"model": "digits", "version": "1.0", "requests": 1e308, "errors": 0, "latency_p50_ms": 1e308}
+    assert store.insert_batch([Telemetry("cam-0", 0, NOW.timestamp(), huge),
+                               Telemetry("cam-0", 1, NOW.timestamp(), huge)], received_at=NOW) == 2
+    rollups = stored_rollups(db, "telemetry_version_minute")
+    assert [r["windows"] for r in rollups.values()] == [2] and [r["p50_sum"] for r in rollups.values()] == [
+        float("inf")]
+
+
 def test_a_day_window_reads_hours_and_the_open_hour_from_minutes(db: Database) -> None:
     store = TelemetryStore(db)
     _fill(store, 3, hours=10)
