@@ -108,9 +108,17 @@ class Operator:
     def update_end(self, device: str, command_id: str, timeout: float = 90.0) -> dict[str, Any]:
         """The terminal (or refusal) event of update ``command_id`` on ``device``."""
         final = {"committed", "rolled_back", "failed", "incompatible", "busy"}
-        return dict(self.wait_for(lambda s: next((e for e in s.events.get(device, []) if e.get("type") == "update"
-                                                  and e.get("id") == command_id and e.get("state") in final),
-                                                 None), timeout))
+        try:
+            return dict(self.wait_for(lambda s: next((e for e in s.events.get(device, []) if e.get("type") == "update"
+                                                      and e.get("id") == command_id and e.get("state") in final),
+                                                     None), timeout))
+        except TimeoutError:  # say what this device did, not the tail of every device's events
+            with self._cond:
+                mine = [(e.get("id"), e.get("state"), e.get("event"), e.get("reason")) for e in
+                        self.seen.events.get(device, [])]
+                state = self.seen.states.get(device)
+            raise TimeoutError(f"update {command_id} on {device} did not end in {timeout:g} s; its events: {mine}; "
+                               f"its last state: {state}") from None
 
     def states_of(self, device: str, command_id: str) -> list[str]:
         return [e["state"] for e in self.seen.events.get(device, []) if e.get("id") == command_id]
