@@ -48,6 +48,7 @@ from __future__ import annotations
 import logging
 import queue
 import ssl
+import struct
 import threading
 import time
 import uuid
@@ -55,6 +56,7 @@ from collections import Counter
 from types import TracebackType
 from typing import Any, NamedTuple
 
+import paho.mqtt
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -82,6 +84,8 @@ TELEMETRY_FILTER = f"{PREFIX}devices/+/telemetry"
 STATE_FILTER = f"{PREFIX}devices/+/state"
 _LOG_EVERY_S = 60.0  # a device's rejected messages are logged at most once per this many seconds
 _STOP = object()
+_PUBACK = struct.Struct("!BBH")  # an MQTT PUBACK without reason code or properties (3.1.1 and 5): type, length 2, mid
+_PUBACK_TYPE = 0x40
 
 
 class _Item(NamedTuple):  # a tuple: one is made per message on the network thread
@@ -135,10 +139,15 @@ class IngestWorker:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
+        # paho's queue of packets to write (private, stable since 1.x): a batch's PUBACKs go to it as one write
+        # rather than through ack() one by one, a system call and a wake-up of the network thread each
+        self._packet_queue = getattr(self._client, "_packet_queue", None) \
+            if paho.mqtt.__version__.startswith("2.") else None
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._full = threading.Event()  # set when batch_size items are queued (or at stop): wakes the writer
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
+        self._received = {"received": 0, "states": 0}  # written by the network thread only: no lock
         self._rejected: Counter[str] = Counter()
         self._generation = 0  # bumped on every (dis)connect: a PUBACK is owed only on the connection it came on
         self._subscribed = threading.Event()
@@ -222,9 +231,9 @@ class IngestWorker:
         connections to the broker), ``queued`` (waiting for the writer) and ``rejected`` (reason -> count)."""
         with self._lock:
             out: dict[str, Any] = {k: self._counts[k] for k in
-                                   ("received", "states", "stored", "duplicates", "acks", "batches", "store_errors",
-                                    "connects")}
+                                   ("stored", "duplicates", "acks", "batches", "store_errors", "connects")}
             out["rejected"] = dict(self._rejected)
+        out.update(self._received)
         out["queued"] = self._queue.qsize()
         return out
 
@@ -251,6 +260,23 @@ class IngestWorker:
         generation, mid, qos = token
         if qos > 0 and generation == self._generation:
             self._client.ack(mid, qos)
+
+    def _puback_all(self, tokens: list[tuple[int, int, int]]) -> None:
+        """:meth:`_puback` each of ``tokens``: the QoS 1 ones of the current connection in one write."""
+        generation, mids = self._generation, []
+        for token in tokens:
+            if token[2] == 1 and token[0] == generation:
+                mids.append(token[1])
+            elif token[2]:
+                self._puback(token)
+        if mids and self._packet_queue is not None:
+            try:
+                self._packet_queue(_PUBACK_TYPE, b"".join([_PUBACK.pack(_PUBACK_TYPE, 2, mid) for mid in mids]), 0, 0)
+                return
+            except TypeError:  # another paho's private signature: one ack() each from now on
+                self._packet_queue = None
+        for mid in mids:
+            self._client.ack(mid, 1)
 
     # --- MQTT callbacks (network thread) ------------------------------------------------------------------
 
@@ -280,15 +306,15 @@ class IngestWorker:
         try:
             message = check_message(msg.topic, bytes(msg.payload))
         except RejectedMessage as exc:
-            self._count(received=int(msg.topic.endswith("/telemetry")), states=int(msg.topic.endswith("/state")))
+            for kind, suffix in (("received", "/telemetry"), ("states", "/state")):
+                self._received[kind] += msg.topic.endswith(suffix)
             self._reject(exc.reason, token, exc.message, msg.topic[:120])
             return
         except Exception as exc:  # a bug here must not stop the network thread
             _log.exception("ingest: unexpected failure on a message from %r", msg.topic[:120])
             self._reject("internal", token, repr(exc), msg.topic[:120])
             return
-        with self._lock:
-            self._counts["received" if isinstance(message, Telemetry) else "states"] += 1
+        self._received["received" if type(message) is Telemetry else "states"] += 1
         self._queue.put(_Item(message, bool(msg.retain), token))
         if self._queue.qsize() >= self.settings.batch_size:
             self._full.set()  # a whole batch waits: commit it now rather than at the batch's deadline
@@ -385,8 +411,7 @@ class IngestWorker:
             self._ack_owed[device_id] = self._ack_owed.get(device_id, False) or device_id in repeated
             due = self._acked_at.get(device_id, float("-inf")) + self.settings.ack_interval_s
             self._next_ack = min(self._next_ack, due)
-        for item in keep:
-            self._puback(item.token)
+        self._puback_all([item.token for item in keep])
 
     def _admit(self, batch: list[_Item]) -> list[_Item]:
         """The items whose device may report; the others are rejected (revoked, or unknown when so set)."""

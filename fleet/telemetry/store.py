@@ -52,13 +52,32 @@ __all__ = ["BatchResult", "TelemetryStore"]
 
 _DEVICES_PER_QUERY = 500  # device ids per read of the books
 
+try:  # msgspec writes a window's metrics in a seventh of json.dumps's time (the fleet extra installs it)
+    import msgspec
+
+    _ENCODE: Any = msgspec.json.Encoder().encode
+except ImportError:
+    _ENCODE = None
+
+
+def metrics_text(metrics: dict[str, Any]) -> str:
+    """A window's metrics as the JSON text its row stores. Metrics that came through the protocol hold finite
+    numbers only (:mod:`edgeml.protocol.codec`); a NaN or an infinity put there by a caller that bypassed it is
+    written as null (by msgspec; without it, json.dumps writes NaN, which PostgreSQL refuses)."""
+    if _ENCODE is not None:
+        try:
+            return str(_ENCODE(metrics).decode())
+        except (TypeError, ValueError, OverflowError):  # not JSON: the standard library says so as it always did
+            pass
+    return json.dumps(metrics)
+
 
 class _Prepared(NamedTuple):
     """What a batch's store needs of each row that no device's books decide, by ``(device_id, seq)`` (the first
     of repeats, as :func:`~edgeml.fleet.telemetry.figures.plan_batch` keeps)."""
 
     figures: dict[tuple[str, int], Figures]
-    texts: dict[tuple[str, int], str]  # its metrics as the JSON text SQLAlchemy's JSON type writes
+    texts: dict[tuple[str, int], str]  # its metrics as JSON text (:func:`metrics_text`)
 
 
 def _prepare(rows: Sequence[Telemetry]) -> _Prepared:
@@ -70,7 +89,7 @@ def _prepare(rows: Sequence[Telemetry]) -> _Prepared:
         key = (r.device_id, r.seq)
         if key not in read:
             read[key] = figures(r.metrics)
-            texts[key] = json.dumps(r.metrics)
+            texts[key] = metrics_text(r.metrics)
     return _Prepared(read, texts)
 
 

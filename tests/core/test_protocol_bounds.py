@@ -115,6 +115,40 @@ def test_decode_object_agrees_with_the_exact_check(value: Any) -> None:
     assert accepted == _exact_ok(json.loads(payload))
 
 
+def _typed(value: Any) -> Any:
+    """``value`` with every scalar's type kept (1 == 1.0 == True in Python)."""
+    if isinstance(value, dict):
+        return {k: _typed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_typed(v) for v in value]
+    return (type(value).__name__, repr(value))
+
+
+_JSONISH = st.text(alphabet='{}[]":,.-+eE0123456789 \\u\x00\x1ftrufalsn\u00e9\U0001f600\ud800', max_size=40)
+
+
+@settings(max_examples=800, deadline=None)
+@given(value=_VALUE, ascii_only=st.booleans(), junk=_JSONISH, cut=st.integers(0, 200))
+def test_the_fast_decoder_gives_the_standard_librarys_values(value: Any, ascii_only: bool, junk: str,
+                                                             cut: int) -> None:
+    """msgspec (the fleet's decoder) and the standard library (a device's) agree on every document msgspec
+    accepts, well formed or not; decode_object falls back to the standard library on everything else."""
+    pytest.importorskip("msgspec")
+    from edgeml.protocol import codec
+
+    try:
+        text = json.dumps({"v": value}, ensure_ascii=ascii_only)
+    except ValueError:
+        return
+    for doc in (text, text[:cut] + junk + text[cut:], junk):
+        payload = doc.encode("utf-8", "surrogatepass")
+        try:
+            fast = codec._FAST.decode(payload)
+        except codec._FAST_ERRORS:
+            continue
+        assert _typed(fast) == _typed(json.loads(payload.decode("utf-8"))), payload[:200]
+
+
 def test_events_have_a_size_limit_before_decoding() -> None:
     huge = b'{"schema":"edgeml.event/1","type":"update","pad":"' + b"x" * (5 * 1024 * 1024) + b'"}'
     with pytest.raises(ProtocolError, match="exceeds the limit of 16384"):

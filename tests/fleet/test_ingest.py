@@ -406,6 +406,33 @@ def test_a_gap_holds_the_ack_until_the_missing_entry_arrives(url: str, broker_po
     assert device.acked() == 9
 
 
+@pytest.mark.parametrize("acks", ["one-write", "ack-each", "none"])
+def test_the_broker_gets_a_puback_for_every_stored_message(url: str, db: Database, broker_port: int, acks: str,
+                                                            devices: Callable[..., list[Device]]) -> None:
+    """A named worker acknowledges each message to the broker once it is stored (a batch's PUBACKs in one write,
+    or through paho's ack() one by one): its successor on the same session gets nothing again. Without the
+    PUBACKs ("none", the control) the broker redelivers them."""
+    client_id = f"ingest-puback-{os.getpid()}"
+    with IngestWorker(url, "127.0.0.1", broker_port, client_id=client_id, settings=FAST) as worker:
+        if acks == "ack-each":
+            worker._packet_queue = None
+        elif acks == "none":
+            worker._puback_all = lambda tokens: None  # type: ignore[method-assign]
+        (cam,) = devices(broker_port, "cam-1")
+        cam.send(300)
+        wait_for(cam.drained, what="every entry stored and acknowledged to the device")
+    with IngestWorker(url, "127.0.0.1", broker_port, client_id=client_id, settings=FAST) as successor:
+        cam.send(5)  # queued after anything the broker still holds for the session
+        wait_for(lambda: successor.stats()["received"] >= 5, what="the new entries")
+        time.sleep(0.3)
+        stats = successor.stats()
+    assert stored_seqs(db, "cam-1") == list(range(305))
+    if acks == "none":
+        assert stats["received"] > 5 and stats["duplicates"] == stats["received"] - 5
+    else:
+        assert (stats["received"], stats["stored"], stats["duplicates"]) == (5, 5, 0)
+
+
 def test_two_workers_in_a_share_group_split_the_load_without_duplicates(
         url: str, db: Database, broker_port: int, devices: Callable[..., list[Device]]) -> None:
     with IngestWorker(url, "127.0.0.1", broker_port, settings=FAST) as one, \
