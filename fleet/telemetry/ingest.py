@@ -62,6 +62,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgeml.errors import ConfigError, EdgeMLError
+from edgeml.fleet.devices.mqtt_client import BufferedClient
 from edgeml.fleet.devices.roster import DeviceRoster
 from edgeml.fleet.store.db import Database, is_outage
 from edgeml.fleet.telemetry.admission import REJECT_REASONS, IngestSettings, RejectedMessage, check_message
@@ -125,7 +126,7 @@ class IngestWorker:
         self.broker = (broker_host, broker_port)
         self.telemetry_filter = f"$share/{share_group}/{TELEMETRY_FILTER}" if share_group else TELEMETRY_FILTER
         self._mqtt5, self._persistent = mqtt5, client_id is not None
-        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+        self._client = BufferedClient(mqtt.CallbackAPIVersion.VERSION2,  # reads the stream in large chunks
                                    client_id=client_id or fleet_client_id("ingest"),
                                    protocol=mqtt.MQTTv5 if mqtt5 else mqtt.MQTTv311,
                                    clean_session=None if mqtt5 else not self._persistent, manual_ack=True)

@@ -28,6 +28,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgeml.errors import ConfigError
+from edgeml.fleet.devices.mqtt_client import ReadBuffer
 from edgeml.fleet.store.db import Database
 from edgeml.fleet.telemetry.ingest import REJECT_REASONS, IngestSettings, IngestWorker, RejectedMessage, check_message
 from edgeml.fleet.telemetry.store import TelemetryStore
@@ -372,6 +373,7 @@ def test_every_entry_arrives_once_and_is_acknowledged(url: str, db: Database, br
             device.send(200)
         wait_for(lambda: all(d.drained() for d in fleet), what="every outbox drained")
         stats = worker.stats()
+        assert isinstance(worker._client.socket(), ReadBuffer)  # these tests run through the buffered reads
     assert [stored_seqs(db, d.device_id) for d in fleet] == [list(range(200))] * 3
     assert (stats["received"], stats["stored"], stats["duplicates"], stats["rejected"]) == (600, 600, 0, {})
     assert [d.acked() for d in fleet] == [199] * 3
