@@ -1,4 +1,5 @@
-"""A paho MQTT client that reads the broker's stream in large chunks: for the fleet's busiest subscriber, ingest.
+"""A paho MQTT client for the fleet's busiest subscriber, ingest: it reads the broker's stream in large chunks and
+acknowledges many messages in one write.
 
 paho reads each incoming packet with three or four ``recv`` calls on the socket (the type byte, each length byte,
 then the body), and waits in ``select`` before every packet: for a 400-byte telemetry message that is some five
@@ -7,12 +8,18 @@ reads come from a buffer filled up to :data:`CHUNK` bytes at a time, and that re
 ``pending()``, the hook paho already asks of TLS sockets (which hold decrypted bytes that ``select`` cannot see)
 before it decides to wait. Everything else (writes, TLS, reconnects, keepalive) is paho's.
 
-It overrides one private paho method, ``_create_socket`` (paho 2.x); with another paho the client reads as paho
-does (:data:`BUFFERED` says which), so a paho upgrade costs speed, never correctness.
+With ``manual_ack``, :meth:`BufferedClient.ack_all` acknowledges a batch of QoS 1 messages with their PUBACK
+packets joined into one write, where paho's ``ack()`` queues each alone (and wakes the network thread for each).
+
+Both rest on paho's private methods (paho 2.x): ``_create_socket`` is overridden and ``_packet_queue`` called.
+With another paho the client reads and acknowledges as paho does (:data:`BUFFERED` says which), so a paho
+upgrade costs speed, never correctness.
 """
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Iterable
 from typing import Any
 
 import paho.mqtt
@@ -21,8 +28,11 @@ import paho.mqtt.client as mqtt
 __all__ = ["BUFFERED", "CHUNK", "BufferedClient", "ReadBuffer"]
 
 CHUNK = 64 * 1024  # bytes asked of the socket per read
-#: Whether this paho lets :class:`BufferedClient` buffer its reads.
-BUFFERED = paho.mqtt.__version__.startswith("2.") and hasattr(mqtt.Client, "_create_socket")
+#: Whether this paho lets :class:`BufferedClient` buffer its reads and join its acknowledgements.
+BUFFERED = paho.mqtt.__version__.startswith("2.") and hasattr(mqtt.Client, "_create_socket") \
+    and hasattr(mqtt.Client, "_packet_queue")
+_PUBACK = struct.Struct("!BBH")  # a PUBACK without reason code or properties (MQTT 3.1.1 and 5): type, length 2, mid
+_PUBACK_TYPE = 0x40
 
 
 class ReadBuffer:
@@ -85,3 +95,14 @@ class BufferedClient(mqtt.Client):
         if BUFFERED and self._transport == "tcp":
             return ReadBuffer(sock)
         return sock
+
+    def ack_all(self, mids: Iterable[int]) -> None:
+        """``ack(mid, 1)`` for each of ``mids`` (QoS 1 messages received on the current connection), in one write."""
+        mids = list(mids)
+        if not mids:
+            return
+        if BUFFERED:
+            self._packet_queue(_PUBACK_TYPE, b"".join([_PUBACK.pack(_PUBACK_TYPE, 2, mid) for mid in mids]), 0, 0)
+            return
+        for mid in mids:
+            self.ack(mid, 1)

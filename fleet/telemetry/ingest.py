@@ -48,7 +48,6 @@ from __future__ import annotations
 import logging
 import queue
 import ssl
-import struct
 import threading
 import time
 import uuid
@@ -56,7 +55,6 @@ from collections import Counter
 from types import TracebackType
 from typing import Any, NamedTuple
 
-import paho.mqtt
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -85,8 +83,6 @@ TELEMETRY_FILTER = f"{PREFIX}devices/+/telemetry"
 STATE_FILTER = f"{PREFIX}devices/+/state"
 _LOG_EVERY_S = 60.0  # a device's rejected messages are logged at most once per this many seconds
 _STOP = object()
-_PUBACK = struct.Struct("!BBH")  # an MQTT PUBACK without reason code or properties (3.1.1 and 5): type, length 2, mid
-_PUBACK_TYPE = 0x40
 
 
 class _Item(NamedTuple):  # a tuple: one is made per message on the network thread
@@ -126,7 +122,7 @@ class IngestWorker:
         self.broker = (broker_host, broker_port)
         self.telemetry_filter = f"$share/{share_group}/{TELEMETRY_FILTER}" if share_group else TELEMETRY_FILTER
         self._mqtt5, self._persistent = mqtt5, client_id is not None
-        self._client = BufferedClient(mqtt.CallbackAPIVersion.VERSION2,  # reads the stream in large chunks
+        self._client = BufferedClient(mqtt.CallbackAPIVersion.VERSION2,  # reads in chunks, acks a batch at once
                                    client_id=client_id or fleet_client_id("ingest"),
                                    protocol=mqtt.MQTTv5 if mqtt5 else mqtt.MQTTv311,
                                    clean_session=None if mqtt5 else not self._persistent, manual_ack=True)
@@ -140,10 +136,6 @@ class IngestWorker:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
-        # paho's queue of packets to write (private, stable since 1.x): a batch's PUBACKs go to it as one write
-        # rather than through ack() one by one, a system call and a wake-up of the network thread each
-        self._packet_queue = getattr(self._client, "_packet_queue", None) \
-            if paho.mqtt.__version__.startswith("2.") else None
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._full = threading.Event()  # set when batch_size items are queued (or at stop): wakes the writer
         self._lock = threading.Lock()
@@ -270,14 +262,7 @@ class IngestWorker:
                 mids.append(token[1])
             elif token[2]:
                 self._puback(token)
-        if mids and self._packet_queue is not None:
-            try:
-                self._packet_queue(_PUBACK_TYPE, b"".join([_PUBACK.pack(_PUBACK_TYPE, 2, mid) for mid in mids]), 0, 0)
-                return
-            except TypeError:  # another paho's private signature: one ack() each from now on
-                self._packet_queue = None
-        for mid in mids:
-            self._client.ack(mid, 1)
+        self._client.ack_all(mids)
 
     # --- MQTT callbacks (network thread) ------------------------------------------------------------------
 
