@@ -8,4 +8,6 @@ consumer of device messages checks.
     enrollment.py       enroll, revoke and list devices: the registry database and the broker together
     roster.py           DeviceRoster: enrolled and not revoked, cached, read sparingly
     embedded_broker.py  an in-process MQTT 3.1.1 broker (amqtt) for the demo and tests
+    mqtt_client.py      BufferedClient: paho reading the broker's stream in 64 KiB chunks and acknowledging a
+                        batch of messages in one write (the ingest worker's client)
 """
