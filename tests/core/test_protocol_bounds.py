@@ -18,6 +18,19 @@ from edgeml.protocol import MAX_DEPTH, ProtocolError, Telemetry, check_json, par
 from edgeml.protocol.codec import _needs_walk, decode_object, nests_deeper
 
 
+@pytest.fixture(params=["msgspec", "stdlib"])
+def decoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each bound holds with either decoder: msgspec (the fleet's install) or the standard library alone (a
+    device's, where msgspec is not installed)."""
+    from edgeml.protocol import codec
+
+    if request.param == "msgspec" and codec._FAST is None:
+        pytest.skip("msgspec is not installed")
+    if request.param == "stdlib":
+        monkeypatch.setattr(codec, "_FAST", None)
+    return str(request.param)
+
+
 def _telemetry(metrics: Any) -> bytes:
     return json.dumps({"schema": "edgeml.telemetry/1", "device_id": "cam-1", "seq": 1, "sent_at": 1.0,
                        "metrics": metrics}).encode()
@@ -49,6 +62,7 @@ def _nested(depth: int) -> Any:
     (b'{"a":' * 5000 + b"1" + b"}" * 5000, "deeper than"),
     (_telemetry({"x": [[[[[[[[[[[1]]]]]]]]]]]}), "deeper than"),
 ])
+@pytest.mark.usefixtures("decoder")
 def test_out_of_bounds_refused(payload: bytes, match: str) -> None:
     with pytest.raises(ProtocolError, match=match):
         parse("telemetry", payload)
@@ -60,6 +74,7 @@ def test_out_of_bounds_refused(payload: bytes, match: str) -> None:
     {"unit": "°C", "emoji": "\U0001f600"},  # escaped as \\u by json.dumps (a valid surrogate pair)
     _nested(MAX_DEPTH - 2),
 ])
+@pytest.mark.usefixtures("decoder")
 def test_in_bounds_accepted(metrics: Any) -> None:
     message = parse("telemetry", _telemetry(metrics))
     assert isinstance(message, Telemetry) and message.metrics == metrics

@@ -122,6 +122,27 @@ def row_count(db: Database) -> int:
 # --- the store ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("encoder", ["msgspec", "stdlib"])
+@settings(max_examples=100, deadline=None)
+@given(metrics=st.dictionaries(st.text(max_size=8), st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8), lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=4), c, max_size=3),
+    max_leaves=12), max_size=6))
+def test_a_rows_metrics_text_reads_back_as_the_device_sent_them(metrics: dict[str, Any], encoder: str) -> None:
+    """The JSON text a row stores (msgspec's, or the standard library's where msgspec is missing)."""
+    from edgeml.fleet.telemetry import store as store_module
+
+    encode = store_module._ENCODE
+    try:
+        if encoder == "stdlib":
+            store_module._ENCODE = None
+        text = store_module.metrics_text(metrics)
+    finally:
+        store_module._ENCODE = encode
+    back = json.loads(text)
+    assert back == metrics and json.dumps(back) == json.dumps(metrics)  # the same types: 1 is not 1.0
+
+
 @pytest.mark.parametrize(("batches", "inserted", "rows"), [
     ([[0, 1, 2]], [3], 3),
     ([[0, 1, 2], [1, 2, 3]], [3, 1], 4),
