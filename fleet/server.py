@@ -279,7 +279,8 @@ class FleetServer:
         from edgeml.fleet.web.server import HttpServer, fleet_app
 
         s = self.settings
-        app = fleet_app(self.dir, self.database, self.audit, ingest=self.ingest, metrics_token=s.metrics_token)
+        app = fleet_app(self.dir, self.database, self.audit, ingest=self.ingest, capture=self.capture,
+                        metrics_token=s.metrics_token)
         http = HttpServer(app, s.http_host, s.http_port)
         http.start()
         return http

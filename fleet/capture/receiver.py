@@ -52,12 +52,17 @@ from edgeml.protocol.uploads import MAX_UPLOAD_BYTES, UploadAck, UploadBegin, Up
 if TYPE_CHECKING:
     from edgeml.fleet.store.db import Database
 
-__all__ = ["UPLOADS_FILTER", "ReceiverSettings", "UploadReceiver"]
+__all__ = ["REJECT_REASONS", "UPLOADS_FILTER", "ReceiverSettings", "UploadReceiver"]
 
 _log = logging.getLogger(__name__)
 UPLOADS_FILTER = f"{PREFIX}devices/+/uploads"
 _MiB = 1024 * 1024
 _DONE_KEPT = 64  # .done markers kept per device (the newest)
+
+
+#: Why a frame was dropped (the keys of :meth:`UploadReceiver.stats`'s ``rejected``).
+REJECT_REASONS = ("malformed", "device-mismatch", "revoked", "unknown-device", "rate", "too-large", "unknown-upload",
+                  "hash-mismatch", "invalid-sample", "queue-full", "internal")
 
 
 @dataclass(frozen=True)
@@ -303,6 +308,11 @@ class UploadReceiver:
         marks = sorted((self.staging / device_id).glob("*.done"), key=lambda p: p.stat().st_mtime)
         for old in marks[:-_DONE_KEPT]:
             old.unlink(missing_ok=True)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for ``/metrics``: ``stored`` (samples archived), ``duplicates`` (samples already archived),
+        ``uploads`` (uploads finished) and ``rejected`` (reason -> frames dropped)."""
+        return describe(self)
 
     def forget(self, device_id: str) -> None:
         """Remove a device's staging (for a revoked device whose uploads will never finish)."""

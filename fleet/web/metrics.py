@@ -355,6 +355,25 @@ def _ingest_families(stats: Mapping[str, Any]) -> Iterator[Family]:
                             value=int(stats.get("queued", 0)))
 
 
+_CAPTURE_COUNTERS = {
+    "stored": "Captured samples archived",
+    "duplicates": "Captured samples dropped as already archived",
+    "uploads": "Capture uploads finished",
+}
+
+
+def _capture_families(stats: Mapping[str, Any]) -> Iterator[Family]:
+    from edgeml.fleet.capture.receiver import REJECT_REASONS
+
+    for name, text in _CAPTURE_COUNTERS.items():
+        yield counter(f"edgeml_capture_{name}", text, value=int(stats.get(name, 0)))
+    rejected = counter("edgeml_capture_rejected", "Capture upload frames dropped, by reason", labels=["reason"])
+    reasons = {**dict.fromkeys(REJECT_REASONS, 0), **dict(stats.get("rejected") or {})}
+    for reason, n in sorted(reasons.items()):
+        rejected.add_metric([reason], int(n))
+    yield rejected
+
+
 class FleetCollector:
     """A Prometheus collector that reads the fleet's database on every :meth:`collect`.
 
@@ -362,11 +381,14 @@ class FleetCollector:
         db: The registry's :class:`~edgeml.fleet.store.db.Database`.
         ingest: An :class:`~edgeml.fleet.telemetry.ingest.IngestWorker` (anything with its ``stats()``) whose counters
             to export, or None.
+        capture: An :class:`~edgeml.fleet.capture.receiver.UploadReceiver` (anything with its ``stats()``) whose
+            counters to export, or None.
     """
 
-    def __init__(self, db: Database, ingest: Any = None) -> None:
+    def __init__(self, db: Database, ingest: Any = None, capture: Any = None) -> None:
         self.db = db
         self.ingest = ingest
+        self.capture = capture
 
     def describe(self) -> Iterable[Any]:
         """Nothing: registering the collector must not query the database."""
@@ -391,9 +413,11 @@ class FleetCollector:
         yield from _rollout_families(snap)
         if stats is not None:
             yield from _ingest_families(stats)
+        if self.capture is not None:
+            yield from _capture_families(self.capture.stats())
 
 
-def render(db: Database, ingest: Any = None) -> bytes:
+def render(db: Database, ingest: Any = None, capture: Any = None) -> bytes:
     """One scrape's body in the Prometheus text format (version 0.0.4), byte for byte what ``generate_latest``
     writes of a registry holding :class:`FleetCollector`, at a fraction of its cost (families are built and
     written here, without prometheus_client's per-sample objects and checks).
@@ -401,17 +425,18 @@ def render(db: Database, ingest: Any = None) -> bytes:
     Args:
         db: The registry's database.
         ingest: An ingest worker whose counters to include, or None.
+        capture: A capture upload receiver whose counters to include, or None.
 
     Raises:
         RegistryError: The database failed.
     """
     out: list[str] = []
-    for family in FleetCollector(db, ingest).families():
+    for family in FleetCollector(db, ingest, capture).families():
         family.write(out)
     return "".join(out).encode()
 
 
-def metrics_routes(db: Database, *, ingest: Any = None, require_token: bool = False,
+def metrics_routes(db: Database, *, ingest: Any = None, capture: Any = None, require_token: bool = False,
                    token_role: Role | str = "viewer") -> list[Any]:
     """``GET /metrics`` (Prometheus text format), as a route for :func:`~edgeml.fleet.web.server.build_app`.
 
@@ -422,6 +447,8 @@ def metrics_routes(db: Database, *, ingest: Any = None, require_token: bool = Fa
     Args:
         db: The registry's :class:`~edgeml.fleet.store.db.Database`.
         ingest: The server's :class:`~edgeml.fleet.telemetry.ingest.IngestWorker`, whose counters to export
+            (None: none).
+        capture: The server's :class:`~edgeml.fleet.capture.receiver.UploadReceiver`, whose counters to export
             (None: none).
         require_token: Ask for an operator token (``Authorization: Bearer ...``).
         token_role: The lowest role allowed with ``require_token``: a :class:`~edgeml.fleet.web.auth.Role` or its
@@ -438,6 +465,6 @@ def metrics_routes(db: Database, *, ingest: Any = None, require_token: bool = Fa
     role = token_role if isinstance(token_role, Role) else Role.parse(token_role)  # checked even when unused
 
     def metrics(call: ApiCall) -> Response:
-        return Response(render(db, ingest), 200, {"Cache-Control": "no-store"}, CONTENT_TYPE)
+        return Response(render(db, ingest, capture), 200, {"Cache-Control": "no-store"}, CONTENT_TYPE)
 
     return [api_route(METRICS_PATH, metrics, db=db, role=role if require_token else None)]

@@ -252,8 +252,8 @@ def build_app(routes: Sequence[BaseRoute], settings: HttpSettings | None = None)
     return app
 
 
-def fleet_app(registry_dir: Path, db: Database, audit: Any, *, ingest: Any = None, metrics_token: bool = False,
-              settings: HttpSettings | None = None, **dashboard: Any) -> Starlette:
+def fleet_app(registry_dir: Path, db: Database, audit: Any, *, ingest: Any = None, capture: Any = None,
+              metrics_token: bool = False, settings: HttpSettings | None = None, **dashboard: Any) -> Starlette:
     """The fleet server's whole app: the JSON API, the dashboard, ``/metrics`` and the repository.
 
     Args:
@@ -261,6 +261,7 @@ def fleet_app(registry_dir: Path, db: Database, audit: Any, *, ingest: Any = Non
         db: The registry's database.
         audit: Its audit log.
         ingest: An ingest worker whose counters ``/metrics`` exports (None: none).
+        capture: A capture upload receiver whose counters ``/metrics`` exports (None: none).
         metrics_token: Require a viewer token on ``/metrics``.
         settings: The listener's limits.
         **dashboard: Options of :func:`~edgeml.fleet.web.dashboard.dashboard_routes` (``stale_after_s``, ``clock``).
@@ -276,7 +277,7 @@ def fleet_app(registry_dir: Path, db: Database, audit: Any, *, ingest: Any = Non
     from edgeml.fleet.web.routes import repository_routes
 
     return build_app([*rollout_routes(db, audit), *dashboard_routes(db, audit, **dashboard), *telemetry_routes(db),
-                      *metrics_routes(db, ingest=ingest, require_token=metrics_token),
+                      *metrics_routes(db, ingest=ingest, capture=capture, require_token=metrics_token),
                       *capture_routes(db, registry_dir), *repository_routes(registry_dir)], settings)
 
 

@@ -467,3 +467,32 @@ def test_a_family_is_written_as_prometheus_client_writes_it() -> None:
     for family in families:
         family.write(out)
     assert "".join(out).encode() == generate_latest(registry)
+
+
+def test_capture_counters_are_the_receivers(fleet: Fleet, tmp_path: Path) -> None:
+    """The capture upload receiver's counters on /metrics (every reason at 0 until it happens), and the text stays
+    what prometheus_client writes with them."""
+    import re
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from edgeml.fleet.capture import receiver as receiver_module
+    from edgeml.fleet.capture.receiver import REJECT_REASONS, UploadReceiver
+    from edgeml.fleet.devices.roster import REVOKED, UNKNOWN
+    from edgeml.fleet.web.metrics import FleetCollector, render
+
+    source = Path(receiver_module.__file__).read_text()
+    named = set(re.findall(r'_drop\("([a-z-]+)"', source)) | set(re.findall(r'rejected\["([a-z-]+)"\]', source))
+    assert named | {REVOKED, UNKNOWN} == set(REJECT_REASONS)  # a new reason gets its zero series too
+    receiver = UploadReceiver(fleet.db, tmp_path / "reg", "127.0.0.1", 1)  # frames handed to it directly
+    fleet.serve(capture=receiver)
+    m = fleet.scrape()
+    assert series(m, "edgeml_capture_rejected_total", "reason") == dict.fromkeys(REJECT_REASONS, 0)
+    assert receiver.handle(device_topic("cam-a", "uploads"), b"not a frame") is None
+    assert receiver.handle(device_topic("cam-a", "uploads"), b"\x00\x00") is None
+    m = fleet.scrape()
+    assert value(m, "edgeml_capture_rejected_total", reason="malformed") == 2
+    assert value(m, "edgeml_capture_stored_total") == value(m, "edgeml_capture_uploads_total") == 0
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FleetCollector(fleet.db, capture=receiver))
+    assert render(fleet.db, capture=receiver) == generate_latest(registry)

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -163,6 +164,11 @@ def test_serve_answers_over_mqtt_and_http_and_stops_cleanly(
             assert int(match.group(3)) > 0
             verified = ngclient_download(match.group(2), registry, tmp_path / "http-client")
             assert hashlib.sha256(verified.read_bytes()).hexdigest() == published.sha256
+            with urllib.request.urlopen(match.group(2) + "/metrics", timeout=30) as response:
+                scrape = response.read().decode()
+            # one process with every role: its ingest worker's and capture receiver's counters too
+            assert "\nedgeml_ingest_received_total 0.0\n" in scrape
+            assert '\nedgeml_capture_rejected_total{reason="malformed"} 0.0\n' in scrape
 
         device = mqtt_device(port, broker_dir, creds[DEVICE])
         try:
