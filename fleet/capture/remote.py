@@ -40,10 +40,7 @@ def remote_list(url: str, token: str, filters: CaptureFilters, *, insecure: bool
         ConfigError, AuthError, EdgeMLError: As the remote CLI's other commands.
     """
     fleet = RemoteFleet(url, token, insecure=insecure)
-    q = _query(filters)
-    for name in ("since", "until"):
-        if name in q:
-            raise ConfigError(f"--{name} is not supported against a URL yet", hint="filter with --version/--tag")
+    q = _query(filters)  # since and until as ISO-8601 times, which the server reads as such
     path = "/api/captures" + (f"?{urllib.parse.urlencode(q)}" if q else "")
     return list(fleet._call("GET", path)["captures"])
 

@@ -2,8 +2,9 @@
 
 Routes (:func:`capture_routes`, mounted by :func:`~edgeml.fleet.web.server.fleet_app`):
 
-* ``GET /api/captures?model=&version=&device=&tag=&reason=&since=SECONDS``: samples and bytes per device,
-  model, version and reason (viewer);
+* ``GET /api/captures?model=&version=&device=&tag=&reason=&since=&until=``: samples and bytes per device,
+  model, version and reason (viewer); ``since`` is seconds before now or an ISO-8601 time, ``until`` an ISO-8601
+  time;
 * ``GET /api/captures/drift?limit=N``: the uploads a drift alert triggered, newest first: device, model version,
   the window's drift score, when, how many samples, and the filters that pull exactly them (viewer);
 * ``POST /api/captures/pull`` with ``{"model", "version", "device", "tag", "reason", "since", "until"}``: the
@@ -61,6 +62,19 @@ def _time(value: Any, name: str) -> dt.datetime | None:
     return when.replace(tzinfo=dt.timezone.utc) if when.tzinfo is None else when
 
 
+def _since(value: str | None) -> dt.datetime | None:
+    """``since`` of ``GET /api/captures``: seconds before now (the dashboard's), or an ISO-8601 time (the CLI's)."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return _time(value, "since")
+    if not 0 <= seconds < 1e10:
+        raise ConfigError(f"'since' must be seconds before now or an ISO-8601 time, got {value[:40]!r}")
+    return dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=seconds)
+
+
 def _tar(folder: Path) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
@@ -83,10 +97,9 @@ def capture_routes(db: Database, registry_dir: Path) -> list[Any]:
 
     def counts(call: ApiCall) -> Any:
         q = parse_query(call.query, {"model": str, "version": str, "device": str, "tag": str, "reason": str,
-                                     "since": float})
-        since = q.pop("since", None)
-        start = None if since is None else dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=since)
-        rows = list_captures(db, CaptureFilters(**q, since=start))
+                                     "since": str, "until": str})
+        since, until = _since(q.pop("since", None)), _time(q.pop("until", None), "until")
+        rows = list_captures(db, CaptureFilters(**q, since=since, until=until))
         return {"captures": rows, "samples": sum(r["samples"] for r in rows)}
 
     def drift(call: ApiCall) -> Any:

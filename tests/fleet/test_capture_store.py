@@ -175,6 +175,14 @@ def test_the_http_api_counts_links_drift_uploads_and_pulls_for_operators(tmp_pat
 
         rows = remote_list(http.url, tokens["viewer"], CaptureFilters(model="tiny"))
         assert [(r["device_id"], r["samples"]) for r in rows] == [("cam-1", 6)]
+        # --since/--until travel as ISO-8601 times: the drift upload's own window holds its 6, after it nothing
+        window = {k: dt.datetime.fromisoformat(upload["pull"][k]) for k in ("since", "until")}
+        rows = remote_list(http.url, tokens["viewer"], CaptureFilters(model="tiny", **window))
+        assert [(r["device_id"], r["samples"]) for r in rows] == [("cam-1", 6)]
+        assert remote_list(http.url, tokens["viewer"], CaptureFilters(model="tiny", since=window["until"])) == []
+        assert remote_list(http.url, tokens["viewer"], CaptureFilters(model="tiny", until=window["since"])) == []
+        assert call("/api/captures?since=86400", "viewer")[0] == 200  # the dashboard's form: seconds before now
+        assert call("/api/captures?since=yesterday", "viewer")[0] == 400
         pulled = remote_pull(http.url, tokens["operator"], tmp_path / "remote-ds", CaptureFilters(model="tiny"))
         local = pull(db, registry.dir, tmp_path / "local-ds", model="tiny")
         assert (pulled.count, pulled.sha256) == (local.count, local.sha256) == (6, local.sha256)
