@@ -340,21 +340,27 @@ _INGEST_COUNTERS = {
 }
 
 
-def _ingest_families(stats: Mapping[str, Any]) -> Iterator[Family]:
-
-    from edgeml.fleet.telemetry.ingest import REJECT_REASONS
-
-    for name, text in _INGEST_COUNTERS.items():
-        yield counter(f"edgeml_ingest_{name}", text, value=int(stats.get(name, 0)))
-    rejected = counter("edgeml_ingest_rejected", "Messages rejected, by reason", labels=["reason"])
-    reasons = {**dict.fromkeys(REJECT_REASONS, 0), **dict(stats.get("rejected") or {})}
-    for reason, n in sorted(reasons.items()):
+def _worker_families(prefix: str, counters: Mapping[str, str], stats: Mapping[str, Any], reasons: Iterable[str],
+                     rejected_help: str) -> Iterator[Family]:
+    """A worker's ``stats()`` as ``edgeml_<prefix>_<name>_total`` counters, and ``edgeml_<prefix>_rejected_total``
+    by reason with every one of ``reasons`` at 0 until it happens."""
+    for name, text in counters.items():
+        yield counter(f"edgeml_{prefix}_{name}", text, value=int(stats.get(name, 0)))
+    rejected = counter(f"edgeml_{prefix}_rejected", rejected_help, labels=["reason"])
+    for reason, n in sorted({**dict.fromkeys(reasons, 0), **dict(stats.get("rejected") or {})}.items()):
         rejected.add_metric([reason], int(n))
     yield rejected
+
+
+def _ingest_families(stats: Mapping[str, Any]) -> Iterator[Family]:
+    from edgeml.fleet.telemetry.ingest import REJECT_REASONS
+
+    yield from _worker_families("ingest", _INGEST_COUNTERS, stats, REJECT_REASONS, "Messages rejected, by reason")
     yield gauge("edgeml_ingest_queued", "Messages waiting for the database writer",
                             value=int(stats.get("queued", 0)))
 
 
+#: UploadReceiver.stats() counters exported as ``edgeml_capture_<name>_total``.
 _CAPTURE_COUNTERS = {
     "stored": "Captured samples archived",
     "duplicates": "Captured samples dropped as already archived",
@@ -365,13 +371,8 @@ _CAPTURE_COUNTERS = {
 def _capture_families(stats: Mapping[str, Any]) -> Iterator[Family]:
     from edgeml.fleet.capture.receiver import REJECT_REASONS
 
-    for name, text in _CAPTURE_COUNTERS.items():
-        yield counter(f"edgeml_capture_{name}", text, value=int(stats.get(name, 0)))
-    rejected = counter("edgeml_capture_rejected", "Capture upload frames dropped, by reason", labels=["reason"])
-    reasons = {**dict.fromkeys(REJECT_REASONS, 0), **dict(stats.get("rejected") or {})}
-    for reason, n in sorted(reasons.items()):
-        rejected.add_metric([reason], int(n))
-    yield rejected
+    yield from _worker_families("capture", _CAPTURE_COUNTERS, stats, REJECT_REASONS,
+                                "Capture upload frames dropped, by reason")
 
 
 class FleetCollector:
