@@ -24,10 +24,10 @@ def decoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     device's, where msgspec is not installed)."""
     from edgeml.protocol import codec
 
-    if request.param == "msgspec" and codec._FAST is None:
+    if request.param == "msgspec" and not codec._fast():
         pytest.skip("msgspec is not installed")
     if request.param == "stdlib":
-        monkeypatch.setattr(codec, "_FAST", None)
+        monkeypatch.setattr(codec, "_FAST", False)
     return str(request.param)
 
 
@@ -158,7 +158,7 @@ def test_the_fast_decoder_gives_the_standard_librarys_values(value: Any, ascii_o
     for doc in (text, text[:cut] + junk + text[cut:], junk):
         payload = doc.encode("utf-8", "surrogatepass")
         try:
-            fast = codec._FAST.decode(payload)
+            fast = codec._fast().decode(payload)
         except codec._FAST_ERRORS:
             continue
         assert _typed(fast) == _typed(json.loads(payload.decode("utf-8"))), payload[:200]
